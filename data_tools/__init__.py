@@ -1,0 +1,1 @@
+"""Offline corpus tools for GLM: tokenizers, Megatron MMIDIDX corpora, precomputed span masks."""
