@@ -219,6 +219,11 @@ def _convert(value: Any, annotation: Any, key: str, where) -> Any:
             raise ConfigError(f"{where(key)}: expected an integer, got {value!r}")
         return value
     if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where(key)}: expected a number, got {value!r}")
         return float(value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
@@ -46,10 +47,11 @@ def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple,
 def _skip_deepspeed_shm_build() -> None:
     # deepspeed.init_distributed JIT-compiles a shared-memory comm op on CPU (30-50 s); gloo alone suffices.
     try:
-        import deepspeed.comm.torch as ds_torch_comm
+        import deepspeed.comm.torch  # noqa: F401
     except ImportError:
         return
-    ds_torch_comm.build_shm_op = lambda: None
+    # By module name: the package attribute deepspeed.comm.torch is torch itself.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
 def run_ranks(fn, world_size: int, *args, env: dict | None = None) -> list:

@@ -1,0 +1,1 @@
+"""Pretraining on DeepSpeed: engine set-up, the loop, checkpoints, reporting."""

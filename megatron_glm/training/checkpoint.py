@@ -1,0 +1,172 @@
+"""Atomic DeepSpeed checkpoints with THUDM/GLM's directory layout.
+
+``<save_dir>/<step>/`` holds DeepSpeed's files (``mp_rank_XX_model_states.pt`` with the model under
+``'module'`` — the file THUDM/GLM's tools read — and the ZeRO optimizer shards), one
+``rng_state_rank<r>.pt`` per rank, ``config.yaml`` and ``meta.json``. A checkpoint is written under
+``<step>.partial`` and renamed when every rank has finished; only then do the tracker files
+``latest`` and ``latest_checkpointed_iteration.txt`` move to it (atomically), and only then are
+checkpoints beyond ``keep_last`` deleted. A crash at any moment leaves the previous checkpoint as the
+latest, complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_glm.log import get_logger
+
+logger = get_logger("checkpoint")
+
+TRACKER_FILES = ("latest", "latest_checkpointed_iteration.txt")
+META_FILE = "meta.json"
+PARTIAL_SUFFIX = ".partial"
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be found, is incomplete, or does not match the job."""
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Every random generator that affects training on this rank."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch_cpu": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    from megatron_glm.parallel import random as tp_random
+
+    state["tensor_parallel"] = tp_random.get_rng_tracker().get_states()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch_cpu"])
+    if torch.cuda.is_available() and "torch_cuda" in state:
+        torch.cuda.set_rng_state(state["torch_cuda"])
+    from megatron_glm.parallel import random as tp_random
+
+    tp_random.get_rng_tracker().set_states(state["tensor_parallel"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class CheckpointManager:
+    def __init__(self, save_dir: str | os.PathLike, keep_last: int = 3):
+        self.save_dir = Path(save_dir)
+        self.keep_last = keep_last
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+
+    # -- discovery ----------------------------------------------------------------------------------
+    def latest_tag(self) -> str | None:
+        """The tag the tracker points at, if that checkpoint is complete."""
+        tracker = self.save_dir / "latest"
+        if not tracker.is_file():
+            return None
+        tag = tracker.read_text().strip()
+        if not (self.save_dir / tag / META_FILE).is_file():
+            raise CheckpointError(f"{tracker} points at {tag!r} but {self.save_dir / tag} is not a complete "
+                                  "checkpoint (no meta.json); remove the tracker or point it at a complete one")
+        return tag
+
+    def completed_tags(self) -> list[str]:
+        if not self.save_dir.is_dir():
+            return []
+        tags = [p.name for p in self.save_dir.iterdir()
+                if p.is_dir() and p.name.isdigit() and (p / META_FILE).is_file()]
+        return sorted(tags, key=int)
+
+    def path(self, tag: str) -> Path:
+        return self.save_dir / tag
+
+    # -- saving -------------------------------------------------------------------------------------
+    def save(self, engine, step: int, client_state: dict[str, Any], config_yaml: str,
+             meta: dict[str, Any] | None = None) -> Path:
+        """Save on every rank (a collective); returns the final directory."""
+        tag = str(step)
+        staging_tag = tag + PARTIAL_SUFFIX
+        staging = self.save_dir / staging_tag
+        start = time.perf_counter()
+        if self.rank == 0:
+            self.save_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.save_dir.glob(f"*{PARTIAL_SUFFIX}"):
+                shutil.rmtree(stale, ignore_errors=True)
+        _barrier()
+        engine.save_checkpoint(str(self.save_dir), tag=staging_tag, client_state=client_state, save_latest=False)
+        torch.save(capture_rng_state(), staging / f"rng_state_rank{self.rank}.pt")
+        _barrier()
+        final = self.save_dir / tag
+        if self.rank == 0:
+            (staging / "config.yaml").write_text(config_yaml)
+            info = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {})}
+            _write_atomic(staging / META_FILE, json.dumps(info, indent=2) + "\n")
+            replaced = None
+            if final.exists():
+                replaced = final.with_name(f"{tag}.replaced-{os.getpid()}")
+                os.replace(final, replaced)
+            os.replace(staging, final)
+            for name in TRACKER_FILES:
+                _write_atomic(self.save_dir / name, tag + "\n")
+            if replaced is not None:
+                shutil.rmtree(replaced, ignore_errors=True)
+            self._prune(keep=tag)
+        _barrier()
+        logger.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - start)
+        return final
+
+    def _prune(self, keep: str) -> None:
+        tags = [t for t in self.completed_tags() if t != keep]
+        excess = len(tags) + 1 - self.keep_last
+        for tag in tags[:max(0, excess)]:
+            shutil.rmtree(self.save_dir / tag, ignore_errors=True)
+            logger.info("removed old checkpoint %s (keep_last=%d)", self.save_dir / tag, self.keep_last)
+
+    # -- loading ------------------------------------------------------------------------------------
+    def load(self, engine, tag: str, load_optimizer: bool = True) -> dict[str, Any]:
+        """Load into ``engine`` on every rank; restores this rank's RNG when the world size matches."""
+        directory = self.save_dir / tag
+        meta_path = directory / META_FILE
+        if not meta_path.is_file():
+            raise CheckpointError(f"{directory} is not a complete checkpoint (no {META_FILE})")
+        meta = json.loads(meta_path.read_text())
+        load_path, client_state = engine.load_checkpoint(
+            str(self.save_dir), tag=tag, load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=load_optimizer)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {directory}")
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rng_file = directory / f"rng_state_rank{self.rank}.pt"
+        if meta.get("world_size") == world and rng_file.is_file():
+            restore_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            logger.warning("checkpoint %s was saved by %s ranks, this job has %d: random states are not "
+                           "restored (training continues, but not bit-identically)", directory,
+                           meta.get("world_size"), world)
+        logger.info("resumed from %s (step %d)", directory, meta["step"])
+        return client_state or {}

@@ -1,0 +1,164 @@
+"""Process-group start-up for every launcher: torchrun, the deepspeed launcher, srun and mpirun.
+
+The launcher is recognized by its environment and mapped to torch's ``RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT``; nothing needs a hostfile or SSH. The backend is NCCL when CUDA devices are
+present and gloo otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+import sys
+import subprocess
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron_glm.log import get_logger
+
+logger = get_logger("distributed")
+
+
+class LaunchError(Exception):
+    """The launcher's environment is incomplete or inconsistent."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchInfo:
+    launcher: str  # "torchrun" (also the deepspeed launcher), "slurm", "mpi" or "single"
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """``"gpu[01-03,7],login1"`` -> ``["gpu01", "gpu02", "gpu03", "gpu7", "login1"]`` (what scontrol prints)."""
+    hosts: list[str] = []
+    for match in re.finditer(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist):
+        prefix, ranges = match.group(1), match.group(2)
+        if not ranges:
+            hosts.append(prefix)
+            continue
+        for part in ranges.split(","):
+            if "-" in part:
+                start, end = part.split("-", 1)
+                width = len(start)
+                hosts.extend(f"{prefix}{i:0{width}d}" for i in range(int(start), int(end) + 1))
+            else:
+                hosts.append(prefix + part)
+    return hosts
+
+
+def _slurm_master_addr(env: dict[str, str]) -> str:
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        raise LaunchError("srun launch without SLURM_JOB_NODELIST: set MASTER_ADDR to the first node's address")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return expand_slurm_nodelist(nodelist)[0]
+
+
+def _mpi_master_addr() -> str:
+    """Rank 0's address, broadcast over MPI (imports mpi4py only on this path)."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise LaunchError("mpirun launch needs MASTER_ADDR in the environment or mpi4py installed "
+                          "(pip install mpi4py; it needs an MPI library such as Open MPI)") from exc
+    comm = MPI.COMM_WORLD
+    addr = socket.gethostbyname(socket.gethostname()) if comm.Get_rank() == 0 else None
+    return comm.bcast(addr, root=0)
+
+
+def _int(env: dict[str, str], key: str) -> int:
+    try:
+        return int(env[key])
+    except ValueError as exc:
+        raise LaunchError(f"environment variable {key}={env[key]!r} is not an integer") from exc
+
+
+def detect_launch(env: dict[str, str] | None = None) -> LaunchInfo:
+    """Recognize the launcher from the environment (``os.environ`` by default)."""
+    env = dict(os.environ if env is None else env)
+    default_port = 29500
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchInfo("torchrun", _int(env, "RANK"), _int(env, "WORLD_SIZE"),
+                          _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+                          env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", default_port)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+        # Under srun (a job step); a bare sbatch script also has SLURM_PROCID but is not a rank.
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        port = int(env.get("MASTER_PORT", 20000 + job % 20000))
+        addr = env.get("MASTER_ADDR") or _slurm_master_addr(env)
+        return LaunchInfo("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"),
+                          _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0, addr, port)
+    for rank_key, size_key, local_key in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+                                          ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID")):
+        if rank_key in env and size_key in env:
+            addr = env.get("MASTER_ADDR") or _mpi_master_addr()
+            return LaunchInfo("mpi", _int(env, rank_key), _int(env, size_key),
+                              _int(env, local_key) if local_key in env else 0, addr,
+                              int(env.get("MASTER_PORT", default_port)))
+    port = int(env.get("MASTER_PORT", 0)) or _free_port()
+    return LaunchInfo("single", 0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device_for(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def init_distributed(timeout_minutes: int = 30) -> LaunchInfo:
+    """Join the job's process group through DeepSpeed (which wraps torch.distributed) and pick the device."""
+    info = detect_launch()
+    os.environ.update({"RANK": str(info.rank), "WORLD_SIZE": str(info.world_size),
+                       "LOCAL_RANK": str(info.local_rank), "MASTER_ADDR": info.master_addr,
+                       "MASTER_PORT": str(info.master_port)})
+    device = device_for(info.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        # One thread per rank unless the user said otherwise: ranks share the cores.
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or max(1, (os.cpu_count() or 1) // max(
+            1, int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))))
+        torch.set_num_threads(threads)
+    if not dist.is_initialized():
+        import deepspeed
+
+        if device.type == "cpu":
+            _skip_cpu_shm_compile()
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, timeout=timedelta(minutes=timeout_minutes),
+                                   rank=info.rank, world_size=info.world_size, verbose=False)
+    logger.info("launcher %s: rank %d of %d (local rank %d) on %s, master %s:%d", info.launcher, info.rank,
+                info.world_size, info.local_rank, device, info.master_addr, info.master_port)
+    return info
+
+
+def _skip_cpu_shm_compile() -> None:
+    # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU ranks at init (30-50 s, needs a compiler);
+    # plain gloo gives identical results. Set GLM_DS_SHM_COMM=1 to keep DeepSpeed's op.
+    if os.environ.get("GLM_DS_SHM_COMM") == "1":
+        return
+    import deepspeed.comm.torch  # noqa: F401
+
+    # By module name: the package attribute ``deepspeed.comm.torch`` is torch itself.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None

@@ -1,0 +1,100 @@
+"""Reporting: a live progress line, TensorBoard scalars and a JSON-lines metrics file (rank 0 only)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from megatron_glm.log import get_logger
+
+logger = get_logger("metrics")
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+class MetricsReporter:
+    """Collects per-step values and reports averages every ``log_interval`` steps."""
+
+    def __init__(self, log_dir: str | Path, *, enabled: bool, tensorboard: bool, total_steps: int,
+                 tokens_per_step: int, flops_per_token: float, peak_flops: float, log_interval: int):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.log_interval = max(1, log_interval)
+        self._window: list[dict[str, float]] = []
+        self._writer = None
+        self._jsonl = None
+        if enabled:
+            directory = Path(log_dir)
+            directory.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(directory / "metrics.jsonl", "a")
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(log_dir=str(directory / "tensorboard"))
+        self._start = time.perf_counter()
+        self._start_step: int | None = None
+
+    def step(self, step: int, *, loss: float, lr: float, grad_norm: float | None, step_time: float,
+             data_wait: float, skipped_total: int) -> None:
+        """Record optimizer step ``step`` (1-based); prints and writes at the interval and at the end."""
+        if self._start_step is None:
+            self._start_step = step - 1
+        self._window.append({"loss": loss, "lr": lr, "grad_norm": math.nan if grad_norm is None else grad_norm,
+                             "step_time": step_time, "data_wait": data_wait})
+        if step % self.log_interval and step != self.total_steps:
+            return
+        window, self._window = self._window, []
+        if not self.enabled:
+            return
+        mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+        tokens_per_second = self.tokens_per_step / mean["step_time"] if mean["step_time"] > 0 else math.nan
+        mfu = tokens_per_second * self.flops_per_token / self.peak_flops if self.peak_flops > 0 else math.nan
+        elapsed = time.perf_counter() - self._start
+        done = step - self._start_step
+        eta = elapsed / done * (self.total_steps - step) if done > 0 else math.inf
+        record = {"step": step, "loss": mean["loss"], "lr": lr, "grad_norm": mean["grad_norm"],
+                  "tokens_per_second": tokens_per_second, "mfu": mfu, "step_time": mean["step_time"],
+                  "data_wait_fraction": mean["data_wait"] / mean["step_time"] if mean["step_time"] > 0 else 0.0,
+                  "skipped_steps": skipped_total, "elapsed": elapsed}
+        grad = f"{mean['grad_norm']:.3f}" if math.isfinite(mean["grad_norm"]) else "-"
+        logger.info("step %d/%d | loss %.4f | lr %.3e | grad norm %s | %s tok/s | MFU %.1f%% | data wait %.1f%% "
+                    "| skipped %d | ETA %s", step, self.total_steps, mean["loss"], lr, grad,
+                    f"{tokens_per_second:,.0f}", 100 * mfu, 100 * record["data_wait_fraction"], skipped_total,
+                    format_duration(eta))
+        self._write(record, "train")
+
+    def evaluation(self, step: int, losses: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        parts = " | ".join(f"{name} {value:.4f}" for name, value in losses.items())
+        logger.info("eval at step %d | %s", step, parts)
+        self._write({"step": step, **{f"eval_{k}": v for k, v in losses.items()}}, "eval")
+
+    def _write(self, record: dict[str, Any], prefix: str) -> None:
+        self._jsonl.write(json.dumps({"kind": prefix, **record}) + "\n")
+        self._jsonl.flush()
+        if self._writer is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._writer.add_scalar(f"{prefix}/{key.removeprefix('eval_')}", value, step)
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._writer is not None:
+            self._writer.close()

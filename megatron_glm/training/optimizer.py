@@ -1,0 +1,61 @@
+"""AdamW with THUDM/GLM's weight-decay groups and a guard against non-finite updates."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from megatron_glm.config import OptimizerConfig
+
+
+def weight_decay_groups(named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+                        weight_decay: float) -> list[dict]:
+    """Biases and LayerNorm parameters (every 1-D parameter) get no weight decay, as in the reference."""
+    decay, no_decay = [], []
+    for _, param in named_parameters:
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that does not apply an update whose gradients are not finite.
+
+    The training loop sets ``skip_next`` when the ranks agreed that the loss was not finite; with
+    ``check_gradients`` the step also inspects its own gradients (the pipeline engine gives the loop no
+    chance to intervene before the step: a non-finite loss makes every upstream gradient non-finite, so
+    each rank reaches the same decision). The parameters are then left exactly as they were.
+    """
+
+    def __init__(self, params, *, check_gradients: bool = False, **kwargs):
+        super().__init__(params, **kwargs)
+        self.skip_next = False
+        self.check_gradients = check_gradients
+        self.skipped_steps = 0
+
+    def _gradients_finite(self) -> bool:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.stack([g.float().abs().sum() for g in grads]).isfinite().all())
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        skip = self.skip_next or (self.check_gradients and not self._gradients_finite())
+        self.skip_next = False
+        if skip:
+            self.skipped_steps += 1
+            return None
+        return super().step(closure)
+
+
+def build_optimizer(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], cfg: OptimizerConfig, *,
+                    check_gradients: bool) -> GuardedAdamW:
+    groups = weight_decay_groups(named_parameters, cfg.weight_decay)
+    return GuardedAdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                        weight_decay=cfg.weight_decay, check_gradients=check_gradients)

@@ -1,0 +1,47 @@
+"""Preemption: SIGTERM or SIGUSR1 (SLURM's ``--signal``) asks for a checkpoint at the next step boundary.
+
+The handler only sets a flag; the training loop asks ``requested()`` once per step, which agrees on the
+flag across all ranks (one tiny all-reduce), so every rank saves the same step and exits 0 together.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+from megatron_glm.log import get_logger
+
+logger = get_logger("signals")
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class PreemptionHandler:
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self) -> PreemptionHandler:
+        for sig in PREEMPTION_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+            logger.warning("received %s: saving a checkpoint at the next step boundary, then exiting",
+                           signal.Signals(signum).name)
+
+    def requested(self) -> bool:
+        """True on every rank as soon as any rank received a preemption signal."""
+        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32, device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
