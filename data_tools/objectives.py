@@ -57,20 +57,36 @@ class ObjectiveConfig:
     def problems(self) -> list[tuple[str, str]]:
         """(field, message) for every invalid value; empty when the mixture is usable."""
         found: list[tuple[str, str]] = []
-        for name in ("token_prob", "sentence_prob", "document_prob", "token_ratio", "sentence_ratio",
-                     "document_min_ratio", "document_suffix_prob", "single_span_prob", "block_mask_prob"):
+        for name in (
+            "token_prob",
+            "sentence_prob",
+            "document_prob",
+            "token_ratio",
+            "sentence_ratio",
+            "document_min_ratio",
+            "document_suffix_prob",
+            "single_span_prob",
+            "block_mask_prob",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 found.append((name, f"must lie in [0, 1], got {value}"))
         total = self.token_prob + self.sentence_prob + self.document_prob
         if not math.isclose(total, 1.0, abs_tol=1e-6):
-            found.append(("token_prob", f"token_prob + sentence_prob + document_prob must be 1, got {total:g}"))
+            found.append(
+                ("token_prob", f"token_prob + sentence_prob + document_prob must be 1, got {total:g}")
+            )
         if self.avg_span_length <= 0:
             found.append(("avg_span_length", f"must be positive, got {self.avg_span_length}"))
         if self.max_span_length < 2:
-            found.append(("max_span_length", f"must be at least 2 (spans of 1..max-1), got {self.max_span_length}"))
+            found.append(
+                ("max_span_length", f"must be at least 2 (spans of 1..max-1), got {self.max_span_length}")
+            )
         return found
 
     def mixture(self) -> dict[Objective, float]:
-        return {Objective.TOKEN: self.token_prob, Objective.SENTENCE: self.sentence_prob,
-                Objective.DOCUMENT: self.document_prob}
+        return {
+            Objective.TOKEN: self.token_prob,
+            Objective.SENTENCE: self.sentence_prob,
+            Objective.DOCUMENT: self.document_prob,
+        }

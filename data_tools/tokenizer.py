@@ -41,7 +41,18 @@ GPT2_EOS = "<|endoftext|>"
 # reference appends the block tokens first, then the task-mask tokens, then [dBLOCK]; for GPT-2 and
 # new BPE vocabularies the block tokens come before [CLS]/[MASK]/[SEP]/[UNK].
 _BERT_APPEND_ORDER = (SOP, EOP, "[gMASK]", "[sMASK]", "[dBLOCK]")
-_BPE_APPEND_ORDER = (GPT2_EOS, SOP, EOP, "[CLS]", "[MASK]", "[SEP]", "[UNK]", "[gMASK]", "[sMASK]", "[dBLOCK]")
+_BPE_APPEND_ORDER = (
+    GPT2_EOS,
+    SOP,
+    EOP,
+    "[CLS]",
+    "[MASK]",
+    "[SEP]",
+    "[UNK]",
+    "[gMASK]",
+    "[sMASK]",
+    "[dBLOCK]",
+)
 
 _LSTRIP_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]")
 
@@ -96,15 +107,37 @@ class GLMTokenizer:
         self._commands_tokenizer = hf_tokenizer
         self._text_tokenizer = Tokenizer.from_str(hf_tokenizer.to_str())
         self._text_tokenizer.encode_special_tokens = True
-        ids = {s: hf_tokenizer.token_to_id(s) for s in (SOP, EOP, "[CLS]", "[MASK]", "[SEP]", "[UNK]",
-                                                      "[gMASK]", "[sMASK]", "[dBLOCK]", eos_string)}
+        ids = {
+            s: hf_tokenizer.token_to_id(s)
+            for s in (
+                SOP,
+                EOP,
+                "[CLS]",
+                "[MASK]",
+                "[SEP]",
+                "[UNK]",
+                "[gMASK]",
+                "[sMASK]",
+                "[dBLOCK]",
+                eos_string,
+            )
+        }
         missing = [s for s, i in ids.items() if i is None]
         if missing:
             raise DataError(f"tokenizer {name!r} lacks the command tokens {missing}")
         eos = ids[eos_string]
         self.command = CommandTokens(
-            pad=eos, eos=eos, cls=ids["[CLS]"], mask=ids["[MASK]"], sep=ids["[SEP]"], unk=ids["[UNK]"],
-            sop=ids[SOP], eop=ids[EOP], gmask=ids["[gMASK]"], smask=ids["[sMASK]"], dblock=ids["[dBLOCK]"],
+            pad=eos,
+            eos=eos,
+            cls=ids["[CLS]"],
+            mask=ids["[MASK]"],
+            sep=ids["[SEP]"],
+            unk=ids["[UNK]"],
+            sop=ids[SOP],
+            eop=ids[EOP],
+            gmask=ids["[gMASK]"],
+            smask=ids["[sMASK]"],
+            dblock=ids["[dBLOCK]"],
         )
         self.num_tokens = hf_tokenizer.get_vocab_size(with_added_tokens=True)
 

@@ -1,12 +1,113 @@
-"""Fused kernels for GLM: attention with the prefix (``sep``) mask and LayerNorm.
+"""Fused kernels for GLM: attention with the prefix (``sep``) mask and LayerNorm (optionally fused with the residual add).
 
-``glm_attention`` and ``layer_norm`` are the interface the model calls. Today they run the torch
-implementations in ``kernels.reference``; the Triton kernels plug in behind the same functions.
+``glm_attention`` and ``layer_norm`` are the interface the model calls. Each runs either the torch implementation
+in ``kernels.reference`` or the Triton kernels (``kernels.triton_attention``, ``kernels.triton_layer_norm``),
+chosen by ``resolve_backend``. The Triton modules are imported on first use, so ``import kernels`` needs neither a
+GPU nor triton.
 """
 
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+from kernels.errors import KernelError
 from kernels.reference import glm_attention_mask, glm_attention_torch, layer_norm_torch
 
-glm_attention = glm_attention_torch
-layer_norm = layer_norm_torch
+BACKENDS = ("auto", "triton", "torch")
 
-__all__ = ["glm_attention", "glm_attention_mask", "glm_attention_torch", "layer_norm", "layer_norm_torch"]
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether the triton package is installed."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(requested: str, device: torch.device | str) -> str:
+    """The implementation a call on tensors of ``device`` runs: ``"triton"`` or ``"torch"``.
+
+    ``"auto"`` picks Triton for CUDA tensors when triton is installed, torch otherwise. ``"triton"`` insists: it
+    needs triton and either CUDA tensors or the Triton interpreter (``TRITON_INTERPRET=1`` set before the first
+    Triton call), which runs the kernels on CPU tensors. ``"torch"`` always runs torch.
+    """
+    if requested not in BACKENDS:
+        raise KernelError(f"kernel backend {requested!r} is not one of {', '.join(BACKENDS)}")
+    device = torch.device(device)
+    if requested == "torch":
+        return "torch"
+    if requested == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if not triton_available():
+        raise KernelError(
+            "kernel backend 'triton' needs the triton package: pip install triton, or use 'auto'/'torch'"
+        )
+    if device.type != "cuda":
+        from kernels.triton_support import INTERPRET
+
+        if not INTERPRET:
+            raise KernelError(
+                f"kernel backend 'triton' got {device.type} tensors: Triton runs CUDA tensors, or CPU tensors in its "
+                "interpreter when TRITON_INTERPRET=1 is set before the first Triton call; or use 'auto'/'torch'"
+            )
+    return "triton"
+
+
+def glm_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sep: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    lengths: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention over ``[B, H, T, D]`` where key j is visible to query i iff ``j < sep[b]`` or ``j <= i``.
+
+    ``softmax_scale`` defaults to ``1/sqrt(D)``. ``dropout_p`` drops attention probabilities (torch's RNG on the
+    torch path; a seed drawn from torch's generator of the device on the Triton path). ``lengths`` ([B] ints)
+    marks query rows at or past ``lengths[b]`` as padding (output 0, no gradient) and hides keys past it.
+    """
+    if not 0.0 <= dropout_p < 1.0:
+        raise KernelError(f"glm_attention: dropout_p={dropout_p} must be in [0, 1)")
+    if resolve_backend(backend, q.device) == "triton":
+        from kernels.triton_attention import glm_attention_triton
+
+        return glm_attention_triton(
+            q, k, v, sep, softmax_scale=softmax_scale, dropout_p=dropout_p, lengths=lengths
+        )
+    return glm_attention_torch(
+        q, k, v, sep, softmax_scale=softmax_scale, dropout_p=dropout_p, lengths=lengths
+    )
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last dim; with ``residual`` returns ``(LN(x + residual), x + residual)``."""
+    if resolve_backend(backend, x.device) == "triton":
+        from kernels.triton_layer_norm import layer_norm_triton
+
+        return layer_norm_triton(x, weight, bias, eps, residual)
+    return layer_norm_torch(x, weight, bias, eps, residual)
+
+
+__all__ = [
+    "BACKENDS",
+    "KernelError",
+    "glm_attention",
+    "glm_attention_mask",
+    "glm_attention_torch",
+    "layer_norm",
+    "layer_norm_torch",
+    "resolve_backend",
+    "triton_available",
+]

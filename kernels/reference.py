@@ -6,16 +6,31 @@ import torch
 import torch.nn.functional as F
 
 
-def glm_attention_mask(sep: torch.Tensor, query_length: int, key_length: int | None = None) -> torch.Tensor:
+def glm_attention_mask(
+    sep: torch.Tensor,
+    query_length: int,
+    key_length: int | None = None,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Boolean visibility ``[B, 1, Tq, Tk]``: key j is visible to query i iff ``j < sep[b]`` or ``j <= i``.
 
     With ``Tq < Tk`` (decoding against cached keys) query i sits at absolute position ``Tk - Tq + i``.
+    With ``lengths`` keys at positions ``>= lengths[b]`` are padding and visible to no query.
     """
     key_length = query_length if key_length is None else key_length
     offset = key_length - query_length
     rows = torch.arange(query_length, device=sep.device).view(1, 1, query_length, 1) + offset
     cols = torch.arange(key_length, device=sep.device).view(1, 1, 1, key_length)
-    return (cols <= rows) | (cols < sep.view(-1, 1, 1, 1))
+    visible = (cols <= rows) | (cols < sep.view(-1, 1, 1, 1))
+    if lengths is not None:
+        visible = visible & (cols < lengths.to(sep.device).view(-1, 1, 1, 1))
+    return visible
+
+
+def query_rows_valid(lengths: torch.Tensor, query_length: int, key_length: int) -> torch.Tensor:
+    """``[B, 1, Tq, 1]``: True where query row i (absolute position ``Tk - Tq + i``) is below ``lengths[b]``."""
+    rows = torch.arange(query_length, device=lengths.device) + (key_length - query_length)
+    return rows.view(1, 1, query_length, 1) < lengths.view(-1, 1, 1, 1)
 
 
 def glm_attention_torch(
@@ -26,10 +41,26 @@ def glm_attention_torch(
     *,
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
+    lengths: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention over ``[B, H, T, D]`` with GLM's mask: bidirectional over the first ``sep[b]`` keys, causal after."""
-    mask = glm_attention_mask(sep, q.shape[-2], k.shape[-2])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=softmax_scale)
+    """Attention over ``[B, H, T, D]`` with GLM's mask: bidirectional over the first ``sep[b]`` keys, causal after.
+
+    With ``lengths`` ([B] ints) query rows at or past ``lengths[b]`` are padding: their output is 0 and they
+    pass no gradient; keys at or past ``lengths[b]`` are visible to no query.
+    """
+    query_length, key_length = q.shape[-2], k.shape[-2]
+    sep = sep.to(q.device)
+    if lengths is None:
+        mask = glm_attention_mask(sep, query_length, key_length)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=softmax_scale
+        )
+    lengths = lengths.to(q.device)
+    # A sample of length 0 would leave rows with no visible key, which SDPA turns into NaN (and NaN
+    # gradients). Letting such rows see key 0 keeps everything finite; their output is zeroed below anyway.
+    mask = glm_attention_mask(sep, query_length, key_length, lengths.clamp(min=1))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=softmax_scale)
+    return out.masked_fill(~query_rows_valid(lengths, query_length, key_length), 0.0)
 
 
 def layer_norm_torch(

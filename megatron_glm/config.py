@@ -206,7 +206,9 @@ def _convert(value: Any, annotation: Any, key: str, where) -> Any:
         return [_convert(item, args[0], f"{key}[{i}]", where) for i, item in enumerate(value)]
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where(key)}: expected a mapping of {annotation.__name__} keys, got {value!r}")
+            raise ConfigError(
+                f"{where(key)}: expected a mapping of {annotation.__name__} keys, got {value!r}"
+            )
         return _build(annotation, value, key, where)
     if annotation is bool:
         if not isinstance(value, bool):
@@ -301,8 +303,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     def where(key: str) -> str:
         if key in lines:
             return _where(source, lines, key)
-        return f"--set {key}" if any(o.split("=", 1)[0].strip() == key for o in overrides) else \
-            _where(source, lines, key)
+        return (
+            f"--set {key}"
+            if any(o.split("=", 1)[0].strip() == key for o in overrides)
+            else _where(source, lines, key)
+        )
 
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
@@ -328,7 +333,8 @@ def padded_vocab_size(model: ModelConfig, tensor_parallel_size: int = 1) -> int:
     from data_tools.tokenizer import load_tokenizer
 
     return load_tokenizer(model.tokenizer).padded_vocab_size(
-        model.make_vocab_size_divisible_by * tensor_parallel_size)
+        model.make_vocab_size_divisible_by * tensor_parallel_size
+    )
 
 
 def count_parameters(model: ModelConfig, vocab_size: int) -> int:
@@ -336,12 +342,21 @@ def count_parameters(model: ModelConfig, vocab_size: int) -> int:
     h, L = model.hidden_size, model.num_layers
     per_layer = (
         2 * 2 * h  # two LayerNorms
-        + 3 * h * h + 3 * h  # fused QKV
-        + h * h + h  # attention output
-        + 4 * h * h + 4 * h  # h -> 4h
-        + 4 * h * h + h  # 4h -> h
+        + 3 * h * h
+        + 3 * h  # fused QKV
+        + h * h
+        + h  # attention output
+        + 4 * h * h
+        + 4 * h  # h -> 4h
+        + 4 * h * h
+        + h  # 4h -> h
     )
-    tables = (2 if model.block_position_encoding else 1) * (model.max_position_embeddings + 1) * h
+    # With block positions both tables have max_position_embeddings + 1 rows; without, one table of
+    # max_position_embeddings rows (as in THUDM/GLM).
+    if model.block_position_encoding:
+        tables = 2 * (model.max_position_embeddings + 1) * h
+    else:
+        tables = model.max_position_embeddings * h
     return vocab_size * h + tables + L * per_layer + 2 * h
 
 
@@ -364,8 +379,13 @@ def _problems(cfg: GLMConfig, world_size: int | None) -> list[tuple[str, str]]:
         if value <= 0:
             found.append((key, f"must be positive, got {value}"))
 
-    for key in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
-                "make_vocab_size_divisible_by"):
+    for key in (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "make_vocab_size_divisible_by",
+    ):
         positive(f"model.{key}", getattr(m, key))
     positive("parallel.tensor_parallel_size", p.tensor_parallel_size)
     positive("parallel.pipeline_parallel_size", p.pipeline_parallel_size)
@@ -377,32 +397,56 @@ def _problems(cfg: GLMConfig, world_size: int | None) -> list[tuple[str, str]]:
         return found
 
     if m.hidden_size % m.num_attention_heads:
-        found.append(("model.hidden_size", f"{m.hidden_size} is not divisible by model.num_attention_heads "
-                                           f"= {m.num_attention_heads}"))
+        found.append(
+            (
+                "model.hidden_size",
+                f"{m.hidden_size} is not divisible by model.num_attention_heads = {m.num_attention_heads}",
+            )
+        )
     if m.num_attention_heads % p.tensor_parallel_size:
-        found.append(("model.num_attention_heads",
-                      f"{m.num_attention_heads} heads cannot be split over parallel.tensor_parallel_size = "
-                      f"{p.tensor_parallel_size}; use a tensor-parallel size that divides the head count"))
+        found.append(
+            (
+                "model.num_attention_heads",
+                f"{m.num_attention_heads} heads cannot be split over parallel.tensor_parallel_size = "
+                f"{p.tensor_parallel_size}; use a tensor-parallel size that divides the head count",
+            )
+        )
     if m.num_layers % p.pipeline_parallel_size:
-        found.append(("model.num_layers",
-                      f"{m.num_layers} layers cannot be split evenly over parallel.pipeline_parallel_size = "
-                      f"{p.pipeline_parallel_size}; use a pipeline size that divides the layer count"))
+        found.append(
+            (
+                "model.num_layers",
+                f"{m.num_layers} layers cannot be split evenly over parallel.pipeline_parallel_size = "
+                f"{p.pipeline_parallel_size}; use a pipeline size that divides the layer count",
+            )
+        )
     multiple = m.make_vocab_size_divisible_by * p.tensor_parallel_size
     if m.vocab_size is not None and m.vocab_size % multiple:
         suggestion = -(-m.vocab_size // multiple) * multiple
-        found.append(("model.vocab_size",
-                      f"{m.vocab_size} is not a multiple of make_vocab_size_divisible_by x tensor_parallel_size "
-                      f"= {multiple}; use {suggestion} or leave it unset to derive it from the tokenizer"))
+        found.append(
+            (
+                "model.vocab_size",
+                f"{m.vocab_size} is not a multiple of make_vocab_size_divisible_by x tensor_parallel_size "
+                f"= {multiple}; use {suggestion} or leave it unset to derive it from the tokenizer",
+            )
+        )
     if d.seq_length > m.max_position_embeddings:
-        found.append(("data.seq_length",
-                      f"{d.seq_length} exceeds model.max_position_embeddings = {m.max_position_embeddings}: "
-                      "positions would fall outside the position tables"))
+        found.append(
+            (
+                "data.seq_length",
+                f"{d.seq_length} exceeds model.max_position_embeddings = {m.max_position_embeddings}: "
+                "positions would fall outside the position tables",
+            )
+        )
     if p.zero_stage not in (0, 1, 2, 3):
         found.append(("parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}"))
     elif p.pipeline_parallel_size > 1 and p.zero_stage > 1:
-        found.append(("parallel.zero_stage",
-                      f"ZeRO stage {p.zero_stage} cannot be combined with pipeline parallelism (DeepSpeed's "
-                      "pipeline engine supports stages 0 and 1); use zero_stage: 1"))
+        found.append(
+            (
+                "parallel.zero_stage",
+                f"ZeRO stage {p.zero_stage} cannot be combined with pipeline parallelism (DeepSpeed's "
+                "pipeline engine supports stages 0 and 1); use zero_stage: 1",
+            )
+        )
     if not 0.0 <= m.hidden_dropout < 1.0:
         found.append(("model.hidden_dropout", f"must lie in [0, 1), got {m.hidden_dropout}"))
     if not 0.0 <= m.attention_dropout < 1.0:
@@ -410,7 +454,9 @@ def _problems(cfg: GLMConfig, world_size: int | None) -> list[tuple[str, str]]:
     for field, message in d.objectives.problems():
         found.append((f"data.objectives.{field}", message))
     if len(d.split) != 3 or any(x < 0 for x in d.split) or sum(d.split) <= 0:
-        found.append(("data.split", f"expected three non-negative proportions (train, valid, test), got {d.split}"))
+        found.append(
+            ("data.split", f"expected three non-negative proportions (train, valid, test), got {d.split}")
+        )
     if sum(c.weight for c in d.corpora) < 0 or any(c.weight < 0 for c in d.corpora):
         found.append(("data.corpora", "blend weights must be non-negative"))
     for i, corpus in enumerate(d.corpora):
@@ -431,18 +477,26 @@ def _problems(cfg: GLMConfig, world_size: int | None) -> list[tuple[str, str]]:
     if world_size is not None:
         model_parallel = p.tensor_parallel_size * p.pipeline_parallel_size
         if world_size % model_parallel:
-            found.append(("parallel.tensor_parallel_size",
-                          f"world size {world_size} is not divisible by tensor_parallel_size x "
-                          f"pipeline_parallel_size = {model_parallel}"))
+            found.append(
+                (
+                    "parallel.tensor_parallel_size",
+                    f"world size {world_size} is not divisible by tensor_parallel_size x "
+                    f"pipeline_parallel_size = {model_parallel}",
+                )
+            )
         else:
             dp = world_size // model_parallel
             per_step = t.micro_batch_size * dp
             if t.global_batch_size % per_step:
                 lower = max(per_step, t.global_batch_size // per_step * per_step)
-                found.append(("training.global_batch_size",
-                              f"{t.global_batch_size} is not micro_batch_size x data-parallel size x "
-                              f"accumulation steps (micro {t.micro_batch_size} x dp {dp} = {per_step} per "
-                              f"accumulation step); use a multiple of {per_step} such as {lower}"))
+                found.append(
+                    (
+                        "training.global_batch_size",
+                        f"{t.global_batch_size} is not micro_batch_size x data-parallel size x "
+                        f"accumulation steps (micro {t.micro_batch_size} x dp {dp} = {per_step} per "
+                        f"accumulation step); use a multiple of {per_step} such as {lower}",
+                    )
+                )
     return found
 
 
@@ -462,8 +516,9 @@ def parallel_layout(cfg: GLMConfig, world_size: int) -> Layout:
     return Layout(world_size, tp, pp, dp, accumulation)
 
 
-def model_flops_per_token(model: ModelConfig, vocab_size: int, seq_length: int,
-                          logit_fraction: float = 1.0) -> float:
+def model_flops_per_token(
+    model: ModelConfig, vocab_size: int, seq_length: int, logit_fraction: float = 1.0
+) -> float:
     """Training FLOPs per token (forward + backward = 3 x forward, 2 FLOPs per multiply-add).
 
     ``72 L h^2 + 12 L h T + 6 V h f``: the layers' weight matmuls, the attention scores and weighted

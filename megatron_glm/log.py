@@ -31,8 +31,12 @@ class _RankFilter(logging.Filter):
         return True
 
 
-def setup_logging(rank: int | None = None, log_dir: str | os.PathLike | None = None, all_ranks: bool = False,
-                  level: str = "info") -> logging.Logger:
+def setup_logging(
+    rank: int | None = None,
+    log_dir: str | os.PathLike | None = None,
+    all_ranks: bool = False,
+    level: str = "info",
+) -> logging.Logger:
     """Configure the ``megatron_glm`` logger for this process and return it. Safe to call again."""
     rank = _env_rank() if rank is None else rank
     logger = logging.getLogger(LOGGER_NAME)
@@ -52,8 +56,9 @@ def setup_logging(rank: int | None = None, log_dir: str | os.PathLike | None = N
         if log_dir is not None:
             Path(log_dir).mkdir(parents=True, exist_ok=True)
             file_handler = logging.FileHandler(Path(log_dir) / f"rank-{rank}.log")
-            file_handler.setFormatter(logging.Formatter(
-                "%(asctime)s [rank %(rank)d] %(levelname)s %(name)s: %(message)s"))
+            file_handler.setFormatter(
+                logging.Formatter("%(asctime)s [rank %(rank)d] %(levelname)s %(name)s: %(message)s")
+            )
             file_handler.addFilter(rank_filter)
             logger.addHandler(file_handler)
     else:

@@ -27,9 +27,17 @@ def free_port() -> int:
 
 def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple, env: dict) -> None:
     os.environ.update(env)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     torch.set_num_threads(1)
     _skip_deepspeed_shm_build()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -65,4 +73,3 @@ def run_ranks(fn, world_size: int, *args, env: dict | None = None) -> list:
             start_method="spawn",
         )
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
-

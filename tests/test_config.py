@@ -24,8 +24,14 @@ REFERENCE_PARAMETERS = {
     "glm-2b": 1.92e9,
     "glm-10b": 9.88e9,
 }
-REFERENCE_VOCAB = {"glm-base": 30592, "glm-large": 30592, "glm-410m": 30592, "glm-515m": 30592,
-                   "glm-2b": 50304, "glm-10b": 50304}
+REFERENCE_VOCAB = {
+    "glm-base": 30592,
+    "glm-large": 30592,
+    "glm-410m": 30592,
+    "glm-515m": 30592,
+    "glm-2b": 50304,
+    "glm-10b": 50304,
+}
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_PARAMETERS))
@@ -46,8 +52,15 @@ def test_every_shipped_config_loads_and_validates():
 
 
 def test_overrides_are_typed_and_applied_in_order():
-    cfg = load_config(CONFIGS / "glm-tiny.yaml", ["training.micro_batch_size=4", "optimizer.lr=3e-4",
-                                                  "training.micro_batch_size=2", "model.kernels=torch"])
+    cfg = load_config(
+        CONFIGS / "glm-tiny.yaml",
+        [
+            "training.micro_batch_size=4",
+            "optimizer.lr=3e-4",
+            "training.micro_batch_size=2",
+            "model.kernels=torch",
+        ],
+    )
     assert cfg.training.micro_batch_size == 2
     assert cfg.optimizer.lr == pytest.approx(3e-4)
     assert cfg.model.kernels == "torch"
@@ -85,9 +98,15 @@ def test_global_batch_error_suggests_a_valid_value():
 
 
 def test_layout_derives_data_parallel_and_accumulation():
-    cfg = load_config(CONFIGS / "glm-base.yaml",
-                      ["parallel.tensor_parallel_size=2", "parallel.pipeline_parallel_size=2",
-                       "training.micro_batch_size=4", "training.global_batch_size=64"])
+    cfg = load_config(
+        CONFIGS / "glm-base.yaml",
+        [
+            "parallel.tensor_parallel_size=2",
+            "parallel.pipeline_parallel_size=2",
+            "training.micro_batch_size=4",
+            "training.global_batch_size=64",
+        ],
+    )
     layout = parallel_layout(cfg, 16)
     assert (layout.data_parallel_size, layout.gradient_accumulation_steps) == (4, 4)
 
@@ -101,7 +120,9 @@ def test_derived_vocab_is_padded_for_tensor_parallelism():
 def test_unknown_key_reports_file_line_and_suggestion(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\nmodel:\n  num_layers: 2\n  hiden_size: 64\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml:4: model.hiden_size: unknown key; did you mean 'hidden_size'"):
+    with pytest.raises(
+        ConfigError, match=r"bad.yaml:4: model.hiden_size: unknown key; did you mean 'hidden_size'"
+    ):
         load_config(path)
 
 

@@ -15,10 +15,32 @@ CORPUS = Path(__file__).resolve().parent.parent / "run" / "demo" / "corpus" / "a
 
 # glm-reference.md §2: ids of the command tokens and the padded vocabulary.
 REFERENCE_IDS = {
-    "bert-base-uncased": dict(pad=0, eos=0, cls=101, mask=103, sep=102, unk=100, sop=30522, eop=30523,
-                              gmask=30524, smask=30525, dblock=30526),
-    "gpt2": dict(pad=50256, eos=50256, cls=50259, mask=50260, sep=50261, unk=50262, sop=50257, eop=50258,
-                 gmask=50263, smask=50264, dblock=50265),
+    "bert-base-uncased": dict(
+        pad=0,
+        eos=0,
+        cls=101,
+        mask=103,
+        sep=102,
+        unk=100,
+        sop=30522,
+        eop=30523,
+        gmask=30524,
+        smask=30525,
+        dblock=30526,
+    ),
+    "gpt2": dict(
+        pad=50256,
+        eos=50256,
+        cls=50259,
+        mask=50260,
+        sep=50261,
+        unk=50262,
+        sop=50257,
+        eop=50258,
+        gmask=50263,
+        smask=50264,
+        dblock=50265,
+    ),
 }
 REFERENCE_PADDED = {"bert-base-uncased": 30592, "gpt2": 50304}
 
@@ -43,7 +65,10 @@ def test_known_encodings():
     assert bert.encode("Hello World") == [7592, 2088]
     gpt2 = load_tokenizer("gpt2")
     assert gpt2.encode("Hello world") == [15496, 995]
-    assert gpt2.decode(gpt2.encode("It is a truth universally acknowledged")) == "It is a truth universally acknowledged"
+    assert (
+        gpt2.decode(gpt2.encode("It is a truth universally acknowledged"))
+        == "It is a truth universally acknowledged"
+    )
 
 
 def test_bert_agrees_with_the_pure_python_wordpiece_on_real_text():
@@ -60,8 +85,11 @@ def test_bert_agrees_with_the_pure_python_wordpiece_on_real_text():
 @lru_cache(maxsize=1)
 def _gpt2_tables():
     # The GPT-2 byte-to-unicode table and merge ranks, written from the published algorithm.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes = printable[:]
     extra = 0
     for b in range(256):
@@ -146,8 +174,13 @@ def test_new_bpe_gets_command_tokens_appended_after_its_vocabulary(tmp_path):
     trainer.save(str(tmp_path / "tokenizer.json"))
     tok = GLMTokenizer.from_name(str(tmp_path / "tokenizer.json"))
     size = tok.text_vocab_size
-    assert (tok.command.eos, tok.command.sop, tok.command.eop, tok.command.cls, tok.command.mask) == \
-        (size, size + 1, size + 2, size + 3, size + 4)
+    assert (tok.command.eos, tok.command.sop, tok.command.eop, tok.command.cls, tok.command.mask) == (
+        size,
+        size + 1,
+        size + 2,
+        size + 3,
+        size + 4,
+    )
     assert tok.command.dblock == size + 9 and tok.num_tokens == size + 10
 
 

@@ -22,19 +22,31 @@ def build_parser() -> argparse.ArgumentParser:
         prog="glm-config",
         description="Show or validate a GLM training config (YAML plus --set overrides).",
         epilog="Examples:\n  glm-config validate run/configs/glm-10b.yaml --world-size 400\n"
-               "  glm-config show run/configs/glm-tiny.yaml --set training.micro_batch_size=4",
+        "  glm-config show run/configs/glm-tiny.yaml --set training.micro_batch_size=4",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("show", "print the merged config as YAML"),
-                            ("validate", "check every rule and print the parameter count and layout")):
+    for name, help_text in (
+        ("show", "print the merged config as YAML"),
+        ("validate", "check every rule and print the parameter count and layout"),
+    ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="YAML config file, e.g. run/configs/glm-base.yaml")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a key, e.g. --set parallel.tensor_parallel_size=2 (repeatable)")
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a key, e.g. --set parallel.tensor_parallel_size=2 (repeatable)",
+        )
         if name == "validate":
-            p.add_argument("--world-size", type=int, default=None,
-                           help="number of ranks the job will run on; checks the batch and parallel layout")
+            p.add_argument(
+                "--world-size",
+                type=int,
+                default=None,
+                help="number of ranks the job will run on; checks the batch and parallel layout",
+            )
     return parser
 
 
@@ -53,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  parameters: {params:,} ({describe_parameters(params)}), vocab rows {vocab}")
         if args.world_size is not None:
             layout = parallel_layout(cfg, args.world_size)
-            print(f"  layout: world {layout.world_size} = tp {layout.tensor_parallel_size} x "
-                  f"pp {layout.pipeline_parallel_size} x dp {layout.data_parallel_size}; "
-                  f"gradient accumulation {layout.gradient_accumulation_steps}")
+            print(
+                f"  layout: world {layout.world_size} = tp {layout.tensor_parallel_size} x "
+                f"pp {layout.pipeline_parallel_size} x dp {layout.data_parallel_size}; "
+                f"gradient accumulation {layout.gradient_accumulation_steps}"
+            )
         return 0
     except ConfigError as exc:
         print(f"glm-config: error: {exc}", file=sys.stderr)

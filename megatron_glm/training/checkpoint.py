@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_glm.log import get_logger
+from megatron_glm.parallel import get_rng_tracker
 
 logger = get_logger("checkpoint")
 
@@ -45,9 +46,7 @@ def capture_rng_state() -> dict[str, Any]:
     }
     if torch.cuda.is_available():
         state["torch_cuda"] = torch.cuda.get_rng_state()
-    from megatron_glm.parallel import random as tp_random
-
-    state["tensor_parallel"] = tp_random.get_rng_tracker().get_states()
+    state["tensor_parallel"] = get_rng_tracker().get_states()
     return state
 
 
@@ -57,9 +56,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch_cpu"])
     if torch.cuda.is_available() and "torch_cuda" in state:
         torch.cuda.set_rng_state(state["torch_cuda"])
-    from megatron_glm.parallel import random as tp_random
-
-    tp_random.get_rng_tracker().set_states(state["tensor_parallel"])
+    get_rng_tracker().set_states(state["tensor_parallel"])
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -90,23 +87,34 @@ class CheckpointManager:
             return None
         tag = tracker.read_text().strip()
         if not (self.save_dir / tag / META_FILE).is_file():
-            raise CheckpointError(f"{tracker} points at {tag!r} but {self.save_dir / tag} is not a complete "
-                                  "checkpoint (no meta.json); remove the tracker or point it at a complete one")
+            raise CheckpointError(
+                f"{tracker} points at {tag!r} but {self.save_dir / tag} is not a complete "
+                "checkpoint (no meta.json); remove the tracker or point it at a complete one"
+            )
         return tag
 
     def completed_tags(self) -> list[str]:
         if not self.save_dir.is_dir():
             return []
-        tags = [p.name for p in self.save_dir.iterdir()
-                if p.is_dir() and p.name.isdigit() and (p / META_FILE).is_file()]
+        tags = [
+            p.name
+            for p in self.save_dir.iterdir()
+            if p.is_dir() and p.name.isdigit() and (p / META_FILE).is_file()
+        ]
         return sorted(tags, key=int)
 
     def path(self, tag: str) -> Path:
         return self.save_dir / tag
 
     # -- saving -------------------------------------------------------------------------------------
-    def save(self, engine, step: int, client_state: dict[str, Any], config_yaml: str,
-             meta: dict[str, Any] | None = None) -> Path:
+    def save(
+        self,
+        engine,
+        step: int,
+        client_state: dict[str, Any],
+        config_yaml: str,
+        meta: dict[str, Any] | None = None,
+    ) -> Path:
         """Save on every rank (a collective); returns the final directory."""
         tag = str(step)
         staging_tag = tag + PARTIAL_SUFFIX
@@ -117,14 +125,20 @@ class CheckpointManager:
             for stale in self.save_dir.glob(f"*{PARTIAL_SUFFIX}"):
                 shutil.rmtree(stale, ignore_errors=True)
         _barrier()
-        engine.save_checkpoint(str(self.save_dir), tag=staging_tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(
+            str(self.save_dir), tag=staging_tag, client_state=client_state, save_latest=False
+        )
         torch.save(capture_rng_state(), staging / f"rng_state_rank{self.rank}.pt")
         _barrier()
         final = self.save_dir / tag
         if self.rank == 0:
             (staging / "config.yaml").write_text(config_yaml)
-            info = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {})}
+            info = {
+                "step": step,
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                **(meta or {}),
+            }
             _write_atomic(staging / META_FILE, json.dumps(info, indent=2) + "\n")
             replaced = None
             if final.exists():
@@ -143,7 +157,7 @@ class CheckpointManager:
     def _prune(self, keep: str) -> None:
         tags = [t for t in self.completed_tags() if t != keep]
         excess = len(tags) + 1 - self.keep_last
-        for tag in tags[:max(0, excess)]:
+        for tag in tags[: max(0, excess)]:
             shutil.rmtree(self.save_dir / tag, ignore_errors=True)
             logger.info("removed old checkpoint %s (keep_last=%d)", self.save_dir / tag, self.keep_last)
 
@@ -156,8 +170,11 @@ class CheckpointManager:
             raise CheckpointError(f"{directory} is not a complete checkpoint (no {META_FILE})")
         meta = json.loads(meta_path.read_text())
         load_path, client_state = engine.load_checkpoint(
-            str(self.save_dir), tag=tag, load_optimizer_states=load_optimizer,
-            load_lr_scheduler_states=load_optimizer)
+            str(self.save_dir),
+            tag=tag,
+            load_optimizer_states=load_optimizer,
+            load_lr_scheduler_states=load_optimizer,
+        )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {directory}")
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -165,8 +182,12 @@ class CheckpointManager:
         if meta.get("world_size") == world and rng_file.is_file():
             restore_rng_state(torch.load(rng_file, weights_only=False))
         else:
-            logger.warning("checkpoint %s was saved by %s ranks, this job has %d: random states are not "
-                           "restored (training continues, but not bit-identically)", directory,
-                           meta.get("world_size"), world)
+            logger.warning(
+                "checkpoint %s was saved by %s ranks, this job has %d: random states are not "
+                "restored (training continues, but not bit-identically)",
+                directory,
+                meta.get("world_size"),
+                world,
+            )
         logger.info("resumed from %s (step %d)", directory, meta["step"])
         return client_state or {}

@@ -11,12 +11,11 @@ import dataclasses
 import os
 import re
 import socket
-import sys
 import subprocess
+import sys
 from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
 from megatron_glm.log import get_logger
 
@@ -58,10 +57,17 @@ def expand_slurm_nodelist(nodelist: str) -> list[str]:
 def _slurm_master_addr(env: dict[str, str]) -> str:
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
-        raise LaunchError("srun launch without SLURM_JOB_NODELIST: set MASTER_ADDR to the first node's address")
+        raise LaunchError(
+            "srun launch without SLURM_JOB_NODELIST: set MASTER_ADDR to the first node's address"
+        )
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             check=True, timeout=30).stdout.split()
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.split()
         if out:
             return out[0]
     except (OSError, subprocess.SubprocessError):
@@ -74,11 +80,30 @@ def _mpi_master_addr() -> str:
     try:
         from mpi4py import MPI
     except ImportError as exc:
-        raise LaunchError("mpirun launch needs MASTER_ADDR in the environment or mpi4py installed "
-                          "(pip install mpi4py; it needs an MPI library such as Open MPI)") from exc
+        raise LaunchError(
+            "mpirun launch needs MASTER_ADDR in the environment or mpi4py installed "
+            "(pip install mpi4py; it needs an MPI library such as Open MPI)"
+        ) from exc
     comm = MPI.COMM_WORLD
-    addr = socket.gethostbyname(socket.gethostname()) if comm.Get_rank() == 0 else None
+    hosts = comm.allgather(MPI.Get_processor_name())
+    if len(set(hosts)) == 1:
+        return "127.0.0.1"
+    addr = _routable_address() if comm.Get_rank() == 0 else None
     return comm.bcast(addr, root=0)
+
+
+def _routable_address() -> str:
+    """This host's first non-loopback address (``hostname -I``), else what its name resolves to."""
+    try:
+        out = subprocess.run(
+            ["hostname", "-I"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout
+        for addr in out.split():
+            if not addr.startswith("127.") and ":" not in addr:
+                return addr
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return socket.gethostbyname(socket.gethostname())
 
 
 def _int(env: dict[str, str], key: str) -> int:
@@ -93,23 +118,41 @@ def detect_launch(env: dict[str, str] | None = None) -> LaunchInfo:
     env = dict(os.environ if env is None else env)
     default_port = 29500
     if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchInfo("torchrun", _int(env, "RANK"), _int(env, "WORLD_SIZE"),
-                          _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
-                          env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", default_port)))
+        return LaunchInfo(
+            "torchrun",
+            _int(env, "RANK"),
+            _int(env, "WORLD_SIZE"),
+            _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", default_port)),
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
         # Under srun (a job step); a bare sbatch script also has SLURM_PROCID but is not a rank.
         job = int(env.get("SLURM_JOB_ID", "0"))
         port = int(env.get("MASTER_PORT", 20000 + job % 20000))
         addr = env.get("MASTER_ADDR") or _slurm_master_addr(env)
-        return LaunchInfo("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"),
-                          _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0, addr, port)
-    for rank_key, size_key, local_key in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
-                                          ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID")):
+        return LaunchInfo(
+            "slurm",
+            _int(env, "SLURM_PROCID"),
+            _int(env, "SLURM_NTASKS"),
+            _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+            addr,
+            port,
+        )
+    for rank_key, size_key, local_key in (
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+        ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    ):
         if rank_key in env and size_key in env:
             addr = env.get("MASTER_ADDR") or _mpi_master_addr()
-            return LaunchInfo("mpi", _int(env, rank_key), _int(env, size_key),
-                              _int(env, local_key) if local_key in env else 0, addr,
-                              int(env.get("MASTER_PORT", default_port)))
+            return LaunchInfo(
+                "mpi",
+                _int(env, rank_key),
+                _int(env, size_key),
+                _int(env, local_key) if local_key in env else 0,
+                addr,
+                int(env.get("MASTER_PORT", default_port)),
+            )
     port = int(env.get("MASTER_PORT", 0)) or _free_port()
     return LaunchInfo("single", 0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port)
 
@@ -129,27 +172,47 @@ def device_for(local_rank: int) -> torch.device:
 def init_distributed(timeout_minutes: int = 30) -> LaunchInfo:
     """Join the job's process group through DeepSpeed (which wraps torch.distributed) and pick the device."""
     info = detect_launch()
-    os.environ.update({"RANK": str(info.rank), "WORLD_SIZE": str(info.world_size),
-                       "LOCAL_RANK": str(info.local_rank), "MASTER_ADDR": info.master_addr,
-                       "MASTER_PORT": str(info.master_port)})
+    os.environ.update(
+        {
+            "RANK": str(info.rank),
+            "WORLD_SIZE": str(info.world_size),
+            "LOCAL_RANK": str(info.local_rank),
+            "MASTER_ADDR": info.master_addr,
+            "MASTER_PORT": str(info.master_port),
+        }
+    )
     device = device_for(info.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
         # One thread per rank unless the user said otherwise: ranks share the cores.
-        threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or max(1, (os.cpu_count() or 1) // max(
-            1, int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))))
+        threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or max(
+            1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size)))
+        )
         torch.set_num_threads(threads)
-    if not dist.is_initialized():
-        import deepspeed
+    import deepspeed
 
-        if device.type == "cpu":
-            _skip_cpu_shm_compile()
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   auto_mpi_discovery=False, timeout=timedelta(minutes=timeout_minutes),
-                                   rank=info.rank, world_size=info.world_size, verbose=False)
-    logger.info("launcher %s: rank %d of %d (local rank %d) on %s, master %s:%d", info.launcher, info.rank,
-                info.world_size, info.local_rank, device, info.master_addr, info.master_port)
+    if device.type == "cpu":
+        _skip_cpu_shm_compile()
+    # Also when torch.distributed is already up (a caller's group): DeepSpeed then wraps it.
+    deepspeed.init_distributed(
+        dist_backend="nccl" if device.type == "cuda" else "gloo",
+        auto_mpi_discovery=False,
+        timeout=timedelta(minutes=timeout_minutes),
+        rank=info.rank,
+        world_size=info.world_size,
+        verbose=False,
+    )
+    logger.info(
+        "launcher %s: rank %d of %d (local rank %d) on %s, master %s:%d",
+        info.launcher,
+        info.rank,
+        info.world_size,
+        info.local_rank,
+        device,
+        info.master_addr,
+        info.master_port,
+    )
     return info
 
 

@@ -38,8 +38,9 @@ def lr_at(step: int, peak_lr: float, schedule: LRScheduleConfig, train_steps: in
 class AnnealingLR:
     """Sets every param group's ``lr`` from ``lr_at``; its state is the step count (saved in checkpoints)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, peak_lr: float, schedule: LRScheduleConfig,
-                 train_steps: int):
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, peak_lr: float, schedule: LRScheduleConfig, train_steps: int
+    ):
         self.optimizer = optimizer
         self.peak_lr = peak_lr
         self.schedule = schedule

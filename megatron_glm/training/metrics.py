@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,19 @@ def format_duration(seconds: float) -> str:
 class MetricsReporter:
     """Collects per-step values and reports averages every ``log_interval`` steps."""
 
-    def __init__(self, log_dir: str | Path, *, enabled: bool, tensorboard: bool, total_steps: int,
-                 tokens_per_step: int, flops_per_token: float, peak_flops: float, log_interval: int):
+    def __init__(
+        self,
+        log_dir: str | Path,
+        *,
+        enabled: bool,
+        tensorboard: bool,
+        total_steps: int,
+        tokens_per_step: int,
+        flops_per_token: Callable[[float], float],
+        peak_flops: float,
+        log_interval: int,
+    ):
+        """``flops_per_token(f)``: training FLOPs per token when a fraction f of positions needs logits."""
         self.enabled = enabled
         self.total_steps = total_steps
         self.tokens_per_step = tokens_per_step
@@ -39,7 +51,7 @@ class MetricsReporter:
         if enabled:
             directory = Path(log_dir)
             directory.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(directory / "metrics.jsonl", "a")
+            self._jsonl = open(directory / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -47,13 +59,31 @@ class MetricsReporter:
         self._start = time.perf_counter()
         self._start_step: int | None = None
 
-    def step(self, step: int, *, loss: float, lr: float, grad_norm: float | None, step_time: float,
-             data_wait: float, skipped_total: int) -> None:
+    def step(
+        self,
+        step: int,
+        *,
+        loss: float,
+        lr: float,
+        grad_norm: float | None,
+        step_time: float,
+        data_wait: float,
+        loss_fraction: float,
+        skipped_total: int,
+    ) -> None:
         """Record optimizer step ``step`` (1-based); prints and writes at the interval and at the end."""
         if self._start_step is None:
             self._start_step = step - 1
-        self._window.append({"loss": loss, "lr": lr, "grad_norm": math.nan if grad_norm is None else grad_norm,
-                             "step_time": step_time, "data_wait": data_wait})
+        self._window.append(
+            {
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": math.nan if grad_norm is None else grad_norm,
+                "step_time": step_time,
+                "data_wait": data_wait,
+                "loss_fraction": loss_fraction,
+            }
+        )
         if step % self.log_interval and step != self.total_steps:
             return
         window, self._window = self._window, []
@@ -61,19 +91,38 @@ class MetricsReporter:
             return
         mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
         tokens_per_second = self.tokens_per_step / mean["step_time"] if mean["step_time"] > 0 else math.nan
-        mfu = tokens_per_second * self.flops_per_token / self.peak_flops if self.peak_flops > 0 else math.nan
+        flops = self.flops_per_token(mean["loss_fraction"])
+        mfu = tokens_per_second * flops / self.peak_flops if self.peak_flops > 0 else math.nan
         elapsed = time.perf_counter() - self._start
         done = step - self._start_step
         eta = elapsed / done * (self.total_steps - step) if done > 0 else math.inf
-        record = {"step": step, "loss": mean["loss"], "lr": lr, "grad_norm": mean["grad_norm"],
-                  "tokens_per_second": tokens_per_second, "mfu": mfu, "step_time": mean["step_time"],
-                  "data_wait_fraction": mean["data_wait"] / mean["step_time"] if mean["step_time"] > 0 else 0.0,
-                  "skipped_steps": skipped_total, "elapsed": elapsed}
+        record = {
+            "step": step,
+            "loss": mean["loss"],
+            "lr": lr,
+            "grad_norm": mean["grad_norm"],
+            "tokens_per_second": tokens_per_second,
+            "mfu": mfu,
+            "step_time": mean["step_time"],
+            "data_wait_fraction": mean["data_wait"] / mean["step_time"] if mean["step_time"] > 0 else 0.0,
+            "skipped_steps": skipped_total,
+            "elapsed": elapsed,
+        }
         grad = f"{mean['grad_norm']:.3f}" if math.isfinite(mean["grad_norm"]) else "-"
-        logger.info("step %d/%d | loss %.4f | lr %.3e | grad norm %s | %s tok/s | MFU %.1f%% | data wait %.1f%% "
-                    "| skipped %d | ETA %s", step, self.total_steps, mean["loss"], lr, grad,
-                    f"{tokens_per_second:,.0f}", 100 * mfu, 100 * record["data_wait_fraction"], skipped_total,
-                    format_duration(eta))
+        logger.info(
+            "step %d/%d | loss %.4f | lr %.3e | grad norm %s | %s tok/s | MFU %.1f%% | data wait %.1f%% "
+            "| skipped %d | ETA %s",
+            step,
+            self.total_steps,
+            mean["loss"],
+            lr,
+            grad,
+            f"{tokens_per_second:,.0f}",
+            100 * mfu,
+            100 * record["data_wait_fraction"],
+            skipped_total,
+            format_duration(eta),
+        )
         self._write(record, "train")
 
     def evaluation(self, step: int, losses: dict[str, float]) -> None:

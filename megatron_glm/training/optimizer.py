@@ -2,25 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 
 from megatron_glm.config import OptimizerConfig
-
-
-def weight_decay_groups(named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
-                        weight_decay: float) -> list[dict]:
-    """Biases and LayerNorm parameters (every 1-D parameter) get no weight decay, as in the reference."""
-    decay, no_decay = [], []
-    for _, param in named_parameters:
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
+from megatron_glm.model import weight_decay_param_groups
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -54,8 +39,18 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(named_parameters: Iterable[tuple[str, torch.nn.Parameter]], cfg: OptimizerConfig, *,
-                    check_gradients: bool) -> GuardedAdamW:
-    groups = weight_decay_groups(named_parameters, cfg.weight_decay)
-    return GuardedAdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                        weight_decay=cfg.weight_decay, check_gradients=check_gradients)
+def build_optimizer(module: torch.nn.Module, cfg: OptimizerConfig, *, check_gradients: bool) -> GuardedAdamW:
+    """AdamW over ``module`` with no weight decay on biases and LayerNorm parameters (THUDM/GLM's groups)."""
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+
+    # ZeRO accepts the optimizers on this list; GuardedAdamW is AdamW (DeepSpeed registers apex's this way).
+    if GuardedAdamW not in ZERO_SUPPORTED_OPTIMIZERS:
+        ZERO_SUPPORTED_OPTIMIZERS.append(GuardedAdamW)
+    return GuardedAdamW(
+        weight_decay_param_groups(module, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+        check_gradients=check_gradients,
+    )

@@ -36,8 +36,10 @@ class PreemptionHandler:
     def _handle(self, signum, frame) -> None:
         if self.received is None:
             self.received = signum
-            logger.warning("received %s: saving a checkpoint at the next step boundary, then exiting",
-                           signal.Signals(signum).name)
+            logger.warning(
+                "received %s: saving a checkpoint at the next step boundary, then exiting",
+                signal.Signals(signum).name,
+            )
 
     def requested(self) -> bool:
         """True on every rank as soon as any rank received a preemption signal."""

@@ -1,0 +1,293 @@
+"""GPU benchmark of the fused kernels: GLM attention and LayerNorm, Triton against torch, side by side in one run.
+
+    python benchmarks/bench_kernels_gpu.py              # one GPU; prints markdown tables, about 1-3 minutes
+    TRITON_INTERPRET=1 python benchmarks/bench_kernels_gpu.py --smoke   # CPU: tiny sizes, proves the script runs
+
+Attention: 16 heads, head dim 64, bf16, about 16K tokens per step (batch = 16384 / T), forward and forward+backward:
+  ours       kernels.glm_attention (Triton) with sep = 0 (causal) and sep = T/2 (GLM), and with dropout 0.1
+  sdpa-mask  torch scaled_dot_product_attention with the equivalent dense boolean mask (our torch path)
+  sdpa-causal torch scaled_dot_product_attention(is_causal=True): the flash path, the speed to match
+FLOPs count only the visible (query, key) pairs, for every row: 4*D per pair forward (QK^T and PV), 10*D per
+pair backward (five matmuls), so forward+backward = 14*D*pairs*B*H. Pairs for sep s: s^2 + (T(T+1) - s(s+1))/2
+(T(T+1)/2 when causal). The masked SDPA computes all T^2 pairs; it is credited with the visible ones only.
+
+LayerNorm: bf16, rows x width = 64M elements (larger than L2), forward+backward. GB/s counts the minimum traffic:
+plain LN reads x and writes y, then reads x, dy and writes dx (5 tensors); with the fused residual add it reads
+x, residual and writes y, x + residual, then reads x + residual, dy, d(x + residual) and writes dx (8 tensors).
+torch's residual variant is `F.layer_norm(x + residual)`, credited with the same bytes.
+
+A deadline (--budget seconds, default 200) skips what is left once it passes; an alarm 40 s later aborts the
+run, printing the rows measured so far, so one run always ends within 4 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kernels import glm_attention, glm_attention_torch, layer_norm, layer_norm_torch
+from kernels.triton_attention_kernels import (
+    attention_backward_dkdv_kernel,
+    attention_backward_dq_kernel,
+    attention_forward_kernel,
+)
+
+
+class Deadline(Exception):
+    """Raised by the alarm that ends a run which outlived its budget by a minute."""
+
+
+def _raise_deadline(signum, frame) -> None:
+    raise Deadline
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_ms(
+    fn: Callable[[], object], device: torch.device, min_seconds: float, max_iterations: int
+) -> float:
+    """Median milliseconds of ``fn`` after two warm-up calls (which also run Triton's autotuning and compiling)."""
+    for _ in range(2):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - started < min_seconds and len(times) < max_iterations):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def visible_pairs(length: int, sep: int) -> int:
+    return sep * sep + (length * (length + 1) - sep * (sep + 1)) // 2
+
+
+def relative_difference(
+    first: Callable, second: Callable, inputs: list[torch.Tensor], grads: list[torch.Tensor]
+) -> float:
+    """Largest ``max|a - b| / max|b|`` over the outputs and input gradients of two implementations."""
+    results = []
+    for fn in (first, second):
+        for t in inputs:
+            t.grad = None
+        outputs = fn()
+        outputs = list(outputs) if isinstance(outputs, tuple) else [outputs]
+        torch.autograd.backward(outputs, grads[: len(outputs)])
+        results.append(
+            [o.detach().float() for o in outputs] + [t.grad.float() for t in inputs if t.grad is not None]
+        )
+    return max(((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item() for a, b in zip(*results))
+
+
+def _time_pair(
+    forward: Callable, forward_backward: Callable, args, device: torch.device
+) -> tuple[float, float]:
+    with torch.no_grad():
+        forward_ms = measure_ms(forward, device, args.min_seconds, args.max_iterations)
+    return forward_ms, measure_ms(forward_backward, device, args.min_seconds, args.max_iterations)
+
+
+def _attention_variants(length: int, batch: int, device: torch.device) -> list[tuple[str, Callable, int]]:
+    """(name, attention(q, k, v), sep used for the FLOP count)."""
+    half = torch.full((batch,), length // 2, device=device, dtype=torch.int64)
+    zero = torch.zeros(batch, device=device, dtype=torch.int64)
+
+    def ours(sep: torch.Tensor, dropout_p: float = 0.0) -> Callable:
+        return lambda q, k, v: glm_attention(q, k, v, sep, dropout_p=dropout_p, backend="triton")
+
+    return [
+        ("ours sep=0", ours(zero), 0),
+        ("ours sep=T/2", ours(half), length // 2),
+        ("ours sep=T/2 dropout 0.1", ours(half, 0.1), length // 2),
+        ("sdpa-mask sep=T/2", lambda q, k, v: glm_attention_torch(q, k, v, half), length // 2),
+        ("sdpa-causal", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), 0),
+    ]
+
+
+def attention_rows(args, device: torch.device, deadline: float, length: int) -> list[str]:
+    batch = max(1, args.tokens // length)
+    generator = torch.Generator(device=device).manual_seed(0)
+    shape = (batch, args.heads, length, args.head_dim)
+    q, k, v, grad_out = (
+        torch.randn(shape, device=device, dtype=args.dtype, generator=generator) for _ in range(4)
+    )
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    variants = _attention_variants(length, batch, device)
+    skipped = [f"| {length} | {batch} | {name} | skipped: time budget | | | | |" for name, _, _ in variants]
+    if time.monotonic() > deadline:
+        return skipped
+    difference = relative_difference(
+        lambda: variants[1][1](*inputs), lambda: variants[3][1](*inputs), inputs, [grad_out]
+    )
+    rows = []
+    for index, (name, attention, sep) in enumerate(variants):
+        if time.monotonic() > deadline:
+            rows.append(skipped[index])
+            continue
+
+        def forward(attention=attention) -> torch.Tensor:
+            return attention(*inputs)
+
+        def forward_backward(attention=attention) -> None:
+            for t in inputs:
+                t.grad = None
+            attention(*inputs).backward(grad_out)
+
+        try:
+            forward_ms, total_ms = _time_pair(forward, forward_backward, args, device)
+        except torch.cuda.OutOfMemoryError:
+            rows.append(f"| {length} | {batch} | {name} | out of memory | | | | |")
+            torch.cuda.empty_cache()
+            continue
+        flops = 4 * args.head_dim * visible_pairs(length, sep) * batch * args.heads
+        rows.append(
+            f"| {length} | {batch} | {name} | {forward_ms:.3f} | {flops / forward_ms / 1e9:.1f} | "
+            f"{total_ms:.3f} | {3.5 * flops / total_ms / 1e9:.1f} | {f'{difference:.1e}' if index == 1 else ''} |"
+        )
+    return rows
+
+
+def layer_norm_rows(args, device: torch.device, deadline: float, width: int) -> list[str]:
+    count = max(1, args.elements // width)
+    generator = torch.Generator(device=device).manual_seed(0)
+    x, residual, grad_y, grad_summed = (
+        torch.randn(count, width, device=device, dtype=args.dtype, generator=generator) for _ in range(4)
+    )
+    weight = 1 + 0.1 * torch.randn(width, device=device, dtype=args.dtype, generator=generator)
+    bias = 0.1 * torch.randn(width, device=device, dtype=args.dtype, generator=generator)
+    inputs = [t.requires_grad_() for t in (x, residual, weight, bias)]
+    variants = [
+        ("triton", False, lambda: layer_norm(x, weight, bias, 1e-5, backend="triton")),
+        ("torch", False, lambda: layer_norm_torch(x, weight, bias, 1e-5)),
+        ("triton +residual", True, lambda: layer_norm(x, weight, bias, 1e-5, residual, backend="triton")),
+        ("torch +residual", True, lambda: layer_norm_torch(x, weight, bias, 1e-5, residual)),
+    ]
+    skipped = [f"| {width} | {count} | {name} | skipped: time budget | | | | |" for name, _, _ in variants]
+    if time.monotonic() > deadline:
+        return skipped
+    grads = [grad_y, grad_summed]
+    differences = [relative_difference(variants[i][2], variants[i + 1][2], inputs, grads) for i in (0, 2)]
+    tensor_bytes = x.element_size() * count * width
+    rows = []
+    for index, (name, fused, forward) in enumerate(variants):
+        if time.monotonic() > deadline:
+            rows.append(skipped[index])
+            continue
+
+        def forward_backward(forward=forward, fused=fused) -> None:
+            for t in inputs:
+                t.grad = None
+            out = forward()
+            torch.autograd.backward(list(out) if fused else [out], grads[: 1 + fused])
+
+        forward_ms, total_ms = _time_pair(forward, forward_backward, args, device)
+        forward_tensors, total_tensors = (4, 8) if fused else (2, 5)
+        rows.append(
+            f"| {width} | {count} | {name} | {forward_ms:.3f} | {forward_tensors * tensor_bytes / forward_ms / 1e6:.0f} | "
+            f"{total_ms:.3f} | {total_tensors * tensor_bytes / total_ms / 1e6:.0f} | "
+            f"{f'{differences[index // 2]:.1e}' if index % 2 == 0 else ''} |"
+        )
+    return rows
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, few iterations: checks the script runs (CPU ok)"
+    )
+    parser.add_argument(
+        "--budget", type=float, default=200.0, help="seconds after which remaining rows are skipped"
+    )
+    args = parser.parse_args(argv)
+    args.dtype = torch.bfloat16
+    if args.smoke:
+        args.lengths, args.tokens, args.heads, args.head_dim = [64, 96], 192, 2, 32
+        args.widths, args.elements = [256, 1000], 4096
+        args.min_seconds, args.max_iterations = 0.0, 3
+    else:
+        args.lengths, args.tokens, args.heads, args.head_dim = [512, 1024, 2048, 4096], 16384, 16, 64
+        args.widths, args.elements = [1024, 4096, 8192, 16384], 64 * 2**20
+        args.min_seconds, args.max_iterations = 0.3, 200
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        print(
+            "No CUDA GPU: run with --smoke (and TRITON_INTERPRET=1) to check the script on CPU.",
+            file=sys.stderr,
+        )
+        return 2
+    started = time.monotonic()
+    deadline = started + args.budget
+    # The hard guard: whatever hangs or runs long, the run ends 40 s after the budget.
+    signal.signal(signal.SIGALRM, _raise_deadline)
+    signal.alarm(int(args.budget) + 40)
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or 'unknown'})"
+    )
+    print(f"# Kernel benchmark on {name}\n")
+    print(f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, dtype bf16")
+    print(f"command: python benchmarks/bench_kernels_gpu.py {' '.join(sys.argv[1:])}\n")
+    attention, norms = [], []
+    try:
+        # LayerNorm first: it is quick, while the attention's first calls also autotune.
+        for width in args.widths:
+            norms += layer_norm_rows(args, device, deadline, width)
+        for length in args.lengths:
+            attention += attention_rows(args, device, deadline, length)
+    except Deadline:
+        print("ABORTED: the hard time limit passed; rows below are those measured before it.\n")
+    finally:
+        signal.alarm(0)
+    print(f"## GLM attention: H={args.heads}, D={args.head_dim}, ~{args.tokens} tokens per step\n")
+    print(
+        "TFLOP/s count visible (query, key) pairs only: forward 4*D per pair, forward+backward 14*D per pair."
+    )
+    print(
+        "rel diff: largest max|ours - sdpa-mask| / max|sdpa-mask| over out, dq, dk, dv at sep=T/2 (both bf16).\n"
+    )
+    print("| T | batch | implementation | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | rel diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(attention))
+    print(f"\n## LayerNorm: {args.elements} elements per tensor\n")
+    print("GB/s over the minimum traffic: plain 2 tensors fwd, 5 fwd+bwd; with residual 4 fwd, 8 fwd+bwd.")
+    print("rel diff: largest max|triton - torch| / max|torch| over outputs and gradients (both bf16).\n")
+    print("| width | rows | implementation | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | rel diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(norms))
+    print("\n## Tile shapes the autotuner chose (key: length buckets, head dim, flags, dtypes)\n")
+    for kernel in (attention_forward_kernel, attention_backward_dq_kernel, attention_backward_dkdv_kernel):
+        for key, config in kernel.cache.items():
+            print(f"- {kernel.fn.__name__} {key}: {config}")
+    print(f"\nwall time {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""GLM attention on Triton: the autograd function that launches the kernels of ``triton_attention_kernels``.
+
+Backward, in three launches: ``delta = rowsum(dO * O)`` once per query row; dK and dV per key block, looping over
+the query blocks that can see it; dQ per query block, looping over the key blocks it sees. Splitting dQ from
+dK/dV recomputes the scores once more than an atomic-add dQ would, but writes every gradient exactly once, so
+gradients are deterministic (bit-identical reruns) and no fp32 dQ buffer is needed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from kernels.errors import KernelError
+from kernels.triton_attention_kernels import (
+    attention_backward_dkdv_kernel,
+    attention_backward_dq_kernel,
+    attention_backward_preprocess_kernel,
+    attention_forward_kernel,
+)
+from kernels.triton_support import device_guard, dot_precision, emulate_bf16, length_bucket
+
+MAX_HEAD_DIM = 128
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_PREPROCESS_BLOCK_M = 64
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _empty_in_layout_of(t: torch.Tensor) -> torch.Tensor:
+    """An empty tensor shaped like ``t`` whose dimensions lie in memory in ``t``'s order (outermost first).
+
+    For q viewed as [B, H, T, D] out of a [B, T, ..., H, D] projection, the output is then [B, T, H, D] in
+    memory, so merging the heads afterwards (``out.transpose(1, 2).reshape(B, T, H * D)``) needs no copy.
+    """
+    # The head dim stays innermost: the kernels store rows of D contiguous values.
+    order = sorted(range(t.dim() - 1), key=lambda dim: (-t.stride(dim), dim)) + [t.dim() - 1]
+    storage = torch.empty([t.shape[dim] for dim in order], device=t.device, dtype=t.dtype)
+    return storage.permute([order.index(dim) for dim in range(t.dim())])
+
+
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _dropout_arguments(dropout_p: float) -> tuple[int, float]:
+    """``(threshold, scale)``: keep where the 31-bit random number is ``>= p * 2**31``; scale kept by ``1/(1-p)``."""
+    return int(dropout_p * 2**31), 1.0 / (1.0 - dropout_p)
+
+
+def _kernel_flags(q: torch.Tensor, lengths: torch.Tensor | None, dropout_p: float) -> dict:
+    head_dim = q.shape[-1]
+    return {
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
+        "HAS_LENGTHS": lengths is not None,
+        "HAS_DROPOUT": dropout_p > 0.0,
+        "EMULATE_BF16": emulate_bf16(q.dtype),
+        "DOT_PRECISION": dot_precision(q.dtype),
+    }
+
+
+class GLMAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sep, lengths, softmax_scale, dropout_p):
+        batch, heads, query_length, _ = q.shape
+        key_length = k.shape[2]
+        out = _empty_in_layout_of(q)
+        lse = torch.empty((batch, heads, query_length), device=q.device, dtype=torch.float32)
+        # The seed is a device tensor drawn from torch's generator of the device: no host sync, and whatever
+        # controls that generator (manual_seed, the tensor-parallel RNG tracker) controls the dropout.
+        # (Without dropout the kernels never read it; sep stands in for the pointer.)
+        seed = torch.randint(0, 2**62, (1,), device=q.device, dtype=torch.int64) if dropout_p > 0.0 else sep
+        lengths_arg = sep if lengths is None else lengths
+        flags = _kernel_flags(q, lengths, dropout_p)
+
+        # Query blocks vary fastest, so the programs running together share one head's K and V in L2. Heads
+        # and samples take the other two grid axes (each allows 65535).
+        def grid(meta):
+            return (triton.cdiv(query_length, meta["BLOCK_M"]), heads, batch)
+
+        with device_guard(q.device):
+            attention_forward_kernel[grid](
+                q, k, v, out, lse, sep, lengths_arg, seed,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+                heads, query_length, key_length, softmax_scale, *_dropout_arguments(dropout_p),
+                length_bucket(query_length), length_bucket(key_length),
+                **flags,
+            )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse, sep, lengths_arg, seed)
+        ctx.softmax_scale = softmax_scale
+        ctx.dropout_p = dropout_p
+        ctx.has_lengths = lengths is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, sep, lengths_arg, seed = ctx.saved_tensors
+        grad_out = _unit_last_stride(grad_out)
+        batch, heads, query_length, head_dim = q.shape
+        key_length = k.shape[2]
+        flags = _kernel_flags(q, lengths_arg if ctx.has_lengths else None, ctx.dropout_p)
+        delta = torch.empty_like(lse)
+        dq, dk, dv = _empty_in_layout_of(q), _empty_in_layout_of(k), _empty_in_layout_of(v)
+        buckets = (length_bucket(query_length), length_bucket(key_length))
+        scalars = (heads, query_length, key_length, ctx.softmax_scale, *_dropout_arguments(ctx.dropout_p))
+
+        def query_grid(meta):
+            return (triton.cdiv(query_length, meta["BLOCK_M"]), heads, batch)
+
+        def key_grid(meta):
+            return (triton.cdiv(key_length, meta["BLOCK_N"]), heads, batch)
+
+        with device_guard(q.device):
+            attention_backward_preprocess_kernel[(triton.cdiv(query_length, _PREPROCESS_BLOCK_M), heads, batch)](
+                out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, query_length,
+                HEAD_DIM=head_dim, BLOCK_D=flags["BLOCK_D"], BLOCK_M=_PREPROCESS_BLOCK_M,
+            )  # fmt: skip
+            attention_backward_dkdv_kernel[key_grid](
+                q, k, v, grad_out, dk, dv, lse, delta, sep, lengths_arg, seed,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+                *scalars, *buckets, **flags,
+            )  # fmt: skip
+            attention_backward_dq_kernel[query_grid](
+                q, k, v, grad_out, dq, lse, delta, sep, lengths_arg, seed,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+                *scalars, *buckets, **flags,
+            )  # fmt: skip
+        return dq, dk, dv, None, None, None, None
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sep: torch.Tensor, lengths) -> None:
+    where = "kernels.glm_attention(backend='triton')"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise KernelError(
+            f"{where}: q, k, v must be [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise KernelError(
+            f"{where}: k and v must be [B, H, Tk, D] with q's B, H and D; got q {tuple(q.shape)}, "
+            f"k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if q.shape[2] > k.shape[2]:
+        raise KernelError(f"{where}: more queries ({q.shape[2]}) than keys ({k.shape[2]}); pass Tq <= Tk")
+    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise KernelError(
+            f"{where}: q, k, v must share one dtype of fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if q.shape[3] > MAX_HEAD_DIM:
+        raise KernelError(
+            f"{where}: head dim {q.shape[3]} > {MAX_HEAD_DIM}; use backend='torch' for wider heads"
+        )
+    for name, ints in (("sep", sep), ("lengths", lengths)):
+        if ints is not None and (ints.dim() != 1 or ints.shape[0] != q.shape[0] or ints.is_floating_point()):
+            raise KernelError(
+                f"{where}: {name} must be an integer tensor [B={q.shape[0]}]; got {ints.dtype} {tuple(ints.shape)}"
+            )
+
+
+def glm_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sep: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The Triton counterpart of ``kernels.reference.glm_attention_torch`` (same arguments, same result)."""
+    _check_inputs(q, k, v, sep, lengths)
+    softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    sep = sep.to(device=q.device, dtype=torch.int32)
+    if lengths is not None:
+        lengths = lengths.to(device=q.device, dtype=torch.int32)
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    return GLMAttentionFunction.apply(q, k, v, sep, lengths, softmax_scale, float(dropout_p))

@@ -1,0 +1,439 @@
+"""Triton kernels of GLM attention: flash-attention forward and backward under the prefix (``sep``) mask.
+
+Key j is visible to query i (absolute position ``i + Tk - Tq``) iff ``(j < sep[b] or j <= i) and j < length[b]``.
+The mask is never materialised: each program derives, from ``sep`` and the block coordinates, which key blocks
+it must visit at all and which of those lie wholly inside the visible region (no mask test), and tests the
+rule element-wise only in the remaining border blocks.
+
+Softmax runs in the log2 domain (``exp2`` of scores pre-multiplied by ``scale * log2(e)``) with fp32 statistics
+and accumulators. The forward stores the per-row log-sum-exp (log2 units); padding rows store ``+inf`` so that
+the recomputed probabilities of those rows are exactly 0 in the backward and they pass no gradient.
+
+Dropout draws one Philox number per (sample, head, query, key): ``tl.philox`` keyed by the seed, with the
+counter ``(j, i, b * H + h, 0)``. It depends on nothing but the seed and the coordinates, so the backward
+kernels (other tilings, other loop orders) replay exactly the forward's mask.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.triton_support import autotune_configs, dot_operand, to_dtype
+
+LOG2_E = tl.constexpr(1.4426950408889634)
+
+
+# GPU tile shapes: (first block, second block, num_warps, num_stages), the first block being the one a program
+# owns (queries in the forward and dQ, keys in dK/dV). 128-row tiles feed the tensor cores best at head dim 64;
+# the 32- and 64-row ones with 8 warps keep the fp32 tiles of head dim 128 in registers (ptxas spills the
+# 128-row ones there). The autotuner times them all on the first call per key and drops shapes that do not fit.
+FORWARD_SHAPES = [
+    (128, 64, 4, 3),
+    (128, 64, 8, 3),
+    (128, 128, 8, 3),
+    (128, 32, 4, 4),
+    (64, 64, 4, 3),
+    (64, 32, 4, 4),
+]
+DQ_SHAPES = [
+    (128, 32, 4, 3),
+    (128, 32, 8, 3),
+    (128, 64, 8, 3),
+    (64, 64, 4, 3),
+    (64, 32, 4, 4),
+    (64, 32, 8, 3),
+]
+DKDV_SHAPES = [
+    (128, 32, 4, 3),
+    (128, 64, 8, 3),
+    (64, 64, 4, 3),
+    (64, 64, 8, 3),
+    (64, 32, 4, 4),
+    (32, 64, 4, 3),
+]
+
+
+def _configs(owned: str, inner: str, shapes: list[tuple[int, int, int, int]], interpreter: tuple[int, int]):
+    gpu = [triton.Config({owned: a, inner: b}, num_warps=w, num_stages=s) for a, b, w, s in shapes]
+    return autotune_configs(gpu, triton.Config({owned: interpreter[0], inner: interpreter[1]}, num_warps=4))
+
+
+# The interpreter blocks differ between the kernels on purpose: the block-skipping bounds must not depend on
+# the forward and backward sharing a tiling.
+_FORWARD_CONFIGS = _configs("BLOCK_M", "BLOCK_N", FORWARD_SHAPES, interpreter=(64, 32))
+_DQ_CONFIGS = _configs("BLOCK_M", "BLOCK_N", DQ_SHAPES, interpreter=(32, 64))
+_DKDV_CONFIGS = _configs("BLOCK_N", "BLOCK_M", DKDV_SHAPES, interpreter=(64, 32))
+_TUNING_KEY = ["query_length_bucket", "key_length_bucket", "HEAD_DIM", "HAS_DROPOUT", "HAS_LENGTHS"]
+
+
+@triton.jit
+def _sample_limits(Sep, Lengths, b, query_length, key_length, HAS_LENGTHS: tl.constexpr):
+    """``(sep, key_limit, query_limit)``: keys ``< key_limit`` exist, query rows ``< query_limit`` are real."""
+    sep = tl.load(Sep + b)
+    if HAS_LENGTHS:
+        length = tl.load(Lengths + b)
+        key_limit = tl.minimum(tl.maximum(length, 0), key_length)
+        query_limit = tl.minimum(tl.maximum(length - (key_length - query_length), 0), query_length)
+    else:
+        key_limit = key_length
+        query_limit = query_length
+    return sep, key_limit, query_limit
+
+
+@triton.jit
+def _visible(query_position, key_position, sep, key_limit):
+    """GLM visibility of broadcastable query/key absolute positions."""
+    return ((key_position < sep) | (key_position <= query_position)) & (key_position < key_limit)
+
+
+@triton.jit
+def _load_rows(
+    Base, rows, stride, row_limit,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):  # fmt: skip
+    """Load rows ``rows`` (``[len(rows), BLOCK_D]``) testing only the bounds that can be crossed. bf16 is widened
+    (exactly) to fp32 where the interpreter emulates it, and stays 16-bit for the tensor cores on GPUs."""
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = Base + rows[:, None] * stride + cols[None, :]
+    if CHECK_ROWS:
+        if BLOCK_D == HEAD_DIM:
+            tile = tl.load(ptrs, mask=(rows < row_limit)[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(rows < row_limit)[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=(cols < HEAD_DIM)[None, :], other=0.0)
+    if EMULATE_BF16:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _dropout_keep(seed, query_index, key_index, bh, threshold):
+    """Keep decisions of a tile: Philox keyed by ``seed`` with the counter (key j, query i, b * H + h, 0), i.e.
+    one number per element that does not depend on the tiling. Kept iff its top 31 bits >= p * 2**31."""
+    random, _, _, _ = tl.philox(seed, key_index, query_index, bh, 0)
+    return (random >> 1).to(tl.int32, bitcast=True) >= threshold
+
+
+@triton.jit
+def _forward_block(
+    acc, l_i, m_i, q, query_index, query_position, K, V, start_n, stride_kt, stride_vt,
+    sep, key_limit, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(K, offs_n, stride_kt, key_length, HEAD_DIM, BLOCK_D, MASKED, EMULATE_BF16)
+    v = _load_rows(V, offs_n, stride_vt, key_length, HEAD_DIM, BLOCK_D, MASKED, EMULATE_BF16)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        visible = _visible(query_position[:, None], offs_n[None, :], sep, key_limit)
+        scores = tl.where(visible, scores, float("-inf"))
+    # Every row sees key 0 (or has an empty key range), and key block 0 is always visited first, so the
+    # running maximum is finite from the first block on and exp2(-inf - m) never meets -inf - -inf.
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    p = tl.math.exp2(scores - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, query_index[:, None], offs_n[None, :], bh, dropout_threshold)
+        p = tl.where(keep, p * dropout_scale, 0.0)
+    acc = tl.dot(dot_operand(p, V.dtype.element_ty, EMULATE_BF16), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.autotune(configs=_FORWARD_CONFIGS, key=_TUNING_KEY)
+@triton.jit
+def attention_forward_kernel(
+    Q, K, V, Out, Lse, Sep, Lengths, Seed,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+    num_heads, query_length, key_length, softmax_scale, dropout_threshold, dropout_scale,
+    query_length_bucket, key_length_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # Later query blocks see more keys: launch them first so the short blocks fill the tail of the grid.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * num_heads + h
+    offset = key_length - query_length
+    sep, key_limit, query_limit = _sample_limits(Sep, Lengths, b, query_length, key_length, HAS_LENGTHS)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    query_position = offs_m + offset
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    q = _load_rows(Q, offs_m, stride_qt, query_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
+    qk_scale = softmax_scale * LOG2_E
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+
+    # Keys >= hi are invisible to every real row of this block; keys < full_end are visible to all of them.
+    rows_end = tl.minimum(start_m + BLOCK_M, query_limit)
+    hi = tl.minimum(tl.maximum(sep, rows_end + offset), key_limit)
+    full_end = tl.minimum(tl.maximum(sep, start_m + offset + 1), key_limit) // BLOCK_N * BLOCK_N
+    hi = tl.where(rows_end > start_m, hi, 0)
+    full_end = tl.where(rows_end > start_m, full_end, 0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _forward_block(
+            acc, l_i, m_i, q, offs_m, query_position, K, V, start_n, stride_kt, stride_vt,
+            sep, key_limit, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
+        )  # fmt: skip
+    for start_n in range(full_end, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        acc, l_i, m_i = _forward_block(
+            acc, l_i, m_i, q, offs_m, query_position, K, V, start_n, stride_kt, stride_vt,
+            sep, key_limit, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
+        )  # fmt: skip
+
+    row_real = offs_m < query_limit
+    l_safe = tl.where(row_real, l_i, 1.0)
+    out = tl.where(row_real[:, None], acc / l_safe[:, None], 0.0)
+    lse = tl.where(row_real, m_i + tl.math.log2(l_safe), float("inf"))
+    Out += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    out_mask = (offs_m < query_length)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tl.store(
+        Out + offs_m[:, None] * stride_ot + offs_d[None, :],
+        to_dtype(out, Out.dtype.element_ty, EMULATE_BF16),
+        mask=out_mask,
+    )
+    tl.store(Lse + bh.to(tl.int64) * query_length + offs_m, lse, mask=offs_m < query_length)
+
+
+@triton.jit
+def attention_backward_preprocess_kernel(
+    Out, DOut, Delta, stride_ob, stride_oh, stride_ot, stride_db, stride_dh, stride_dt,
+    num_heads, query_length,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """``delta[i] = sum_d dO[i, d] * O[i, d]``: the row term of the softmax gradient, one read of O and dO."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * num_heads + h
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < query_length)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_ot
+    do_ptrs = DOut + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_m[:, None] * stride_dt
+    o = tl.load(o_ptrs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptrs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(
+        Delta + bh.to(tl.int64) * query_length + offs_m, tl.sum(o * do, axis=1), mask=offs_m < query_length
+    )
+
+
+@triton.jit
+def _dq_block(
+    dq, q, do, lse, delta, query_index, query_position, K, V, start_n, stride_kt, stride_vt,
+    sep, key_limit, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_rows(K, offs_n, stride_kt, key_length, HEAD_DIM, BLOCK_D, MASKED, EMULATE_BF16)
+    v = _load_rows(V, offs_n, stride_vt, key_length, HEAD_DIM, BLOCK_D, MASKED, EMULATE_BF16)
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        visible = _visible(query_position[:, None], offs_n[None, :], sep, key_limit)
+        scores = tl.where(visible, scores, float("-inf"))
+    p = tl.math.exp2(scores - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, query_index[:, None], offs_n[None, :], bh, dropout_threshold)
+        dp = tl.where(keep, dp * dropout_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(dot_operand(ds, K.dtype.element_ty, EMULATE_BF16), k, dq, input_precision=DOT_PRECISION)
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNING_KEY)
+@triton.jit
+def attention_backward_dq_kernel(
+    Q, K, V, DOut, DQ, Lse, Delta, Sep, Lengths, Seed,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
+    num_heads, query_length, key_length, softmax_scale, dropout_threshold, dropout_scale,
+    query_length_bucket, key_length_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dQ of one query block, visiting the same key blocks as the forward: no atomics, deterministic."""
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * num_heads + h
+    offset = key_length - query_length
+    sep, key_limit, query_limit = _sample_limits(Sep, Lengths, b, query_length, key_length, HAS_LENGTHS)
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    query_position = offs_m + offset
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    DOut += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    q = _load_rows(Q, offs_m, stride_qt, query_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
+    do = _load_rows(DOut, offs_m, stride_dot, query_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
+    row_mask = offs_m < query_length
+    lse = tl.load(Lse + bh.to(tl.int64) * query_length + offs_m, mask=row_mask, other=float("inf"))
+    delta = tl.load(Delta + bh.to(tl.int64) * query_length + offs_m, mask=row_mask, other=0.0)
+    qk_scale = softmax_scale * LOG2_E
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+
+    rows_end = tl.minimum(start_m + BLOCK_M, query_limit)
+    hi = tl.minimum(tl.maximum(sep, rows_end + offset), key_limit)
+    full_end = tl.minimum(tl.maximum(sep, start_m + offset + 1), key_limit) // BLOCK_N * BLOCK_N
+    hi = tl.where(rows_end > start_m, hi, 0)
+    full_end = tl.where(rows_end > start_m, full_end, 0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, full_end, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse, delta, offs_m, query_position, K, V, start_n, stride_kt, stride_vt,
+            sep, key_limit, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
+        )  # fmt: skip
+    for start_n in range(full_end, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        dq = _dq_block(
+            dq, q, do, lse, delta, offs_m, query_position, K, V, start_n, stride_kt, stride_vt,
+            sep, key_limit, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
+        )  # fmt: skip
+    DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+    dq_mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tl.store(
+        DQ + offs_m[:, None] * stride_dqt + offs_d[None, :],
+        to_dtype(dq * softmax_scale, DQ.dtype.element_ty, EMULATE_BF16),
+        mask=dq_mask,
+    )
+
+
+@triton.jit
+def _dkdv_block(
+    dk, dv, k, v, key_position, Q, DOut, Lse, Delta, start_m, stride_qt, stride_dot,
+    sep, key_limit, query_length, offset, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    # Transposed tiles ([keys, queries]) so dK and dV accumulate without transposing the probabilities.
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load_rows(Q, offs_m, stride_qt, query_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
+    do = _load_rows(DOut, offs_m, stride_dot, query_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
+    row_mask = offs_m < query_length
+    lse = tl.load(Lse + offs_m, mask=row_mask, other=float("inf"))
+    delta = tl.load(Delta + offs_m, mask=row_mask, other=0.0)
+    scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+    if MASKED:
+        visible = _visible((offs_m + offset)[None, :], key_position[:, None], sep, key_limit)
+        scores_t = tl.where(visible, scores_t, float("-inf"))
+    p_t = tl.math.exp2(scores_t - lse[None, :])
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, offs_m[None, :], key_position[:, None], bh, dropout_threshold)
+        dv = tl.dot(
+            dot_operand(tl.where(keep, p_t * dropout_scale, 0.0), DOut.dtype.element_ty, EMULATE_BF16),
+            do,
+            dv,
+            input_precision=DOT_PRECISION,
+        )
+        dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
+    else:
+        dv = tl.dot(
+            dot_operand(p_t, DOut.dtype.element_ty, EMULATE_BF16), do, dv, input_precision=DOT_PRECISION
+        )
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(dot_operand(ds_t, Q.dtype.element_ty, EMULATE_BF16), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY)
+@triton.jit
+def attention_backward_dkdv_kernel(
+    Q, K, V, DOut, DK, DV, Lse, Delta, Sep, Lengths, Seed,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+    num_heads, query_length, key_length, softmax_scale, dropout_threshold, dropout_scale,
+    query_length_bucket, key_length_bucket,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """dK and dV of one key block, visiting only the query blocks that can see it."""
+    start_n = tl.program_id(0) * BLOCK_N
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * num_heads + h
+    offset = key_length - query_length
+    sep, key_limit, query_limit = _sample_limits(Sep, Lengths, b, query_length, key_length, HAS_LENGTHS)
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    k = _load_rows(K, offs_n, stride_kt, key_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
+    v = _load_rows(V, offs_n, stride_vt, key_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    DOut += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    Lse += bh.to(tl.int64) * query_length
+    Delta += bh.to(tl.int64) * query_length
+    qk_scale = softmax_scale * LOG2_E
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+
+    # Prefix keys are seen by every query; a causal key j only from query position j on.
+    block_end = start_n + BLOCK_N
+    lo = tl.where(start_n < sep, 0, tl.maximum(start_n - offset, 0)) // BLOCK_M * BLOCK_M
+    hi = tl.where(start_n < key_limit, query_limit, 0)
+    # Query blocks from masked_end on see the whole key block: past the diagonal, or the block is all prefix.
+    diagonal_end = tl.maximum(block_end - 1 - offset + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M
+    masked_end = tl.where(block_end <= sep, lo, diagonal_end)
+    masked_end = tl.where(block_end > key_limit, hi, masked_end)
+    masked_end = tl.minimum(tl.maximum(masked_end, lo), hi)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(lo, masked_end, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        dk, dv = _dkdv_block(
+            dk, dv, k, v, offs_n, Q, DOut, Lse, Delta, start_m, stride_qt, stride_dot,
+            sep, key_limit, query_length, offset, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
+        )  # fmt: skip
+    for start_m in range(masked_end, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        dk, dv = _dkdv_block(
+            dk, dv, k, v, offs_n, Q, DOut, Lse, Delta, start_m, stride_qt, stride_dot,
+            sep, key_limit, query_length, offset, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
+        )  # fmt: skip
+    mask = (offs_n < key_length)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    DK += b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
+    DV += b.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh
+    tl.store(
+        DK + offs_n[:, None] * stride_dkt + offs_d[None, :],
+        to_dtype(dk * softmax_scale, DK.dtype.element_ty, EMULATE_BF16),
+        mask=mask,
+    )
+    tl.store(
+        DV + offs_n[:, None] * stride_dvt + offs_d[None, :],
+        to_dtype(dv, DV.dtype.element_ty, EMULATE_BF16),
+        mask=mask,
+    )

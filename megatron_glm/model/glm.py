@@ -1,0 +1,216 @@
+"""The GLM model (THUDM/GLM ``GLMModel`` + ``GPT2ParallelTransformer``), tensor-parallel.
+
+Inputs (the batch contract of the data pipeline):
+
+    tokens        [B, T] int64    Part A (the text with each span replaced by a mask token), then Part B
+    position_ids  [B, 2, T] int64 row 0: positions; row 1: block positions (0 in Part A, 1.. in a span)
+    sep           [B] int64       length of Part A: bidirectional attention over the first sep tokens,
+                                  causal after
+    targets       [B, T] int64    already aligned with tokens (no shift)
+    loss_mask     [B, T]          1 on Part-B targets, 0 elsewhere
+
+Forward::
+
+    h_0 = dropout(word_embeddings[tokens] + position_embeddings[pos] + block_position_embeddings[block_pos])
+    h_l = layer_l(h_{l-1}, sep)                      l = 1..L   (see transformer.py)
+    out = final_layernorm(h_L)
+    logits = out @ word_embeddings^T                 tied, no bias, vocab-parallel
+
+Parameter names follow THUDM/GLM, so ``state_dict()`` at tensor-parallel size 1 has exactly the
+reference's keys (``word_embeddings.weight``, ``transformer.position_embeddings.weight``,
+``transformer.layers.{i}.attention.query_key_value.weight``, ...); ``checkpoint_layout`` describes how
+each is split at larger sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron_glm.config import ModelConfig
+from megatron_glm.model.transformer import GLMTransformerLayer, LayerNorm, init_generator
+from megatron_glm.parallel import (
+    VocabParallelEmbedding,
+    checkpoint,
+    normal_init,
+    vocab_parallel_cross_entropy,
+    vocab_parallel_logits,
+)
+
+
+class PositionEmbeddings(nn.Module):
+    """The position and block-position tables and the embedding dropout.
+
+    ``GLMTransformer`` is one (so the tables keep THUDM's ``transformer.position_embeddings`` keys); the
+    pipeline's embedding stage is another.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        seed: int = 1234,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        h = config.hidden_size
+        self.init_method_std = config.init_method_std
+        if config.block_position_encoding:
+            # Masking makes sequences longer than the text (two tokens per span), hence the extra row.
+            rows = config.max_position_embeddings + 1
+            self.position_embeddings = nn.Embedding(rows, h, device=device, dtype=dtype)
+            self.block_position_embeddings = nn.Embedding(rows, h, device=device, dtype=dtype)
+        else:
+            self.position_embeddings = nn.Embedding(
+                config.max_position_embeddings, h, device=device, dtype=dtype
+            )
+            self.block_position_embeddings = None
+        self.embedding_dropout = nn.Dropout(config.hidden_dropout)
+        if not self.position_embeddings.weight.is_meta:
+            self.reset_position_embeddings(seed)
+
+    @torch.no_grad()
+    def reset_position_embeddings(self, seed: int) -> None:
+        for name in ("position_embeddings", "block_position_embeddings"):
+            table = getattr(self, name)
+            if table is not None:
+                generator = init_generator(seed, f"transformer.{name}")
+                table.weight.copy_(
+                    torch.empty(table.weight.shape).normal_(0.0, self.init_method_std, generator=generator)
+                )
+
+    def embed_positions(self, word_embeddings: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """``dropout(word + position[pos] + block_position[block_pos])``."""
+        hidden = word_embeddings + self.position_embeddings(position_ids[:, 0])
+        if self.block_position_embeddings is not None:
+            hidden = hidden + self.block_position_embeddings(position_ids[:, 1])
+        return self.embedding_dropout(hidden)
+
+
+class GLMTransformer(PositionEmbeddings):
+    """Position embeddings, the layers and the final LayerNorm (THUDM's ``transformer.*`` keys)."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        seed: int = 1234,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(config, seed=seed, device=device, dtype=dtype)
+        h = config.hidden_size
+        self.recompute_layers = config.activation_checkpointing == "full"
+        self.layers = nn.ModuleList(
+            GLMTransformerLayer(config, i, seed=seed, device=device, dtype=dtype)
+            for i in range(config.num_layers)
+        )
+        self.final_layernorm = LayerNorm(
+            h, config.layernorm_epsilon, kernel_backend=config.kernels, device=device, dtype=dtype
+        )
+
+    def reset_parameters(self, seed: int) -> None:
+        self.reset_position_embeddings(seed)
+        for layer in self.layers:
+            layer.reset_parameters(seed)
+        self.final_layernorm.reset_parameters()
+
+    def forward(
+        self, word_embeddings: torch.Tensor, position_ids: torch.Tensor, sep: torch.Tensor
+    ) -> torch.Tensor:
+        hidden = self.embed_positions(word_embeddings, position_ids)
+        for layer in self.layers:
+            if self.recompute_layers and torch.is_grad_enabled():
+                hidden = checkpoint(layer, hidden, sep)
+            else:
+                hidden = layer(hidden, sep)
+        return self.final_layernorm(hidden)
+
+
+class GLMModel(nn.Module):
+    """GLM at this rank's tensor-parallel size; build after ``megatron_glm.parallel.initialize_parallel``.
+
+    ``vocab_size`` is the padded table size (``megatron_glm.config.padded_vocab_size``), divisible by the
+    tensor-parallel size. Parameters are initialized from ``seed`` (the same values at every parallel
+    size) unless ``device`` is ``"meta"``, which allocates nothing; such a model is materialized with
+    ``model.to_empty(device=...)`` and then ``reset_parameters(seed)`` or a checkpoint load.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        vocab_size: int,
+        *,
+        seed: int = 1234,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.config, self.vocab_size = config, vocab_size
+        self.word_embeddings = VocabParallelEmbedding(
+            vocab_size,
+            config.hidden_size,
+            init_method=normal_init(config.init_method_std),
+            device=device,
+            dtype=dtype,
+        )
+        self.transformer = GLMTransformer(config, seed=seed, device=device, dtype=dtype)
+        if not self.word_embeddings.weight.is_meta:
+            self.word_embeddings.reset_parameters(init_generator(seed, "word_embeddings"))
+
+    def reset_parameters(self, seed: int) -> None:
+        """(Re-)initialize every parameter from ``seed``: N(0, std), output projections N(0, std / sqrt(2L))."""
+        self.word_embeddings.reset_parameters(init_generator(seed, "word_embeddings"))
+        self.transformer.reset_parameters(seed)
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, sep: torch.Tensor) -> torch.Tensor:
+        """The final hidden states ``[B, T, h]`` (after the final LayerNorm), replicated on the tensor ranks."""
+        return self.transformer(self.word_embeddings(tokens), position_ids, sep)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits ``[..., V / tp]`` over this rank's vocab range (output tied to the word embeddings)."""
+        return vocab_parallel_logits(hidden, self.word_embeddings.weight)
+
+
+def loss_rows(hidden: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """The ``[N, h]`` rows of ``hidden`` with ``loss_mask > 0``, row-major: the only rows that need logits."""
+    return hidden.reshape(-1, hidden.shape[-1])[loss_mask.reshape(-1) > 0]
+
+
+def masked_token_mean(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """``sum(CE * loss_mask) / sum(loss_mask)`` (fp32) from the logits of the ``loss_rows`` only.
+
+    ``targets`` and ``loss_mask`` are the full ``[B, T]`` tensors; a micro-batch without any loss
+    position gives 0 (and zero gradients) rather than 0/0.
+    """
+    weights = loss_mask.reshape(-1).float()
+    selected = weights > 0
+    losses = vocab_parallel_cross_entropy(logits, targets.reshape(-1)[selected])
+    return (losses * weights[selected]).sum() / weights.sum().clamp(min=1.0)
+
+
+def glm_loss(
+    model: GLMModel, hidden: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor
+) -> torch.Tensor:
+    """The pretraining loss, the token mean over the micro-batch (THUDM/GLM).
+
+    Logits are computed only at positions with ``loss_mask > 0`` (Part B): Part A carries no loss, so
+    this skips most of the output-head matmul; the zero-weighted positions contribute nothing anyway.
+    """
+    return masked_token_mean(model.logits(loss_rows(hidden, loss_mask)), targets, loss_mask)
+
+
+def weight_decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer groups: no weight decay on biases and LayerNorm parameters (as THUDM/GLM), decay elsewhere."""
+    no_decay_ids = {id(p) for m in model.modules() if isinstance(m, LayerNorm) for p in m.parameters()}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith("bias") or id(param) in no_decay_ids:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]

@@ -1,0 +1,207 @@
+"""One GLM transformer layer (THUDM/GLM ``ParallelTransformerLayer``), tensor-parallel.
+
+Pre-LayerNorm, with the residual on the un-normalized stream::
+
+    a = x + dropout(attention(LN_1(x)))
+    y = a + dropout(mlp(LN_2(a)))
+
+Module and parameter names are THUDM/GLM's (``input_layernorm``, ``attention.query_key_value``,
+``attention.dense``, ``post_attention_layernorm``, ``mlp.dense_h_to_4h``, ``mlp.dense_4h_to_h``), so a
+layer's state dict at tensor-parallel size 1 is the reference's ``transformer.layers.{i}.*`` entries.
+A layer stands alone (its own initialization from the seed and its layer number), so a pipeline
+stage can build just its layers.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from megatron_glm.config import ModelConfig
+from megatron_glm.parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    checkpoint,
+    get_rng_tracker,
+    get_tensor_parallel_world_size,
+    normal_init,
+)
+from megatron_glm.parallel.sharding import divide
+
+
+def init_generator(seed: int, key: str) -> torch.Generator:
+    """The CPU generator that initializes the parameters under THUDM key prefix ``key``.
+
+    One stream per embedding table and per layer, derived from the seed and the key, makes the initial
+    weights independent of how the model is split: the same for any tensor- or pipeline-parallel size.
+    """
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (2**63))
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the hidden dimension through ``kernels.layer_norm``.
+
+    With ``residual`` it returns ``(LN(x + residual), x + residual)``, the fused residual-add form.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float,
+        *,
+        kernel_backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.eps, self.kernel_backend = eps, kernel_backend
+        self.weight = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(hidden_size, device=device, dtype=dtype))
+        if not self.weight.is_meta:
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return kernels.layer_norm(
+            x, self.weight, self.bias, self.eps, residual=residual, backend=self.kernel_backend
+        )
+
+
+class GLMSelfAttention(nn.Module):
+    """Multi-head self-attention with GLM's mask; each tensor-parallel rank holds ``heads / tp`` heads.
+
+    ``query_key_value`` is column-parallel with stride 3, so rank r's output is ``[Q_r; K_r; V_r]`` for
+    its own heads. Scores are ``q . k / sqrt(d_head)`` (THUDM scales k before the product: the same
+    number up to rounding), query i sees key j iff ``j < sep`` (Part A, bidirectional) or ``j <= i``
+    (causal). THUDM's ``--attention-scale s`` computes ``((q / sqrt(s)) . (k / sqrt(d_head s))) * s``
+    minus the row maximum, which equals the plain scores up to rounding, so ``ModelConfig.attention_scale``
+    needs no code path: it only kept fp16 scores from overflowing, which the kernels avoid by
+    accumulating in fp32 (Triton, torch's flash kernels) or scaling q and k before the product (torch's
+    math path).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        h, heads = config.hidden_size, config.num_attention_heads
+        self.head_dim = divide(h, heads, "hidden size (per head)")
+        self.local_heads = divide(
+            heads, get_tensor_parallel_world_size(), "attention heads (per tensor rank)"
+        )
+        self.dropout_p = config.attention_dropout
+        self.recompute_core = config.activation_checkpointing == "selective"
+        self.kernel_backend = config.kernels
+        output_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
+        self.query_key_value = ColumnParallelLinear(
+            h, 3 * h, stride=3, init_method=normal_init(config.init_method_std), device=device, dtype=dtype
+        )
+        self.dense = RowParallelLinear(h, h, init_method=normal_init(output_std), device=device, dtype=dtype)
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        self.query_key_value.reset_parameters(generator)
+        self.dense.reset_parameters(generator)
+
+    def forward(self, x: torch.Tensor, sep: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        qkv = self.query_key_value(x).view(batch, length, 3, self.local_heads, self.head_dim)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, heads, T, d_head] views
+        if self.recompute_core and torch.is_grad_enabled():
+            context = checkpoint(self.core_attention, q, k, v, sep)
+        else:
+            context = self.core_attention(q, k, v, sep)
+        return self.dense(context.transpose(1, 2).reshape(batch, length, self.local_heads * self.head_dim))
+
+    def core_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sep: torch.Tensor
+    ) -> torch.Tensor:
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if not (self.training and self.dropout_p > 0):
+            return kernels.glm_attention(q, k, v, sep, softmax_scale=scale, backend=self.kernel_backend)
+        # The heads are split over the tensor ranks: each rank drops from its own stream.
+        with get_rng_tracker().fork():
+            return kernels.glm_attention(
+                q, k, v, sep, softmax_scale=scale, dropout_p=self.dropout_p, backend=self.kernel_backend
+            )
+
+
+class GLMMLP(nn.Module):
+    """``dense_4h_to_h(gelu_tanh(dense_h_to_4h(x)))``; the 4h activations are split over the tensor ranks."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        h = config.hidden_size
+        output_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
+        self.dense_h_to_4h = ColumnParallelLinear(
+            h, 4 * h, init_method=normal_init(config.init_method_std), device=device, dtype=dtype
+        )
+        self.dense_4h_to_h = RowParallelLinear(
+            4 * h, h, init_method=normal_init(output_std), device=device, dtype=dtype
+        )
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        self.dense_h_to_4h.reset_parameters(generator)
+        self.dense_4h_to_h.reset_parameters(generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The tanh approximation, as the released weights were trained with.
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class GLMTransformerLayer(nn.Module):
+    """Layer ``layer_number`` (0-based) of the stack: ``(hidden [B, T, h], sep [B]) -> hidden``."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_number: int,
+        *,
+        seed: int = 1234,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.layer_number = layer_number
+        h, eps = config.hidden_size, config.layernorm_epsilon
+        self.input_layernorm = LayerNorm(h, eps, kernel_backend=config.kernels, device=device, dtype=dtype)
+        self.attention = GLMSelfAttention(config, device=device, dtype=dtype)
+        self.post_attention_layernorm = LayerNorm(
+            h, eps, kernel_backend=config.kernels, device=device, dtype=dtype
+        )
+        self.mlp = GLMMLP(config, device=device, dtype=dtype)
+        self.hidden_dropout = nn.Dropout(config.hidden_dropout)
+        if not self.input_layernorm.weight.is_meta:
+            self.reset_parameters(seed)
+
+    def reset_parameters(self, seed: int) -> None:
+        generator = init_generator(seed, f"transformer.layers.{self.layer_number}")
+        self.input_layernorm.reset_parameters()
+        self.attention.reset_parameters(generator)
+        self.post_attention_layernorm.reset_parameters()
+        self.mlp.reset_parameters(generator)
+
+    def forward(self, hidden: torch.Tensor, sep: torch.Tensor) -> torch.Tensor:
+        attention_output = self.attention(self.input_layernorm(hidden), sep)
+        # LN_2 of the new residual stream a = x + dropout(attention), and a itself.
+        mlp_input, hidden = self.post_attention_layernorm(
+            self.hidden_dropout(attention_output), residual=hidden
+        )
+        return hidden + self.hidden_dropout(self.mlp(mlp_input))

@@ -1,0 +1,240 @@
+"""The DeepSpeed engine around GLM: ZeRO 0-3 without pipeline parallelism, PipelineEngine (ZeRO-1) with it.
+
+``TrainingEngine`` hides the two modes behind ``train_step`` / ``evaluate``: both take an iterator of
+micro-batches (the batch dicts of ``megatron_glm.data``) and consume ``gradient_accumulation_steps`` of
+them per call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from megatron_glm.config import GLMConfig, Layout
+from megatron_glm.log import get_logger
+from megatron_glm.model import GLMModel, load_thudm_checkpoint, loss_rows
+from megatron_glm.parallel import (
+    DeepSpeedMPU,
+    get_data_parallel_group,
+    get_pipeline_parallel_group,
+    get_pipeline_parallel_world_size,
+)
+from megatron_glm.training.losses import GLMLoss
+from megatron_glm.training.lr_schedule import AnnealingLR
+from megatron_glm.training.optimizer import GuardedAdamW, build_optimizer
+from megatron_glm.training.pipeline import build_pipeline_module, thudm_key
+
+logger = get_logger("engine")
+
+Batch = dict[str, torch.Tensor]
+
+
+class GLMForPretraining(GLMModel):
+    """GLM whose forward returns the pretraining loss, so every weight use happens inside the engine's
+    forward (ZeRO-3 gathers partitioned weights there). Parameter names stay THUDM's."""
+
+    def __init__(self, *args, loss: GLMLoss, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss = loss
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        sep: torch.Tensor,
+        targets: torch.Tensor,
+        loss_mask: torch.Tensor,
+        objective: torch.Tensor,
+    ) -> torch.Tensor:
+        hidden = super().forward(tokens, position_ids, sep)
+        return self.loss(self.logits(loss_rows(hidden, loss_mask)), (targets, loss_mask, objective))
+
+
+def deepspeed_config(cfg: GLMConfig, layout: Layout) -> dict:
+    t = cfg.training
+    config = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": layout.gradient_accumulation_steps,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {
+            "stage": cfg.parallel.zero_stage,
+            "contiguous_gradients": True,
+            "overlap_comm": torch.cuda.is_available(),
+        },
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {
+            "enabled": t.precision == "fp16",
+            "loss_scale": 0,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+            "initial_scale_power": 16,
+        },
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+    if layout.pipeline_parallel_size > 1:
+        config["pipeline"] = {"activation_checkpoint_interval": 0}
+    return config
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@dataclasses.dataclass
+class StepResult:
+    loss: float  # mean over micro-batches and data-parallel replicas
+    skipped: bool  # the update was not applied (non-finite loss / gradients, or fp16 overflow)
+    grad_norm: float | None
+    lr: float
+
+
+class TrainingEngine:
+    def __init__(self, cfg: GLMConfig, layout: Layout, vocab_size: int):
+        import deepspeed
+
+        self.cfg = cfg
+        self.layout = layout
+        self.pipeline = layout.pipeline_parallel_size > 1
+        self.loss = GLMLoss()
+        seed = cfg.training.seed
+        if self.pipeline:
+            from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+            topology = PipeModelDataParallelTopology(
+                num_pp=layout.pipeline_parallel_size,
+                num_mp=layout.tensor_parallel_size,
+                num_dp=layout.data_parallel_size,
+            )
+            module = build_pipeline_module(
+                cfg.model, vocab_size, seed, topology, self.loss, cfg.parallel.pipeline_partition
+            )
+            if cfg.checkpoint.init_from:
+                layers = cfg.model.num_layers
+                load_thudm_checkpoint(
+                    module,
+                    cfg.checkpoint.init_from,
+                    thudm_key=lambda k: thudm_key(k, layers),
+                    vocab_multiple=cfg.model.make_vocab_size_divisible_by,
+                )
+        else:
+            module = GLMForPretraining(cfg.model, vocab_size, seed=seed, loss=self.loss)
+            if cfg.checkpoint.init_from:
+                load_thudm_checkpoint(module, cfg.checkpoint.init_from)
+        optimizer = build_optimizer(module, cfg.optimizer, check_gradients=self.pipeline)
+        scheduler = AnnealingLR(optimizer, cfg.optimizer.lr, cfg.lr_schedule, cfg.training.train_steps)
+        self.optimizer: GuardedAdamW = optimizer
+        kwargs = {} if self.pipeline else {"mpu": DeepSpeedMPU()}
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, layout),
+            **kwargs,
+        )
+        self.device = self.engine.device
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    # -- training -----------------------------------------------------------------------------------
+    def train_step(self, batches: Iterator[Batch]) -> StepResult:
+        self.loss.per_objective = False
+        self.engine.train()
+        skipped_before = (self.optimizer.skipped_steps, self.engine.skipped_steps)
+        if self.pipeline:
+            loss = self.engine.train_batch(_pipeline_iterator(batches, self.device)).float()
+            return StepResult(
+                loss.item(), self._skipped_since(skipped_before), self._grad_norm(), self.scheduler.get_lr()
+            )
+        steps = self.layout.gradient_accumulation_steps
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for micro in range(steps):
+            batch = _to_device(next(batches), self.device)
+            loss = self.engine(
+                batch["tokens"],
+                batch["position_ids"],
+                batch["sep"],
+                batch["targets"],
+                batch["loss_mask"],
+                batch["objective"],
+            )
+            total[0] += loss.detach().double()
+            if micro == steps - 1:
+                total[1] = 0.0 if torch.isfinite(total[0]) else 1.0
+                # Agree on finiteness before the update: every rank skips it together.
+                dist.all_reduce(total)
+                self.optimizer.skip_next = bool(total[1] > 0)
+            self.engine.backward(loss)
+            self.engine.step()
+        mean = (total[0] / (steps * dist.get_world_size())).item()
+        return StepResult(
+            mean, self._skipped_since(skipped_before), self._grad_norm(), self.scheduler.get_lr()
+        )
+
+    def _skipped_since(self, before: tuple[int, int]) -> bool:
+        """Our guard skipped the update, or DeepSpeed's fp16 loss scaler did (overflow)."""
+        return (self.optimizer.skipped_steps, self.engine.skipped_steps) != before
+
+    def _grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return None
+        return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, batches: Iterator[Batch], num_steps: int) -> torch.Tensor:
+        """``[CE sum, token count]`` per objective over ``num_steps`` global batches, identical on every rank."""
+        self.loss.per_objective = True
+        try:
+            if self.pipeline:
+                sums = None
+                for _ in range(num_steps):
+                    out = self.engine.eval_batch(_pipeline_iterator(batches, self.device), bcast_loss=False)
+                    if out is not None:
+                        sums = out if sums is None else sums + out
+                return _broadcast_from_last_stage(sums, self.device)
+            self.engine.eval()
+            sums = torch.zeros(6, dtype=torch.float32, device=self.device)
+            for _ in range(num_steps * self.layout.gradient_accumulation_steps):
+                batch = _to_device(next(batches), self.device)
+                sums += self.engine(
+                    batch["tokens"],
+                    batch["position_ids"],
+                    batch["sep"],
+                    batch["targets"],
+                    batch["loss_mask"],
+                    batch["objective"],
+                ).float()
+            dist.all_reduce(sums, group=get_data_parallel_group())
+            return sums
+        finally:
+            self.loss.per_objective = False
+            self.engine.train()
+
+
+def _pipeline_iterator(batches: Iterator[Batch], device: torch.device):
+    """DeepSpeed's pipeline format: ``((tokens, position_ids, sep, loss_mask), (targets, loss_mask, objective))``."""
+    for batch in batches:
+        b = _to_device(batch, device)
+        loss_mask = (b["loss_mask"] > 0).long()
+        yield (
+            (b["tokens"], b["position_ids"], b["sep"], loss_mask),
+            (b["targets"], b["loss_mask"], b["objective"]),
+        )
+
+
+def _broadcast_from_last_stage(sums: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    group = get_pipeline_parallel_group()
+    last = dist.get_global_rank(group, get_pipeline_parallel_world_size() - 1)
+    buffer = sums.float().clone() if sums is not None else torch.zeros(6, dtype=torch.float32, device=device)
+    dist.broadcast(buffer, src=last, group=group)
+    return buffer

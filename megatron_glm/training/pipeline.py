@@ -1,0 +1,130 @@
+"""GLM as a flat sequence of layers for DeepSpeed's pipeline engine.
+
+Layer list (``L`` transformer layers)::
+
+    0        word embeddings            TiedLayerSpec "word_embeddings" (shared with the output head)
+    1        position + block position  embeddings and embedding dropout
+    2..L+1   transformer layers         THUDM ``transformer.layers.{i}``
+    L+2      final LayerNorm
+    L+3      output head                the tied word embeddings, logits only where the loss is taken
+
+Between stages flows ``(hidden, position_ids, sep, loss_mask)``; integer tensors ride along untouched.
+Each piece initializes itself from the seed and its THUDM key, so the weights are identical to
+``GLMModel``'s at any pipeline (and tensor) parallel size. ``thudm_key`` maps the pipeline's parameter
+names to THUDM's keys (the one place that knows the layer list).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from megatron_glm.config import ModelConfig
+from megatron_glm.model import GLMTransformerLayer, LayerNorm, PositionEmbeddings, init_generator, loss_rows
+from megatron_glm.parallel import VocabParallelEmbedding, checkpoint, normal_init, vocab_parallel_logits
+from megatron_glm.training.losses import GLMLoss
+
+PipelineActivations = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class WordEmbeddingPipe(nn.Module):
+    def __init__(self, config: ModelConfig, vocab_size: int, seed: int):
+        super().__init__()
+        self.word_embeddings = VocabParallelEmbedding(
+            vocab_size, config.hidden_size, init_method=normal_init(config.init_method_std)
+        )
+        self.word_embeddings.reset_parameters(init_generator(seed, "word_embeddings"))
+
+    def forward(self, inputs: PipelineActivations) -> PipelineActivations:
+        tokens, position_ids, sep, loss_mask = inputs
+        return self.word_embeddings(tokens), position_ids, sep, loss_mask
+
+
+def output_head(module: WordEmbeddingPipe, inputs: PipelineActivations) -> torch.Tensor:
+    """Vocab-parallel logits of the rows that carry a loss (the tied embedding is the output matrix)."""
+    hidden, _, _, loss_mask = inputs
+    return vocab_parallel_logits(loss_rows(hidden, loss_mask), module.word_embeddings.weight)
+
+
+class PositionEmbeddingPipe(PositionEmbeddings):
+    def __init__(self, config: ModelConfig, seed: int):
+        super().__init__(config, seed=seed)
+
+    def forward(self, inputs: PipelineActivations) -> PipelineActivations:
+        hidden, position_ids, sep, loss_mask = inputs
+        return self.embed_positions(hidden, position_ids), position_ids, sep, loss_mask
+
+
+class TransformerLayerPipe(GLMTransformerLayer):
+    def __init__(self, config: ModelConfig, layer_number: int, seed: int):
+        super().__init__(config, layer_number, seed=seed)
+        self.recompute = config.activation_checkpointing == "full"
+
+    def forward(self, inputs: PipelineActivations) -> PipelineActivations:
+        hidden, position_ids, sep, loss_mask = inputs
+        if self.recompute and torch.is_grad_enabled():
+            hidden = checkpoint(super().forward, hidden, sep)
+        else:
+            hidden = super().forward(hidden, sep)
+        return hidden, position_ids, sep, loss_mask
+
+
+class FinalLayerNormPipe(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.final_layernorm = LayerNorm(
+            config.hidden_size, config.layernorm_epsilon, kernel_backend=config.kernels
+        )
+
+    def forward(self, inputs: PipelineActivations) -> PipelineActivations:
+        hidden, position_ids, sep, loss_mask = inputs
+        return self.final_layernorm(hidden), position_ids, sep, loss_mask
+
+
+def thudm_key(pipeline_key: str, num_layers: int) -> str:
+    """The THUDM key of a ``PipelineModule`` state-dict key (see the layer list in the module docstring).
+
+    DeepSpeed names a stage's layers by their global index and keeps tied modules under
+    ``tied_modules.<tie key>.``.
+    """
+    head, _, rest = pipeline_key.partition(".")
+    if head == "tied_modules":
+        return rest.partition(".")[2]
+    index = int(head)
+    if index == 1 or index == num_layers + 2:
+        return "transformer." + rest
+    if 2 <= index <= num_layers + 1:
+        return f"transformer.layers.{index - 2}.{rest}"
+    return rest
+
+
+def build_pipeline_module(
+    config: ModelConfig, vocab_size: int, seed: int, topology, loss: GLMLoss, partition: str
+):
+    """The ``deepspeed.pipe.PipelineModule`` of GLM on ``topology`` (DeepSpeed's PipeModelDataParallelTopology)."""
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+
+    layers = [
+        TiedLayerSpec(
+            "word_embeddings",
+            WordEmbeddingPipe,
+            config,
+            vocab_size,
+            seed,
+            tied_weight_attr="word_embeddings.weight",
+        ),
+        LayerSpec(PositionEmbeddingPipe, config, seed),
+        *[LayerSpec(TransformerLayerPipe, config, i, seed) for i in range(config.num_layers)],
+        LayerSpec(FinalLayerNormPipe, config),
+        TiedLayerSpec(
+            "word_embeddings",
+            WordEmbeddingPipe,
+            config,
+            vocab_size,
+            seed,
+            forward_fn=output_head,
+            tied_weight_attr="word_embeddings.weight",
+        ),
+    ]
+    method = "type:TransformerLayerPipe" if partition == "uniform" else "parameters"
+    return PipelineModule(layers=layers, topology=topology, loss_fn=loss, partition_method=method)

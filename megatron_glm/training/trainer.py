@@ -1,0 +1,278 @@
+"""The pretraining loop: data, engine, resume, steps, evaluation, checkpoints, preemption."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from data_tools.errors import DataError
+from data_tools.tokenizer import load_tokenizer
+from megatron_glm.config import (
+    GLMConfig,
+    dump_config,
+    model_flops_per_token,
+    padded_vocab_size,
+    parallel_layout,
+)
+from megatron_glm.data import build_glm_data_loader, prepare_sample_directory
+from megatron_glm.log import get_logger, setup_logging
+from megatron_glm.parallel import (
+    destroy_parallel,
+    get_data_parallel_rank,
+    get_pipeline_parallel_rank,
+    initialize_parallel,
+    seed_parallel_rng,
+)
+from megatron_glm.training.checkpoint import CheckpointManager
+from megatron_glm.training.distributed import device_for, init_distributed
+from megatron_glm.training.engine import TrainingEngine
+from megatron_glm.training.losses import per_objective_means
+from megatron_glm.training.metrics import MetricsReporter
+from megatron_glm.training.signals import PreemptionHandler
+
+logger = get_logger("training")
+
+
+class TrainingError(Exception):
+    """Training cannot go on (for example a non-finite loss under the "stop" policy)."""
+
+
+@dataclasses.dataclass
+class TrainingResult:
+    final_step: int
+    status: str  # "completed" or "preempted"
+    last_checkpoint: str | None
+    losses: list[float]
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """Achieved FLOP/s of a large matmul on this rank's device (the MFU denominator)."""
+    n = 4096 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    repeats = 20 if device.type == "cuda" else 3
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def pretrain(cfg: GLMConfig) -> TrainingResult:
+    info = init_distributed()
+    setup_logging(info.rank, cfg.logging.log_dir, cfg.logging.all_ranks, cfg.logging.level)
+    try:
+        return _pretrain(cfg, info.rank, info.world_size, device_for(info.local_rank))
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+        destroy_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _pretrain(cfg: GLMConfig, rank: int, world_size: int, device: torch.device) -> TrainingResult:
+    layout = parallel_layout(cfg, world_size)
+    initialize_parallel(layout.tensor_parallel_size, layout.pipeline_parallel_size)
+    dp_rank = get_data_parallel_rank()
+    # Dropout differs across data-parallel replicas and pipeline stages, agrees across tensor ranks.
+    seed_parallel_rng(cfg.training.seed + 100 * get_pipeline_parallel_rank() + 1000 * dp_rank)
+    logger.info(
+        "%s: world %d = tp %d x pp %d x dp %d, micro batch %d, accumulation %d, global batch %d",
+        cfg.name,
+        world_size,
+        layout.tensor_parallel_size,
+        layout.pipeline_parallel_size,
+        layout.data_parallel_size,
+        cfg.training.micro_batch_size,
+        layout.gradient_accumulation_steps,
+        cfg.training.global_batch_size,
+    )
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    sample_dir = prepare_sample_directory(cfg.data, cfg.model.tokenizer, builder=rank == 0)
+    vocab_size = padded_vocab_size(cfg.model, layout.tensor_parallel_size)
+    engine = TrainingEngine(cfg, layout, vocab_size)
+
+    manager = CheckpointManager(cfg.checkpoint.save_dir, cfg.checkpoint.keep_last)
+    step, consumed, skipped_total = 0, 0, 0
+    last_checkpoint = None
+    if cfg.checkpoint.resume and (tag := manager.latest_tag()) is not None:
+        client = manager.load(engine.engine, tag)
+        step, consumed, skipped_total = (
+            client["step"],
+            client["consumed_samples"],
+            client.get("skipped_steps", 0),
+        )
+        last_checkpoint = str(manager.path(tag))
+        if step >= cfg.training.train_steps:
+            logger.info(
+                "checkpoint %s is already at step %d of %d: nothing to train",
+                tag,
+                step,
+                cfg.training.train_steps,
+            )
+            return TrainingResult(step, "completed", last_checkpoint, [])
+
+    train_loader = build_glm_data_loader(
+        cfg.data,
+        tokenizer,
+        sample_dir,
+        "train",
+        micro_batch_size=cfg.training.micro_batch_size,
+        global_batch_size=cfg.training.global_batch_size,
+        data_parallel_rank=dp_rank,
+        data_parallel_size=layout.data_parallel_size,
+        consumed_samples=consumed,
+    )
+    batches = iter(train_loader)
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.training.precision]
+    if device.type == "cpu" and dtype == torch.float16:
+        dtype = torch.float32
+    peak = torch.tensor([measure_matmul_peak(device, dtype)], dtype=torch.float64)
+    dist.all_reduce(peak)
+    seq_length = cfg.data.seq_length
+    reporter = MetricsReporter(
+        cfg.logging.log_dir,
+        enabled=rank == 0,
+        tensorboard=cfg.logging.tensorboard,
+        total_steps=cfg.training.train_steps,
+        tokens_per_step=cfg.training.global_batch_size * seq_length,
+        flops_per_token=lambda fraction: model_flops_per_token(cfg.model, vocab_size, seq_length, fraction),
+        peak_flops=float(peak.item()),
+        log_interval=cfg.logging.log_interval,
+    )
+    config_yaml = dump_config(cfg)
+    losses: list[float] = []
+
+    def save(at_step: int) -> str:
+        client = {
+            "step": at_step,
+            "consumed_samples": at_step * cfg.training.global_batch_size,
+            "skipped_steps": skipped_total,
+        }
+        return str(
+            manager.save(
+                engine.engine,
+                at_step,
+                client,
+                config_yaml,
+                meta={"name": cfg.name, "consumed_samples": client["consumed_samples"]},
+            )
+        )
+
+    status = "completed"
+    saved_at = step if last_checkpoint else -1
+    logger.info(
+        "training from step %d to %d (%s consumed samples)", step, cfg.training.train_steps, f"{consumed:,}"
+    )
+    with PreemptionHandler(device) as preemption:
+        while step < cfg.training.train_steps:
+            start = time.perf_counter()
+            timed = _TimedIterator(batches)
+            result = engine.train_step(timed)
+            step_time = time.perf_counter() - start
+            step += 1
+            if result.skipped:
+                skipped_total += 1
+            if not math.isfinite(result.loss):
+                if cfg.training.nonfinite_policy == "stop":
+                    where = last_checkpoint or "none saved yet"
+                    raise TrainingError(
+                        f"non-finite loss at step {step}; the update was not applied. Last good checkpoint: "
+                        f"{where}. Lower optimizer.lr, check the data, or set training.nonfinite_policy=skip"
+                    )
+                logger.warning(
+                    "non-finite loss at step %d: update skipped (%d skipped so far)", step, skipped_total
+                )
+            else:
+                losses.append(result.loss)
+            reporter.step(
+                step,
+                loss=result.loss,
+                lr=result.lr,
+                grad_norm=result.grad_norm,
+                step_time=step_time,
+                data_wait=timed.waited,
+                loss_fraction=timed.loss_fraction,
+                skipped_total=skipped_total,
+            )
+            if cfg.training.eval_interval and step % cfg.training.eval_interval == 0:
+                _evaluate(cfg, engine, tokenizer, sample_dir, layout, dp_rank, reporter, step)
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+                last_checkpoint, saved_at = save(step), step
+            if preemption.requested():
+                if saved_at != step:
+                    last_checkpoint, saved_at = save(step), step
+                status = "preempted"
+                logger.info("preempted at step %d: checkpoint %s saved, exiting", step, last_checkpoint)
+                break
+    if status == "completed" and saved_at != step:
+        last_checkpoint = save(step)
+    reporter.close()
+    return TrainingResult(step, status, last_checkpoint, losses)
+
+
+class _TimedIterator:
+    """Counts the time spent waiting for the next micro-batch (the data loader's share of a step) and the
+    share of positions that carry a loss (the rows whose logits are computed)."""
+
+    def __init__(self, inner: Iterator[dict]):
+        self.inner = inner
+        self.waited = 0.0
+        self._loss_positions = 0.0
+        self._positions = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        start = time.perf_counter()
+        batch = next(self.inner)
+        self.waited += time.perf_counter() - start
+        self._loss_positions += float((batch["loss_mask"] > 0).sum())
+        self._positions += batch["loss_mask"].numel()
+        return batch
+
+    @property
+    def loss_fraction(self) -> float:
+        return self._loss_positions / self._positions if self._positions else 0.0
+
+
+def _evaluate(
+    cfg,
+    engine: TrainingEngine,
+    tokenizer,
+    sample_dir,
+    layout,
+    dp_rank: int,
+    reporter: MetricsReporter,
+    step: int,
+) -> None:
+    try:
+        loader = build_glm_data_loader(
+            cfg.data,
+            tokenizer,
+            sample_dir,
+            "valid",
+            micro_batch_size=cfg.training.micro_batch_size,
+            global_batch_size=cfg.training.global_batch_size,
+            data_parallel_rank=dp_rank,
+            data_parallel_size=layout.data_parallel_size,
+        )
+    except DataError as exc:
+        logger.warning("skipping evaluation: %s", exc)
+        return
+    sums = engine.evaluate(iter(loader), cfg.training.eval_steps)
+    reporter.evaluation(step, per_objective_means(sums.cpu()))

@@ -1,0 +1,254 @@
+"""GLM attention: the Triton kernels against the torch implementation, on CUDA tensors where a GPU is present
+and otherwise on CPU tensors in the Triton interpreter (tests/conftest.py turns it on).
+
+Tolerance: every output and gradient is compared with a float64 evaluation of the torch implementation. The
+kernel may be off by at most twice what the torch implementation itself is off in the same dtype, plus four
+unit roundoffs of the largest value: flash kernels round the probabilities and dS to the input dtype before
+the second matmul of each pair, one rounding more than torch's fused CPU attention.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+
+import kernels
+from kernels import KernelError, glm_attention, glm_attention_torch, resolve_backend
+from kernels.reference import glm_attention_mask
+from kernels.triton_attention_kernels import (
+    DKDV_SHAPES,
+    DQ_SHAPES,
+    FORWARD_SHAPES,
+    attention_backward_dkdv_kernel,
+    attention_backward_dq_kernel,
+    attention_forward_kernel,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+def _qkv(batch, heads, query_length, key_length, head_dim, dtype, seed=0, device=DEVICE):
+    """Random q, k, v in the model's layout: [B, T, H, D] storage viewed as [B, H, T, D] (non-contiguous)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(length):
+        values = torch.randn(batch, length, heads, head_dim, generator=generator)
+        return values.to(device=device, dtype=dtype).transpose(1, 2)
+
+    return make(query_length), make(key_length), make(key_length)
+
+
+def _ints(values):
+    return torch.tensor(values, device=DEVICE)
+
+
+def _randn(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def _forward_backward(fn, inputs, grad_out):
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    out = fn(*leaves)
+    out.backward(grad_out.to(out.dtype))
+    return [out.detach()] + [leaf.grad for leaf in leaves]
+
+
+CASES = {
+    # name: (batch, heads, Tq, Tk, head_dim, sep, lengths)
+    "causal_and_bidirectional": (2, 2, 96, 96, 32, [0, 96], None),
+    "per_sample_sep_ragged_T": (3, 1, 80, 80, 64, [13, 50, 79], None),
+    "head_dim_128": (1, 1, 64, 64, 128, [20], None),
+    "head_dim_48_unpadded": (1, 2, 40, 40, 48, [7], None),
+    "padding_rows": (3, 1, 80, 80, 32, [10, 40, 5], [70, 33, 0]),
+    # Interpreter blocks are 32 and 64 wide: sep and lengths on, just before and just after block edges.
+    "sep_at_block_edges": (7, 1, 72, 72, 16, [1, 31, 32, 33, 63, 64, 65], None),
+    "lengths_at_block_edges": (7, 1, 72, 72, 16, [0, 40, 2, 64, 1, 0, 30], [72, 65, 64, 63, 33, 32, 31]),
+    # Tk - Tq = 30 puts the diagonal one row past an interpreter block edge.
+    "cached_keys_Tq_lt_Tk": (2, 1, 70, 100, 16, [13, 50], [90, 70]),
+}
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
+)
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_triton_matches_torch(case, dtype):
+    batch, heads, query_length, key_length, head_dim, sep, lengths = CASES[case]
+    sep = _ints(sep)
+    lengths = None if lengths is None else _ints(lengths)
+    q, k, v = _qkv(batch, heads, query_length, key_length, head_dim, dtype)
+    grad_out = _randn(batch, heads, query_length, head_dim)
+
+    def torch_attention(q, k, v):
+        return glm_attention_torch(q, k, v, sep, lengths=lengths)
+
+    def triton_attention(q, k, v):
+        return glm_attention(q, k, v, sep, lengths=lengths, backend="triton")
+
+    exact = _forward_backward(torch_attention, [x.double() for x in (q, k, v)], grad_out.double())
+    same_dtype = _forward_backward(torch_attention, [q, k, v], grad_out)
+    ours = _forward_backward(triton_attention, [q, k, v], grad_out)
+    for name, want, theirs, got in zip(["out", "dq", "dk", "dv"], exact, same_dtype, ours):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        torch_error = (theirs.double() - want).abs().max().item()
+        bound = 2 * torch_error + 4 * UNIT_ROUNDOFF[dtype] * want.abs().max().item()
+        error = (got.double() - want).abs().max().item()
+        assert error <= bound, (
+            f"{name}: max error {error:.3g} > {bound:.3g} (torch in {dtype}: {torch_error:.3g})"
+        )
+    # q is a [B, T, H, D] buffer viewed as [B, H, T, D]: the output has that layout too, so the model merges
+    # the heads (out.transpose(1, 2).reshape(B, T, H * D)) without a copy.
+    assert ours[0].transpose(1, 2).is_contiguous()
+    if lengths is not None:
+        rows = torch.arange(query_length, device=DEVICE) + key_length - query_length
+        padding = rows.view(1, 1, -1) >= lengths.view(-1, 1, 1)
+        out, dq = ours[0], ours[1]
+        assert padding.any()
+        assert torch.all(out.masked_select(padding.unsqueeze(-1)) == 0)
+        assert torch.all(dq.masked_select(padding.unsqueeze(-1)) == 0)
+
+
+@pytest.mark.parametrize("shape", range(len(FORWARD_SHAPES)))
+def test_gpu_tilings_match_torch(shape, monkeypatch):
+    """Each GPU tile shape (the interpreter normally runs one) gives the same result as torch."""
+
+    def use(kernel, owned, inner, shapes):
+        first, second, _, _ = shapes[shape % len(shapes)]
+        monkeypatch.setattr(kernel, "configs", [triton.Config({owned: first, inner: second})])
+
+    use(attention_forward_kernel, "BLOCK_M", "BLOCK_N", FORWARD_SHAPES)
+    use(attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", DQ_SHAPES)
+    use(attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", DKDV_SHAPES)
+    sep, lengths = _ints([0, 70, 129, 200, 64]), _ints([200, 190, 130, 127, 200])
+    q, k, v = _qkv(5, 1, 200, 200, 16, torch.float32)
+    grad_out = _randn(5, 1, 200, 16)
+    want = _forward_backward(
+        lambda q, k, v: glm_attention_torch(q, k, v, sep, lengths=lengths), [q, k, v], grad_out
+    )
+    got = _forward_backward(
+        lambda q, k, v: glm_attention(q, k, v, sep, lengths=lengths, backend="triton"), [q, k, v], grad_out
+    )
+    for name, a, b in zip(["out", "dq", "dk", "dv"], got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_lengths_equal_attention_over_the_truncated_sample():
+    q, k, v = _qkv(2, 2, 24, 24, 16, torch.float32)
+    sep, lengths = _ints([5, 12]), _ints([17, 9])
+    padded = glm_attention_torch(q, k, v, sep, lengths=lengths)
+    for b, length in enumerate(lengths.tolist()):
+        alone = glm_attention_torch(
+            q[b : b + 1, :, :length], k[b : b + 1, :, :length], v[b : b + 1, :, :length], sep[b : b + 1]
+        )
+        torch.testing.assert_close(padded[b : b + 1, :, :length], alone, rtol=1e-6, atol=1e-6)
+        assert torch.all(padded[b, :, length:] == 0)
+
+
+def test_mask_rule():
+    mask = glm_attention_mask(torch.tensor([2]), 4, lengths=torch.tensor([3]))[0, 0]
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
+def _dropped_probabilities(q, k, sep, dropout_p, seed):
+    """The kernel's dropped, rescaled probability matrix, read off by attending to one-hot values (v_j = e_j)."""
+    batch, heads, length, head_dim = q.shape
+    one_hot = torch.eye(length, head_dim, dtype=q.dtype, device=q.device).expand(
+        batch, heads, length, head_dim
+    )
+    torch.manual_seed(seed)
+    return glm_attention(q, k, one_hot, sep, dropout_p=dropout_p, backend="triton")[..., :length].double()
+
+
+def _probabilities(q, k, sep):
+    scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
+    visible = glm_attention_mask(sep, q.shape[2])
+    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1), visible.expand_as(scores)
+
+
+def test_dropout_drops_p_of_the_probability_mass_and_keeps_the_expectation():
+    dropout_p = 0.3
+    q, k, _ = _qkv(2, 4, 64, 64, 64, torch.float32)
+    sep = _ints([20, 0])
+    dropped = _dropped_probabilities(q, k, sep, dropout_p, seed=3)
+    probabilities, visible = _probabilities(q, k, sep)
+    assert torch.all(dropped[~visible] == 0)
+    kept = dropped[visible] != 0
+    assert abs((1 - kept.double().mean().item()) - dropout_p) < 0.03
+    dropped_mass = probabilities[visible][~kept].sum() / probabilities.sum()
+    assert abs(dropped_mass.item() - dropout_p) < 0.03
+    torch.testing.assert_close(
+        dropped[visible][kept], probabilities[visible][kept] / (1 - dropout_p), rtol=1e-5, atol=1e-6
+    )
+    # Rescaling by 1/(1-p) keeps each row's expected sum at 1.
+    assert abs(dropped.sum(-1).mean().item() - 1.0) < 0.04
+
+
+def test_dropout_is_a_function_of_the_torch_seed():
+    q, k, v = _qkv(1, 2, 48, 48, 32, torch.float16)
+    sep = _ints([16])
+    grad_out = _randn(1, 2, 48, 32)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return _forward_backward(
+            lambda q, k, v: glm_attention(q, k, v, sep, dropout_p=0.2, backend="triton"), [q, k, v], grad_out
+        )
+
+    first, again, other = run(7), run(7), run(8)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    for a, b in zip(first, other):
+        assert not torch.equal(a, b)
+
+
+def test_backward_replays_the_forward_dropout_mask():
+    dropout_p, seed = 0.25, 11
+    batch, heads, length, head_dim = 2, 2, 48, 64
+    q, k, v = _qkv(batch, heads, length, length, head_dim, torch.float32)
+    sep = _ints([10, 30])
+    keep = _dropped_probabilities(q, k, sep, dropout_p, seed) != 0
+    grad_out = _randn(batch, heads, length, head_dim, seed=2)
+
+    def same_mask_in_torch(q, k, v):
+        scores = (q @ k.transpose(-1, -2)) / head_dim**0.5
+        scores = scores.masked_fill(~glm_attention_mask(sep, length), float("-inf"))
+        return (torch.softmax(scores, dim=-1) * keep / (1 - dropout_p)) @ v
+
+    def triton_with_seed(q, k, v):
+        torch.manual_seed(seed)
+        return glm_attention(q, k, v, sep, dropout_p=dropout_p, backend="triton")
+
+    want = _forward_backward(same_mask_in_torch, [x.double() for x in (q, k, v)], grad_out.double())
+    got = _forward_backward(triton_with_seed, [q, k, v], grad_out)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_backend_resolution():
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("torch", "cuda") == "torch"
+    assert resolve_backend("auto", "cuda") == ("triton" if kernels.triton_available() else "torch")
+    # On machines without a GPU the test environment runs Triton in its interpreter (tests/conftest.py).
+    assert resolve_backend("triton", DEVICE) == "triton"
+    with pytest.raises(KernelError, match="not one of"):
+        resolve_backend("cuda", "cpu")
+
+
+def test_auto_on_cpu_is_the_torch_implementation():
+    q, k, v = _qkv(2, 2, 20, 20, 16, torch.float32, device=torch.device("cpu"))
+    sep = torch.tensor([3, 11])
+    assert torch.equal(glm_attention(q, k, v, sep), glm_attention_torch(q, k, v, sep))
+
+
+def test_unservable_calls_raise_kernel_error():
+    q, k, v = _qkv(1, 1, 16, 16, 256, torch.float32)
+    with pytest.raises(KernelError, match="head dim 256"):
+        glm_attention(q, k, v, _ints([4]), backend="triton")
+    q, k, v = _qkv(1, 1, 16, 16, 16, torch.float32)
+    with pytest.raises(KernelError, match="sep must be"):
+        glm_attention(q, k, v, _ints([4, 5]), backend="triton")
+    with pytest.raises(KernelError, match="dropout_p"):
+        glm_attention(q, k, v, _ints([4]), dropout_p=1.0)

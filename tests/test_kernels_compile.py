@@ -1,0 +1,109 @@
+"""The GPU code path, checked on any machine: the Triton kernels compile for NVIDIA sm_80 and sm_90.
+
+The interpreter runs the kernels' Python semantics, not Triton's compiler, so a construct it accepts can still
+fail to compile (a non-constexpr global, a type that changes inside a loop). Triton ships ptxas, so compiling
+ahead of time for a GPU target needs no GPU. The compile runs in a subprocess with the interpreter off, since
+``@triton.jit`` picks interpreter or compiler when the kernel modules are imported.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+POINTER_TYPES = {
+    "Lse": "*fp32",
+    "Delta": "*fp32",
+    "Sep": "*i32",
+    "Lengths": "*i32",
+    "Seed": "*i64",
+    "Mean": "*fp32",
+    "Rstd": "*fp32",
+    "PartialDW": "*fp32",
+    "PartialDB": "*fp32",
+}
+FLOAT_ARGUMENTS = {"softmax_scale", "dropout_scale", "eps"}
+
+
+def _compile(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int, capability: int) -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime import Autotuner
+
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name[0].isupper():
+            signature[name] = POINTER_TYPES.get(name, f"*{dtype}")
+        else:
+            signature[name] = "fp32" if name in FLOAT_ARGUMENTS else "i32"
+    source = ASTSource(
+        fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+    )
+    compiled = triton.compile(
+        source,
+        target=GPUTarget("cuda", capability, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+    assert compiled.asm["cubin"], f"{fn.__name__}: no cubin for sm_{capability}"
+
+
+def compile_kernels() -> None:
+    """Every kernel with every feature switched on, for Hopper; the forward for Ampere too."""
+    from kernels import triton_attention_kernels as attention
+    from kernels import triton_layer_norm as layer_norm
+
+    features = {"HAS_LENGTHS": True, "HAS_DROPOUT": True, "EMULATE_BF16": False, "DOT_PRECISION": None}
+    head_64 = {"HEAD_DIM": 64, "BLOCK_D": 64, **features}
+    forward = (attention.attention_forward_kernel, "BLOCK_M", "BLOCK_N", attention.FORWARD_SHAPES[0])
+    dq = (attention.attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", attention.DQ_SHAPES[0])
+    dkdv = (attention.attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", attention.DKDV_SHAPES[0])
+    for capability, kernels in ((90, (forward, dq, dkdv)), (80, (forward,))):
+        for kernel, owned, inner, (first, second, warps, stages) in kernels:
+            _compile(kernel, "bf16", {**head_64, owned: first, inner: second}, warps, stages, capability)
+    # fp32 inputs without TF32, and a head dim padded to a power of two.
+    fp32 = {**features, "HAS_DROPOUT": False, "HEAD_DIM": 80, "BLOCK_D": 128, "DOT_PRECISION": "ieee"}
+    _compile(attention.attention_forward_kernel, "fp32", {**fp32, "BLOCK_M": 64, "BLOCK_N": 32}, 4, 3, 90)
+    preprocess = {"HEAD_DIM": 80, "BLOCK_D": 128, "BLOCK_M": 64}
+    _compile(attention.attention_backward_preprocess_kernel, "bf16", preprocess, 4, 3, 90)
+    for width in (4096, layer_norm.MAX_WIDTH):
+        flags = {"EMULATE_BF16": False, "BLOCK_N": width}
+        forward_warps, backward_warps = (
+            layer_norm._num_warps(width, False),
+            layer_norm._num_warps(width, True),
+        )
+        _compile(
+            layer_norm.layer_norm_forward_kernel,
+            "bf16",
+            {"HAS_RESIDUAL": True, **flags},
+            forward_warps,
+            3,
+            90,
+        )
+        _compile(
+            layer_norm.layer_norm_backward_kernel,
+            "bf16",
+            {"HAS_DSUMMED": True, **flags},
+            backward_warps,
+            3,
+            90,
+        )
+
+
+def test_kernels_compile_for_nvidia_gpus():
+    environment = {**os.environ, "TRITON_INTERPRET": "0"}
+    command = [
+        sys.executable,
+        "-c",
+        "from tests.test_kernels_compile import compile_kernels; compile_kernels()",
+    ]
+    result = subprocess.run(
+        command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]

@@ -1,0 +1,117 @@
+"""LayerNorm (optionally fused with the residual add): the Triton kernels against torch, on CUDA tensors where
+a GPU is present and otherwise on CPU tensors in the Triton interpreter (tests/conftest.py turns it on).
+
+Tolerance: outputs and gradients are compared with a float64 evaluation of the torch implementation; the
+kernel may be off by at most twice what torch itself is off in the same dtype, plus two unit roundoffs of the
+largest value (both round an fp32 result once to the output dtype, possibly on opposite sides).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import KernelError, layer_norm, layer_norm_torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+EPS = 1e-5
+
+
+def _inputs(shape, dtype, with_residual, seed=0, device=DEVICE):
+    generator = torch.Generator().manual_seed(seed)
+    width = shape[-1]
+    x = (torch.randn(*shape, generator=generator) * 2 + 0.5).to(device, dtype)
+    residual = torch.randn(*shape, generator=generator).to(device, dtype) if with_residual else None
+    weight = (1 + 0.2 * torch.randn(width, generator=generator)).to(device, dtype)
+    bias = (0.2 * torch.randn(width, generator=generator)).to(device, dtype)
+    return x, residual, weight, bias
+
+
+def _randn(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def _forward_backward(fn, x, residual, weight, bias, grads):
+    """Outputs, then gradients of x, weight, bias (and residual): ``grads`` pairs with the outputs (None skips one)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias)]
+    residual_leaf = None if residual is None else residual.detach().clone().requires_grad_()
+    outputs = fn(leaves[0], leaves[1], leaves[2], residual_leaf)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    pairs = [(o, g.to(o.dtype)) for o, g in zip(outputs, grads) if g is not None]
+    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    result = [o.detach() for o in outputs] + [leaf.grad for leaf in leaves]
+    return result + ([residual_leaf.grad] if residual_leaf is not None else [])
+
+
+def _torch_ln(x, weight, bias, residual):
+    return layer_norm_torch(x, weight, bias, EPS, residual)
+
+
+def _triton_ln(x, weight, bias, residual):
+    return layer_norm(x, weight, bias, EPS, residual, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
+)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("shape", [(2, 3, 100), (7, 1024)], ids=["ragged_width", "rows_over_programs"])
+def test_triton_matches_torch(shape, with_residual, dtype):
+    x, residual, weight, bias = _inputs(shape, dtype, with_residual)
+    grads = [_randn(*shape, seed=1), _randn(*shape, seed=2)]
+    exact_inputs = [None if t is None else t.double() for t in (x, residual, weight, bias)]
+    exact = _forward_backward(_torch_ln, *exact_inputs, grads)
+    same_dtype = _forward_backward(_torch_ln, x, residual, weight, bias, grads)
+    ours = _forward_backward(_triton_ln, x, residual, weight, bias, grads)
+    names = ["y", "summed"][: 1 + with_residual] + ["dx", "dweight", "dbias"] + ["dresidual"] * with_residual
+    assert len(ours) == len(names)
+    for name, want, theirs, got in zip(names, exact, same_dtype, ours):
+        assert got.dtype == dtype and got.shape == want.shape, name
+        torch_error = (theirs.double() - want).abs().max().item()
+        bound = 2 * torch_error + 2 * UNIT_ROUNDOFF[dtype] * want.abs().max().item()
+        error = (got.double() - want).abs().max().item()
+        assert error <= bound, (
+            f"{name}: max error {error:.3g} > {bound:.3g} (torch in {dtype}: {torch_error:.3g})"
+        )
+    if with_residual:
+        # The residual stream must be exactly torch's x + residual: later layers add to it.
+        assert torch.equal(ours[1], same_dtype[1])
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_rows_16k_wide(with_residual):
+    x, residual, weight, bias = _inputs((3, 16384), torch.float32, with_residual)
+    grads = [_randn(3, 16384, seed=1), _randn(3, 16384, seed=2)]
+    want = _forward_backward(_torch_ln, x, residual, weight, bias, grads)
+    got = _forward_backward(_triton_ln, x, residual, weight, bias, grads)
+    for a, b in zip(got, want):
+        # dweight and dbias sum 3 rows; every other value is a 16K-term reduction in fp32.
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_of_the_normalised_output_alone():
+    """When only LN(x + residual) is used, x and residual still get the full gradient (no d(summed) term)."""
+    x, residual, weight, bias = _inputs((5, 96), torch.float32, True)
+    grads = [_randn(5, 96), None]
+    want = _forward_backward(_torch_ln, x, residual, weight, bias, grads)
+    got = _forward_backward(_triton_ln, x, residual, weight, bias, grads)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_on_cpu_is_the_torch_implementation():
+    x, residual, weight, bias = _inputs((4, 32), torch.float32, True, device=torch.device("cpu"))
+    got, want = layer_norm(x, weight, bias, EPS, residual), layer_norm_torch(x, weight, bias, EPS, residual)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_unservable_calls_raise_kernel_error():
+    x, residual, weight, bias = _inputs((2, 32), torch.float32, True)
+    with pytest.raises(KernelError, match="residual must match"):
+        layer_norm(x, weight, bias, EPS, residual[:1], backend="triton")
+    with pytest.raises(KernelError, match="weight and bias must be"):
+        layer_norm(x, weight[:16], bias, EPS, backend="triton")
+    wide, _, wide_weight, wide_bias = _inputs((1, 16385), torch.float32, False)
+    with pytest.raises(KernelError, match="16384"):
+        layer_norm(wide, wide_weight, wide_bias, EPS, backend="triton")

@@ -1,0 +1,163 @@
+"""Launcher detection (torchrun, srun, mpirun) and the reference's LR schedule."""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from megatron_glm.config import LRScheduleConfig
+from megatron_glm.training.distributed import LaunchError, detect_launch, expand_slurm_nodelist
+from megatron_glm.training.lr_schedule import lr_at
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_torchrun_environment():
+    info = detect_launch(
+        {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234"}
+    )
+    assert (
+        info.launcher,
+        info.rank,
+        info.world_size,
+        info.local_rank,
+        info.master_addr,
+        info.master_port,
+    ) == ("torchrun", 3, 8, 1, "10.0.0.1", 1234)
+
+
+def test_srun_environment_derives_master_from_the_nodelist(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the nodelist is expanded by us
+    info = detect_launch(
+        {
+            "SLURM_PROCID": "5",
+            "SLURM_NTASKS": "16",
+            "SLURM_LOCALID": "5",
+            "SLURM_STEP_ID": "0",
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NODELIST": "gpu[07-08],cpu1",
+        }
+    )
+    assert (info.launcher, info.rank, info.world_size, info.local_rank) == ("slurm", 5, 16, 5)
+    assert info.master_addr == "gpu07"
+    assert info.master_port == 20000 + 4242
+
+
+def test_sbatch_shell_without_a_job_step_is_not_a_rank():
+    info = detect_launch({"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_ID": "1"})
+    assert info.launcher == "single" and info.world_size == 1
+
+
+def test_open_mpi_environment_with_explicit_master():
+    info = detect_launch(
+        {
+            "OMPI_COMM_WORLD_RANK": "1",
+            "OMPI_COMM_WORLD_SIZE": "4",
+            "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+            "MASTER_ADDR": "node0",
+            "MASTER_PORT": "5555",
+        }
+    )
+    assert (info.launcher, info.rank, info.world_size, info.local_rank, info.master_addr) == (
+        "mpi",
+        1,
+        4,
+        1,
+        "node0",
+    )
+
+
+def test_bad_integer_in_environment_names_the_variable():
+    with pytest.raises(LaunchError, match="RANK='x'"):
+        detect_launch({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_slurm_nodelist_expansion():
+    assert expand_slurm_nodelist("a[1-3,10],b,c[08-09]") == ["a1", "a2", "a3", "a10", "b", "c08", "c09"]
+
+
+def test_real_mpirun_launch_forms_one_group(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(
+        textwrap.dedent("""
+        import torch, torch.distributed as dist
+        from megatron_glm.training.distributed import init_distributed
+        info = init_distributed()
+        total = torch.tensor([float(info.rank + 1)])
+        dist.all_reduce(total)
+        print(f"rank {info.rank}/{info.world_size} launcher {info.launcher} sum {total.item():.0f}", flush=True)
+        dist.barrier()
+        dist.destroy_process_group()
+    """)
+    )
+    env = {
+        **os.environ,
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+    }
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    out = subprocess.run(
+        [
+            "mpirun",
+            "--oversubscribe",
+            "-np",
+            "2",
+            "-x",
+            "PATH",
+            "-x",
+            "PYTHONPATH",
+            "-x",
+            "OMP_NUM_THREADS",
+            sys.executable,
+            str(script),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "rank 0/2 launcher mpi sum 3" in out.stdout and "rank 1/2 launcher mpi sum 3" in out.stdout
+
+
+def _schedule(style, **kw):
+    return LRScheduleConfig(
+        style=style,
+        decay_steps=kw.get("decay", 1000),
+        warmup_fraction=kw.get("warmup", 0.1),
+        min_lr_ratio=kw.get("ratio", 0.1),
+    )
+
+
+def test_warmup_is_linear_from_zero():
+    s = _schedule("cosine")
+    assert lr_at(0, 1.0, s, 1000) == 0.0
+    assert lr_at(50, 1.0, s, 1000) == pytest.approx(0.5)
+    assert lr_at(100, 1.0, s, 1000) == pytest.approx(1.0)
+
+
+def test_cosine_decays_to_the_ratio_and_stays():
+    s = _schedule("cosine")
+    assert lr_at(550, 1.0, s, 1000) == pytest.approx((1 + 0.1) / 2)
+    assert lr_at(1000, 1.0, s, 1000) == pytest.approx(0.1)
+    assert lr_at(5000, 1.0, s, 1000) == pytest.approx(0.1)
+
+
+def test_linear_is_not_clamped_as_in_the_reference():
+    s = _schedule("linear")
+    assert lr_at(1000, 1.0, s, 1000) == pytest.approx(0.1)
+    assert lr_at(1050, 1.0, s, 1000) == pytest.approx(0.05)
+    assert lr_at(10**6, 1.0, s, 1000) == 0.0
+
+
+def test_decay_defaults_to_train_steps_and_constant_stays():
+    s = LRScheduleConfig(style="cosine", decay_steps=None, warmup_fraction=0.0, min_lr_ratio=0.0)
+    assert lr_at(250, 2.0, s, 500) == pytest.approx(2.0 * (math.cos(math.pi * 0.5) + 1) / 2)
+    assert lr_at(7, 3.0, LRScheduleConfig(style="constant", warmup_fraction=0.0), 100) == 3.0
