@@ -2,10 +2,10 @@
 
 Examples::
 
-    python -m data_tools.build_samples --data-path 0.7 wiki_text_sentence 0.3 books_text_sentence \\
+    python -m data_tools.build_samples --data-path 0.7 wiki 0.3 books \\
         --seq-length 512 --token-prob 0.5 --sentence-prob 0.3 --document-prob 0.2 --task-mask \\
         --num-variants 4 --split 949,50,1 --seed 1234 --cache-dir outputs/samples --workers 8
-    python -m data_tools.build_samples --corpus outputs/demo/corpus/austen_text_sentence --seq-length 128
+    python -m data_tools.build_samples --corpus outputs/demo/corpus/austen --seq-length 128
 
 The directory is named by a hash of the inputs under ``--cache-dir`` (what the trainer looks up with the
 same options) unless ``--output`` names it. An existing complete directory is reused, never rebuilt.

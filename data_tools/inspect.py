@@ -1,6 +1,6 @@
 """glm-inspect: statistics of a corpus or a sample directory, and samples rendered as text.
 
-    python -m data_tools.inspect outputs/demo/corpus/austen_text_sentence          # a .bin/.idx prefix
+    python -m data_tools.inspect outputs/demo/corpus/austen          # a .bin/.idx prefix
     python -m data_tools.inspect outputs/samples/glm-samples-0123abcd --show 3     # a sample directory
     python -m data_tools.inspect ... --json
 
@@ -50,6 +50,13 @@ def _distribution(values: np.ndarray) -> dict:
     return result
 
 
+def _tokenizer_name(recorded: object) -> str | None:
+    """The tokenizer name in a corpus sidecar (glm-preprocess writes an object with ``name``)."""
+    if isinstance(recorded, dict):
+        recorded = recorded.get("name")
+    return recorded if isinstance(recorded, str) else None
+
+
 def corpus_statistics(prefix: str) -> dict:
     corpus = IndexedDataset(prefix)
     sentence_lengths = np.asarray(corpus.sequence_lengths, dtype=np.int64)
@@ -58,7 +65,7 @@ def corpus_statistics(prefix: str) -> dict:
     sidecar = read_corpus_sidecar(prefix) or {}
     return {
         "corpus": prefix,
-        "tokenizer": sidecar.get("tokenizer"),
+        "tokenizer": _tokenizer_name(sidecar.get("tokenizer")),
         "dtype": corpus.dtype.name,
         "tokens": int(corpus.num_tokens),
         "documents": corpus.num_documents,

@@ -114,9 +114,8 @@ def check_corpus_tokenizer(prefix: str, tokenizer: GLMTokenizer) -> None:
     sidecar = read_corpus_sidecar(prefix)
     if sidecar is None:
         return
-    name = sidecar.get("tokenizer")
-    if isinstance(name, dict):
-        name = name.get("name")
+    recorded = sidecar.get("tokenizer")
+    name = recorded.get("name") if isinstance(recorded, dict) else recorded
     where = f"{prefix}.meta.json"
     if (
         isinstance(name, str)
@@ -127,7 +126,7 @@ def check_corpus_tokenizer(prefix: str, tokenizer: GLMTokenizer) -> None:
             f"{where}: the corpus was tokenized with {name!r} but {tokenizer.name!r} was requested; "
             f"pass --tokenizer {name} or re-run glm-preprocess with {tokenizer.name}"
         )
-    commands = sidecar.get("command_tokens", sidecar.get("command"))
+    commands = recorded.get("command_tokens") if isinstance(recorded, dict) else None
     if isinstance(commands, dict):
         ours = dataclasses.asdict(tokenizer.command)
         differing = sorted(k for k, v in commands.items() if k in ours and ours[k] != v)

@@ -268,3 +268,24 @@ def test_corpus_arguments_parse_megatron_and_repeated_forms():
     ]
     with pytest.raises(DataError, match="weight/prefix pairs"):
         parse_corpora(["0.7", "a", "b"], None)
+
+
+def test_a_preprocessed_corpus_with_other_command_ids_is_refused(tmp_path):
+    from data_tools.preprocess import main as preprocess_main
+    from data_tools.sample_format import check_corpus_tokenizer
+    from data_tools.tokenizer import load_tokenizer
+
+    text = tmp_path / "doc.jsonl"
+    text.write_text('{"text": "It was a fine day. The sun shone."}\n')
+    prefix = tmp_path / "corpus"
+    assert preprocess_main(["--input", str(text), "--output-prefix", str(prefix), "--tokenizer",
+                            "bert-base-uncased", "--workers", "1", "--no-progress"]) == 0
+    check_corpus_tokenizer(str(prefix), load_tokenizer("bert-base-uncased"))
+    sidecar = tmp_path / "corpus.meta.json"
+    meta = json.loads(sidecar.read_text())
+    meta["tokenizer"]["command_tokens"]["sop"] = 5
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"command token ids \['sop'\] differ"):
+        check_corpus_tokenizer(str(prefix), load_tokenizer("bert-base-uncased"))
+    with pytest.raises(DataError, match="tokenized with 'bert-base-uncased' but 'gpt2'"):
+        check_corpus_tokenizer(str(prefix), load_tokenizer("gpt2"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -32,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set training.train_steps=1000 (repeatable)",
     )
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="only build (or find) the sample directory of the config's data section, print its path and "
+        "exit: run it once before launching a job so that no rank waits for the build",
+    )
     return parser
 
 
@@ -43,6 +50,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"glm-pretrain: error: {exc}", file=sys.stderr)
         return 2
+    if args.prepare_only:
+        from megatron_glm.data import prepare_sample_directory
+
+        try:
+            print(
+                prepare_sample_directory(
+                    cfg.data, cfg.model.tokenizer, builder=True, workers=os.cpu_count() or 1, progress=True
+                )
+            )
+        except DataError as exc:
+            print(f"glm-pretrain: error: {exc}", file=sys.stderr)
+            return 1
+        return 0
     # DeepSpeed's ZeRO calls a torch collective that torch has renamed; the warning is not ours to fix.
     warnings.filterwarnings(
         "ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning

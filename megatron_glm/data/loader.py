@@ -57,7 +57,7 @@ def build_data_loader(dataset: GLMDataset, sampler: GLMBatchSampler, num_workers
 
 
 def prepare_sample_directory(
-    data: DataConfig, tokenizer: str, *, builder: bool = True, workers: int = 1
+    data: DataConfig, tokenizer: str, *, builder: bool = True, workers: int = 1, progress: bool = False
 ) -> Path:
     """Build (on ``builder`` ranks) or wait for the sample directory of ``data`` under ``data.cache_dir``.
 
@@ -78,6 +78,7 @@ def prepare_sample_directory(
         data.cache_dir,
         builder=builder,
         workers=workers,
+        progress=progress,
     )
 
 
