@@ -13,6 +13,7 @@ import importlib.util
 
 import torch
 
+from kernels.dropout import Dropout, dropout, keep_mask
 from kernels.errors import KernelError
 from kernels.reference import glm_attention_mask, glm_attention_torch, layer_norm_torch
 
@@ -102,10 +103,13 @@ def layer_norm(
 
 __all__ = [
     "BACKENDS",
+    "Dropout",
     "KernelError",
+    "dropout",
     "glm_attention",
     "glm_attention_mask",
     "glm_attention_torch",
+    "keep_mask",
     "layer_norm",
     "layer_norm_torch",
     "resolve_backend",

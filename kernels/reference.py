@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels.dropout import dropout
+
 
 def glm_attention_mask(
     sep: torch.Tensor,
@@ -52,15 +54,33 @@ def glm_attention_torch(
     sep = sep.to(q.device)
     if lengths is None:
         mask = glm_attention_mask(sep, query_length, key_length)
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=softmax_scale
-        )
+        return _attention(q, k, v, mask, softmax_scale, dropout_p)
     lengths = lengths.to(q.device)
     # A sample of length 0 would leave rows with no visible key, which SDPA turns into NaN (and NaN
     # gradients). Letting such rows see key 0 keeps everything finite; their output is zeroed below anyway.
     mask = glm_attention_mask(sep, query_length, key_length, lengths.clamp(min=1))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=softmax_scale)
+    out = _attention(q, k, v, mask, softmax_scale, dropout_p)
     return out.masked_fill(~query_rows_valid(lengths, query_length, key_length), 0.0)
+
+
+def _attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    softmax_scale: float | None,
+    dropout_p: float,
+) -> torch.Tensor:
+    if dropout_p == 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=softmax_scale
+        )
+    # With dropout, SDPA on CPU leaves its flash kernel for a path that draws the mask with bernoulli_; the
+    # same math with the cheap mask of kernels.dropout is faster.
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).masked_fill_(~mask, float("-inf"))
+    probabilities = dropout(torch.softmax(scores, dim=-1), dropout_p)
+    return torch.matmul(probabilities, v)
 
 
 def layer_norm_torch(

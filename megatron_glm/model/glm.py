@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import kernels
 from megatron_glm.config import ModelConfig
 from megatron_glm.model.transformer import GLMTransformerLayer, LayerNorm, init_generator
 from megatron_glm.parallel import (
@@ -66,7 +67,7 @@ class PositionEmbeddings(nn.Module):
                 config.max_position_embeddings, h, device=device, dtype=dtype
             )
             self.block_position_embeddings = None
-        self.embedding_dropout = nn.Dropout(config.hidden_dropout)
+        self.embedding_dropout = kernels.Dropout(config.hidden_dropout)
         if not self.position_embeddings.weight.is_meta:
             self.reset_position_embeddings(seed)
 

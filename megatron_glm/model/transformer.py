@@ -187,7 +187,7 @@ class GLMTransformerLayer(nn.Module):
             h, eps, kernel_backend=config.kernels, device=device, dtype=dtype
         )
         self.mlp = GLMMLP(config, device=device, dtype=dtype)
-        self.hidden_dropout = nn.Dropout(config.hidden_dropout)
+        self.hidden_dropout = kernels.Dropout(config.hidden_dropout)
         if not self.input_layernorm.weight.is_meta:
             self.reset_parameters(seed)
 

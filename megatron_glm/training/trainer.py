@@ -10,9 +10,11 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+import kernels
 from data_tools.errors import DataError
 from data_tools.tokenizer import load_tokenizer
 from megatron_glm.config import (
+    ConfigError,
     GLMConfig,
     dump_config,
     model_flops_per_token,
@@ -100,9 +102,21 @@ def _pretrain(cfg: GLMConfig, rank: int, world_size: int, device: torch.device) 
     )
 
     tokenizer = load_tokenizer(cfg.model.tokenizer)
+    if cfg.training.precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            "training.precision: fp16 needs CUDA GPUs (CPUs compute fp16 very slowly and DeepSpeed's "
+            "CPU accelerator does not support it); use bf16 or fp32"
+        )
     sample_dir = prepare_sample_directory(cfg.data, cfg.model.tokenizer, builder=rank == 0)
     vocab_size = padded_vocab_size(cfg.model, layout.tensor_parallel_size)
     engine = TrainingEngine(cfg, layout, vocab_size)
+    backend = kernels.resolve_backend(cfg.model.kernels, device)
+    logger.info(
+        "kernels: %s attention and LayerNorm on %s (model.kernels=%s)",
+        backend,
+        device.type,
+        cfg.model.kernels,
+    )
 
     manager = CheckpointManager(cfg.checkpoint.save_dir, cfg.checkpoint.keep_last)
     step, consumed, skipped_total = 0, 0, 0
@@ -138,8 +152,6 @@ def _pretrain(cfg: GLMConfig, rank: int, world_size: int, device: torch.device) 
     batches = iter(train_loader)
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.training.precision]
-    if device.type == "cpu" and dtype == torch.float16:
-        dtype = torch.float32
     peak = torch.tensor([measure_matmul_peak(device, dtype)], dtype=torch.float64)
     dist.all_reduce(peak)
     seq_length = cfg.data.seq_length
