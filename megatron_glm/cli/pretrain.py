@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set training.train_steps=1000 (repeatable)",
     )
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment it also sets.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--prepare-only",
         action="store_true",

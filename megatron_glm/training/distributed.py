@@ -17,10 +17,6 @@ from datetime import timedelta
 
 import torch
 
-from megatron_glm.log import get_logger
-
-logger = get_logger("distributed")
-
 
 class LaunchError(Exception):
     """The launcher's environment is incomplete or inconsistent."""
@@ -202,16 +198,6 @@ def init_distributed(timeout_minutes: int = 30) -> LaunchInfo:
         rank=info.rank,
         world_size=info.world_size,
         verbose=False,
-    )
-    logger.info(
-        "launcher %s: rank %d of %d (local rank %d) on %s, master %s:%d",
-        info.launcher,
-        info.rank,
-        info.world_size,
-        info.local_rank,
-        device,
-        info.master_addr,
-        info.master_port,
     )
     return info
 

@@ -73,6 +73,15 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
 def pretrain(cfg: GLMConfig) -> TrainingResult:
     info = init_distributed()
     setup_logging(info.rank, cfg.logging.log_dir, cfg.logging.all_ranks, cfg.logging.level)
+    logger.info(
+        "launcher %s: rank %d of %d (local rank %d), master %s:%d",
+        info.launcher,
+        info.rank,
+        info.world_size,
+        info.local_rank,
+        info.master_addr,
+        info.master_port,
+    )
     try:
         return _pretrain(cfg, info.rank, info.world_size, device_for(info.local_rank))
     finally:
