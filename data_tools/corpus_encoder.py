@@ -68,6 +68,28 @@ def _marking_tokenizer(tokenizer: GLMTokenizer) -> tuple[Tokenizer, int]:
     return hf, hf.token_to_id(SENTENCE_END)
 
 
+# The tokenizer's working memory grows with the string it is given (about 100x the text for its
+# encodings); documents longer than this are encoded in pieces cut after sentence marks, and pieces are
+# encoded a few MB at a time, so memory stays flat even for a multi-megabyte document. Subwords never
+# straddle a mark, so the pieces' tokens join up to the document's.
+_PIECE_CHARS = 1 << 18
+_GROUP_CHARS = 1 << 21
+
+
+def _pieces(text: str) -> list[str]:
+    """``text`` (which ends with a sentence mark) cut after marks into pieces of about ``_PIECE_CHARS``."""
+    if len(text) <= _PIECE_CHARS:
+        return [text]
+    pieces, start = [], 0
+    while start < len(text):
+        end = text.rfind(SENTENCE_END, start, start + _PIECE_CHARS)
+        if end < start:  # one sentence longer than a piece: it stays whole
+            end = text.find(SENTENCE_END, start + _PIECE_CHARS)
+        pieces.append(text[start : end + 1])
+        start = end + 1
+    return pieces
+
+
 class CorpusEncoder:
     def __init__(self, tokenizer: GLMTokenizer, options: TextOptions):
         self.options = options
@@ -91,15 +113,36 @@ class CorpusEncoder:
         """Encode stripped, non-empty documents; sentences that produce no token are dropped."""
         return self.encode_prepared(self.prepare(texts) if texts else [])
 
+    def _encode_in_pieces(self, prepared: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All tokens of ``prepared`` concatenated (int32) and the token count of each document."""
+        pieces, owner = [], []
+        for index, text in enumerate(prepared):
+            for piece in _pieces(text):
+                pieces.append(piece)
+                owner.append(index)
+        chunks, piece_counts = [], []
+        group_start, group_chars = 0, 0
+        for end, piece in enumerate(pieces, 1):
+            group_chars += len(piece)
+            if group_chars >= _GROUP_CHARS or end == len(pieces):
+                encodings = self._tokenizer.encode_batch_fast(
+                    pieces[group_start:end], add_special_tokens=False
+                )
+                ids = [e.ids for e in encodings]
+                del encodings
+                counts = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+                chunks.append(np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(counts.sum())))
+                piece_counts.append(counts)
+                group_start, group_chars = end, 0
+        counts = np.bincount(np.asarray(owner), weights=np.concatenate(piece_counts), minlength=len(prepared))
+        return np.concatenate(chunks), counts.astype(np.int64)
+
     def encode_prepared(self, prepared: list[str]) -> EncodedBatch:
         """``encode`` in two steps, so that a thread can prepare the next batch while this one encodes."""
         if not prepared:
             empty = np.zeros(0, np.int32)
             return EncodedBatch(empty, empty, np.zeros(0, np.int64), 0)
-        encodings = self._tokenizer.encode_batch_fast(prepared, add_special_tokens=False)
-        ids = [e.ids for e in encodings]
-        counts = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=int(counts.sum()))
+        flat, counts = self._encode_in_pieces(prepared)
         marks = np.flatnonzero(flat == self._mark_id)
         # Every document ends with a mark, so the mark at its last token closes its last sentence.
         document_last = np.cumsum(counts) - 1

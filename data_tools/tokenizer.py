@@ -107,21 +107,7 @@ class GLMTokenizer:
         self._commands_tokenizer = hf_tokenizer
         self._text_tokenizer = Tokenizer.from_str(hf_tokenizer.to_str())
         self._text_tokenizer.encode_special_tokens = True
-        ids = {
-            s: hf_tokenizer.token_to_id(s)
-            for s in (
-                SOP,
-                EOP,
-                "[CLS]",
-                "[MASK]",
-                "[SEP]",
-                "[UNK]",
-                "[gMASK]",
-                "[sMASK]",
-                "[dBLOCK]",
-                eos_string,
-            )
-        }
+        ids = {s: hf_tokenizer.token_to_id(s) for s in (*_BPE_APPEND_ORDER[1:], eos_string)}
         missing = [s for s, i in ids.items() if i is None]
         if missing:
             raise DataError(f"tokenizer {name!r} lacks the command tokens {missing}")

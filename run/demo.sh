@@ -3,14 +3,14 @@
 #   1. glm-preprocess   the corpus -> Megatron .bin/.idx, one sequence per sentence
 #   2. glm-inspect      corpus statistics
 #   3. sample directory packed samples with precomputed span masks (glm-pretrain --prepare-only)
-#   4. glm-pretrain     glm-tiny on 2 ranks with DeepSpeed (ZeRO-1, bf16), checkpoints and evaluation
+#   4. glm-pretrain     glm-tiny on 2 ranks with DeepSpeed (ZeRO-1, fp32), checkpoints and evaluation
 #   5. glm-fill-blanks  the trained model fills [MASK] blanks (greedy)
 # Set DEMO_STEPS / DEMO_RANKS to change the training length and the number of ranks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=outputs/demo
 CONFIG=run/configs/glm-tiny.yaml
-STEPS=${DEMO_STEPS:-300}
+STEPS=${DEMO_STEPS:-250}
 RANKS=${DEMO_RANKS:-2}
 banner() { printf '\n==== %s ====\n' "$*"; }
 
@@ -26,7 +26,7 @@ SAMPLES=$(glm-pretrain --config "$CONFIG" --prepare-only)
 glm-inspect "$SAMPLES"
 glm-inspect "$SAMPLES" --show 2
 
-banner "4/5 pretrain glm-tiny for $STEPS steps on $RANKS ranks (DeepSpeed ZeRO-1, bf16)"
+banner "4/5 pretrain glm-tiny for $STEPS steps on $RANKS ranks (DeepSpeed ZeRO-1, fp32)"
 rm -rf "$OUT/checkpoints" "$OUT/logs"
 torchrun --nproc_per_node "$RANKS" -m megatron_glm.cli.pretrain --config "$CONFIG" \
     --set training.train_steps="$STEPS"

@@ -14,8 +14,15 @@ from megatron_glm.parallel import destroy_parallel, initialize_parallel
 
 # A large init makes the layers (not the residual copy of the input token) decide the prediction, so the
 # greedy tokens vary with position and a position or mask mistake in decoding changes them.
-CONFIG = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, max_position_embeddings=64,
-                     hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.5)
+CONFIG = ModelConfig(
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+    init_method_std=0.5,
+)
 
 
 @pytest.fixture
@@ -35,12 +42,15 @@ def test_greedy_answer_is_the_teacher_forced_argmax(model):
 
     ids = [command.cls, *tokenizer.encode_with_commands(text), command.eos]
     blank = ids.index(command.mask)
-    original = ids[:blank] + answer + ids[blank + 1:]
+    original = ids[:blank] + answer + ids[blank + 1 :]
     layout = build_glm_layout(np.asarray(original), [(blank, len(answer))], Objective.TOKEN, command)
     with torch.no_grad():
-        hidden = model(torch.from_numpy(layout.tokens)[None], torch.from_numpy(layout.position_ids)[None],
-                       torch.tensor([layout.sep]))
-        predicted = model.logits(hidden[0, layout.sep: layout.sep + len(answer)]).argmax(-1).tolist()
+        hidden = model(
+            torch.from_numpy(layout.tokens)[None],
+            torch.from_numpy(layout.position_ids)[None],
+            torch.tensor([layout.sep]),
+        )
+        predicted = model.logits(hidden[0, layout.sep : layout.sep + len(answer)]).argmax(-1).tolist()
     assert predicted == answer
 
 

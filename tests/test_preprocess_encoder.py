@@ -89,3 +89,21 @@ def test_punctuation_standardization_can_be_turned_off():
     off = CorpusEncoder(tokenizer, TextOptions(standardize_punctuation=False)).encode([text])
     assert tokenizer.decode(on.tokens.tolist()) == '"Hi" - she said.'
     assert tokenizer.decode(off.tokens.tolist()) == text
+
+
+@pytest.mark.parametrize("tokenizer_name", ["bert-base-uncased", "gpt2"])
+def test_long_documents_encode_in_pieces_to_the_same_tokens(monkeypatch, tokenizer_name):
+    from data_tools import corpus_encoder
+    from tests.glm_corpora import austen_chapters
+
+    texts = ["\n".join(austen_chapters(0, 3)), "A short one. Two sentences.", austen_chapters(5, 1)[0]]
+    encoder = CorpusEncoder(load_tokenizer(tokenizer_name), TextOptions())
+    whole = encoder.encode(texts)
+    # Pieces of ~2 KB cut after sentence marks, encoded ~8 KB at a time: the memory-bounded path.
+    monkeypatch.setattr(corpus_encoder, "_PIECE_CHARS", 2048)
+    monkeypatch.setattr(corpus_encoder, "_GROUP_CHARS", 8192)
+    assert len(corpus_encoder._pieces(encoder.prepare(texts)[0])) > 10
+    pieced = encoder.encode(texts)
+    assert np.array_equal(pieced.tokens, whole.tokens)
+    assert np.array_equal(pieced.sequence_lengths, whole.sequence_lengths)
+    assert np.array_equal(pieced.document_ends, whole.document_ends)

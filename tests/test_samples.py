@@ -278,8 +278,22 @@ def test_a_preprocessed_corpus_with_other_command_ids_is_refused(tmp_path):
     text = tmp_path / "doc.jsonl"
     text.write_text('{"text": "It was a fine day. The sun shone."}\n')
     prefix = tmp_path / "corpus"
-    assert preprocess_main(["--input", str(text), "--output-prefix", str(prefix), "--tokenizer",
-                            "bert-base-uncased", "--workers", "1", "--no-progress"]) == 0
+    assert (
+        preprocess_main(
+            [
+                "--input",
+                str(text),
+                "--output-prefix",
+                str(prefix),
+                "--tokenizer",
+                "bert-base-uncased",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     check_corpus_tokenizer(str(prefix), load_tokenizer("bert-base-uncased"))
     sidecar = tmp_path / "corpus.meta.json"
     meta = json.loads(sidecar.read_text())

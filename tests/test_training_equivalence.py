@@ -1,10 +1,21 @@
 """Parallel layouts train identically: the same tiny GLM, data and global batch on DeepSpeed give the same
-per-step losses at DP = 2 with ZeRO 1, 2 and 3, TP = 2, PP = 2 and TP = 2 x PP = 2 as on one rank."""
+per-step losses (and evaluation losses per objective) at DP = 2 with ZeRO 1, 2 and 3, TP = 2, PP = 2 and
+TP = 2 x PP = 2 as on one rank; bf16 training tracks fp32."""
+
+import json
 
 import pytest
 
 from tests.glm_corpora import austen_corpus
 from tests.training_runs import run_pretrain, step_losses, tiny_overrides
+
+# Evaluate after steps 2 and 4 on four global batches of the validation split.
+EVAL = {"training.eval_interval": 2, "training.eval_steps": 4}
+
+
+def _evaluations(run_dir) -> list[dict]:
+    records = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == "eval"]
 
 
 @pytest.fixture(scope="module")
@@ -12,8 +23,8 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("equivalence")
     corpus = austen_corpus(root, 0, 12)
     baseline = root / "baseline"
-    run_pretrain(1, tiny_overrides(corpus, root / "samples", baseline, **{"parallel.zero_stage": 0}))
-    return root, corpus, step_losses(baseline)
+    run_pretrain(1, tiny_overrides(corpus, root / "samples", baseline, **{"parallel.zero_stage": 0}, **EVAL))
+    return root, corpus, step_losses(baseline), _evaluations(baseline)
 
 
 def _assert_same_losses(reference: dict[int, float], other: dict[int, float], rel: float) -> None:
@@ -22,14 +33,18 @@ def _assert_same_losses(reference: dict[int, float], other: dict[int, float], re
         assert other[step] == pytest.approx(loss, rel=rel), f"step {step}: {other[step]} vs {loss}"
 
 
-def test_baseline_learns(workspace):
-    _, _, losses = workspace
+def test_baseline_learns_and_evaluates_each_objective(workspace):
+    _, _, losses, evaluations = workspace
     assert losses[4] < losses[1]
+    assert [e["step"] for e in evaluations] == [2, 4]
+    for evaluation in evaluations:
+        assert {"eval_token", "eval_sentence", "eval_document", "eval_all"} <= evaluation.keys()
+    assert evaluations[1]["eval_all"] < evaluations[0]["eval_all"]
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
 def test_data_parallel_with_zero_matches_one_rank(workspace, zero_stage):
-    root, corpus, reference = workspace
+    root, corpus, reference, _ = workspace
     run_dir = root / f"dp2-zero{zero_stage}"
     run_pretrain(2, tiny_overrides(corpus, root / "samples", run_dir, **{"parallel.zero_stage": zero_stage}))
     # fp32; the data-parallel all-reduce only changes the summation order of the gradients.
@@ -42,10 +57,33 @@ def test_data_parallel_with_zero_matches_one_rank(workspace, zero_stage):
     ids=["tp2", "pp2", "tp2xpp2"],
 )
 def test_model_parallel_layouts_match_one_rank(workspace, world_size, tp, pp):
-    root, corpus, reference = workspace
+    root, corpus, reference, evaluations = workspace
     run_dir = root / f"tp{tp}-pp{pp}"
-    settings = {"parallel.tensor_parallel_size": tp, "parallel.pipeline_parallel_size": pp,
-                "parallel.zero_stage": 1}
+    settings = {
+        "parallel.tensor_parallel_size": tp,
+        "parallel.pipeline_parallel_size": pp,
+        "parallel.zero_stage": 1,
+        **EVAL,
+    }
     run_pretrain(world_size, tiny_overrides(corpus, root / "samples", run_dir, **settings))
     # Tensor parallelism splits the matmuls' reductions (fp32 rounding); the pipeline runs the same math.
     _assert_same_losses(reference, step_losses(run_dir), rel=1e-4)
+    ours = _evaluations(run_dir)
+    assert [e["step"] for e in ours] == [2, 4]
+    for mine, theirs in zip(ours, evaluations):
+        for key in ("eval_token", "eval_sentence", "eval_document", "eval_all"):
+            assert mine[key] == pytest.approx(theirs[key], rel=1e-4), key
+
+
+@pytest.mark.parametrize("pipeline", [1, 2], ids=["dp2", "pp2"])
+def test_bf16_training_tracks_fp32(workspace, pipeline):
+    root, corpus, reference, _ = workspace
+    run_dir = root / f"bf16-pp{pipeline}"
+    settings = {
+        "training.precision": "bf16",
+        "parallel.zero_stage": 1,
+        "parallel.pipeline_parallel_size": pipeline,
+    }
+    run_pretrain(2, tiny_overrides(corpus, root / "samples", run_dir, **settings))
+    # bf16 keeps 8 bits of mantissa; over four steps the loss stays within a percent of fp32's.
+    _assert_same_losses(reference, step_losses(run_dir), rel=1e-2)

@@ -47,23 +47,54 @@ def _check(result, run_dir, reference):
 def test_mpirun(workspace):
     root, corpus, reference = workspace
     run_dir = root / "mpirun"
-    env = {**pretrain_env(), "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-           "MASTER_PORT": str(_free_port())}
-    command = ["mpirun", "--oversubscribe", "-np", "2", "-x", "PATH", "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS",
-               "-x", "MASTER_PORT", sys.executable, "-m", "megatron_glm.cli.pretrain",
-               *_arguments(tiny_overrides(corpus, root / "samples", run_dir))]
-    _check(subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT), run_dir,
-           reference)
+    env = {
+        **pretrain_env(),
+        "OMPI_ALLOW_RUN_AS_ROOT": "1",
+        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+        "MASTER_PORT": str(_free_port()),
+    }
+    command = [
+        "mpirun",
+        "--oversubscribe",
+        "-np",
+        "2",
+        "-x",
+        "PATH",
+        "-x",
+        "PYTHONPATH",
+        "-x",
+        "OMP_NUM_THREADS",
+        "-x",
+        "MASTER_PORT",
+        sys.executable,
+        "-m",
+        "megatron_glm.cli.pretrain",
+        *_arguments(tiny_overrides(corpus, root / "samples", run_dir)),
+    ]
+    _check(
+        subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT),
+        run_dir,
+        reference,
+    )
 
 
 def test_deepspeed_launcher(workspace):
     root, corpus, reference = workspace
     run_dir = root / "deepspeed"
-    command = [shutil.which("deepspeed", path=os.path.dirname(sys.executable)), "--num_gpus", "2",
-               "--master_port", str(_free_port()), shutil.which("glm-pretrain", path=os.path.dirname(sys.executable)),
-               *_arguments(tiny_overrides(corpus, root / "samples", run_dir))]
-    _check(subprocess.run(command, env=pretrain_env(), capture_output=True, text=True, timeout=300, cwd=ROOT),
-           run_dir, reference)
+    command = [
+        shutil.which("deepspeed", path=os.path.dirname(sys.executable)),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        shutil.which("glm-pretrain", path=os.path.dirname(sys.executable)),
+        *_arguments(tiny_overrides(corpus, root / "samples", run_dir)),
+    ]
+    _check(
+        subprocess.run(command, env=pretrain_env(), capture_output=True, text=True, timeout=300, cwd=ROOT),
+        run_dir,
+        reference,
+    )
 
 
 def test_srun_environment(workspace):
@@ -71,15 +102,29 @@ def test_srun_environment(workspace):
     root, corpus, reference = workspace
     run_dir = root / "srun"
     job_id = _free_port() - 20000
-    command = [sys.executable, "-m", "megatron_glm.cli.pretrain",
-               *_arguments(tiny_overrides(corpus, root / "samples", run_dir))]
+    command = [
+        sys.executable,
+        "-m",
+        "megatron_glm.cli.pretrain",
+        *_arguments(tiny_overrides(corpus, root / "samples", run_dir)),
+    ]
     processes = []
     for rank in range(2):
-        env = {**pretrain_env(), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": "2",
-               "SLURM_STEP_ID": "0", "SLURM_JOB_ID": str(job_id), "SLURM_JOB_NODELIST": "localhost",
-               "PATH": "/usr/bin:/bin"}
-        processes.append(subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True))
+        env = {
+            **pretrain_env(),
+            "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank),
+            "SLURM_NTASKS": "2",
+            "SLURM_STEP_ID": "0",
+            "SLURM_JOB_ID": str(job_id),
+            "SLURM_JOB_NODELIST": "localhost",
+            "PATH": "/usr/bin:/bin",
+        }
+        processes.append(
+            subprocess.Popen(
+                command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     outputs = [p.communicate(timeout=300) for p in processes]
     for process, (_, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stderr[-3000:]

@@ -32,10 +32,12 @@ def poisoned(tmp_path_factory):
 
 def test_stop_policy_fails_naming_the_last_good_checkpoint(poisoned):
     root, corpus = poisoned
-    overrides = tiny_overrides(corpus, root / "samples", root / "stop",
-                               **{"checkpoint.init_from": str(root / "poisoned")})
-    result = subprocess.run(pretrain_command(1, overrides), env=pretrain_env(), capture_output=True, text=True,
-                            timeout=300)
+    overrides = tiny_overrides(
+        corpus, root / "samples", root / "stop", **{"checkpoint.init_from": str(root / "poisoned")}
+    )
+    result = subprocess.run(
+        pretrain_command(1, overrides), env=pretrain_env(), capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 1
     assert "non-finite loss at step 1; the update was not applied" in result.stderr
     assert "Last good checkpoint: none saved yet" in result.stderr
@@ -45,9 +47,15 @@ def test_stop_policy_fails_naming_the_last_good_checkpoint(poisoned):
 def test_skip_policy_skips_every_update_and_leaves_the_weights_alone(poisoned):
     root, corpus = poisoned
     run_dir = root / "skip"
-    run_pretrain(1, tiny_overrides(corpus, root / "samples", run_dir,
-                                   **{"checkpoint.init_from": str(root / "poisoned"),
-                                      "training.nonfinite_policy": "skip"}))
+    run_pretrain(
+        1,
+        tiny_overrides(
+            corpus,
+            root / "samples",
+            run_dir,
+            **{"checkpoint.init_from": str(root / "poisoned"), "training.nonfinite_policy": "skip"},
+        ),
+    )
     records = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
     (before_file,) = find_checkpoint_files(root / "poisoned")

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from tests.glm_corpora import austen_corpus
-from tests.training_runs import pretrain_command, pretrain_env, run_pretrain, step_losses, tiny_overrides
+from tests.training_runs import (
+    children,
+    kill_tree,
+    pretrain_command,
+    pretrain_env,
+    run_pretrain,
+    step_losses,
+    tiny_overrides,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 40
@@ -27,14 +35,26 @@ def workspace(tmp_path_factory):
 
 
 def _overrides(corpus, root, run_dir, **extra):
-    settings = {"training.train_steps": STEPS, "checkpoint.interval": 5, "checkpoint.keep_last": 2,
-                "parallel.zero_stage": 1, **extra}
+    settings = {
+        "training.train_steps": STEPS,
+        "checkpoint.interval": 5,
+        "checkpoint.keep_last": 2,
+        "parallel.zero_stage": 1,
+        **extra,
+    }
     return tiny_overrides(corpus, root / "samples", run_dir, **settings)
 
 
 def _start(world_size, overrides) -> subprocess.Popen:
-    return subprocess.Popen(pretrain_command(world_size, overrides), env=pretrain_env(), cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        pretrain_command(world_size, overrides),
+        env=pretrain_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def _wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -43,21 +63,9 @@ def _wait_for(predicate, process: subprocess.Popen, timeout: float = 300) -> Non
         if process.poll() is not None:
             raise AssertionError(f"run ended before the condition held:\n{process.stderr.read()[-3000:]}")
         if time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
+            kill_tree(process.pid)
             raise AssertionError("timed out waiting for the run")
         time.sleep(0.02)
-
-
-def _children(pid: int) -> list[int]:
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return sorted(children)
 
 
 def _latest(run_dir: Path) -> int | None:
@@ -83,7 +91,7 @@ def test_resume_after_kill_9_is_bitwise_exact(workspace):
     process = _start(2, _overrides(corpus, root, run_dir))
     _wait_for(lambda: (_latest(run_dir) or 0) >= 5, process)
     # kill -9 every rank and the launcher (torchrun puts its workers in their own process groups).
-    for pid in _children(process.pid) + [process.pid]:
+    for pid in children(process.pid) + [process.pid]:
         os.kill(pid, signal.SIGKILL)
     process.wait()
     resumed_from = _latest(run_dir)
@@ -106,7 +114,7 @@ def test_preemption_signal_to_one_rank_saves_exits_0_and_resumes_exactly(workspa
     process = _start(2, _overrides(corpus, root, run_dir, **{"checkpoint.interval": 0}))
     metrics = run_dir / "logs" / "metrics.jsonl"
     _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, process)
-    workers = _children(process.pid)
+    workers = children(process.pid)
     assert len(workers) == 2
     os.kill(workers[1], sig)  # like SLURM's --signal, but delivered to one rank only: the ranks agree
     _, stderr = process.communicate(timeout=300)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -62,12 +64,45 @@ def pretrain_env() -> dict[str, str]:
     return env
 
 
-def run_pretrain(world_size: int, overrides: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run(pretrain_command(world_size, overrides), env=pretrain_env(), capture_output=True,
-                            text=True, timeout=timeout, cwd=ROOT)
-    if result.returncode != 0:
-        raise AssertionError(f"glm-pretrain failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return result
+def children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (torchrun starts its workers in their own sessions)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants (a hung multi-rank run must not outlive its test)."""
+    for child in children(pid):
+        kill_tree(child)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def run_pretrain(world_size: int, overrides: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    process = subprocess.Popen(
+        pretrain_command(world_size, overrides),
+        env=pretrain_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(process.pid)
+        _, stderr = process.communicate()
+        raise AssertionError(f"glm-pretrain did not finish in {timeout} s:\n{stderr[-4000:]}") from None
+    if process.returncode != 0:
+        raise AssertionError(f"glm-pretrain failed ({process.returncode}):\n{stderr[-4000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:

@@ -157,15 +157,7 @@ class TrainingEngine:
         steps = self.layout.gradient_accumulation_steps
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for micro in range(steps):
-            batch = _to_device(next(batches), self.device)
-            loss = self.engine(
-                batch["tokens"],
-                batch["position_ids"],
-                batch["sep"],
-                batch["targets"],
-                batch["loss_mask"],
-                batch["objective"],
-            )
+            loss = self._forward(next(batches))
             total[0] += loss.detach().double()
             if micro == steps - 1:
                 total[1] = 0.0 if torch.isfinite(total[0]) else 1.0
@@ -177,6 +169,13 @@ class TrainingEngine:
         mean = (total[0] / (steps * dist.get_world_size())).item()
         return StepResult(
             mean, self._skipped_since(skipped_before), self._grad_norm(), self.scheduler.get_lr()
+        )
+
+    def _forward(self, batch: Batch) -> torch.Tensor:
+        """The engine's forward on one micro-batch (``GLMForPretraining``: the loss)."""
+        b = _to_device(batch, self.device)
+        return self.engine(
+            b["tokens"], b["position_ids"], b["sep"], b["targets"], b["loss_mask"], b["objective"]
         )
 
     def _skipped_since(self, before: tuple[int, int]) -> bool:
@@ -198,6 +197,9 @@ class TrainingEngine:
             if self.pipeline:
                 sums = None
                 for _ in range(num_steps):
+                    # eval_batch adds each micro-batch's loss to the engine's running total, which only
+                    # train_batch resets; ours is a vector here, the last training step's a scalar.
+                    self.engine.total_loss = None
                     out = self.engine.eval_batch(_pipeline_iterator(batches, self.device), bcast_loss=False)
                     if out is not None:
                         sums = out if sums is None else sums + out
@@ -205,15 +207,7 @@ class TrainingEngine:
             self.engine.eval()
             sums = torch.zeros(6, dtype=torch.float32, device=self.device)
             for _ in range(num_steps * self.layout.gradient_accumulation_steps):
-                batch = _to_device(next(batches), self.device)
-                sums += self.engine(
-                    batch["tokens"],
-                    batch["position_ids"],
-                    batch["sep"],
-                    batch["targets"],
-                    batch["loss_mask"],
-                    batch["objective"],
-                ).float()
+                sums += self._forward(next(batches)).float()
             dist.all_reduce(sums, group=get_data_parallel_group())
             return sums
         finally:
