@@ -28,4 +28,4 @@ $PIP install -q --upgrade pip >/dev/null
 $PIP install -q "torch==2.13.0"
 $PIP install -q -r requirements.txt -r requirements-dev.txt
 $PIP install -q --no-deps -e .
-echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null))"
+echo "setup: .venv ready ($(.venv/bin/python -c 'from importlib.metadata import version as v; print("torch", v("torch"), "deepspeed", v("deepspeed"))'))"

@@ -6,11 +6,36 @@ import json
 
 import pytest
 
+from megatron_glm.config import ModelConfig
+from megatron_glm.model import GLMModel, load_thudm_checkpoint
+from megatron_glm.parallel import destroy_parallel, initialize_parallel
 from tests.glm_corpora import austen_corpus
 from tests.training_runs import run_pretrain, step_losses, tiny_overrides
 
 # Evaluate after steps 2 and 4 on four global batches of the validation split.
 EVAL = {"training.eval_interval": 2, "training.eval_steps": 4}
+
+
+def _final_weights(run_dir) -> dict:
+    """The run's last checkpoint read the way users read it: THUDM layout into a one-rank GLMModel."""
+    initialize_parallel(1, 1)
+    try:
+        config = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, max_position_embeddings=64)
+        model = GLMModel(config, 30720, device="meta")
+        model.to_empty(device="cpu")
+        load_thudm_checkpoint(model, run_dir / "checkpoints")
+        return {k: v.float() for k, v in model.state_dict().items()}
+    finally:
+        destroy_parallel()
+
+
+def _assert_same_weights(reference_run, run_dir) -> None:
+    reference, ours = _final_weights(reference_run), _final_weights(run_dir)
+    for key, tensor in reference.items():
+        # Adam turns rounding-level gradient differences into small update differences; a misplaced shard
+        # would differ by the weights' own size (relative error ~1).
+        error = (ours[key] - tensor).norm() / tensor.norm().clamp(min=1e-12)
+        assert error < 1e-3, f"{key}: relative difference {error:.2e}"
 
 
 def _evaluations(run_dir) -> list[dict]:
@@ -49,6 +74,8 @@ def test_data_parallel_with_zero_matches_one_rank(workspace, zero_stage):
     run_pretrain(2, tiny_overrides(corpus, root / "samples", run_dir, **{"parallel.zero_stage": zero_stage}))
     # fp32; the data-parallel all-reduce only changes the summation order of the gradients.
     _assert_same_losses(reference, step_losses(run_dir), rel=1e-5)
+    # The checkpoint holds the same model in THUDM's layout (ZeRO-3 gathers its partitions to write it).
+    _assert_same_weights(root / "baseline", run_dir)
 
 
 @pytest.mark.parametrize(
@@ -68,6 +95,7 @@ def test_model_parallel_layouts_match_one_rank(workspace, world_size, tp, pp):
     run_pretrain(world_size, tiny_overrides(corpus, root / "samples", run_dir, **settings))
     # Tensor parallelism splits the matmuls' reductions (fp32 rounding); the pipeline runs the same math.
     _assert_same_losses(reference, step_losses(run_dir), rel=1e-4)
+    _assert_same_weights(root / "baseline", run_dir)
     ours = _evaluations(run_dir)
     assert [e["step"] for e in ours] == [2, 4]
     for mine, theirs in zip(ours, evaluations):

@@ -40,6 +40,12 @@ def _overrides(corpus, root, run_dir, **extra):
         "checkpoint.interval": 5,
         "checkpoint.keep_last": 2,
         "parallel.zero_stage": 1,
+        # With dropout, exactness also needs every random stream (default, tensor-parallel) restored.
+        "model.hidden_dropout": 0.1,
+        "model.attention_dropout": 0.1,
+        # Evaluation draws random numbers between steps too (a new loader iterator).
+        "training.eval_interval": 7,
+        "training.eval_steps": 1,
         **extra,
     }
     return tiny_overrides(corpus, root / "samples", run_dir, **settings)

@@ -40,6 +40,9 @@ from megatron_glm.parallel import state
 logger = get_logger("checkpoint")
 
 TRACKER_FILES = ("latest_checkpointed_iteration.txt", "latest")
+# Where glm-pretrain puts THUDM-layout weights inside a checkpoint whose DeepSpeed files are not in that
+# layout (pipeline-parallel: per-layer files; ZeRO-3: partitioned parameters).
+WEIGHTS_SUBDIR = "thudm"
 _SHARD_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt")
 
 
@@ -65,6 +68,8 @@ def find_checkpoint_files(path: str | Path) -> list[Path]:
                 raise CheckpointError(f"{path / tracker} names tag {tag!r}, but {path / tag} does not exist")
             path = path / tag
             break
+    if (path / WEIGHTS_SUBDIR).is_dir():
+        path = path / WEIGHTS_SUBDIR
     ranks = sorted((int(m.group(1)), p) for p in path.iterdir() if (m := _SHARD_FILE.fullmatch(p.name)))
     if not ranks:
         raise CheckpointError(

@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +115,13 @@ class CheckpointManager:
         client_state: dict[str, Any],
         config_yaml: str,
         meta: dict[str, Any] | None = None,
+        write_weights: Callable[[Path], None] | None = None,
     ) -> Path:
-        """Save on every rank (a collective); returns the final directory."""
+        """Save on every rank (a collective); returns the final directory.
+
+        ``write_weights(directory)``, called on every rank, adds files to the checkpoint before it is
+        complete (the THUDM-layout weights where DeepSpeed's files are not in that layout).
+        """
         tag = str(step)
         staging_tag = tag + PARTIAL_SUFFIX
         staging = self.save_dir / staging_tag
@@ -129,6 +135,8 @@ class CheckpointManager:
             str(self.save_dir), tag=staging_tag, client_state=client_state, save_latest=False
         )
         torch.save(capture_rng_state(), staging / f"rng_state_rank{self.rank}.pt")
+        if write_weights is not None:
+            write_weights(staging)
         _barrier()
         final = self.save_dir / tag
         if self.rank == 0:
@@ -163,12 +171,13 @@ class CheckpointManager:
 
     # -- loading ------------------------------------------------------------------------------------
     def load(self, engine, tag: str, load_optimizer: bool = True) -> dict[str, Any]:
-        """Load into ``engine`` on every rank; restores this rank's RNG when the world size matches."""
+        """Load model, optimizer and scheduler into ``engine`` on every rank; returns the client state.
+
+        The random states are restored separately (``restore_rng``), as the last thing before the first
+        step, so that whatever the job draws while setting up does not shift them.
+        """
         directory = self.save_dir / tag
-        meta_path = directory / META_FILE
-        if not meta_path.is_file():
-            raise CheckpointError(f"{directory} is not a complete checkpoint (no {META_FILE})")
-        meta = json.loads(meta_path.read_text())
+        meta = self._meta(tag)
         load_path, client_state = engine.load_checkpoint(
             str(self.save_dir),
             tag=tag,
@@ -177,6 +186,13 @@ class CheckpointManager:
         )
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {directory}")
+        logger.info("resumed from %s (step %d)", directory, meta["step"])
+        return client_state or {}
+
+    def restore_rng(self, tag: str) -> None:
+        """Put back this rank's random states of checkpoint ``tag`` (when the world size is the same)."""
+        directory = self.save_dir / tag
+        meta = self._meta(tag)
         world = dist.get_world_size() if dist.is_initialized() else 1
         rng_file = directory / f"rng_state_rank{self.rank}.pt"
         if meta.get("world_size") == world and rng_file.is_file():
@@ -189,5 +205,9 @@ class CheckpointManager:
                 meta.get("world_size"),
                 world,
             )
-        logger.info("resumed from %s (step %d)", directory, meta["step"])
-        return client_state or {}
+
+    def _meta(self, tag: str) -> dict[str, Any]:
+        meta_path = self.save_dir / tag / META_FILE
+        if not meta_path.is_file():
+            raise CheckpointError(f"{self.save_dir / tag} is not a complete checkpoint (no {META_FILE})")
+        return json.loads(meta_path.read_text())

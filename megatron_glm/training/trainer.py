@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 
 import kernels
-from data_tools.errors import DataError
 from data_tools.tokenizer import load_tokenizer
 from megatron_glm.config import (
     ConfigError,
@@ -141,7 +140,13 @@ def _pretrain(cfg: GLMConfig, rank: int, world_size: int, device: torch.device) 
     manager = CheckpointManager(cfg.checkpoint.save_dir, cfg.checkpoint.keep_last)
     step, consumed, skipped_total = 0, 0, 0
     last_checkpoint = None
-    if cfg.checkpoint.resume and (tag := manager.latest_tag()) is not None:
+    tag = manager.latest_tag()
+    if tag is not None and not cfg.checkpoint.resume:
+        raise ConfigError(
+            f"checkpoint.save_dir {cfg.checkpoint.save_dir} already holds checkpoints (latest: step {tag}) and "
+            "checkpoint.resume is false: choose a new save_dir, or resume"
+        )
+    if tag is not None:
         client = manager.load(engine.engine, tag)
         step, consumed, skipped_total = (
             client["step"],
@@ -172,6 +177,12 @@ def _pretrain(cfg: GLMConfig, rank: int, world_size: int, device: torch.device) 
         )
 
     batches = iter(loader("train", consumed))
+    valid = loader("valid") if cfg.training.eval_interval else None
+    if valid is not None and len(valid.dataset) == 0:
+        logger.warning(
+            "the validation split has no samples: no evaluation (give data.split a larger valid share)"
+        )
+        valid = None
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.training.precision]
     peak = torch.tensor([measure_matmul_peak(device, dtype)], dtype=torch.float64)
@@ -187,15 +198,15 @@ def _pretrain(cfg: GLMConfig, rank: int, world_size: int, device: torch.device) 
         peak_flops=float(peak.item()),
         log_interval=cfg.logging.log_interval,
     )
+    if tag is not None:
+        # Last, after everything above that draws random numbers: the next step then draws exactly what
+        # the uninterrupted run drew.
+        manager.restore_rng(tag)
     config_yaml = dump_config(cfg)
     losses: list[float] = []
 
     def save(at_step: int) -> str:
-        client = {
-            "step": at_step,
-            "consumed_samples": at_step * cfg.training.global_batch_size,
-            "skipped_steps": skipped_total,
-        }
+        client = {"step": at_step, "consumed_samples": consumed, "skipped_steps": skipped_total}
         return str(
             manager.save(
                 engine.engine,
@@ -203,6 +214,7 @@ def _pretrain(cfg: GLMConfig, rank: int, world_size: int, device: torch.device) 
                 client,
                 config_yaml,
                 meta={"name": cfg.name, "consumed_samples": client["consumed_samples"]},
+                write_weights=engine.write_thudm_weights,
             )
         )
 
@@ -218,6 +230,7 @@ def _pretrain(cfg: GLMConfig, rank: int, world_size: int, device: torch.device) 
             result = engine.train_step(timed)
             step_time = time.perf_counter() - start
             step += 1
+            consumed += cfg.training.global_batch_size
             if result.skipped:
                 skipped_total += 1
             if not math.isfinite(result.loss):
@@ -242,8 +255,9 @@ def _pretrain(cfg: GLMConfig, rank: int, world_size: int, device: torch.device) 
                 loss_fraction=timed.loss_fraction,
                 skipped_total=skipped_total,
             )
-            if cfg.training.eval_interval and step % cfg.training.eval_interval == 0:
-                _evaluate(cfg, engine, loader, reporter, step)
+            if valid is not None and step % cfg.training.eval_interval == 0:
+                sums = engine.evaluate(iter(valid), cfg.training.eval_steps)
+                reporter.evaluation(step, per_objective_means(sums.cpu()))
             if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
                 last_checkpoint, saved_at = save(step), step
             if preemption.requested():
@@ -282,14 +296,3 @@ class _TimedIterator:
     @property
     def loss_fraction(self) -> float:
         return self._loss_positions / self._positions if self._positions else 0.0
-
-
-def _evaluate(cfg: GLMConfig, engine: TrainingEngine, loader, reporter: MetricsReporter, step: int) -> None:
-    """Per-objective loss on the first ``eval_steps`` global batches of the validation split."""
-    try:
-        batches = iter(loader("valid"))
-    except DataError as exc:
-        logger.warning("skipping evaluation: %s", exc)
-        return
-    sums = engine.evaluate(batches, cfg.training.eval_steps)
-    reporter.evaluation(step, per_objective_means(sums.cpu()))
