@@ -23,6 +23,8 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -216,14 +218,20 @@ def _ordered(tasks: Iterator[_ChunkTask], pool, window: int) -> Iterator[tuple[_
             yield task, _draw_chunk(task)
         return
     pending: collections.deque = collections.deque()
-    for task in tasks:
-        pending.append((task, pool.apply_async(_draw_chunk, (task,))))
-        while len(pending) > window:
-            done, result = pending.popleft()
-            yield done, result.get()
-    while pending:
-        done, result = pending.popleft()
-        yield done, result.get()
+    try:
+        for task in tasks:
+            pending.append((task, pool.submit(_draw_chunk, task)))
+            while len(pending) > window:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+    except BrokenProcessPool as exc:
+        raise DataError(
+            "a glm-build-samples worker process died (killed, or out of memory); nothing was "
+            "written: run again, with fewer --workers if memory is short"
+        ) from exc
 
 
 class _CorpusSplitWriter:
@@ -351,7 +359,9 @@ def build_samples(
     tmp = output.parent / f".{output.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     corpora = open_corpora(spec.corpora)
     capacity = spec.seq_length - 1  # the longest layout is the document suffix one: used length + 1
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    # A pool that notices a dead worker (BrokenProcessPool) instead of waiting for it forever.
+    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            if workers > 1 else None)  # fmt: skip
     try:
         tmp.mkdir()
         documents = [corpus_documents(c) for c in corpora]
@@ -415,7 +425,7 @@ def build_samples(
         raise
     finally:
         if pool is not None:
-            pool.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
     return output
 
 
@@ -452,10 +462,22 @@ def build_or_load_samples(
     path = Path(cache_dir) / directory_name(inputs)
     if (path / META_FILE).is_file():
         return path
+    failure = path.parent / f".{path.name}.failed"
     if builder:
-        return build_samples(spec, path, workers=workers, progress=progress, inputs=inputs)
+        failure.unlink(missing_ok=True)
+        try:
+            return build_samples(spec, path, workers=workers, progress=progress, inputs=inputs)
+        except BaseException as exc:
+            # Tell the ranks waiting for this directory, instead of letting them wait for the timeout.
+            failure.parent.mkdir(parents=True, exist_ok=True)
+            failure.write_text(f"{type(exc).__name__}: {exc}\n")
+            raise
     deadline = time.monotonic() + wait_timeout_s
+    # A failure marker older than this was left by an earlier job (the builder removes it when it starts).
+    stale_before = time.time() - 60.0
     while not (path / META_FILE).is_file():
+        if failure.is_file() and failure.stat().st_mtime >= stale_before:
+            raise DataError(f"building {path} failed on the builder rank: {failure.read_text().strip()}")
         if time.monotonic() > deadline:
             raise DataError(
                 f"waited {wait_timeout_s:.0f} s for {path} to be built by the builder rank; build it "

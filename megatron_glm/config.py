@@ -16,7 +16,9 @@ from typing import Any, Literal
 
 import yaml
 
+from data_tools.errors import DataError
 from data_tools.objectives import ObjectiveConfig
+from data_tools.tokenizer import load_tokenizer
 
 
 class ConfigError(Exception):
@@ -78,6 +80,9 @@ class DataConfig:
     seed: int = 1234
     # Where sample directories are built (named by a hash of their inputs, reused when present).
     cache_dir: str = "outputs/samples"
+    # cache_dir is one file system seen by all nodes (global rank 0 builds); false: node-local storage
+    # (local rank 0 of every node builds its copy).
+    shared_cache: bool = True
     # Draw the spans on the fly with the same sampler instead of reading precomputed ones (ablations).
     online_masking: bool = False
     num_workers: int = 1
@@ -330,8 +335,6 @@ def padded_vocab_size(model: ModelConfig, tensor_parallel_size: int = 1) -> int:
     """The embedding-table size: explicit ``model.vocab_size`` or derived from the tokenizer."""
     if model.vocab_size is not None:
         return model.vocab_size
-    from data_tools.tokenizer import load_tokenizer
-
     return load_tokenizer(model.tokenizer).padded_vocab_size(
         model.make_vocab_size_divisible_by * tensor_parallel_size
     )
@@ -419,6 +422,19 @@ def _problems(cfg: GLMConfig, world_size: int | None) -> list[tuple[str, str]]:
                 f"{p.pipeline_parallel_size}; use a pipeline size that divides the layer count",
             )
         )
+    try:
+        tokens = load_tokenizer(m.tokenizer).num_tokens
+    except DataError as exc:
+        found.append(("model.tokenizer", str(exc)))
+        tokens = 0
+    if m.vocab_size is not None and m.vocab_size < tokens:
+        found.append(
+            (
+                "model.vocab_size",
+                f"{m.vocab_size} rows cannot hold the {tokens} tokens of tokenizer {m.tokenizer!r}; "
+                "leave it unset to derive it from the tokenizer",
+            )
+        )
     multiple = m.make_vocab_size_divisible_by * p.tensor_parallel_size
     if m.vocab_size is not None and m.vocab_size % multiple:
         suggestion = -(-m.vocab_size // multiple) * multiple
@@ -471,6 +487,19 @@ def _problems(cfg: GLMConfig, world_size: int | None) -> list[tuple[str, str]]:
         found.append(("lr_schedule.decay_steps", f"must be positive, got {sched.decay_steps}"))
     if cfg.optimizer.lr <= 0:
         found.append(("optimizer.lr", f"must be positive, got {cfg.optimizer.lr}"))
+    if m.attention_scale <= 0:
+        found.append(("model.attention_scale", f"must be positive, got {m.attention_scale}"))
+    if t.eval_interval < 0 or (t.eval_interval and t.eval_steps < 1):
+        found.append(
+            (
+                "training.eval_steps" if t.eval_interval > 0 else "training.eval_interval",
+                "evaluation needs eval_interval >= 0 (0: never) and eval_steps >= 1",
+            )
+        )
+    if cfg.checkpoint.interval < 0:
+        found.append(
+            ("checkpoint.interval", f"must be >= 0 (0: only at the end), got {cfg.checkpoint.interval}")
+        )
     if cfg.checkpoint.keep_last < 1:
         found.append(("checkpoint.keep_last", f"must be at least 1, got {cfg.checkpoint.keep_last}"))
 

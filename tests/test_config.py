@@ -160,3 +160,17 @@ def test_cli_validate_reports_count_and_fails_with_exit_code_2(capsys):
     assert "334,688,256" in out and "dp 64" in out
     assert main(["validate", str(CONFIGS / "glm-large.yaml"), "--world-size", "48"]) == 2
     assert "training.global_batch_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["model.vocab_size=1024"], "model.vocab_size"),
+        (["model.tokenizer=no/such/tokenizer.json"], "model.tokenizer"),
+        (["model.attention_scale=0"], "model.attention_scale"),
+        (["training.eval_interval=10", "training.eval_steps=0"], "training.eval_steps"),
+        (["checkpoint.interval=-5"], "checkpoint.interval"),
+    ],
+)
+def test_settings_that_would_fail_later_are_refused_up_front(overrides, key):
+    assert f"  {key}: " in _error(overrides)

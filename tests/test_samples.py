@@ -303,3 +303,19 @@ def test_a_preprocessed_corpus_with_other_command_ids_is_refused(tmp_path):
         check_corpus_tokenizer(str(prefix), load_tokenizer("bert-base-uncased"))
     with pytest.raises(DataError, match="tokenized with 'bert-base-uncased' but 'gpt2'"):
         check_corpus_tokenizer(str(prefix), load_tokenizer("gpt2"))
+
+
+def test_a_failed_build_is_reported_to_the_waiting_ranks(tmp_path, monkeypatch):
+    import data_tools.samples
+
+    corpus = austen_corpus(tmp_path, 0, 3)
+    args = ([CorpusSpec(corpus)], "bert-base-uncased", 128, ObjectiveConfig(), 2, (1.0, 0.0, 0.0), 1, tmp_path)
+
+    def full_disk(*_, **__):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data_tools.samples, "build_samples", full_disk)
+    with pytest.raises(OSError):
+        build_or_load_samples(*args, builder=True)
+    with pytest.raises(DataError, match="failed on the builder rank: OSError: .*No space left on device"):
+        build_or_load_samples(*args, builder=False, wait_timeout_s=30, poll_s=0.05)

@@ -57,7 +57,10 @@ def test_skip_policy_skips_every_update_and_leaves_the_weights_alone(poisoned):
         ),
     )
     records = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["skipped_steps"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["skipped_steps"] for r in train] == [1, 2, 3, 4]
+    # The LR schedule advances only with applied updates (as in THUDM/GLM).
+    assert len({r["lr"] for r in train}) == 1
     (before_file,) = find_checkpoint_files(root / "poisoned")
     (after_file,) = find_checkpoint_files(run_dir / "checkpoints")
     before, after = read_module_state(before_file), read_module_state(after_file)

@@ -70,12 +70,14 @@ def main(argv: list[str] | None = None) -> int:
         "ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning
     )
     from megatron_glm.log import get_logger
-    from megatron_glm.training.trainer import TrainingError, pretrain
+    from megatron_glm.training.trainer import USER_ERRORS, pretrain
 
     try:
         result = pretrain(cfg)
-    except (ConfigError, DataError, TrainingError) as exc:
-        print(f"glm-pretrain: error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        where = f" (rank {os.environ.get('RANK')} of {world})" if world > 1 else ""
+        print(f"glm-pretrain: error{where}: {exc}", file=sys.stderr)
         return 1
     get_logger("training").info(
         "%s at step %d; checkpoint %s", result.status, result.final_step, result.last_checkpoint

@@ -25,17 +25,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_glm.log import get_logger
+from megatron_glm.model.thudm_checkpoint import TRACKER_FILES, CheckpointError
 from megatron_glm.parallel import get_rng_tracker
 
 logger = get_logger("checkpoint")
 
-TRACKER_FILES = ("latest", "latest_checkpointed_iteration.txt")
 META_FILE = "meta.json"
 PARTIAL_SUFFIX = ".partial"
-
-
-class CheckpointError(Exception):
-    """A checkpoint cannot be found, is incomplete, or does not match the job."""
 
 
 def capture_rng_state() -> dict[str, Any]:

@@ -198,9 +198,7 @@ class TrainingEngine:
         skipped_before = (self.optimizer.skipped_steps, self.engine.skipped_steps)
         if self.pipeline:
             loss = self.engine.train_batch(_pipeline_iterator(batches, self.device)).float()
-            return StepResult(
-                loss.item(), self._skipped_since(skipped_before), self._grad_norm(), self.scheduler.get_lr()
-            )
+            return self._result(loss.item(), skipped_before)
         steps = self.layout.gradient_accumulation_steps
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for micro in range(steps):
@@ -214,9 +212,16 @@ class TrainingEngine:
             self.engine.backward(loss)
             self.engine.step()
         mean = (total[0] / (steps * dist.get_world_size())).item()
-        return StepResult(
-            mean, self._skipped_since(skipped_before), self._grad_norm(), self.scheduler.get_lr()
-        )
+        return self._result(mean, skipped_before)
+
+    def _result(self, loss: float, skipped_before: tuple[int, int]) -> StepResult:
+        guard_skipped = self.optimizer.skipped_steps != skipped_before[0]
+        if guard_skipped:
+            # DeepSpeed advanced the schedule although our guard applied no update; THUDM/GLM steps the
+            # schedule only with an update, so take the step back.
+            self.scheduler.step(-1)
+        skipped = guard_skipped or self.engine.skipped_steps != skipped_before[1]
+        return StepResult(loss, skipped, self._grad_norm(), self.scheduler.get_lr())
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         """The engine's forward on one micro-batch (``GLMForPretraining``: the loss)."""
@@ -224,10 +229,6 @@ class TrainingEngine:
         return self.engine(
             b["tokens"], b["position_ids"], b["sep"], b["targets"], b["loss_mask"], b["objective"]
         )
-
-    def _skipped_since(self, before: tuple[int, int]) -> bool:
-        """Our guard skipped the update, or DeepSpeed's fp16 loss scaler did (overflow)."""
-        return (self.optimizer.skipped_steps, self.engine.skipped_steps) != before
 
     def _grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()

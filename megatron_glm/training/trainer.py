@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 import kernels
+from data_tools.errors import DataError
 from data_tools.tokenizer import load_tokenizer
 from megatron_glm.config import (
     ConfigError,
@@ -24,7 +25,9 @@ from megatron_glm.config import (
 )
 from megatron_glm.data import build_glm_data_loader, prepare_sample_directory
 from megatron_glm.log import get_logger, setup_logging
+from megatron_glm.model import CheckpointError
 from megatron_glm.parallel import (
+    ParallelStateError,
     destroy_parallel,
     get_data_parallel_rank,
     get_pipeline_parallel_rank,
@@ -32,7 +35,7 @@ from megatron_glm.parallel import (
     seed_parallel_rng,
 )
 from megatron_glm.training.checkpoint import CheckpointManager
-from megatron_glm.training.distributed import device_for, init_distributed
+from megatron_glm.training.distributed import LaunchError, LaunchInfo, device_for, init_distributed
 from megatron_glm.training.engine import TrainingEngine
 from megatron_glm.training.losses import per_objective_means
 from megatron_glm.training.metrics import MetricsReporter
@@ -43,6 +46,10 @@ logger = get_logger("training")
 
 class TrainingError(Exception):
     """Training cannot go on (for example a non-finite loss under the "stop" policy)."""
+
+
+# Errors that say what the user must change; their message is enough, no traceback.
+USER_ERRORS = (ConfigError, DataError, TrainingError, CheckpointError, LaunchError, ParallelStateError)
 
 
 @dataclasses.dataclass
@@ -84,16 +91,13 @@ def pretrain(cfg: GLMConfig) -> TrainingResult:
         info.master_port,
     )
     try:
-        result = _pretrain(cfg, info.rank, info.world_size, device_for(info.local_rank))
+        result = _pretrain(cfg, info, device_for(info.local_rank))
     except BaseException as exc:
-        # Only this rank may have failed: the others wait in a collective, so no barrier here. Say which
-        # rank failed (rank 0 alone logs by default) and leave; the launcher then stops the other ranks.
-        if info.world_size > 1:
-            print(
-                f"glm-pretrain: rank {info.rank} of {info.world_size} failed: {type(exc).__name__}: {exc}",
-                file=sys.stderr,
-                flush=True,
-            )
+        # Only this rank may have failed: the others wait in a collective, so no barrier here. An
+        # unexpected failure is printed with its rank (rank 0 alone logs by default); the caller reports
+        # the user errors. The launcher then stops the other ranks.
+        if info.world_size > 1 and not isinstance(exc, USER_ERRORS):
+            print(f"glm-pretrain: rank {info.rank} of {info.world_size} failed:", file=sys.stderr, flush=True)
             traceback.print_exc()
         raise
     dist.barrier()
@@ -102,7 +106,8 @@ def pretrain(cfg: GLMConfig) -> TrainingResult:
     return result
 
 
-def _pretrain(cfg: GLMConfig, rank: int, world_size: int, device: torch.device) -> TrainingResult:
+def _pretrain(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> TrainingResult:
+    rank, world_size = info.rank, info.world_size
     layout = parallel_layout(cfg, world_size)
     initialize_parallel(layout.tensor_parallel_size, layout.pipeline_parallel_size)
     dp_rank = get_data_parallel_rank()
@@ -126,7 +131,8 @@ def _pretrain(cfg: GLMConfig, rank: int, world_size: int, device: torch.device) 
             "training.precision: fp16 needs CUDA GPUs (CPUs compute fp16 very slowly and DeepSpeed's "
             "CPU accelerator does not support it); use bf16 or fp32"
         )
-    sample_dir = prepare_sample_directory(cfg.data, cfg.model.tokenizer, builder=rank == 0)
+    builder = rank == 0 if cfg.data.shared_cache else info.local_rank == 0
+    sample_dir = prepare_sample_directory(cfg.data, cfg.model.tokenizer, builder=builder)
     vocab_size = padded_vocab_size(cfg.model, layout.tensor_parallel_size)
     engine = TrainingEngine(cfg, layout, vocab_size)
     backend = kernels.resolve_backend(cfg.model.kernels, device)
