@@ -309,7 +309,16 @@ def test_a_failed_build_is_reported_to_the_waiting_ranks(tmp_path, monkeypatch):
     import data_tools.samples
 
     corpus = austen_corpus(tmp_path, 0, 3)
-    args = ([CorpusSpec(corpus)], "bert-base-uncased", 128, ObjectiveConfig(), 2, (1.0, 0.0, 0.0), 1, tmp_path)
+    args = (
+        [CorpusSpec(corpus)],
+        "bert-base-uncased",
+        128,
+        ObjectiveConfig(),
+        2,
+        (1.0, 0.0, 0.0),
+        1,
+        tmp_path,
+    )
 
     def full_disk(*_, **__):
         raise OSError(28, "No space left on device")
