@@ -5,7 +5,6 @@ export PATH="$VENV_BIN:$PATH"
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
   export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
   export TRITON_INTERPRET="${TRITON_INTERPRET:-1}"
-  export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 fi
 export HF_HUB_OFFLINE=1
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-true}"
