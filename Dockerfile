@@ -36,20 +36,20 @@ COPY requirements.txt requirements-dev.txt ./
 # torch first, from the CUDA index, so nothing else can pick another build.
 RUN pip install --upgrade pip \
     && pip install "torch==2.13.0" --index-url ${TORCH_INDEX} \
-    && grep -vE '^(torch|deepspeed)==' requirements.txt > /tmp/requirements-rest.txt \
-    && pip install -r /tmp/requirements-rest.txt -r requirements-dev.txt
+    && grep -vE '^(torch|deepspeed)==' requirements.txt > requirements-rest.txt \
+    && pip install -r requirements-rest.txt -r requirements-dev.txt \
+    && rm requirements-rest.txt
 
 # DeepSpeed with the ops that matter on GPUs compiled now instead of JIT-compiled on every node at start:
 # fused Adam, CPU Adam (ZeRO-Offload), the utils (flatten/unflatten) and async I/O (NVMe offload).
 RUN DS_BUILD_FUSED_ADAM=1 DS_BUILD_CPU_ADAM=1 DS_BUILD_UTILS=1 DS_BUILD_AIO=1 \
-    pip install --no-build-isolation "deepspeed==0.19.8" \
+    pip install --no-build-isolation "$(grep -E '^deepspeed==' requirements.txt)" \
     && ds_report
 
 RUN if [ "$INSTALL_APEX" = "1" ]; then \
-        git clone --depth 1 https://github.com/NVIDIA/apex /tmp/apex \
-        && cd /tmp/apex \
-        && APEX_CPP_EXT=1 APEX_CUDA_EXT=1 pip install --no-build-isolation . \
-        && rm -rf /tmp/apex; \
+        git clone --depth 1 https://github.com/NVIDIA/apex apex-src \
+        && (cd apex-src && APEX_CPP_EXT=1 APEX_CUDA_EXT=1 pip install --no-build-isolation .) \
+        && rm -rf apex-src; \
     fi
 
 COPY . .

@@ -7,6 +7,7 @@ deep inside a distributed job, before any process starts.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import types
@@ -276,6 +277,20 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {exc}") from exc
     return key.strip(), value
+
+
+def add_override_argument(
+    parser: argparse.ArgumentParser, example: str = "training.train_steps=1000"
+) -> None:
+    """The ``--set KEY=VALUE`` option (repeatable, into ``args.overrides``) that ``load_config`` applies."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config key, e.g. --set {example} (repeatable)",
+    )
 
 
 def config_from_dict(tree: dict, source: str | None = None, lines: dict[str, int] | None = None) -> GLMConfig:

@@ -9,7 +9,6 @@ returns comes back as a list indexed by rank.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -18,11 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from megatron_glm.training.distributed import free_port
 
 
 def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple, env: dict) -> None:

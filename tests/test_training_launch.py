@@ -1,19 +1,16 @@
 """Launcher detection (torchrun, srun, mpirun) and the reference's LR schedule."""
 
 import math
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from megatron_glm.config import LRScheduleConfig
 from megatron_glm.training.distributed import LaunchError, detect_launch, expand_slurm_nodelist
 from megatron_glm.training.lr_schedule import lr_at
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.training_runs import MPI_AS_ROOT, mpirun_command, pretrain_env
 
 
 def test_torchrun_environment():
@@ -94,31 +91,9 @@ def test_real_mpirun_launch_forms_one_group(tmp_path):
         dist.destroy_process_group()
     """)
     )
-    env = {
-        **os.environ,
-        "OMPI_ALLOW_RUN_AS_ROOT": "1",
-        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-    }
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     out = subprocess.run(
-        [
-            "mpirun",
-            "--oversubscribe",
-            "-np",
-            "2",
-            "-x",
-            "PATH",
-            "-x",
-            "PYTHONPATH",
-            "-x",
-            "OMP_NUM_THREADS",
-            sys.executable,
-            str(script),
-        ],
-        env=env,
+        mpirun_command(2, [sys.executable, str(script)]),
+        env={**pretrain_env(), **MPI_AS_ROOT},
         capture_output=True,
         text=True,
         timeout=120,

@@ -9,8 +9,18 @@ import sys
 
 import pytest
 
+from megatron_glm.training.distributed import free_port
 from tests.glm_corpora import austen_corpus
-from tests.training_runs import ROOT, TINY_CONFIG, pretrain_env, run_pretrain, step_losses, tiny_overrides
+from tests.training_runs import (
+    MPI_AS_ROOT,
+    ROOT,
+    mpirun_command,
+    pretrain_arguments,
+    pretrain_env,
+    run_pretrain,
+    step_losses,
+    tiny_overrides,
+)
 
 
 @pytest.fixture(scope="module")
@@ -21,21 +31,16 @@ def workspace(tmp_path_factory):
     return root, corpus, step_losses(root / "torchrun")
 
 
-def _arguments(overrides):
-    arguments = ["--config", str(TINY_CONFIG)]
-    for item in overrides:
-        arguments += ["--set", item]
-    return arguments
-
-
-def _free_port(low: int = 20000, high: int = 40000) -> int:
+def _slurm_job_id() -> int:
+    """A job id whose derived rendezvous port (20000 + id, as under srun without MASTER_PORT) is free."""
+    low, high = 20000, 40000
     for port in range(low + os.getpid() % 1000, high):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+            return port - low
     raise RuntimeError("no free port")
 
 
@@ -47,30 +52,10 @@ def _check(result, run_dir, reference):
 def test_mpirun(workspace):
     root, corpus, reference = workspace
     run_dir = root / "mpirun"
-    env = {
-        **pretrain_env(),
-        "OMPI_ALLOW_RUN_AS_ROOT": "1",
-        "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-        "MASTER_PORT": str(_free_port()),
-    }
-    command = [
-        "mpirun",
-        "--oversubscribe",
-        "-np",
-        "2",
-        "-x",
-        "PATH",
-        "-x",
-        "PYTHONPATH",
-        "-x",
-        "OMP_NUM_THREADS",
-        "-x",
-        "MASTER_PORT",
-        sys.executable,
-        "-m",
-        "megatron_glm.cli.pretrain",
-        *_arguments(tiny_overrides(corpus, root / "samples", run_dir)),
-    ]
+    env = {**pretrain_env(), **MPI_AS_ROOT, "MASTER_PORT": str(free_port())}
+    program = [sys.executable, "-m", "megatron_glm.cli.pretrain"]
+    program += pretrain_arguments(tiny_overrides(corpus, root / "samples", run_dir))
+    command = mpirun_command(2, program, exports=("MASTER_PORT",))
     _check(
         subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT),
         run_dir,
@@ -86,9 +71,9 @@ def test_deepspeed_launcher(workspace):
         "--num_gpus",
         "2",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         shutil.which("glm-pretrain", path=os.path.dirname(sys.executable)),
-        *_arguments(tiny_overrides(corpus, root / "samples", run_dir)),
+        *pretrain_arguments(tiny_overrides(corpus, root / "samples", run_dir)),
     ]
     _check(
         subprocess.run(command, env=pretrain_env(), capture_output=True, text=True, timeout=300, cwd=ROOT),
@@ -101,12 +86,12 @@ def test_srun_environment(workspace):
     """Two processes with the environment srun gives its tasks (no MASTER_ADDR/PORT: from the job)."""
     root, corpus, reference = workspace
     run_dir = root / "srun"
-    job_id = _free_port() - 20000
+    job_id = _slurm_job_id()
     command = [
         sys.executable,
         "-m",
         "megatron_glm.cli.pretrain",
-        *_arguments(tiny_overrides(corpus, root / "samples", run_dir)),
+        *pretrain_arguments(tiny_overrides(corpus, root / "samples", run_dir)),
     ]
     processes = []
     for rank in range(2):

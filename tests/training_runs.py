@@ -47,14 +47,32 @@ def tiny_overrides(corpus: str, cache_dir: Path, run_dir: Path, **settings) -> l
     return [f"{key}={value}" for key, value in values.items()]
 
 
+# Open MPI refuses to start as root (CI containers) without these.
+MPI_AS_ROOT = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+def pretrain_arguments(overrides: list[str]) -> list[str]:
+    """``--config <glm-tiny> --set k=v ...`` for ``glm-pretrain``."""
+    arguments = ["--config", str(TINY_CONFIG)]
+    for item in overrides:
+        arguments += ["--set", item]
+    return arguments
+
+
 def pretrain_command(world_size: int, overrides: list[str]) -> list[str]:
     launcher = [sys.executable]
     if world_size > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(world_size)]
-    command = launcher + ["-m", "megatron_glm.cli.pretrain", "--config", str(TINY_CONFIG)]
-    for item in overrides:
-        command += ["--set", item]
-    return command
+    return launcher + ["-m", "megatron_glm.cli.pretrain", *pretrain_arguments(overrides)]
+
+
+def mpirun_command(world_size: int, program: list[str], exports: tuple[str, ...] = ()) -> list[str]:
+    """``mpirun`` running ``program`` on ``world_size`` local ranks with PATH, PYTHONPATH, OMP_NUM_THREADS
+    and ``exports`` passed to them (run it with ``{**pretrain_env(), **MPI_AS_ROOT}``)."""
+    command = ["mpirun", "--oversubscribe", "-np", str(world_size)]
+    for name in ("PATH", "PYTHONPATH", "OMP_NUM_THREADS", *exports):
+        command += ["-x", name]
+    return command + program
 
 
 def pretrain_env() -> dict[str, str]:

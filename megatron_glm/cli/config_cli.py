@@ -7,6 +7,7 @@ import sys
 
 from megatron_glm.config import (
     ConfigError,
+    add_override_argument,
     count_parameters,
     describe_parameters,
     dump_config,
@@ -32,14 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("config", help="YAML config file, e.g. run/configs/glm-base.yaml")
-        p.add_argument(
-            "--set",
-            dest="overrides",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a key, e.g. --set parallel.tensor_parallel_size=2 (repeatable)",
-        )
+        add_override_argument(p, "parallel.tensor_parallel_size=2")
         if name == "validate":
             p.add_argument(
                 "--world-size",

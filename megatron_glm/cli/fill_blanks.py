@@ -9,7 +9,7 @@ import torch
 
 from data_tools.errors import DataError
 from data_tools.tokenizer import load_tokenizer
-from megatron_glm.config import ConfigError, load_config, padded_vocab_size
+from megatron_glm.config import ConfigError, add_override_argument, load_config, padded_vocab_size
 from megatron_glm.generation import fill_blanks
 from megatron_glm.model import CheckpointError, GLMModel, load_thudm_checkpoint
 from megatron_glm.parallel import initialize_parallel
@@ -24,14 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="the model's config (shapes and tokenizer)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key (repeatable)",
-    )
+    add_override_argument(parser, "model.kernels=torch")
     parser.add_argument(
         "--checkpoint",
         required=True,

@@ -8,7 +8,7 @@ import sys
 import warnings
 
 from data_tools.errors import DataError
-from megatron_glm.config import ConfigError, load_config, validate_config
+from megatron_glm.config import ConfigError, add_override_argument, load_config, validate_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,14 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", required=True, help="YAML config, e.g. run/configs/glm-tiny.yaml")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set training.train_steps=1000 (repeatable)",
-    )
+    add_override_argument(parser)
     # The deepspeed launcher appends --local_rank=N; the rank comes from the environment it also sets.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument(

@@ -149,11 +149,12 @@ def detect_launch(env: dict[str, str] | None = None) -> LaunchInfo:
                 addr,
                 int(env.get("MASTER_PORT", default_port)),
             )
-    port = int(env.get("MASTER_PORT", 0)) or _free_port()
+    port = int(env.get("MASTER_PORT", 0)) or free_port()
     return LaunchInfo("single", 0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), port)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a single-process job's rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
