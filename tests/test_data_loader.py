@@ -170,6 +170,18 @@ def test_worker_processes_give_the_same_batches(sample_dir):
         assert np.array_equal(value, copy[7][key]), key
 
 
+def test_each_pass_restarts_in_the_same_worker_processes(sample_dir):
+    """Evaluation iterates its loader anew every eval_interval steps: each pass starts again at the first
+    micro-batch, served by the same worker processes (no fork per evaluation)."""
+    repeated = loader(sample_dir, workers=1)
+    first = take(repeated, 3)
+    workers = [w.pid for w in repeated._iterator._workers]
+    again = take(repeated, 2)
+    assert [w.pid for w in repeated._iterator._workers] == workers
+    assert all(w.is_alive() for w in repeated._iterator._workers)
+    assert_same_batches(first[:2], again)
+
+
 def test_objectives_must_match_precomputed_masks(sample_dir):
     other = ObjectiveConfig(**{**MIXTURE.__dict__, "task_mask": False})
     with pytest.raises(DataError, match="task_mask \\(built True, requested False\\)"):

@@ -46,12 +46,18 @@ def collate_glm_batch(items: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def build_data_loader(dataset: GLMDataset, sampler: GLMBatchSampler, num_workers: int = 0) -> DataLoader:
-    """A DataLoader over ``sampler``'s micro-batches; memory is pinned only when CUDA is present."""
+    """A DataLoader over ``sampler``'s micro-batches; memory is pinned only when CUDA is present.
+
+    Workers persist: each ``iter()`` after the first restarts the sampler in the same worker processes
+    instead of forking new ones (a fork in a process whose other threads hold locks can hang the child,
+    and evaluation iterates its loader anew every ``eval_interval`` steps).
+    """
     return DataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=collate_glm_batch,
         num_workers=num_workers,
+        persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
 

@@ -189,6 +189,10 @@ def _pretrain(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> Trainin
             "the validation split has no samples: no evaluation (give data.split a larger valid share)"
         )
         valid = None
+    if valid is not None:
+        # Start the evaluation loader's (persistent) workers now: each later iter() then only restarts
+        # the sampler, and the random seed a new iterator draws is drawn here, before the RNG restore.
+        iter(valid)
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.training.precision]
     peak = torch.tensor([measure_matmul_peak(device, dtype)], dtype=torch.float64)
