@@ -37,6 +37,7 @@ from megatron_glm.parallel import (
 from megatron_glm.training.checkpoint import CheckpointManager
 from megatron_glm.training.distributed import LaunchError, LaunchInfo, device_for, init_distributed
 from megatron_glm.training.engine import TrainingEngine
+from megatron_glm.training.hardware import emulated_bf16_warning, measure_matmul_peak
 from megatron_glm.training.losses import per_objective_means
 from megatron_glm.training.metrics import MetricsReporter
 from megatron_glm.training.signals import PreemptionHandler
@@ -58,24 +59,6 @@ class TrainingResult:
     status: str  # "completed" or "preempted"
     last_checkpoint: str | None
     losses: list[float]
-
-
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of the fastest of a few large matmuls on this rank's device (the MFU denominator)."""
-    n = 4096 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for attempt in range(8 if device.type == "cuda" else 5):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if attempt > 0:  # the first call pays for kernel selection and packing
-            best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
 
 
 def pretrain(cfg: GLMConfig) -> TrainingResult:
@@ -131,6 +114,8 @@ def _pretrain(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> Trainin
             "training.precision: fp16 needs CUDA GPUs (CPUs compute fp16 very slowly and DeepSpeed's "
             "CPU accelerator does not support it); use bf16 or fp32"
         )
+    if cfg.training.precision == "bf16" and (warning := emulated_bf16_warning(device)):
+        logger.warning(warning)
     builder = rank == 0 if cfg.data.shared_cache else info.local_rank == 0
     sample_dir = prepare_sample_directory(cfg.data, cfg.model.tokenizer, builder=builder)
     vocab_size = padded_vocab_size(cfg.model, layout.tensor_parallel_size)
