@@ -76,3 +76,12 @@ def test_warning_only_when_bf16_is_emulated(monkeypatch):
     monkeypatch.setattr(hardware, "native_bf16", lambda device: False)
     message = emulated_bf16_warning(torch.device("cpu"), peaks.__getitem__)
     assert "0.20 GFLOP/s against 100.00 GFLOP/s" in message and "500.0x slower" in message
+
+
+def test_probe_leaves_the_global_random_streams_alone():
+    """The probe's draws depend on the device's speed; dropout draws from the global stream, so runs of
+    one seed agree only if the probe does not touch it."""
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    measure_matmul_peak(torch.device("cpu"), torch.float32, budget_s=0.2)
+    assert torch.equal(torch.get_rng_state(), before)

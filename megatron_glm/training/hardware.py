@@ -41,11 +41,14 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype, budget_s: floa
     call at each size pays for kernel selection and packing and is not counted.
     """
     max_size = _MAX_SIZE.get(device.type, _MAX_SIZE["cpu"])
+    # A private generator: how many numbers the probe draws depends on the device's speed, and the global
+    # streams (dropout) must not, or two runs of one seed would differ.
+    generator = torch.Generator(device=device).manual_seed(0)
     deadline = time.perf_counter() + budget_s
     size = _MIN_SIZE
     while True:
-        a = torch.randn(size, size, device=device, dtype=dtype)
-        b = torch.randn(size, size, device=device, dtype=dtype)
+        a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+        b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
         _time_matmul(a, b, device)  # warm-up
         seconds = _time_matmul(a, b, device)
         if size >= max_size or seconds > budget_s / 10 or time.perf_counter() > deadline:
