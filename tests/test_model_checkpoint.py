@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from megatron_glm import parallel
-from megatron_glm.model import CheckpointError, GLMModel, load_thudm_checkpoint, save_thudm_checkpoint
+from megatron_glm.checkpoint import CheckpointError, load_thudm_checkpoint, save_thudm_checkpoint
+from megatron_glm.model import GLMModel
 from tests.multiproc import run_ranks
 from tests.test_model_glm import TINY, VOCAB, make_batch
 

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from megatron_glm.checkpoint import load_thudm_checkpoint
 from megatron_glm.config import ModelConfig
-from megatron_glm.model import GLMModel, load_thudm_checkpoint
+from megatron_glm.model import GLMModel
 from megatron_glm.parallel import destroy_parallel, initialize_parallel
 from tests.glm_corpora import austen_corpus
 from tests.training_runs import run_pretrain, step_losses, tiny_overrides

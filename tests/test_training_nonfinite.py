@@ -7,8 +7,9 @@ import subprocess
 import pytest
 import torch
 
+from megatron_glm.checkpoint import find_checkpoint_files, read_module_state, save_thudm_checkpoint
 from megatron_glm.config import ModelConfig
-from megatron_glm.model import GLMModel, find_checkpoint_files, read_module_state, save_thudm_checkpoint
+from megatron_glm.model import GLMModel
 from megatron_glm.parallel import destroy_parallel, initialize_parallel
 from tests.glm_corpora import austen_corpus
 from tests.training_runs import pretrain_command, pretrain_env, run_pretrain, tiny_overrides

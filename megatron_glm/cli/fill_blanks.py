@@ -9,9 +9,10 @@ import torch
 
 from data_tools.errors import DataError
 from data_tools.tokenizer import load_tokenizer
+from megatron_glm.checkpoint import CheckpointError, load_thudm_checkpoint
 from megatron_glm.config import ConfigError, add_override_argument, load_config, padded_vocab_size
 from megatron_glm.generation import fill_blanks
-from megatron_glm.model import CheckpointError, GLMModel, load_thudm_checkpoint
+from megatron_glm.model import GLMModel
 from megatron_glm.parallel import initialize_parallel
 
 

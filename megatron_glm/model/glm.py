@@ -18,7 +18,7 @@ Forward::
 
 Parameter names follow THUDM/GLM, so ``state_dict()`` at tensor-parallel size 1 has exactly the
 reference's keys (``word_embeddings.weight``, ``transformer.position_embeddings.weight``,
-``transformer.layers.{i}.attention.query_key_value.weight``, ...); ``checkpoint_layout`` describes how
+``transformer.layers.{i}.attention.query_key_value.weight``, ...); ``megatron_glm.checkpoint.layout`` describes how
 each is split at larger sizes.
 """
 

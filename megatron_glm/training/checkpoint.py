@@ -1,4 +1,4 @@
-"""Atomic DeepSpeed checkpoints with THUDM/GLM's directory layout.
+"""Atomic DeepSpeed checkpoints with THUDM/GLM's directory layout (file names: ``megatron_glm.checkpoint``).
 
 ``<save_dir>/<step>/`` holds DeepSpeed's files (``mp_rank_XX_model_states.pt`` with the model under
 ``'module'`` — the file THUDM/GLM's tools read — and the ZeRO optimizer shards), one
@@ -24,14 +24,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_glm.checkpoint import (
+    CONFIG_FILE,
+    META_FILE,
+    PARTIAL_SUFFIX,
+    CheckpointError,
+    load_torch_file,
+    rng_file_name,
+    write_text_atomic,
+    write_trackers,
+)
 from megatron_glm.log import get_logger
-from megatron_glm.model.thudm_checkpoint import TRACKER_FILES, CheckpointError
 from megatron_glm.parallel import get_rng_tracker
 
 logger = get_logger("checkpoint")
-
-META_FILE = "meta.json"
-PARTIAL_SUFFIX = ".partial"
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -56,21 +62,18 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     get_rng_tracker().set_states(state["tensor_parallel"])
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
 class CheckpointManager:
+    """Saves and resumes glm-pretrain's checkpoints under ``save_dir`` (layout: ``megatron_glm.checkpoint.files``).
+
+    Saving is a collective, atomic (staged under ``<step>.partial``) and prunes to ``keep_last``; loading
+    restores model, optimizer and schedule, and ``restore_rng`` the random states, as the last thing.
+    """
+
     def __init__(self, save_dir: str | os.PathLike, keep_last: int = 3):
         self.save_dir = Path(save_dir)
         self.keep_last = keep_last
@@ -130,27 +133,26 @@ class CheckpointManager:
         engine.save_checkpoint(
             str(self.save_dir), tag=staging_tag, client_state=client_state, save_latest=False
         )
-        torch.save(capture_rng_state(), staging / f"rng_state_rank{self.rank}.pt")
+        torch.save(capture_rng_state(), staging / rng_file_name(self.rank))
         if write_weights is not None:
             write_weights(staging)
         _barrier()
         final = self.save_dir / tag
         if self.rank == 0:
-            (staging / "config.yaml").write_text(config_yaml)
+            (staging / CONFIG_FILE).write_text(config_yaml)
             info = {
                 "step": step,
                 "world_size": dist.get_world_size() if dist.is_initialized() else 1,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 **(meta or {}),
             }
-            _write_atomic(staging / META_FILE, json.dumps(info, indent=2) + "\n")
+            write_text_atomic(staging / META_FILE, json.dumps(info, indent=2) + "\n")
             replaced = None
             if final.exists():
                 replaced = final.with_name(f"{tag}.replaced-{os.getpid()}")
                 os.replace(final, replaced)
             os.replace(staging, final)
-            for name in TRACKER_FILES:
-                _write_atomic(self.save_dir / name, tag + "\n")
+            write_trackers(self.save_dir, tag)
             if replaced is not None:
                 shutil.rmtree(replaced, ignore_errors=True)
             self._prune(keep=tag)
@@ -190,9 +192,9 @@ class CheckpointManager:
         directory = self.save_dir / tag
         meta = self._meta(tag)
         world = dist.get_world_size() if dist.is_initialized() else 1
-        rng_file = directory / f"rng_state_rank{self.rank}.pt"
+        rng_file = directory / rng_file_name(self.rank)
         if meta.get("world_size") == world and rng_file.is_file():
-            restore_rng_state(torch.load(rng_file, weights_only=False))
+            restore_rng_state(load_torch_file(rng_file, mmap=False))
         else:
             logger.warning(
                 "checkpoint %s was saved by %s ranks, this job has %d: random states are not "

@@ -15,23 +15,20 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
+from megatron_glm.checkpoint import load_thudm_checkpoint, pipeline_key_to_thudm, write_training_weights
 from megatron_glm.config import GLMConfig, Layout
 from megatron_glm.log import get_logger
-from megatron_glm.model import GLMModel, load_thudm_checkpoint, loss_rows
-from megatron_glm.model.thudm_checkpoint import WEIGHTS_SUBDIR, shard_file_name
+from megatron_glm.model import GLMModel, loss_rows
 from megatron_glm.parallel import (
     DeepSpeedMPU,
     get_data_parallel_group,
-    get_data_parallel_rank,
     get_pipeline_parallel_group,
     get_pipeline_parallel_world_size,
-    get_tensor_parallel_rank,
-    get_tensor_parallel_world_size,
 )
 from megatron_glm.training.losses import GLMLoss
 from megatron_glm.training.lr_schedule import AnnealingLR
 from megatron_glm.training.optimizer import GuardedAdamW, build_optimizer
-from megatron_glm.training.pipeline import build_pipeline_module, thudm_key
+from megatron_glm.training.pipeline import build_pipeline_module
 
 logger = get_logger("engine")
 
@@ -124,7 +121,7 @@ class TrainingEngine:
                 load_thudm_checkpoint(
                     module,
                     cfg.checkpoint.init_from,
-                    thudm_key=lambda k: thudm_key(k, layers),
+                    thudm_key=lambda k: pipeline_key_to_thudm(k, layers),
                     vocab_multiple=cfg.model.make_vocab_size_divisible_by,
                 )
         else:
@@ -157,39 +154,10 @@ class TrainingEngine:
     def write_thudm_weights(self, checkpoint_dir: Path) -> None:
         """Write ``<checkpoint_dir>/thudm/mp_rank_XX_model_states.pt`` (THUDM keys, one file per tensor rank)
         for pipeline-parallel and ZeRO-3 checkpoints; a collective, a no-op when DeepSpeed's files suffice."""
-        if self.writes_thudm_layout:
-            return
-        if self.pipeline:
-            if get_data_parallel_rank() != 0:  # replicas hold the same weights; one pipeline writes them
-                return
-            layers = self.cfg.model.num_layers
-            stage_state = {
-                thudm_key(k, layers): v.detach().cpu() for k, v in self.module.state_dict().items()
-            }
-            group = get_pipeline_parallel_group()
-            first_stage = dist.get_global_rank(group, 0)
-            parts = [None] * get_pipeline_parallel_world_size() if dist.get_rank() == first_stage else None
-            dist.gather_object(stage_state, parts, dst=first_stage, group=group)
-            if parts is None:
-                return
-            state = {key: tensor for part in parts for key, tensor in part.items()}
-        else:  # ZeRO-3: every rank of a data-parallel group takes part in gathering its partitions
-            state = {}
-            for prefix, child in self.module.named_modules():
-                params = list(child.named_parameters(recurse=False))
-                if not params:
-                    continue
-                with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-                    for name, param in params:
-                        state[f"{prefix}.{name}" if prefix else name] = param.detach().cpu().clone()
-            if get_data_parallel_rank() != 0:
-                return
-        directory = checkpoint_dir / WEIGHTS_SUBDIR
-        directory.mkdir(exist_ok=True)
-        torch.save(
-            {"module": state, "mp_world_size": get_tensor_parallel_world_size()},
-            directory / shard_file_name(get_tensor_parallel_rank()),
-        )
+        if not self.writes_thudm_layout:
+            write_training_weights(
+                self.module, checkpoint_dir, pipeline=self.pipeline, num_layers=self.cfg.model.num_layers
+            )
 
     # -- training -----------------------------------------------------------------------------------
     def train_step(self, batches: Iterator[Batch]) -> StepResult:

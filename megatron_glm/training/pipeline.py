@@ -10,8 +10,8 @@ Layer list (``L`` transformer layers)::
 
 Between stages flows ``(hidden, position_ids, sep, loss_mask)``; integer tensors ride along untouched.
 Each piece initializes itself from the seed and its THUDM key, so the weights are identical to
-``GLMModel``'s at any pipeline (and tensor) parallel size. ``thudm_key`` maps the pipeline's parameter
-names to THUDM's keys (the one place that knows the layer list).
+``GLMModel``'s at any pipeline (and tensor) parallel size. ``megatron_glm.checkpoint.pipeline_key_to_thudm``
+maps the pipeline's parameter names to THUDM's keys; keep it in step with this layer list.
 """
 
 from __future__ import annotations
@@ -79,23 +79,6 @@ class FinalLayerNormPipe(nn.Module):
     def forward(self, inputs: PipelineActivations) -> PipelineActivations:
         hidden, position_ids, sep, loss_mask = inputs
         return self.final_layernorm(hidden), position_ids, sep, loss_mask
-
-
-def thudm_key(pipeline_key: str, num_layers: int) -> str:
-    """The THUDM key of a ``PipelineModule`` state-dict key (see the layer list in the module docstring).
-
-    DeepSpeed names a stage's layers by their global index and keeps tied modules under
-    ``tied_modules.<tie key>.``.
-    """
-    head, _, rest = pipeline_key.partition(".")
-    if head == "tied_modules":
-        return rest.partition(".")[2]
-    index = int(head)
-    if index == 1 or index == num_layers + 2:
-        return "transformer." + rest
-    if 2 <= index <= num_layers + 1:
-        return f"transformer.layers.{index - 2}.{rest}"
-    return rest
 
 
 def build_pipeline_module(

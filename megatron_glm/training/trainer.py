@@ -15,6 +15,7 @@ import torch.distributed as dist
 import kernels
 from data_tools.errors import DataError
 from data_tools.tokenizer import load_tokenizer
+from megatron_glm.checkpoint import CheckpointError
 from megatron_glm.config import (
     ConfigError,
     GLMConfig,
@@ -25,7 +26,6 @@ from megatron_glm.config import (
 )
 from megatron_glm.data import build_glm_data_loader, prepare_sample_directory
 from megatron_glm.log import get_logger, setup_logging
-from megatron_glm.model import CheckpointError
 from megatron_glm.parallel import (
     ParallelStateError,
     destroy_parallel,

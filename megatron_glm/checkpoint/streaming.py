@@ -1,0 +1,121 @@
+"""Write safetensors files tensor by tensor, sharded above a size limit, with Hugging Face's index file.
+
+The safetensors format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
+byte range) and the raw bytes. Shapes and dtypes are known before any data is produced, so the header is
+written first and each tensor is produced, written and dropped in turn: peak memory is one tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+}
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+def write_safetensors_file(
+    path: Path, plans: list[TensorPlan], produce: Callable[[str], torch.Tensor], progress: tqdm | None = None
+) -> None:
+    """One safetensors file holding ``plans``, ``produce(name)`` called once per tensor, in order."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for plan in plans:
+        header[plan.name] = {
+            "dtype": SAFETENSORS_DTYPES[plan.dtype],
+            "shape": list(plan.shape),
+            "data_offsets": [offset, offset + plan.nbytes],
+        }
+        offset += plan.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for plan in plans:
+            tensor = produce(plan.name).to(plan.dtype).contiguous()
+            if tuple(tensor.shape) != plan.shape:
+                raise ValueError(f"{plan.name}: produced shape {tuple(tensor.shape)}, planned {plan.shape}")
+            f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            if progress is not None:
+                progress.update(plan.nbytes)
+
+
+def write_safetensors(
+    directory: Path,
+    plans: Iterable[TensorPlan],
+    produce: Callable[[str], torch.Tensor],
+    *,
+    max_shard_bytes: int | None = None,
+    metadata: dict | None = None,
+) -> list[Path]:
+    """Write ``model.safetensors`` in ``directory``, or ``model-0000i-of-0000n.safetensors`` plus
+    ``model.safetensors.index.json`` when the total exceeds ``max_shard_bytes``; returns the files."""
+    plans = list(plans)
+    shards: list[list[TensorPlan]] = [[]]
+    size = 0
+    for plan in plans:
+        if max_shard_bytes and shards[-1] and size + plan.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(plan)
+        size += plan.nbytes
+    total = sum(plan.nbytes for plan in plans)
+    names = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    with tqdm(total=total, unit="B", unit_scale=True, desc="writing safetensors") as progress:
+        for name, shard in zip(names, shards):
+            write_safetensors_file(directory / name, shard, produce, progress)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": total, **(metadata or {})},
+            "weight_map": {plan.name: name for name, shard in zip(names, shards) for plan in shard},
+        }
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return [directory / name for name in names]
+
+
+def open_safetensors_dir(directory: Path) -> dict[str, Path]:
+    """``{tensor name: file}`` of a directory holding ``model.safetensors`` or an index with shards."""
+    index = directory / INDEX_FILE
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: directory / file for name, file in weight_map.items()}
+    single = directory / SINGLE_FILE
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    return {}

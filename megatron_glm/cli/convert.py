@@ -1,0 +1,159 @@
+"""``glm-convert``: move GLM checkpoints between layouts and formats (THUDM/GLM, safetensors, Hugging Face)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from data_tools.errors import DataError
+from megatron_glm.checkpoint import CheckpointError
+from megatron_glm.checkpoint.convert import (
+    DEFAULT_MAX_SHARD_BYTES,
+    DTYPES,
+    check_against_config,
+    export_hf,
+    export_safetensors,
+    export_thudm,
+    hf_model_config,
+    hf_source,
+    source_config,
+    thudm_source,
+)
+from megatron_glm.config import ConfigError
+
+_EPILOG = """\
+Sources: a glm-pretrain save directory (its latest checkpoint), one of its step directories, a THUDM/GLM
+download (a directory with mp_rank_XX_model_states.pt files, or one such file). The head count and
+tokenizer come from the config.yaml saved with glm-pretrain checkpoints, or from --config.
+
+Examples:
+  glm-convert export --to hf outputs/demo/checkpoints exported/glm-tiny-hf
+  glm-convert export --to thudm --model-parallel-size 2 outputs/demo/checkpoints exported/glm-tiny-mp2
+  glm-convert export --to safetensors --dtype bf16 outputs/demo/checkpoints exported/glm-tiny.safetensors
+  glm-convert import --from hf exported/glm-tiny-hf imported/glm-tiny   # then checkpoint.init_from=imported/glm-tiny
+  glm-convert import --from thudm --config run/configs/glm-large.yaml glm-large/ imported/glm-large
+"""
+
+
+def _size(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB, 500MB or 1048576")
+    scale = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[match.group(2).upper()]
+    return int(float(match.group(1)) * scale)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glm-convert",
+        description="Convert GLM checkpoints: export to THUDM/GLM's layout (any model-parallel size), one "
+        "safetensors file or a Hugging Face directory; import THUDM/GLM or Hugging Face weights as a "
+        "checkpoint glm-pretrain can start from (checkpoint.init_from) at any parallel layout.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    export = commands.add_parser("export", help="write a checkpoint in another format")
+    export.add_argument("--to", required=True, choices=("safetensors", "thudm", "hf"), help="target format")
+    importer = commands.add_parser(
+        "import", help="make THUDM/GLM or HF weights a glm-pretrain starting point"
+    )
+    importer.add_argument(
+        "--from", dest="origin", required=True, choices=("thudm", "hf"), help="source format"
+    )
+    for sub in (export, importer):
+        sub.add_argument("source", type=Path, help="checkpoint directory or file")
+        sub.add_argument("output", type=Path, help="output path (must not exist unless --overwrite)")
+        sub.add_argument(
+            "--config",
+            type=Path,
+            help="YAML config of the model (heads, tokenizer); "
+            "default: the config.yaml saved with the checkpoint",
+        )
+        sub.add_argument(
+            "--model-parallel-size",
+            type=int,
+            default=1,
+            help="THUDM files to write (thudm export and import; default 1)",
+        )
+        sub.add_argument(
+            "--dtype",
+            choices=("keep", *DTYPES),
+            default="keep",
+            help="dtype of the written weights (default: the source's)",
+        )
+        sub.add_argument(
+            "--trust-checkpoint",
+            action="store_true",
+            help="allow source files holding Python objects beyond the tensor/metadata allowlist "
+            "(unpickling them can run code: only for files you trust)",
+        )
+        sub.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    export.add_argument(
+        "--max-shard-size",
+        type=_size,
+        default=DEFAULT_MAX_SHARD_BYTES,
+        help="hf: split model.safetensors into shards above this size (default 5GB)",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> Path:
+    if args.output.exists() and not args.overwrite:
+        raise CheckpointError(f"{args.output} already exists; choose another output or pass --overwrite")
+    if args.model_parallel_size < 1:
+        raise CheckpointError(f"--model-parallel-size {args.model_parallel_size}: must be at least 1")
+    dtype = None if args.dtype == "keep" else DTYPES[args.dtype]
+    trust = args.trust_checkpoint
+    if args.command == "import" and args.origin == "hf":
+        source = hf_source(args.source, trust=trust)
+        model = hf_model_config(args.source)
+        check_against_config(source.model_shape(), model, source.where)
+        expected = source_config(args.source, args.config) if args.config else None
+        check_against_config(source.model_shape(), expected, source.where)
+        return export_thudm(
+            source,
+            args.output,
+            model_parallel_size=args.model_parallel_size,
+            num_attention_heads=model.num_attention_heads,
+            dtype=dtype,
+        )
+    source = thudm_source(args.source, trust=trust)
+    model = source_config(args.source, args.config)
+    if model is not None:
+        check_against_config(source.model_shape(), model, source.where)
+    heads = model.num_attention_heads if model is not None else None
+    target = "thudm" if args.command == "import" else args.to
+    if target == "safetensors":
+        return export_safetensors(source, args.output, dtype=dtype)
+    if target == "thudm":
+        return export_thudm(
+            source,
+            args.output,
+            model_parallel_size=args.model_parallel_size,
+            num_attention_heads=heads,
+            dtype=dtype,
+        )
+    if model is None:
+        raise CheckpointError(
+            f"{args.source}: no config.yaml saved with this checkpoint; pass --config with the model's "
+            "num_attention_heads and tokenizer"
+        )
+    return export_hf(source, args.output, model, dtype=dtype, max_shard_bytes=args.max_shard_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        output = run(args)
+    except (CheckpointError, ConfigError, DataError) as exc:
+        print(f"glm-convert: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
