@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from data_tools.errors import DataError
+from data_tools.errors import DataError, run_cli
 from data_tools.objectives import ObjectiveConfig
 from data_tools.sample_format import META_FILE, SPLIT_NAMES, read_corpus_sidecar
 from data_tools.samples import (
@@ -179,40 +179,38 @@ def _summary(path: Path, reused: bool, seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_cli("glm-build-samples", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     started = time.time()
-    try:
-        corpora = parse_corpora(args.data_path, args.corpus)
-        if not corpora:
-            raise DataError("no corpora: pass --data-path PREFIX ... or --corpus PREFIX[:WEIGHT]")
-        objectives = ObjectiveConfig(
-            **{f.name: getattr(args, f.name) for f in dataclasses.fields(ObjectiveConfig)}
-        )
-        spec = SampleSpec(
-            corpora,
-            args.tokenizer or corpus_tokenizer_name(corpora),
-            args.seq_length,
-            objectives,
-            args.num_variants,
-            parse_split(args.split),
-            args.seed,
-        )
-        inputs = describe_inputs(spec)
-        path = Path(args.output) if args.output else Path(args.cache_dir) / directory_name(inputs)
-        reused = (path / META_FILE).is_file()
-        if reused:
-            if json.loads((path / META_FILE).read_text()).get("hash") != inputs_hash(inputs):
-                raise DataError(
-                    f"{path} holds samples built from other inputs; choose another --output or delete it"
-                )
-        elif path.exists():
+    corpora = parse_corpora(args.data_path, args.corpus)
+    if not corpora:
+        raise DataError("no corpora: pass --data-path PREFIX ... or --corpus PREFIX[:WEIGHT]")
+    objectives = ObjectiveConfig(
+        **{f.name: getattr(args, f.name) for f in dataclasses.fields(ObjectiveConfig)}
+    )
+    spec = SampleSpec(
+        corpora,
+        args.tokenizer or corpus_tokenizer_name(corpora),
+        args.seq_length,
+        objectives,
+        args.num_variants,
+        parse_split(args.split),
+        args.seed,
+    )
+    inputs = describe_inputs(spec)
+    path = Path(args.output) if args.output else Path(args.cache_dir) / directory_name(inputs)
+    reused = (path / META_FILE).is_file()
+    if reused:
+        if json.loads((path / META_FILE).read_text()).get("hash") != inputs_hash(inputs):
             raise DataError(
-                f"{path} exists and is not a sample directory; choose another --output or delete it"
+                f"{path} holds samples built from other inputs; choose another --output or delete it"
             )
-        else:
-            build_samples(spec, path, workers=args.workers, progress=not args.quiet, inputs=inputs)
-    except DataError as exc:
-        print(f"glm-build-samples: error: {exc}", file=sys.stderr)
-        return 2
+    elif path.exists():
+        raise DataError(f"{path} exists and is not a sample directory; choose another --output or delete it")
+    else:
+        build_samples(spec, path, workers=args.workers, progress=not args.quiet, inputs=inputs)
     print(_summary(path, reused, time.time() - started))
     return 0
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools.errors import DataError
+from data_tools.errors import DataError, run_cli
 from data_tools.indexed import IndexedDataset
 from data_tools.layout import GLMLayout
 from data_tools.sample_format import META_FILE, SPLIT_NAMES, read_corpus_sidecar
@@ -261,32 +261,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        path = Path(args.path)
-        if (path / META_FILE).is_file():
-            directory = SampleDirectory(path, verify=False)
-            stats = directory_statistics(directory)
-            text = json.dumps(stats, indent=2) if args.json else format_directory_statistics(stats)
-            if args.show:
-                tokenizer = load_tokenizer(args.tokenizer or stats["tokenizer"])
-                directory.check_tokenizer(tokenizer)
-                text += "\n\n" + show_samples(
-                    directory, args.split, args.show, args.epoch, tokenizer, args.positions
-                )
-        else:
-            prefix = str(path.with_suffix("")) if path.suffix in (".bin", ".idx") else str(path)
-            stats = corpus_statistics(prefix)
-            text = json.dumps(stats, indent=2) if args.json else format_corpus_statistics(stats)
-            if args.show:
-                name = args.tokenizer or stats["tokenizer"]
-                if not isinstance(name, str):
-                    raise DataError(
-                        f"{prefix}: no tokenizer recorded in {prefix}.meta.json; pass --tokenizer"
-                    )
-                text += "\n\n" + show_documents(prefix, args.show, load_tokenizer(name))
-    except DataError as exc:
-        print(f"glm-inspect: error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli("glm-inspect", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if (path / META_FILE).is_file():
+        directory = SampleDirectory(path, verify=False)
+        stats = directory_statistics(directory)
+        text = json.dumps(stats, indent=2) if args.json else format_directory_statistics(stats)
+        if args.show:
+            tokenizer = load_tokenizer(args.tokenizer or stats["tokenizer"])
+            directory.check_tokenizer(tokenizer)
+            text += "\n\n" + show_samples(
+                directory, args.split, args.show, args.epoch, tokenizer, args.positions
+            )
+    else:
+        prefix = str(path.with_suffix("")) if path.suffix in (".bin", ".idx") else str(path)
+        stats = corpus_statistics(prefix)
+        text = json.dumps(stats, indent=2) if args.json else format_corpus_statistics(stats)
+        if args.show:
+            name = args.tokenizer or stats["tokenizer"]
+            if not isinstance(name, str):
+                raise DataError(f"{prefix}: no tokenizer recorded in {prefix}.meta.json; pass --tokenizer")
+            text += "\n\n" + show_documents(prefix, args.show, load_tokenizer(name))
     print(text)
     return 0
 

@@ -50,7 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from data_tools.corpus_encoder import CorpusEncoder, TextOptions
-from data_tools.errors import DataError
+from data_tools.errors import EXIT_FAILED, EXIT_INTERRUPTED, DataError
 from data_tools.indexed import IndexedDatasetWriter, merge_indexed, rename_dataset, token_dtype
 from data_tools.progress import CorpusStats, Progress, format_summary
 from data_tools.readers import (
@@ -499,10 +499,10 @@ def main(argv: list[str] | None = None) -> int:
             unit = "sentence" if options.split_sentences else "document"
     except DataError as exc:
         print(f"glm-preprocess: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("glm-preprocess: interrupted; no output was written", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
     print(f"glm-preprocess summary\n{format_summary(stats, time.monotonic() - started, output, unit)}")

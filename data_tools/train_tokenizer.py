@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tokenizers.implementations import ByteLevelBPETokenizer
 
-from data_tools.errors import DataError
+from data_tools.errors import DataError, run_cli
 from data_tools.progress import CorpusStats
 from data_tools.readers import (
     TEXT_DOCUMENT_UNITS,
@@ -140,21 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_cli("glm-train-tokenizer", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     options = ReadOptions(json_key=args.json_key, text_document=args.text_document, errors=args.errors)
-    try:
-        tokenizer = train_tokenizer(
-            args.input,
-            args.output,
-            args.vocab_size,
-            min_frequency=args.min_frequency,
-            input_format=args.input_format,
-            options=options,
-            standardize=not args.no_standardize_punctuation,
-            progress=not args.no_progress,
-        )
-    except DataError as exc:
-        print(f"glm-train-tokenizer: error: {exc}", file=sys.stderr)
-        return 2
+    tokenizer = train_tokenizer(
+        args.input,
+        args.output,
+        args.vocab_size,
+        min_frequency=args.min_frequency,
+        input_format=args.input_format,
+        options=options,
+        standardize=not args.no_standardize_punctuation,
+        progress=not args.no_progress,
+    )
     command = tokenizer.command
     print(
         f"wrote {args.output}: {tokenizer.text_vocab_size} text tokens + command tokens "

@@ -182,7 +182,7 @@ def test_bad_targets_and_configs_are_refused_and_nothing_is_written(
     if "EXISTS" in arguments:
         arguments = [a for a in arguments if a != "EXISTS"]
         output.mkdir()
-    assert convert([*arguments, str(checkpoints), str(output)]) == 2
+    assert convert([*arguments, str(checkpoints), str(output)]) == 1
     assert message in capsys.readouterr().err
     assert not output.exists() or not any(output.iterdir())
     assert not list(tmp_path.glob("out.tmp-*"))
@@ -196,7 +196,7 @@ def test_a_missing_shard_and_an_interrupted_conversion(trained, tmp_path, capsys
     )
     (split / "release" / "mp_rank_00_model_states.pt").unlink()
     config = str(checkpoints / "2" / "config.yaml")
-    assert convert(["export", "--to", "hf", "--config", config, str(split), str(tmp_path / "hf")]) == 2
+    assert convert(["export", "--to", "hf", "--config", config, str(split), str(tmp_path / "hf")]) == 1
     assert "model-parallel ranks [1] are not 0..0; a shard file is missing" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
 

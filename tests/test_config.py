@@ -15,7 +15,7 @@ from megatron_glm.config import (
 
 CONFIGS = Path(__file__).resolve().parent.parent / "run" / "configs"
 
-# glm-reference.md §4.1: parameter counts of the released architectures.
+# Parameter counts of the released GLM architectures (the GLM paper, Table 1; THUDM/GLM README).
 REFERENCE_PARAMETERS = {
     "glm-base": 109.3e6,
     "glm-large": 334.7e6,
@@ -170,6 +170,7 @@ def test_cli_validate_reports_count_and_fails_with_exit_code_2(capsys):
         (["model.attention_scale=0"], "model.attention_scale"),
         (["training.eval_interval=10", "training.eval_steps=0"], "training.eval_steps"),
         (["checkpoint.interval=-5"], "checkpoint.interval"),
+        (["model.kernels=triton", "model.num_attention_heads=2", "model.hidden_size=512"], "model.kernels"),
     ],
 )
 def test_settings_that_would_fail_later_are_refused_up_front(overrides, key):

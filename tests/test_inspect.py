@@ -76,7 +76,7 @@ def test_show_renders_parts_and_masks(built, capsys):
 
 
 def test_missing_path_and_empty_split_are_errors(built, tmp_path, capsys):
-    assert inspect_main([str(tmp_path / "nothing")]) == 2
+    assert inspect_main([str(tmp_path / "nothing")]) == 1
     assert "no such file" in capsys.readouterr().err
-    assert inspect_main([str(built[1]), "--show", "1", "--split", "test"]) == 2
+    assert inspect_main([str(built[1]), "--show", "1", "--split", "test"]) == 1
     assert "has no samples" in capsys.readouterr().err

@@ -253,7 +253,7 @@ def test_cli_builds_then_reuses(corpus, tmp_path, capsys):
                 str(tmp_path),
             ]
         )
-        == 2
+        == 1
     )
     assert "must be 1" in capsys.readouterr().err
 

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_glm.errors import CheckpointError
 from megatron_glm.log import get_logger
 
 logger = get_logger("checkpoint")
@@ -43,10 +44,6 @@ CONFIG_FILE = "config.yaml"
 PARTIAL_SUFFIX = ".partial"
 SHARD_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt")
 TRUST_HINT = "if you trust where the file comes from, pass --trust-checkpoint (trust=True in the API)"
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be read, written or converted; the message names the file and what to change."""
 
 
 def shard_file_name(model_parallel_rank: int) -> str:

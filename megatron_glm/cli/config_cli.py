@@ -6,7 +6,6 @@ import argparse
 import sys
 
 from megatron_glm.config import (
-    ConfigError,
     add_override_argument,
     count_parameters,
     describe_parameters,
@@ -16,6 +15,7 @@ from megatron_glm.config import (
     parallel_layout,
     validate_config,
 )
+from megatron_glm.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,28 +46,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "show":
-            sys.stdout.write(dump_config(cfg))
-            return 0
-        validate_config(cfg, args.world_size)
-        tp = cfg.parallel.tensor_parallel_size
-        vocab = padded_vocab_size(cfg.model, tp)
-        params = count_parameters(cfg.model, vocab)
-        print(f"{cfg.name}: valid")
-        print(f"  parameters: {params:,} ({describe_parameters(params)}), vocab rows {vocab}")
-        if args.world_size is not None:
-            layout = parallel_layout(cfg, args.world_size)
-            print(
-                f"  layout: world {layout.world_size} = tp {layout.tensor_parallel_size} x "
-                f"pp {layout.pipeline_parallel_size} x dp {layout.data_parallel_size}; "
-                f"gradient accumulation {layout.gradient_accumulation_steps}"
-            )
+    return run_cli("glm-config", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "show":
+        sys.stdout.write(dump_config(cfg))
         return 0
-    except ConfigError as exc:
-        print(f"glm-config: error: {exc}", file=sys.stderr)
-        return 2
+    validate_config(cfg, args.world_size)
+    tp = cfg.parallel.tensor_parallel_size
+    vocab = padded_vocab_size(cfg.model, tp)
+    params = count_parameters(cfg.model, vocab)
+    print(f"{cfg.name}: valid")
+    print(f"  parameters: {params:,} ({describe_parameters(params)}), vocab rows {vocab}")
+    if args.world_size is not None:
+        layout = parallel_layout(cfg, args.world_size)
+        print(
+            f"  layout: world {layout.world_size} = tp {layout.tensor_parallel_size} x "
+            f"pp {layout.pipeline_parallel_size} x dp {layout.data_parallel_size}; "
+            f"gradient accumulation {layout.gradient_accumulation_steps}"
+        )
+    return 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ import re
 import sys
 from pathlib import Path
 
-from data_tools.errors import DataError
 from megatron_glm.checkpoint import CheckpointError
 from megatron_glm.checkpoint.convert import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -21,7 +20,7 @@ from megatron_glm.checkpoint.convert import (
     source_config,
     thudm_source,
 )
-from megatron_glm.config import ConfigError
+from megatron_glm.errors import run_cli
 
 _EPILOG = """\
 Sources: a glm-pretrain save directory (its latest checkpoint), one of its step directories, a THUDM/GLM
@@ -146,13 +145,7 @@ def run(args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        output = run(args)
-    except (CheckpointError, ConfigError, DataError) as exc:
-        print(f"glm-convert: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {output}")
-    return 0
+    return run_cli("glm-convert", lambda: print(f"wrote {run(args)}"))
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ import sys
 
 import torch
 
-from data_tools.errors import DataError
 from data_tools.tokenizer import load_tokenizer
-from megatron_glm.checkpoint import CheckpointError, load_thudm_checkpoint
-from megatron_glm.config import ConfigError, add_override_argument, load_config, padded_vocab_size
+from megatron_glm.checkpoint import load_thudm_checkpoint
+from megatron_glm.config import add_override_argument, load_config, padded_vocab_size
+from megatron_glm.errors import run_cli
 from megatron_glm.generation import fill_blanks
 from megatron_glm.model import GLMModel
 from megatron_glm.parallel import initialize_parallel
@@ -43,16 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        tokenizer = load_tokenizer(cfg.model.tokenizer)
-        initialize_parallel(1, 1)
-        model = GLMModel(cfg.model, padded_vocab_size(cfg.model), device="meta")
-        model.to_empty(device="cuda" if torch.cuda.is_available() else "cpu")
-        load_thudm_checkpoint(model, args.checkpoint)
-    except (ConfigError, DataError, CheckpointError) as exc:
-        print(f"glm-fill-blanks: error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli("glm-fill-blanks", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    initialize_parallel(1, 1)
+    model = GLMModel(cfg.model, padded_vocab_size(cfg.model), device="meta")
+    model.to_empty(device="cuda" if torch.cuda.is_available() else "cpu")
+    load_thudm_checkpoint(model, args.checkpoint)
     for text in args.text:
         result = fill_blanks(model.float(), tokenizer, text, max_tokens=args.max_tokens)
         print(f"{text}\n  -> {result.text}\n     answers: {result.answers}")

@@ -7,8 +7,8 @@ import os
 import sys
 import warnings
 
-from data_tools.errors import DataError
-from megatron_glm.config import ConfigError, add_override_argument, load_config, validate_config
+from megatron_glm.config import add_override_argument, load_config, validate_config
+from megatron_glm.errors import run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,39 +39,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        validate_config(cfg)
-    except ConfigError as exc:
-        print(f"glm-pretrain: error: {exc}", file=sys.stderr)
-        return 2
+    return run_cli("glm-pretrain", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    validate_config(cfg)
     if args.prepare_only:
         from megatron_glm.data import prepare_sample_directory
 
-        try:
-            print(
-                prepare_sample_directory(
-                    cfg.data, cfg.model.tokenizer, builder=True, workers=os.cpu_count() or 1, progress=True
-                )
+        print(
+            prepare_sample_directory(
+                cfg.data, cfg.model.tokenizer, builder=True, workers=os.cpu_count() or 1, progress=True
             )
-        except DataError as exc:
-            print(f"glm-pretrain: error: {exc}", file=sys.stderr)
-            return 1
+        )
         return 0
     # DeepSpeed's ZeRO calls a torch collective that torch has renamed; the warning is not ours to fix.
     warnings.filterwarnings(
         "ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning
     )
     from megatron_glm.log import get_logger
-    from megatron_glm.training.trainer import USER_ERRORS, pretrain
+    from megatron_glm.training.trainer import pretrain
 
-    try:
-        result = pretrain(cfg)
-    except USER_ERRORS as exc:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        where = f" (rank {os.environ.get('RANK')} of {world})" if world > 1 else ""
-        print(f"glm-pretrain: error{where}: {exc}", file=sys.stderr)
-        return 1
+    result = pretrain(cfg)
     get_logger("training").info(
         "%s at step %d; checkpoint %s", result.status, result.final_step, result.last_checkpoint
     )

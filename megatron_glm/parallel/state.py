@@ -19,11 +19,8 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
+from megatron_glm.errors import ParallelStateError
 from megatron_glm.parallel.random import MODEL_PARALLEL_RNG, MODEL_PARALLEL_SEED_OFFSET, RNGStatesTracker
-
-
-class ParallelStateError(Exception):
-    """The parallel layout does not fit the world, or the state is used before it is initialized."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,9 +17,7 @@ from datetime import timedelta
 
 import torch
 
-
-class LaunchError(Exception):
-    """The launcher's environment is incomplete or inconsistent."""
+from megatron_glm.errors import LaunchError
 
 
 @dataclasses.dataclass(frozen=True)

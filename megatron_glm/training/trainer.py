@@ -13,9 +13,7 @@ import torch
 import torch.distributed as dist
 
 import kernels
-from data_tools.errors import DataError
 from data_tools.tokenizer import load_tokenizer
-from megatron_glm.checkpoint import CheckpointError
 from megatron_glm.config import (
     ConfigError,
     GLMConfig,
@@ -25,9 +23,9 @@ from megatron_glm.config import (
     parallel_layout,
 )
 from megatron_glm.data import build_glm_data_loader, prepare_sample_directory
+from megatron_glm.errors import USER_ERRORS, TrainingError
 from megatron_glm.log import get_logger, setup_logging
 from megatron_glm.parallel import (
-    ParallelStateError,
     destroy_parallel,
     get_data_parallel_rank,
     get_pipeline_parallel_rank,
@@ -35,7 +33,7 @@ from megatron_glm.parallel import (
     seed_parallel_rng,
 )
 from megatron_glm.training.checkpoint import CheckpointManager
-from megatron_glm.training.distributed import LaunchError, LaunchInfo, device_for, init_distributed
+from megatron_glm.training.distributed import LaunchInfo, device_for, init_distributed
 from megatron_glm.training.engine import TrainingEngine
 from megatron_glm.training.hardware import emulated_bf16_warning, measure_matmul_peak
 from megatron_glm.training.losses import per_objective_means
@@ -43,14 +41,6 @@ from megatron_glm.training.metrics import MetricsReporter
 from megatron_glm.training.signals import PreemptionHandler
 
 logger = get_logger("training")
-
-
-class TrainingError(Exception):
-    """Training cannot go on (for example a non-finite loss under the "stop" policy)."""
-
-
-# Errors that say what the user must change; their message is enough, no traceback.
-USER_ERRORS = (ConfigError, DataError, TrainingError, CheckpointError, LaunchError, ParallelStateError)
 
 
 @dataclasses.dataclass

@@ -1,0 +1,149 @@
+"""Validation of a whole config: each section's own rules plus the rules that span sections, and the
+parallel layout derived from the world size.
+
+``validate_config`` reports every broken rule at once, each with the key to change; it runs before any
+process of a job starts (``glm-config validate --world-size N``) and once at the start of ``glm-pretrain``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from data_tools.errors import DataError
+from data_tools.tokenizer import load_tokenizer
+from megatron_glm.config.schema import GLMConfig, ModelConfig, Problems
+from megatron_glm.errors import ConfigError
+
+
+def padded_vocab_size(model: ModelConfig, tensor_parallel_size: int = 1) -> int:
+    """The embedding-table size: explicit ``model.vocab_size`` or derived from the tokenizer."""
+    if model.vocab_size is not None:
+        return model.vocab_size
+    return load_tokenizer(model.tokenizer).padded_vocab_size(
+        model.make_vocab_size_divisible_by * tensor_parallel_size
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a job of ``world_size`` ranks is split."""
+
+    world_size: int
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    data_parallel_size: int
+    gradient_accumulation_steps: int
+
+
+def _vocabulary_problems(cfg: GLMConfig) -> Problems:
+    model, tp = cfg.model, cfg.parallel.tensor_parallel_size
+    try:
+        tokens = load_tokenizer(model.tokenizer).num_tokens
+    except DataError as exc:
+        return [("model.tokenizer", str(exc))]
+    found = []
+    if model.vocab_size is not None and model.vocab_size < tokens:
+        found.append(
+            (
+                "model.vocab_size",
+                f"{model.vocab_size} rows cannot hold the {tokens} tokens of tokenizer {model.tokenizer!r}; "
+                "leave it unset to derive it from the tokenizer",
+            )
+        )
+    multiple = model.make_vocab_size_divisible_by * tp
+    if model.vocab_size is not None and multiple > 0 and model.vocab_size % multiple:
+        suggestion = -(-model.vocab_size // multiple) * multiple
+        found.append(
+            (
+                "model.vocab_size",
+                f"{model.vocab_size} is not a multiple of make_vocab_size_divisible_by x tensor_parallel_size "
+                f"= {multiple}; use {suggestion} or leave it unset to derive it from the tokenizer",
+            )
+        )
+    return found
+
+
+def _world_problems(cfg: GLMConfig, world_size: int) -> Problems:
+    parallel, training = cfg.parallel, cfg.training
+    model_parallel = parallel.tensor_parallel_size * parallel.pipeline_parallel_size
+    if world_size % model_parallel:
+        return [
+            (
+                "parallel.tensor_parallel_size",
+                f"world size {world_size} is not divisible by tensor_parallel_size x "
+                f"pipeline_parallel_size = {model_parallel}",
+            )
+        ]
+    per_step = training.micro_batch_size * (world_size // model_parallel)
+    if training.global_batch_size % per_step:
+        lower = max(per_step, training.global_batch_size // per_step * per_step)
+        return [
+            (
+                "training.global_batch_size",
+                f"{training.global_batch_size} is not micro_batch_size x data-parallel size x "
+                f"accumulation steps (micro {training.micro_batch_size} x dp {per_step // training.micro_batch_size}"
+                f" = {per_step} per accumulation step); use a multiple of {per_step} such as {lower}",
+            )
+        ]
+    return []
+
+
+def config_problems(cfg: GLMConfig, world_size: int | None = None) -> Problems:
+    """Every broken rule of ``cfg`` as (key, message): each section's, then those that span sections."""
+    found = [problem for section in cfg.sections() for problem in section.problems()]
+    model, parallel = cfg.model, cfg.parallel
+    sizes = (model.num_layers, model.num_attention_heads, model.make_vocab_size_divisible_by)
+    sizes += (parallel.tensor_parallel_size, parallel.pipeline_parallel_size, cfg.training.micro_batch_size)
+    if min(sizes) <= 0:  # already reported by the sections; the rules below divide by these
+        return found
+    if model.num_attention_heads % parallel.tensor_parallel_size:
+        found.append(
+            (
+                "model.num_attention_heads",
+                f"{model.num_attention_heads} heads cannot be split over parallel.tensor_parallel_size = "
+                f"{parallel.tensor_parallel_size}; use a tensor-parallel size that divides the head count",
+            )
+        )
+    if model.num_layers % parallel.pipeline_parallel_size:
+        found.append(
+            (
+                "model.num_layers",
+                f"{model.num_layers} layers cannot be split evenly over parallel.pipeline_parallel_size = "
+                f"{parallel.pipeline_parallel_size}; use a pipeline size that divides the layer count",
+            )
+        )
+    if cfg.data.seq_length > model.max_position_embeddings:
+        found.append(
+            (
+                "data.seq_length",
+                f"{cfg.data.seq_length} exceeds model.max_position_embeddings = "
+                f"{model.max_position_embeddings}: positions would fall outside the position tables",
+            )
+        )
+    found += _vocabulary_problems(cfg)
+    if world_size is not None:
+        found += _world_problems(cfg, world_size)
+    return found
+
+
+def validate_config(cfg: GLMConfig, world_size: int | None = None) -> None:
+    """Raise ``ConfigError`` listing every broken rule, each with the key to change."""
+    found = config_problems(cfg, world_size)
+    if found:
+        lines = "\n".join(f"  {key}: {message}" for key, message in found)
+        raise ConfigError(f"invalid configuration {cfg.name!r}:\n{lines}")
+
+
+def parallel_layout(cfg: GLMConfig, world_size: int) -> Layout:
+    """The layout of ``world_size`` ranks. Checks only the world-size rules: the rest is
+    ``validate_config``'s, which commands run once before they start."""
+    found = _world_problems(cfg, world_size)
+    if found:
+        raise ConfigError(
+            f"invalid configuration {cfg.name!r} for {world_size} ranks:\n"
+            + "\n".join(f"  {key}: {message}" for key, message in found)
+        )
+    tp, pp = cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size
+    dp = world_size // (tp * pp)
+    accumulation = cfg.training.global_batch_size // (cfg.training.micro_batch_size * dp)
+    return Layout(world_size, tp, pp, dp, accumulation)
