@@ -13,6 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # an end-to-end run; `make test-fast` leaves it out
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 POINTER_TYPES = {
     "Lse": "*fp32",

@@ -1,4 +1,4 @@
-"""The Part A / Part B layout against the reference's worked examples (glm-reference.md §1.6), token by token."""
+"""The Part A / Part B layout against the reference's worked examples (outputs of THUDM/GLM's make_block_data in blocklm_utils.py), token by token."""
 
 import random
 

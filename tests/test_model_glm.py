@@ -141,7 +141,7 @@ def test_state_dict_has_the_reference_keys_and_shapes(single_rank):
     assert {k: tuple(v.shape) for k, v in state.items()} == expected
 
 
-# glm-reference.md §4.1, in the table's rounding.
+# The parameter counts of the released GLM models (the GLM paper's Table 1, THUDM/GLM's README), rounded as there.
 REFERENCE_PARAMETERS = {
     "glm-base": "109.3M",
     "glm-large": "334.7M",

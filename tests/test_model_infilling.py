@@ -11,6 +11,7 @@ import math
 import random
 
 import numpy as np
+import pytest
 import torch
 
 from data_tools.layout import build_glm_layout
@@ -34,6 +35,8 @@ CONFIG = ModelConfig(
     attention_dropout=0.0,
     init_method_std=0.1,
 )
+
+pytestmark = pytest.mark.slow  # an end-to-end run; `make test-fast` leaves it out
 
 
 def copy_batch(rng: random.Random, size: int) -> tuple[torch.Tensor, ...]:

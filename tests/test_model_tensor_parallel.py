@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from megatron_glm import parallel
-from megatron_glm.model import GLMModel, merge_shards, partition_of
+from megatron_glm.checkpoint import merge_shards, partition_of
+from megatron_glm.model import GLMModel
 from megatron_glm.parallel import get_rng_tracker, unshard
 from tests.multiproc import run_ranks
 from tests.test_model_glm import TINY, VOCAB, forward_and_loss, make_batch

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_glm import parallel
-from megatron_glm.parallel import MODEL_PARALLEL_RNG, RNGStatesTracker, checkpoint, get_rng_tracker
+from megatron_glm.parallel import MODEL_PARALLEL_RNG, RNGStatesTracker, get_rng_tracker, recompute
 
 
 @pytest.fixture
@@ -57,21 +57,21 @@ def _block(x, weight):
     return y @ weight
 
 
-@pytest.mark.parametrize("use_checkpoint", [False, True])
-def test_checkpoint_replays_both_streams(single_rank, use_checkpoint):
+@pytest.mark.parametrize("use_recompute", [False, True])
+def test_recompute_replays_both_streams(single_rank, use_recompute):
     weight = torch.randn(8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_()
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
 
     def loss_and_grad(checkpointed):
         parallel.seed_parallel_rng(7)
         weight.grad = None
-        out = checkpoint(_block, x, weight) if checkpointed else _block(x, weight)
+        out = recompute(_block, x, weight) if checkpointed else _block(x, weight)
         # Draws after the block must not be disturbed by the recompute in backward.
         out.sum().backward()
         return out.detach(), weight.grad.clone(), torch.rand(2)
 
     reference = loss_and_grad(False)
-    result = loss_and_grad(use_checkpoint)
+    result = loss_and_grad(use_recompute)
     for expected, actual in zip(reference, result):
         assert torch.equal(expected, actual)
 

@@ -15,6 +15,8 @@ import pytest
 from data_tools.errors import DataError
 from data_tools.preprocess import PreprocessOptions, preprocess
 
+pytestmark = pytest.mark.slow  # end-to-end runs of real processes; `make test-fast` leaves them out
+
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "run" / "demo" / "corpus" / "austen-chapters.jsonl"
 FINAL = ("out.bin", "out.idx", "out.meta.json")

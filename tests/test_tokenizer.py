@@ -13,7 +13,7 @@ from data_tools.tokenizer import GLMTokenizer, load_tokenizer
 
 CORPUS = Path(__file__).resolve().parent.parent / "run" / "demo" / "corpus" / "austen-chapters.jsonl"
 
-# glm-reference.md §2: ids of the command tokens and the padded vocabulary.
+# The ids THUDM/GLM gives its command tokens and the padded vocabulary (data_utils/tokenization.py there).
 REFERENCE_IDS = {
     "bert-base-uncased": dict(
         pad=0,

@@ -13,6 +13,8 @@ from megatron_glm.parallel import destroy_parallel, initialize_parallel
 from tests.glm_corpora import austen_corpus
 from tests.training_runs import run_pretrain, step_losses, tiny_overrides
 
+pytestmark = pytest.mark.slow  # end-to-end runs of real processes; `make test-fast` leaves them out
+
 # Evaluate after steps 2 and 4 on four global batches of the validation split.
 EVAL = {"training.eval_interval": 2, "training.eval_steps": 4}
 

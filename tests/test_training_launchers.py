@@ -22,6 +22,8 @@ from tests.training_runs import (
     tiny_overrides,
 )
 
+pytestmark = pytest.mark.slow  # end-to-end runs of real processes; `make test-fast` leaves them out
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):

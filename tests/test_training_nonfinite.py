@@ -14,6 +14,8 @@ from megatron_glm.parallel import destroy_parallel, initialize_parallel
 from tests.glm_corpora import austen_corpus
 from tests.training_runs import pretrain_command, pretrain_env, run_pretrain, tiny_overrides
 
+pytestmark = pytest.mark.slow  # end-to-end runs of real processes; `make test-fast` leaves them out
+
 
 @pytest.fixture(scope="module")
 def poisoned(tmp_path_factory):

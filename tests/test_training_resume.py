@@ -21,6 +21,8 @@ from tests.training_runs import (
     tiny_overrides,
 )
 
+pytestmark = pytest.mark.slow  # end-to-end runs of real processes; `make test-fast` leaves them out
+
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 40
 

@@ -20,7 +20,7 @@ from data_tools.tokenizer import GLMTokenizer, load_tokenizer
 
 
 class GLMDataset(Dataset):
-    """Laid-out GLM samples (glm-reference.md §1.6), padded to the directory's sequence length.
+    """Laid-out GLM samples (Part A with one mask per span, then the spans in Part B; see ``build_glm_layout``), padded to the directory's sequence length.
 
     Args:
         directory: a ``SampleDirectory`` or its path (corpora are checked against their fingerprints).

@@ -32,8 +32,8 @@ from megatron_glm.config import ModelConfig
 from megatron_glm.model.transformer import GLMTransformerLayer, LayerNorm, init_generator
 from megatron_glm.parallel import (
     VocabParallelEmbedding,
-    checkpoint,
     normal_init,
+    recompute,
     vocab_parallel_cross_entropy,
     vocab_parallel_logits,
 )
@@ -123,7 +123,7 @@ class GLMTransformer(PositionEmbeddings):
         hidden = self.embed_positions(word_embeddings, position_ids)
         for layer in self.layers:
             if self.recompute_layers and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, sep)
+                hidden = recompute(layer, hidden, sep)
             else:
                 hidden = layer(hidden, sep)
         return self.final_layernorm(hidden)

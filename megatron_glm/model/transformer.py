@@ -26,10 +26,10 @@ from megatron_glm.config import ModelConfig
 from megatron_glm.parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
-    checkpoint,
     get_rng_tracker,
     get_tensor_parallel_world_size,
     normal_init,
+    recompute,
 )
 from megatron_glm.parallel.sharding import divide
 
@@ -119,7 +119,7 @@ class GLMSelfAttention(nn.Module):
         qkv = self.query_key_value(x).view(batch, length, 3, self.local_heads, self.head_dim)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, heads, T, d_head] views
         if self.recompute_core and torch.is_grad_enabled():
-            context = checkpoint(self.core_attention, q, k, v, sep)
+            context = recompute(self.core_attention, q, k, v, sep)
         else:
             context = self.core_attention(q, k, v, sep)
         return self.dense(context.transpose(1, 2).reshape(batch, length, self.local_heads * self.head_dim))

@@ -10,7 +10,6 @@ checkpointing  activation checkpointing that replays those streams
 deepspeed_mpu  the ``mpu`` object handed to DeepSpeed
 """
 
-from megatron_glm.parallel.checkpointing import checkpoint
 from megatron_glm.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megatron_glm.parallel.deepspeed_mpu import DeepSpeedMPU
 from megatron_glm.parallel.layers import (
@@ -28,6 +27,7 @@ from megatron_glm.parallel.mappings import (
     scatter_to_tensor_parallel,
 )
 from megatron_glm.parallel.random import MODEL_PARALLEL_RNG, RNGStatesTracker
+from megatron_glm.parallel.recompute import recompute
 from megatron_glm.parallel.sharding import shard, unshard
 from megatron_glm.parallel.state import (
     ParallelStateError,
@@ -64,7 +64,7 @@ __all__ = [
     "RNGStatesTracker",
     "RowParallelLinear",
     "VocabParallelEmbedding",
-    "checkpoint",
+    "recompute",
     "copy_to_tensor_parallel",
     "destroy_parallel",
     "gather_from_tensor_parallel",

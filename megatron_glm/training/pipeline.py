@@ -21,7 +21,7 @@ from torch import nn
 
 from megatron_glm.config import ModelConfig
 from megatron_glm.model import GLMTransformerLayer, LayerNorm, PositionEmbeddings, init_generator, loss_rows
-from megatron_glm.parallel import VocabParallelEmbedding, checkpoint, normal_init, vocab_parallel_logits
+from megatron_glm.parallel import VocabParallelEmbedding, normal_init, recompute, vocab_parallel_logits
 from megatron_glm.training.losses import GLMLoss
 
 PipelineActivations = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -63,7 +63,7 @@ class TransformerLayerPipe(GLMTransformerLayer):
     def forward(self, inputs: PipelineActivations) -> PipelineActivations:
         hidden, position_ids, sep, loss_mask = inputs
         if self.recompute and torch.is_grad_enabled():
-            hidden = checkpoint(super().forward, hidden, sep)
+            hidden = recompute(super().forward, hidden, sep)
         else:
             hidden = super().forward(hidden, sep)
         return hidden, position_ids, sep, loss_mask

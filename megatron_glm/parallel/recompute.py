@@ -1,8 +1,8 @@
-"""Activation checkpointing that replays the tensor-parallel RNG streams on recompute.
+"""Activation recomputation ("activation checkpointing") that replays the tensor-parallel RNG streams on recompute.
 
 ``torch.utils.checkpoint`` restores the default generators before recomputing, so hidden dropout
 draws the same mask twice; it knows nothing of the tracker's model-parallel stream, which by the time
-of the backward pass has moved on. ``checkpoint`` snapshots the tracker when the forward pass runs
+of the backward pass has moved on. ``recompute`` snapshots the tracker when the forward pass runs
 and puts that snapshot back for the recompute (then restores the current streams), so attention
 dropout draws the same mask too and the gradients equal those of the uncheckpointed model.
 """
@@ -18,7 +18,7 @@ import torch.utils.checkpoint
 from megatron_glm.parallel.state import get_rng_tracker
 
 
-def checkpoint(function: Callable[..., Any], *args: Any) -> Any:
+def recompute(function: Callable[..., Any], *args: Any) -> Any:
     """``function(*args)`` without keeping its activations; they are recomputed in the backward pass.
 
     A drop-in for ``deepspeed.checkpointing.checkpoint`` (same signature), e.g. as a pipeline
