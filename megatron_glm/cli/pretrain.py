@@ -51,7 +51,7 @@ def _run(args: argparse.Namespace) -> int:
         print(
             prepare_sample_directory(
                 cfg.data, cfg.model.tokenizer, builder=True, workers=os.cpu_count() or 1, progress=True
-            )
+            ).path
         )
         return 0
     # DeepSpeed's ZeRO calls a torch collective that torch has renamed; the warning is not ours to fix.

@@ -16,8 +16,6 @@ key              dtype    shape      meaning
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -64,16 +62,20 @@ def build_data_loader(dataset: GLMDataset, sampler: GLMBatchSampler, num_workers
 
 def prepare_sample_directory(
     data: DataConfig, tokenizer: str, *, builder: bool = True, workers: int = 1, progress: bool = False
-) -> Path:
-    """Build (on ``builder`` ranks) or wait for the sample directory of ``data`` under ``data.cache_dir``.
+) -> SampleDirectory:
+    """Build (on ``builder`` ranks) or wait for the sample directory of ``data`` under ``data.cache_dir``,
+    and open it.
 
-    Online masking needs only the packed samples, so it builds none of the K span variants.
+    Online masking needs only the packed samples, so it builds none of the K span variants. The
+    directory is named by a hash of the corpora's fingerprints, computed here from the files as they are
+    now: found under that name, it was built from exactly these files, so opening it verifies nothing
+    again.
     """
     if not data.corpora:
         raise DataError(
             "data.corpora is empty: list the corpus prefixes (written by glm-preprocess) to train on"
         )
-    return build_or_load_samples(
+    path = build_or_load_samples(
         [CorpusSpec(c.path, c.weight) for c in data.corpora],
         tokenizer,
         data.seq_length,
@@ -86,12 +88,13 @@ def prepare_sample_directory(
         workers=workers,
         progress=progress,
     )
+    return SampleDirectory(path, corpus_paths=[c.path for c in data.corpora], verify=False)
 
 
 def build_glm_data_loader(
     data: DataConfig,
     tokenizer: GLMTokenizer | str,
-    sample_dir: str | Path,
+    directory: SampleDirectory,
     split: str,
     *,
     micro_batch_size: int,
@@ -105,7 +108,6 @@ def build_glm_data_loader(
     Train shuffles each epoch; valid and test run in order. The stream is unbounded: take as many
     micro-batches as needed (``accumulation_steps`` per optimizer step).
     """
-    directory = SampleDirectory(sample_dir, corpus_paths=[c.path for c in data.corpora] or None)
     dataset = GLMDataset(directory, split, tokenizer, objectives=data.objectives, online=data.online_masking)
     sampler = GLMBatchSampler(
         micro_batch_size=micro_batch_size,

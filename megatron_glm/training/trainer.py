@@ -107,7 +107,7 @@ def _pretrain(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> Trainin
     if cfg.training.precision == "bf16" and (warning := emulated_bf16_warning(device)):
         logger.warning(warning)
     builder = rank == 0 if cfg.data.shared_cache else info.local_rank == 0
-    sample_dir = prepare_sample_directory(cfg.data, cfg.model.tokenizer, builder=builder)
+    samples = prepare_sample_directory(cfg.data, cfg.model.tokenizer, builder=builder)
     vocab_size = padded_vocab_size(cfg.model, layout.tensor_parallel_size)
     engine = TrainingEngine(cfg, layout, vocab_size)
     backend = kernels.resolve_backend(cfg.model.kernels, device)
@@ -148,7 +148,7 @@ def _pretrain(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> Trainin
         return build_glm_data_loader(
             cfg.data,
             tokenizer,
-            sample_dir,
+            samples,
             split,
             micro_batch_size=cfg.training.micro_batch_size,
             global_batch_size=cfg.training.global_batch_size,
