@@ -24,7 +24,7 @@ from tests.training_runs import (
     tiny_overrides,
 )
 
-STEPS = 24
+STEPS = 12
 # Two nodes x two tasks; the test cluster's nodes have no GPUs and 2 CPUs each.
 JOB_SHAPE = ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=15"]
 
@@ -61,6 +61,7 @@ def _wait_until_done(cluster, job_id: int, timeout: float) -> dict[str, str]:
     return states
 
 
+@pytest.mark.slow
 def test_pretrain_job_is_preempted_requeues_itself_and_resumes_exactly(cluster, tmp_path):
     corpus = austen_corpus(tmp_path, 0, 6)
     settings = {"training.train_steps": STEPS, "data.num_workers": 1}
@@ -69,7 +70,8 @@ def test_pretrain_job_is_preempted_requeues_itself_and_resumes_exactly(cluster, 
     reference = step_losses(reference_dir)
 
     output = tmp_path / "job.out"
-    env = {**pretrain_env(), **cluster.env, "CONFIG": str(TINY_CONFIG)}
+    # PREPARE=0: the reference run has built the samples (--prepare-only is tested with glm-pretrain).
+    env = {**pretrain_env(), **cluster.env, "CONFIG": str(TINY_CONFIG), "PREPARE": "0"}
     arguments = pretrain_arguments(tiny_overrides(corpus, tmp_path / "samples", job_dir, **settings))[2:]
     job_id = _sbatch(cluster, "pretrain.sbatch", output, arguments, env)
 
