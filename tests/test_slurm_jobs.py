@@ -7,6 +7,9 @@ machine that cannot, the tests fail and say why (``make test`` runs as root in C
 """
 
 import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +121,21 @@ def test_preprocess_job_equals_a_single_process_run(cluster, tmp_path):
     assert len(list(prefix.parent.glob("austen_rank*-of-00004.idx"))) == 4  # one share per task
     for suffix in (".bin", ".idx"):
         assert Path(f"{single}{suffix}").read_bytes() == Path(f"{prefix}{suffix}").read_bytes(), suffix
+
+
+def test_a_crashed_rank_ends_the_srun_step_naming_the_rank(cluster, tmp_path):
+    """srun --kill-on-bad-exit (as pretrain.sbatch runs it): rank 3 raises, the other ranks are ended."""
+    corpus = austen_corpus(tmp_path, 0, 6)
+    program = [sys.executable, str(ROOT / "tests" / "crashing_pretrain.py")]
+    program += pretrain_arguments(tiny_overrides(corpus, tmp_path / "samples", tmp_path / "run"))
+    env = {**pretrain_env(), **cluster.env, "CRASH_RANK": "3", "CRASH_STEP": "2"}
+    started = time.monotonic()
+    result = subprocess.run(
+        ["srun", "--kill-on-bad-exit=1", *JOB_SHAPE, *program],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "glm-pretrain: rank 3 of 4 failed" in result.stderr, result.stderr[-3000:]
+    assert "RuntimeError: injected failure at step 2" in result.stderr
+    assert re.search(r"srun: error: nodeB: task 3: Exited with exit code 1", result.stderr)
+    assert time.monotonic() - started < 240  # the others were ended, not left to a collective timeout

@@ -51,11 +51,17 @@ def expand_slurm_nodelist(nodelist: str) -> list[str]:
 
 
 def _slurm_master_addr(env: dict[str, str]) -> str:
+    """The first node of the job: its address as Slurm knows it (NodeAddr), else its name.
+
+    Node names need not resolve (several nodes on one host, or names that are not host names); NodeAddr
+    is where slurmctld reaches the node, so the other nodes reach it there too.
+    """
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         raise LaunchError(
             "srun launch without SLURM_JOB_NODELIST: set MASTER_ADDR to the first node's address"
         )
+    first = expand_slurm_nodelist(nodelist)[0]
     try:
         out = subprocess.run(
             ["scontrol", "show", "hostnames", nodelist],
@@ -64,11 +70,16 @@ def _slurm_master_addr(env: dict[str, str]) -> str:
             check=True,
             timeout=30,
         ).stdout.split()
-        if out:
-            return out[0]
+        first = out[0] if out else first
+        node = subprocess.run(
+            ["scontrol", "show", "node", "-o", first], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
+        match = re.search(r"\bNodeAddr=(\S+)", node)
+        if match:
+            return match.group(1)
     except (OSError, subprocess.SubprocessError):
         pass
-    return expand_slurm_nodelist(nodelist)[0]
+    return first
 
 
 def _mpi_master_addr() -> str:
