@@ -16,6 +16,10 @@ key              dtype    shape      meaning
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
@@ -43,12 +47,37 @@ def collate_glm_batch(items: list[dict]) -> dict[str, torch.Tensor]:
     }
 
 
+def ignore_preemption_signals(worker_id: int) -> None:
+    """``worker_init_fn``: a DataLoader worker ignores SIGUSR1, and SIGTERM unless its rank sent it.
+
+    Slurm (``--signal``, ``scancel``, the end of a time limit) signals every process of a job step, the
+    workers included. A worker killed by it makes its rank raise "DataLoader worker ... killed" in the
+    middle of a step, instead of saving a checkpoint at the step boundary: the rank's
+    ``PreemptionHandler`` is the one to act. The rank itself still stops a worker that did not quit in
+    time with SIGTERM (``Process.terminate`` at shutdown), so that one must still end the worker: a
+    thread waits for SIGTERM with its sender's pid (blocked in every other thread of the worker, which
+    is single-threaded at this point). A worker whose rank died exits on its own (torch watches the parent).
+    """
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_sigterm_from_parent, name="sigterm-from-rank", daemon=True).start()
+
+
+def _exit_on_sigterm_from_parent() -> None:
+    parent = os.getppid()
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent:
+            os._exit(0)  # as torch's own worker handler does for its parent's terminate()
+
+
 def build_data_loader(dataset: GLMDataset, sampler: GLMBatchSampler, num_workers: int = 0) -> DataLoader:
     """A DataLoader over ``sampler``'s micro-batches; memory is pinned only when CUDA is present.
 
     Workers persist: each ``iter()`` after the first restarts the sampler in the same worker processes
     instead of forking new ones (a fork in a process whose other threads hold locks can hang the child,
-    and evaluation iterates its loader anew every ``eval_interval`` steps).
+    and evaluation iterates its loader anew every ``eval_interval`` steps). Workers ignore the
+    preemption signals (``ignore_preemption_signals``).
     """
     return DataLoader(
         dataset,
@@ -57,6 +86,7 @@ def build_data_loader(dataset: GLMDataset, sampler: GLMBatchSampler, num_workers
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_preemption_signals if num_workers > 0 else None,
     )
 
 

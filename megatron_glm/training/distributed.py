@@ -49,11 +49,17 @@ def expand_slurm_nodelist(nodelist: str) -> list[str]:
 
 
 def _slurm_master_addr(env: dict[str, str]) -> str:
+    """The first node of the job: its address as Slurm knows it (NodeAddr), else its name.
+
+    Node names need not resolve (several nodes on one host, or names that are not host names); NodeAddr
+    is where slurmctld reaches the node, so the other nodes reach it there too.
+    """
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         raise LaunchError(
             "srun launch without SLURM_JOB_NODELIST: set MASTER_ADDR to the first node's address"
         )
+    first = expand_slurm_nodelist(nodelist)[0]
     try:
         out = subprocess.run(
             ["scontrol", "show", "hostnames", nodelist],
@@ -62,15 +68,25 @@ def _slurm_master_addr(env: dict[str, str]) -> str:
             check=True,
             timeout=30,
         ).stdout.split()
-        if out:
-            return out[0]
+        first = out[0] if out else first
+        node = subprocess.run(
+            ["scontrol", "show", "node", "-o", first], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
+        match = re.search(r"\bNodeAddr=(\S+)", node)
+        if match:
+            return match.group(1)
     except (OSError, subprocess.SubprocessError):
         pass
-    return expand_slurm_nodelist(nodelist)[0]
+    return first
 
 
 def _mpi_master_addr() -> str:
-    """Rank 0's address, broadcast over MPI (imports mpi4py only on this path)."""
+    """127.0.0.1 when every rank runs on this host (asked over MPI: imports mpi4py only on this path).
+
+    Across hosts the address must come from the user (``MASTER_ADDR``, which run/mpirun.sh sets from the
+    hostfile): a guess from the interfaces of rank 0's host can pick a docker bridge or a management
+    NIC the other nodes cannot reach, and the rendezvous then hangs.
+    """
     try:
         from mpi4py import MPI
     except ImportError as exc:
@@ -82,22 +98,11 @@ def _mpi_master_addr() -> str:
     hosts = comm.allgather(MPI.Get_processor_name())
     if len(set(hosts)) == 1:
         return "127.0.0.1"
-    addr = _routable_address() if comm.Get_rank() == 0 else None
-    return comm.bcast(addr, root=0)
-
-
-def _routable_address() -> str:
-    """This host's first non-loopback address (``hostname -I``), else what its name resolves to."""
-    try:
-        out = subprocess.run(
-            ["hostname", "-I"], capture_output=True, text=True, check=True, timeout=10
-        ).stdout
-        for addr in out.split():
-            if not addr.startswith("127.") and ":" not in addr:
-                return addr
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return socket.gethostbyname(socket.gethostname())
+    raise LaunchError(
+        f"mpirun across {len(set(hosts))} hosts ({', '.join(sorted(set(hosts))[:4])}, ...) without MASTER_ADDR: "
+        "export MASTER_ADDR=<an address of rank 0's host that every host can reach> and pass it with "
+        "`mpirun -x MASTER_ADDR`, or launch with run/mpirun.sh, which sets it from the hostfile"
+    )
 
 
 def _int(env: dict[str, str], key: str) -> int:
