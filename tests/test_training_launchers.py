@@ -1,20 +1,20 @@
-"""glm-pretrain runs the same under torchrun, the deepspeed launcher, mpirun and srun: every launcher's
-2-rank run gives exactly the per-step losses of the torchrun run."""
+"""glm-pretrain runs the same under torchrun, the deepspeed launcher and mpirun (run/mpirun.sh on a hostfile
+of local slots, a stand-in for several nodes): every launcher's 2-rank run gives exactly the per-step losses
+of the torchrun run. A rank that raises mid-training ends the whole job quickly under torchrun and mpirun,
+with a message naming that rank. (srun under a real Slurm: test_slurm_jobs.py.)"""
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from megatron_glm.training.distributed import free_port
 from tests.glm_corpora import austen_corpus
 from tests.training_runs import (
-    MPI_AS_ROOT,
     ROOT,
-    mpirun_command,
     pretrain_arguments,
     pretrain_env,
     run_pretrain,
@@ -24,49 +24,42 @@ from tests.training_runs import (
 
 pytestmark = pytest.mark.slow  # end-to-end runs of real processes; `make test-fast` leaves them out
 
+CRASH = str(ROOT / "tests" / "crashing_pretrain.py")
+# Far below any collective timeout (30 min): the launcher, not a timeout, must end the other ranks.
+CRASH_DEADLINE = 120
+
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("launchers")
     corpus = austen_corpus(root, 0, 6)
     run_pretrain(2, tiny_overrides(corpus, root / "samples", root / "torchrun"))
-    return root, corpus, step_losses(root / "torchrun")
+    hostfile = root / "hostfile"
+    hostfile.write_text("# a stand-in for two nodes\nlocalhost slots=2\n")
+    return root, corpus, hostfile, step_losses(root / "torchrun")
 
 
-def _slurm_job_id() -> int:
-    """A job id whose derived rendezvous port (20000 + id, as under srun without MASTER_PORT) is free."""
-    low, high = 20000, 40000
-    for port in range(low + os.getpid() % 1000, high):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port - low
-    raise RuntimeError("no free port")
+def _mpirun_script(hostfile, program: list[str], timeout: float, **extra) -> subprocess.CompletedProcess:
+    env = {**pretrain_env(), **extra, "HOSTFILE": str(hostfile), "MASTER_PORT": str(free_port())}
+    env["MPIRUN_ARGS"] = " ".join(["--oversubscribe", *(f"-x {name}" for name in extra)])
+    command = [str(ROOT / "run" / "mpirun.sh"), *program]
+    return subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def _check(result, run_dir, reference):
+def test_mpirun_script_on_a_hostfile_trains_like_torchrun(workspace):
+    root, corpus, hostfile, reference = workspace
+    run_dir = root / "mpirun"
+    program = [sys.executable, "-m", "megatron_glm.cli.pretrain"]
+    program += pretrain_arguments(tiny_overrides(corpus, root / "samples", run_dir))
+    result = _mpirun_script(hostfile, program, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 ranks from" in result.stderr and "master localhost (127.0.0.1:" in result.stderr
+    assert "launcher mpi" in (run_dir / "logs" / "rank-0.log").read_text()
     assert step_losses(run_dir) == reference
 
 
-def test_mpirun(workspace):
-    root, corpus, reference = workspace
-    run_dir = root / "mpirun"
-    env = {**pretrain_env(), **MPI_AS_ROOT, "MASTER_PORT": str(free_port())}
-    program = [sys.executable, "-m", "megatron_glm.cli.pretrain"]
-    program += pretrain_arguments(tiny_overrides(corpus, root / "samples", run_dir))
-    command = mpirun_command(2, program, exports=("MASTER_PORT",))
-    _check(
-        subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT),
-        run_dir,
-        reference,
-    )
-
-
 def test_deepspeed_launcher(workspace):
-    root, corpus, reference = workspace
+    root, corpus, _, reference = workspace
     run_dir = root / "deepspeed"
     command = [
         shutil.which("deepspeed", path=os.path.dirname(sys.executable)),
@@ -77,43 +70,32 @@ def test_deepspeed_launcher(workspace):
         shutil.which("glm-pretrain", path=os.path.dirname(sys.executable)),
         *pretrain_arguments(tiny_overrides(corpus, root / "samples", run_dir)),
     ]
-    _check(
-        subprocess.run(command, env=pretrain_env(), capture_output=True, text=True, timeout=300, cwd=ROOT),
-        run_dir,
-        reference,
+    result = subprocess.run(
+        command, env=pretrain_env(), capture_output=True, text=True, timeout=300, cwd=ROOT
     )
-
-
-def test_srun_environment(workspace):
-    """Two processes with the environment srun gives its tasks (no MASTER_ADDR/PORT: from the job)."""
-    root, corpus, reference = workspace
-    run_dir = root / "srun"
-    job_id = _slurm_job_id()
-    command = [
-        sys.executable,
-        "-m",
-        "megatron_glm.cli.pretrain",
-        *pretrain_arguments(tiny_overrides(corpus, root / "samples", run_dir)),
-    ]
-    processes = []
-    for rank in range(2):
-        env = {
-            **pretrain_env(),
-            "SLURM_PROCID": str(rank),
-            "SLURM_LOCALID": str(rank),
-            "SLURM_NTASKS": "2",
-            "SLURM_STEP_ID": "0",
-            "SLURM_JOB_ID": str(job_id),
-            "SLURM_JOB_NODELIST": "localhost",
-            "PATH": "/usr/bin:/bin",
-        }
-        processes.append(
-            subprocess.Popen(
-                command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
-    outputs = [p.communicate(timeout=300) for p in processes]
-    for process, (_, stderr) in zip(processes, outputs):
-        assert process.returncode == 0, stderr[-3000:]
-    assert "launcher slurm" in (run_dir / "logs" / "rank-0.log").read_text()
+    assert result.returncode == 0, result.stderr[-3000:]
     assert step_losses(run_dir) == reference
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
+def test_a_crashed_rank_ends_the_job_naming_the_rank(workspace, launcher):
+    root, corpus, hostfile, _ = workspace
+    program = [
+        CRASH,
+        *pretrain_arguments(tiny_overrides(corpus, root / "samples", root / f"crash-{launcher}")),
+    ]
+    crash = {"CRASH_RANK": "1", "CRASH_STEP": "2"}
+    env = {**pretrain_env(), **crash}
+    started = time.monotonic()
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *program]
+        result = subprocess.run(
+            command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=CRASH_DEADLINE
+        )
+    else:
+        result = _mpirun_script(hostfile, [sys.executable, *program], CRASH_DEADLINE, **crash)
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert "glm-pretrain: rank 1 of 2 failed" in result.stderr, result.stderr[-3000:]
+    assert "RuntimeError: injected failure at step 2" in result.stderr
+    assert elapsed < CRASH_DEADLINE
