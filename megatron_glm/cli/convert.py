@@ -22,6 +22,7 @@ from megatron_glm.checkpoint.convert import (
     thudm_source,
 )
 from megatron_glm.checkpoint.reshard import reshard
+from megatron_glm.checkpoint.sat import export_sat, sat_model_fields, sat_source
 from megatron_glm.config import ConfigError
 
 _EPILOG = """\
@@ -35,6 +36,8 @@ Examples:
   glm-convert export --to safetensors --dtype bf16 outputs/demo/checkpoints exported/glm-tiny.safetensors
   glm-convert import --from hf exported/glm-tiny-hf imported/glm-tiny   # then checkpoint.init_from=imported/glm-tiny
   glm-convert import --from thudm --config run/configs/glm-large.yaml glm-large/ imported/glm-large
+  glm-convert export --to sat outputs/demo/checkpoints exported/glm-sat   # SwissArmyTransformer's GLMModel
+  glm-convert import --from sat exported/glm-sat imported/glm-from-sat
   glm-convert reshard --tensor-parallel-size 4 outputs/demo/checkpoints resharded/demo-tp4
       # then: glm-pretrain --config resharded/demo-tp4/<step>/config.yaml  (on TP x PP x DP ranks)
 """
@@ -59,12 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="write a checkpoint in another format")
-    export.add_argument("--to", required=True, choices=("safetensors", "thudm", "hf"), help="target format")
+    export.add_argument(
+        "--to", required=True, choices=("safetensors", "thudm", "hf", "sat"), help="target format"
+    )
     importer = commands.add_parser(
         "import", help="make THUDM/GLM or HF weights a glm-pretrain starting point"
     )
     importer.add_argument(
-        "--from", dest="origin", required=True, choices=("thudm", "hf"), help="source format"
+        "--from", dest="origin", required=True, choices=("thudm", "hf", "sat"), help="source format"
     )
     resharder = commands.add_parser(
         "reshard",
@@ -105,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--model-parallel-size",
             type=int,
             default=1,
-            help="THUDM files to write (thudm export and import; default 1)",
+            help="model-parallel files to write (thudm and sat export, import; default 1)",
         )
         sub.add_argument(
             "--dtype",
@@ -164,6 +169,17 @@ def run(args: argparse.Namespace) -> Path:
             num_attention_heads=model.num_attention_heads,
             dtype=dtype,
         )
+    if args.command == "import" and args.origin == "sat":
+        source = sat_source(args.source, trust=trust)
+        fields = sat_model_fields(args.source)
+        check_against_config(source.model_shape(), source_config(args.source, args.config), source.where)
+        return export_thudm(
+            source,
+            args.output,
+            model_parallel_size=args.model_parallel_size,
+            num_attention_heads=fields["num_attention_heads"],
+            dtype=dtype,
+        )
     source = thudm_source(args.source, trust=trust)
     model = source_config(args.source, args.config)
     if model is not None:
@@ -184,6 +200,10 @@ def run(args: argparse.Namespace) -> Path:
         raise CheckpointError(
             f"{args.source}: no config.yaml saved with this checkpoint; pass --config with the model's "
             "num_attention_heads and tokenizer"
+        )
+    if target == "sat":
+        return export_sat(
+            source, args.output, model, model_parallel_size=args.model_parallel_size, dtype=dtype
         )
     return export_hf(source, args.output, model, dtype=dtype, max_shard_bytes=args.max_shard_size)
 
