@@ -82,7 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
         "Random states: a rank's streams belong to its place in the old layout and are not mapped; the "
         "resumed run re-seeds every rank as a fresh run at the new layout would, from training.seed + step "
         "(deterministic; exact continuation without dropout, other dropout masks with it).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     resharder.add_argument(
         "source", type=Path, help="glm-pretrain save directory (its latest checkpoint) or step directory"
