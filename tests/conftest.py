@@ -2,9 +2,30 @@
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tp2pp2_run(tmp_path_factory):
+    """A glm-pretrain run at TP2 x PP2, ZeRO-1 (4 gloo ranks, fp32, no dropout): 4 steps, checkpoints at
+    steps 2 and 4; shared by the conversion tests (one 4-rank run for all of them). Returns (root, run dir)."""
+    from tests.glm_corpora import austen_corpus
+    from tests.training_runs import run_pretrain, tiny_overrides
+
+    root = tmp_path_factory.mktemp("tp2pp2")
+    corpus = austen_corpus(root, 0, 6)
+    settings = {
+        "training.train_steps": 4,
+        "checkpoint.interval": 2,
+        "parallel.tensor_parallel_size": 2,
+        "parallel.pipeline_parallel_size": 2,
+        "parallel.zero_stage": 1,
+    }
+    run_pretrain(4, tiny_overrides(corpus, root / "samples", root / "run", **settings))
+    return root, root / "run"

@@ -18,25 +18,15 @@ from megatron_glm.config import load_config, padded_vocab_size
 from megatron_glm.generation import fill_blanks
 from megatron_glm.model import GLMModel
 from megatron_glm.parallel import destroy_parallel, initialize_parallel
-from tests.glm_corpora import austen_corpus
-from tests.training_runs import run_pretrain, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A glm-pretrain checkpoint at TP2 x PP2, ZeRO-1 (4 gloo ranks, 2 steps)."""
-    root = tmp_path_factory.mktemp("convert")
-    corpus = austen_corpus(root, 0, 6)
-    settings = {
-        "training.train_steps": 2,
-        "parallel.tensor_parallel_size": 2,
-        "parallel.pipeline_parallel_size": 2,
-        "parallel.zero_stage": 1,
-    }
-    run_pretrain(4, tiny_overrides(corpus, root / "samples", root / "run", **settings))
-    return root, root / "run" / "checkpoints"
+def trained(tp2pp2_run):
+    """A glm-pretrain checkpoint at TP2 x PP2, ZeRO-1 (4 gloo ranks; conftest.tp2pp2_run)."""
+    root, run = tp2pp2_run
+    return root, run / "checkpoints"
 
 
 def _config(checkpoints):

@@ -194,10 +194,14 @@ def export_thudm(
     num_attention_heads: int | None = None,
     dtype: torch.dtype | None = None,
     tag: str = "release",
+    rename: Callable[[str], str] | None = None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """THUDM/GLM's released layout: ``<output>/<tag>/mp_rank_XX_model_states.pt`` + both tracker files.
 
     Each file is built in memory (``model / model_parallel_size``) and written before the next one.
+    ``rename`` maps THUDM keys to the keys written (SwissArmyTransformer's); ``extra_files`` are
+    ``{name: text}`` written next to the tracker files.
     """
     shape = source.model_shape()
     check_tensor_parallel_size(shape, num_attention_heads, model_parallel_size, source.where)
@@ -210,10 +214,12 @@ def export_thudm(
                 module = {}
                 for key in source.keys:
                     part = split_tensor(source.tensor(key), key, rank, model_parallel_size)
-                    module[key] = cast(part).clone()
+                    module[rename(key) if rename else key] = cast(part).clone()
                     progress.update()
                 write_module_file(tmp / tag / shard_file_name(rank), module, model_parallel_size)
                 del module
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         write_trackers(tmp, tag)
     return output
 

@@ -20,6 +20,8 @@ from megatron_glm.checkpoint.convert import (
     source_config,
     thudm_source,
 )
+from megatron_glm.checkpoint.reshard import reshard
+from megatron_glm.checkpoint.sat import export_sat, sat_model_fields, sat_source
 from megatron_glm.errors import run_cli
 
 _EPILOG = """\
@@ -33,6 +35,10 @@ Examples:
   glm-convert export --to safetensors --dtype bf16 outputs/demo/checkpoints exported/glm-tiny.safetensors
   glm-convert import --from hf exported/glm-tiny-hf imported/glm-tiny   # then checkpoint.init_from=imported/glm-tiny
   glm-convert import --from thudm --config run/configs/glm-large.yaml glm-large/ imported/glm-large
+  glm-convert export --to sat outputs/demo/checkpoints exported/glm-sat   # SwissArmyTransformer's GLMModel
+  glm-convert import --from sat exported/glm-sat imported/glm-from-sat
+  glm-convert reshard --tensor-parallel-size 4 outputs/demo/checkpoints resharded/demo-tp4
+      # then: glm-pretrain --config resharded/demo-tp4/<step>/config.yaml  (on TP x PP x DP ranks)
 """
 
 
@@ -55,13 +61,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     export = commands.add_parser("export", help="write a checkpoint in another format")
-    export.add_argument("--to", required=True, choices=("safetensors", "thudm", "hf"), help="target format")
+    export.add_argument(
+        "--to", required=True, choices=("safetensors", "thudm", "hf", "sat"), help="target format"
+    )
     importer = commands.add_parser(
         "import", help="make THUDM/GLM or HF weights a glm-pretrain starting point"
     )
     importer.add_argument(
-        "--from", dest="origin", required=True, choices=("thudm", "hf"), help="source format"
+        "--from", dest="origin", required=True, choices=("thudm", "hf", "sat"), help="source format"
     )
+    resharder = commands.add_parser(
+        "reshard",
+        help="move a training checkpoint (optimizer state included) to another TP x PP layout",
+        description="Convert a glm-pretrain checkpoint saved at any TP x PP x DP layout (ZeRO stage 1 or 2, fp32 "
+        "or bf16) into a universal checkpoint: full fp32 master weights and Adam moments "
+        "under THUDM keys, Adam's step, the LR schedule and the data position. Its config.yaml is the "
+        "source's with the target layout and checkpoint.save_dir set to OUTPUT, so `glm-pretrain --config "
+        "OUTPUT/<step>/config.yaml` resumes there (at ZeRO stage 1 or 2, any data-parallel size). "
+        "Random states: a rank's streams belong to its place in the old layout and are not mapped; the "
+        "resumed run re-seeds every rank as a fresh run at the new layout would, from training.seed + step "
+        "(deterministic; exact continuation without dropout, other dropout masks with it).",
+    )
+    resharder.add_argument(
+        "source", type=Path, help="glm-pretrain save directory (its latest checkpoint) or step directory"
+    )
+    resharder.add_argument("output", type=Path, help="new save directory (must not exist unless --overwrite)")
+    resharder.add_argument("--tensor-parallel-size", type=int, required=True, help="target TP size")
+    resharder.add_argument("--pipeline-parallel-size", type=int, default=1, help="target PP size (default 1)")
+    resharder.add_argument(
+        "--zero-stage", type=int, choices=(1, 2), help="target ZeRO stage (default: the source's)"
+    )
+    resharder.add_argument(
+        "--trust-checkpoint", action="store_true", help="allow files beyond the tensor/metadata allowlist"
+    )
+    resharder.add_argument("--overwrite", action="store_true", help="replace an existing output")
     for sub in (export, importer):
         sub.add_argument("source", type=Path, help="checkpoint directory or file")
         sub.add_argument("output", type=Path, help="output path (must not exist unless --overwrite)")
@@ -75,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--model-parallel-size",
             type=int,
             default=1,
-            help="THUDM files to write (thudm export and import; default 1)",
+            help="model-parallel files to write (thudm and sat export, import; default 1)",
         )
         sub.add_argument(
             "--dtype",
@@ -102,6 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> Path:
     if args.output.exists() and not args.overwrite:
         raise CheckpointError(f"{args.output} already exists; choose another output or pass --overwrite")
+    if args.command == "reshard":
+        for flag, size in (
+            ("--tensor", args.tensor_parallel_size),
+            ("--pipeline", args.pipeline_parallel_size),
+        ):
+            if size < 1:
+                raise CheckpointError(f"{flag}-parallel-size {size}: must be at least 1")
+        return reshard(
+            args.source,
+            args.output,
+            tensor_parallel_size=args.tensor_parallel_size,
+            pipeline_parallel_size=args.pipeline_parallel_size,
+            zero_stage=args.zero_stage,
+            trust=args.trust_checkpoint,
+        )
     if args.model_parallel_size < 1:
         raise CheckpointError(f"--model-parallel-size {args.model_parallel_size}: must be at least 1")
     dtype = None if args.dtype == "keep" else DTYPES[args.dtype]
@@ -117,6 +165,17 @@ def run(args: argparse.Namespace) -> Path:
             args.output,
             model_parallel_size=args.model_parallel_size,
             num_attention_heads=model.num_attention_heads,
+            dtype=dtype,
+        )
+    if args.command == "import" and args.origin == "sat":
+        source = sat_source(args.source, trust=trust)
+        fields = sat_model_fields(args.source)
+        check_against_config(source.model_shape(), source_config(args.source, args.config), source.where)
+        return export_thudm(
+            source,
+            args.output,
+            model_parallel_size=args.model_parallel_size,
+            num_attention_heads=fields["num_attention_heads"],
             dtype=dtype,
         )
     source = thudm_source(args.source, trust=trust)
@@ -139,6 +198,10 @@ def run(args: argparse.Namespace) -> Path:
         raise CheckpointError(
             f"{args.source}: no config.yaml saved with this checkpoint; pass --config with the model's "
             "num_attention_heads and tokenizer"
+        )
+    if target == "sat":
+        return export_sat(
+            source, args.output, model, model_parallel_size=args.model_parallel_size, dtype=dtype
         )
     return export_hf(source, args.output, model, dtype=dtype, max_shard_bytes=args.max_shard_size)
 

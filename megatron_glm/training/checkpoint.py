@@ -34,6 +34,8 @@ from megatron_glm.checkpoint import (
     write_text_atomic,
     write_trackers,
 )
+from megatron_glm.checkpoint.universal import is_universal, load_universal, reseed
+from megatron_glm.config import load_config
 from megatron_glm.log import get_logger
 from megatron_glm.parallel import get_rng_tracker
 
@@ -176,6 +178,14 @@ class CheckpointManager:
         """
         directory = self.save_dir / tag
         meta = self._meta(tag)
+        if is_universal(directory):  # written by glm-convert reshard: no layout, loads at this job's
+            model = load_config(directory / CONFIG_FILE).model
+            return load_universal(
+                engine,
+                directory,
+                num_layers=model.num_layers,
+                vocab_multiple=model.make_vocab_size_divisible_by,
+            )
         load_path, client_state = engine.load_checkpoint(
             str(self.save_dir),
             tag=tag,
@@ -188,9 +198,13 @@ class CheckpointManager:
         return client_state or {}
 
     def restore_rng(self, tag: str) -> None:
-        """Put back this rank's random states of checkpoint ``tag`` (when the world size is the same)."""
+        """Put back this rank's random states of checkpoint ``tag`` (when the world size is the same); a
+        universal checkpoint (``glm-convert reshard``) has none: every rank is re-seeded (``universal.reseed``)."""
         directory = self.save_dir / tag
         meta = self._meta(tag)
+        if is_universal(directory):
+            reseed(directory)
+            return
         world = dist.get_world_size() if dist.is_initialized() else 1
         rng_file = directory / rng_file_name(self.rank)
         if meta.get("world_size") == world and rng_file.is_file():

@@ -1,0 +1,82 @@
+"""glm-convert reshard: a TP2 x PP2 ZeRO-1 training checkpoint (optimizer state included) resumed at TP1 x PP1
+and at TP4 continues with the losses of the run that went on at the old layout; bad targets and a missing
+file give one message and write nothing."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from megatron_glm.cli.convert import main as convert
+from tests.training_runs import ROOT, pretrain_env, step_losses
+
+pytestmark = pytest.mark.slow
+
+# Both layouts compute in fp32; only the order of the sums over tensor-parallel shards differs.
+REL_TOL = 1e-5
+
+
+def _resume(world_size: int, config, log_dir) -> None:
+    launcher = [sys.executable]
+    if world_size > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(world_size)]
+    command = [*launcher, "-m", "megatron_glm.cli.pretrain", "--config", str(config)]
+    command += ["--set", f"logging.log_dir={log_dir}"]
+    done = subprocess.run(command, env=pretrain_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.mark.parametrize("tensor_parallel_size, world_size", [(1, 1), (4, 4)])
+def test_resharded_checkpoint_resumes_with_the_old_layouts_losses(
+    tp2pp2_run, tmp_path, tensor_parallel_size, world_size
+):
+    _, run = tp2pp2_run
+    reference = step_losses(run)
+    output = tmp_path / "resharded"
+    arguments = ["reshard", "--tensor-parallel-size", str(tensor_parallel_size)]
+    assert convert([*arguments, str(run / "checkpoints" / "2"), str(output)]) == 0
+    state = json.loads((output / "2" / "universal" / "state.json").read_text())
+    assert state["client_state"] == {"step": 2, "consumed_samples": 16, "skipped_steps": 0}
+    assert state["adam_step"] == 2 and state["lr_scheduler"]["num_steps"] == 2
+    config = output / "2" / "config.yaml"
+    assert f"tensor_parallel_size: {tensor_parallel_size}" in config.read_text()
+    _resume(world_size, config, tmp_path / "logs")
+    resumed = step_losses(tmp_path)
+    # Step 3's loss checks the weights; step 4's also the update from the moments, Adam's step and the LR.
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert math.isclose(resumed[step], reference[step], rel_tol=REL_TOL), (step, resumed, reference)
+    # The resumed run saved a regular checkpoint at its own layout next to the universal one.
+    assert (output / "latest").read_text() == "4" and (output / "4" / "meta.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--tensor-parallel-size", "3"], "4 heads cannot be split over parallel.tensor_parallel_size = 3"),
+        (["--tensor-parallel-size", "1", "--pipeline-parallel-size", "3"], "2 layers cannot be split evenly"),
+    ],
+)
+def test_a_target_layout_that_does_not_divide_writes_nothing(
+    tp2pp2_run, tmp_path, capsys, arguments, message
+):
+    _, run = tp2pp2_run
+    output = tmp_path / "out"
+    assert convert(["reshard", *arguments, str(run / "checkpoints"), str(output)]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_optimizer_file_is_named_and_nothing_is_written(tp2pp2_run, tmp_path, capsys):
+    _, run = tp2pp2_run
+    source = tmp_path / "copy"
+    shutil.copytree(run / "checkpoints" / "4", source)
+    (source / "zero_pp_rank_0_mp_rank_03_optim_states.pt").unlink()
+    output = tmp_path / "out"
+    assert convert(["reshard", "--tensor-parallel-size", "1", str(source), str(output)]) == 1
+    err = capsys.readouterr().err
+    assert "zero_pp_rank_0_mp_rank_03_optim_states.pt: missing" in err and "TP 2 x PP 2 x DP 1" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
