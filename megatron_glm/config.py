@@ -59,6 +59,9 @@ class ParallelConfig:
     zero_stage: int = 1
     # How the pipeline engine splits layers over stages: "uniform" or "parameters".
     pipeline_partition: Literal["uniform", "parameters"] = "uniform"
+    # ZeRO 1-3: reduce gradient buckets on a side stream while the backward goes on. Unset: on with
+    # CUDA GPUs, off on CPUs (where there is no stream to overlap with).
+    overlap_comm: bool | None = None
 
 
 @dataclasses.dataclass
@@ -470,6 +473,16 @@ def _problems(cfg: GLMConfig, world_size: int | None) -> list[tuple[str, str]]:
         )
     if p.zero_stage not in (0, 1, 2, 3):
         found.append(("parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}"))
+    elif p.zero_stage == 0 and t.precision != "fp32":
+        found.append(
+            (
+                "parallel.zero_stage",
+                f"ZeRO stage 0 with training.precision {t.precision} runs DeepSpeed's unfused "
+                "per-parameter optimizer (a host sync per parameter every step) and accumulates gradients "
+                f"in {t.precision}; use zero_stage: 1 (fp32 master weights and gradient accumulation, "
+                "the same memory per replica), or precision: fp32",
+            )
+        )
     elif p.pipeline_parallel_size > 1 and p.zero_stage > 1:
         found.append(
             (

@@ -7,6 +7,7 @@ them per call.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from megatron_glm.config import GLMConfig, Layout
+from megatron_glm.config import GLMConfig, Layout, ModelConfig
 from megatron_glm.log import get_logger
 from megatron_glm.model import GLMModel, load_thudm_checkpoint, loss_rows
 from megatron_glm.model.thudm_checkpoint import WEIGHTS_SUBDIR, shard_file_name
@@ -27,6 +28,7 @@ from megatron_glm.parallel import (
     get_pipeline_parallel_world_size,
     get_tensor_parallel_rank,
     get_tensor_parallel_world_size,
+    grid_ranks,
 )
 from megatron_glm.training.losses import GLMLoss
 from megatron_glm.training.lr_schedule import AnnealingLR
@@ -54,13 +56,33 @@ class GLMForPretraining(GLMModel):
         targets: torch.Tensor,
         loss_mask: torch.Tensor,
         objective: torch.Tensor,
+        loss_index: torch.Tensor,
     ) -> torch.Tensor:
         hidden = super().forward(tokens, position_ids, sep)
-        return self.loss(self.logits(loss_rows(hidden, loss_mask)), (targets, loss_mask, objective))
+        labels = (targets, loss_mask, objective, loss_index)
+        return self.loss(self.logits(loss_rows(hidden, loss_index)), labels)
 
 
-def deepspeed_config(cfg: GLMConfig, layout: Layout) -> dict:
+def build_pretraining_model(
+    config: ModelConfig, vocab_size: int, *, seed: int, loss: GLMLoss, device: torch.device
+) -> GLMForPretraining:
+    """``GLMForPretraining`` built on ``meta`` and initialized in place on ``device``.
+
+    No full fp32 copy of the model is made in host RAM (a 10B model would need 40 GB per rank); the
+    initialization draws from the same per-key CPU generators as a model built directly, so the weights
+    are identical at every parallel size and on every device.
+    """
+    module = GLMForPretraining(config, vocab_size, seed=seed, loss=loss, device="meta")
+    module.to_empty(device=device)
+    module.reset_parameters(seed)
+    return module
+
+
+def deepspeed_config(cfg: GLMConfig, layout: Layout, cuda: bool | None = None) -> dict:
+    """DeepSpeed's configuration for ``cfg`` (``cuda``: whether the ranks train on GPUs; default: present)."""
     t = cfg.training
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    overlap = cfg.parallel.overlap_comm
     config = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -69,7 +91,7 @@ def deepspeed_config(cfg: GLMConfig, layout: Layout) -> dict:
         "zero_optimization": {
             "stage": cfg.parallel.zero_stage,
             "contiguous_gradients": True,
-            "overlap_comm": torch.cuda.is_available(),
+            "overlap_comm": cuda if overlap is None else overlap,
         },
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {
@@ -84,6 +106,10 @@ def deepspeed_config(cfg: GLMConfig, layout: Layout) -> dict:
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+    if t.precision == "bf16":
+        # Accumulate micro-batch gradients in fp32 (ZeRO-1: DeepSpeed's BF16 optimizer; ZeRO-2/3: an fp32
+        # accumulator) rather than in bf16 over up to hundreds of micro-batches.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     if layout.pipeline_parallel_size > 1:
         config["pipeline"] = {"activation_checkpoint_interval": 0}
     return config
@@ -102,7 +128,13 @@ class StepResult:
 
 
 class TrainingEngine:
-    def __init__(self, cfg: GLMConfig, layout: Layout, vocab_size: int):
+    """The DeepSpeed engine of one rank: GLM (or its pipeline stage), AdamW and the schedule on ``device``.
+
+    ``train_step`` and ``evaluate`` consume micro-batches from an iterator; ``write_thudm_weights`` adds
+    the THUDM-layout weights to a checkpoint where DeepSpeed's own files are not in that layout.
+    """
+
+    def __init__(self, cfg: GLMConfig, layout: Layout, vocab_size: int, device: torch.device):
         self.cfg = cfg
         self.layout = layout
         self.pipeline = layout.pipeline_parallel_size > 1
@@ -116,6 +148,14 @@ class TrainingEngine:
                 num_mp=layout.tensor_parallel_size,
                 num_dp=layout.data_parallel_size,
             )
+            # The rank's pipeline group over gloo: the THUDM export gathers the stages' CPU state dicts
+            # through it (over NCCL, gather_object would stage every pickle in GPU memory).
+            self._export_group, _ = dist.new_subgroups_by_enumeration(
+                grid_ranks(
+                    layout.tensor_parallel_size, layout.data_parallel_size, layout.pipeline_parallel_size
+                )["pipeline"],
+                backend="gloo",
+            )
             module = build_pipeline_module(
                 cfg.model, vocab_size, seed, topology, self.loss, cfg.parallel.pipeline_partition
             )
@@ -128,13 +168,16 @@ class TrainingEngine:
                     vocab_multiple=cfg.model.make_vocab_size_divisible_by,
                 )
         else:
-            module = GLMForPretraining(cfg.model, vocab_size, seed=seed, loss=self.loss)
+            module = build_pretraining_model(cfg.model, vocab_size, seed=seed, loss=self.loss, device=device)
             if cfg.checkpoint.init_from:
                 load_thudm_checkpoint(module, cfg.checkpoint.init_from)
         optimizer = build_optimizer(module, cfg.optimizer, check_gradients=self.pipeline)
         scheduler = AnnealingLR(optimizer, cfg.optimizer.lr, cfg.lr_schedule, cfg.training.train_steps)
         self.optimizer: GuardedAdamW = optimizer
         kwargs = {} if self.pipeline else {"mpu": DeepSpeedMPU()}
+        if device.type == "cuda":
+            # DeepSpeed would take cuda:LOCAL_RANK, which is not our GPU where each rank sees only its own.
+            kwargs["args"] = argparse.Namespace(device_rank=device.index)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
@@ -166,7 +209,7 @@ class TrainingEngine:
             stage_state = {
                 thudm_key(k, layers): v.detach().cpu() for k, v in self.module.state_dict().items()
             }
-            group = get_pipeline_parallel_group()
+            group = self._export_group
             first_stage = dist.get_global_rank(group, 0)
             parts = [None] * get_pipeline_parallel_world_size() if dist.get_rank() == first_stage else None
             dist.gather_object(stage_state, parts, dst=first_stage, group=group)
@@ -174,15 +217,19 @@ class TrainingEngine:
                 return
             state = {key: tensor for part in parts for key, tensor in part.items()}
         else:  # ZeRO-3: every rank of a data-parallel group takes part in gathering its partitions
+            # Only data-parallel rank 0 writes, so only it copies (eight host copies of the model per node
+            # otherwise); the others still take part in each gather.
+            writer = get_data_parallel_rank() == 0
             state = {}
             for prefix, child in self.module.named_modules():
                 params = list(child.named_parameters(recurse=False))
                 if not params:
                     continue
                 with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-                    for name, param in params:
-                        state[f"{prefix}.{name}" if prefix else name] = param.detach().cpu().clone()
-            if get_data_parallel_rank() != 0:
+                    if writer:
+                        for name, param in params:
+                            state[f"{prefix}.{name}" if prefix else name] = param.detach().cpu().clone()
+            if not writer:
                 return
         directory = checkpoint_dir / WEIGHTS_SUBDIR
         directory.mkdir(exist_ok=True)
@@ -205,10 +252,11 @@ class TrainingEngine:
             loss = self._forward(next(batches))
             total[0] += loss.detach().double()
             if micro == steps - 1:
-                total[1] = 0.0 if torch.isfinite(total[0]) else 1.0
-                # Agree on finiteness before the update: every rank skips it together.
+                total[1] = (~torch.isfinite(total[0])).double()
+                # Agree on finiteness before the update: every rank skips it together. The flag stays on
+                # the device; the optimizer reads it in its step, after the backward has been queued.
                 dist.all_reduce(total)
-                self.optimizer.skip_next = bool(total[1] > 0)
+                self.optimizer.skip_next = total[1] > 0
             self.engine.backward(loss)
             self.engine.step()
         mean = (total[0] / (steps * dist.get_world_size())).item()
@@ -227,7 +275,13 @@ class TrainingEngine:
         """The engine's forward on one micro-batch (``GLMForPretraining``: the loss)."""
         b = _to_device(batch, self.device)
         return self.engine(
-            b["tokens"], b["position_ids"], b["sep"], b["targets"], b["loss_mask"], b["objective"]
+            b["tokens"],
+            b["position_ids"],
+            b["sep"],
+            b["targets"],
+            b["loss_mask"],
+            b["objective"],
+            b["loss_index"],
         )
 
     def _grad_norm(self) -> float | None:
@@ -264,13 +318,14 @@ class TrainingEngine:
 
 
 def _pipeline_iterator(batches: Iterator[Batch], device: torch.device):
-    """DeepSpeed's pipeline format: ``((tokens, position_ids, sep, loss_mask), (targets, loss_mask, objective))``."""
+    """DeepSpeed's pipeline format: ``((tokens, position_ids, sep, loss_mask), labels)``, the labels those
+    of ``GLMLoss``: ``(targets, loss_mask, objective, loss_index)``."""
     for batch in batches:
         b = _to_device(batch, device)
         loss_mask = (b["loss_mask"] > 0).long()
         yield (
             (b["tokens"], b["position_ids"], b["sep"], loss_mask),
-            (b["targets"], b["loss_mask"], b["objective"]),
+            (b["targets"], b["loss_mask"], b["objective"], b["loss_index"]),
         )
 
 
