@@ -80,6 +80,9 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def pretrain(cfg: GLMConfig) -> TrainingResult:
+    """Train ``cfg`` on this rank (every rank of the job calls it): join the process group, set up
+    (``_setup``), resume from ``checkpoint.save_dir`` when it holds a checkpoint, and run the loop
+    (``_train``) until ``training.train_steps`` or a preemption signal."""
     info = init_distributed()
     setup_logging(info.rank, cfg.logging.log_dir, cfg.logging.all_ranks, cfg.logging.level)
     logger.info(
