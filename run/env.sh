@@ -2,7 +2,11 @@
 # On machines without a CUDA GPU, DeepSpeed uses its CPU accelerator (gloo) and Triton its interpreter.
 VENV_BIN="$(cd "$(dirname "${BASH_SOURCE:-$0}")/.." && pwd)/.venv/bin"
 export PATH="$VENV_BIN:$PATH"
-if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
+# Decided by what torch sees (a GPU container may have no nvidia-smi): DeepSpeed's accelerator, Triton and
+# our device choice must agree. GLM_PYTHON names another interpreter (a GPU image's own python3).
+GLM_PYTHON="${GLM_PYTHON:-$VENV_BIN/python}"
+[ -x "$GLM_PYTHON" ] || GLM_PYTHON=python3
+if ! "$GLM_PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
   export TRITON_INTERPRET="${TRITON_INTERPRET:-1}"
 fi

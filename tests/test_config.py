@@ -83,6 +83,7 @@ def _error(overrides, world_size=None):
         (["model.vocab_size=30592", "parallel.tensor_parallel_size=2"], None, "model.vocab_size"),
         (["data.seq_length=1024"], None, "data.seq_length"),
         (["parallel.pipeline_parallel_size=2", "parallel.zero_stage=2"], None, "parallel.zero_stage"),
+        (["parallel.zero_stage=0", "training.precision=bf16"], None, "parallel.zero_stage"),
         (["data.objectives.token_prob=0.5"], None, "data.objectives.token_prob"),
         (["model.hidden_size=770"], None, "model.hidden_size"),
         (["parallel.tensor_parallel_size=4"], 6, "parallel.tensor_parallel_size"),

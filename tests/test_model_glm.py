@@ -171,6 +171,10 @@ def test_meta_model_materializes_to_the_same_weights(single_rank):
     late.reset_parameters(3)
     for (name, a), b in zip(direct.state_dict().items(), late.state_dict().values()):
         assert torch.equal(a, b), name
+    # DeepSpeed reads these marks to count each sharded weight once in the gradient norm.
+    for (name, a), b in zip(direct.named_parameters(), late.parameters()):
+        assert vars(a) == vars(b), name
+    assert late.transformer.layers[0].attention.query_key_value.weight.tensor_model_parallel
 
 
 def test_initialization_follows_the_reference(single_rank):
@@ -318,3 +322,28 @@ def test_without_block_positions_one_table_of_max_positions(single_rank):
     assert model.transformer.position_embeddings.weight.shape[0] == TINY.max_position_embeddings
     batch = make_batch()
     assert forward_and_loss(model, batch)[0].shape == (2, 24, TINY.hidden_size)
+
+
+def test_loss_at_the_loaders_row_index_equals_boolean_row_selection(single_rank):
+    # The loader ships loss_index so that a GPU selects rows without a host sync; the loss and its
+    # gradients must be bit for bit those of selecting with the boolean mask.
+    from megatron_glm.data import collate_glm_batch
+    from megatron_glm.parallel import vocab_parallel_cross_entropy
+
+    model = GLMModel(TINY, VOCAB, seed=5)
+    batch = make_batch()
+    hidden = model(batch["tokens"], batch["position_ids"], batch["sep"])
+    items = [{k: v[b].numpy() for k, v in batch.items()} for b in range(2)]
+    for item in items:
+        item["sep"], item["objective"] = int(item["sep"]), 0
+    loss_index = collate_glm_batch(items)["loss_index"]
+    ours = glm_loss(model, hidden, batch["targets"], batch["loss_mask"], loss_index)
+    (ours_grad,) = torch.autograd.grad(ours, model.word_embeddings.weight, retain_graph=True)
+    selected = batch["loss_mask"].reshape(-1) > 0
+    logits = model.logits(hidden.reshape(-1, hidden.shape[-1])[selected])
+    weights = batch["loss_mask"].reshape(-1)
+    losses = vocab_parallel_cross_entropy(logits, batch["targets"].reshape(-1)[selected])
+    reference = (losses * weights[selected]).sum() / weights.sum()
+    (reference_grad,) = torch.autograd.grad(reference, model.word_embeddings.weight)
+    assert torch.equal(loss_index, torch.nonzero(selected).squeeze(1))
+    assert torch.equal(ours, reference) and torch.equal(ours_grad, reference_grad)

@@ -3,12 +3,20 @@
 import math
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
 
 from megatron_glm.config import LRScheduleConfig
-from megatron_glm.training.distributed import LaunchError, detect_launch, expand_slurm_nodelist
+from megatron_glm.training.distributed import (
+    LaunchError,
+    cuda_device_index,
+    detect_launch,
+    expand_slurm_nodelist,
+    gpus_bound_per_rank,
+    local_world_size,
+)
 from megatron_glm.training.lr_schedule import lr_at
 from tests.training_runs import MPI_AS_ROOT, mpirun_command, pretrain_env
 
@@ -136,3 +144,43 @@ def test_decay_defaults_to_train_steps_and_constant_stays():
     s = LRScheduleConfig(style="cosine", decay_steps=None, warmup_fraction=0.0, min_lr_ratio=0.0)
     assert lr_at(250, 2.0, s, 500) == pytest.approx(2.0 * (math.cos(math.pi * 0.5) + 1) / 2)
     assert lr_at(7, 3.0, LRScheduleConfig(style="constant", warmup_fraction=0.0), 100) == 3.0
+
+
+def test_each_local_rank_takes_its_own_gpu():
+    assert [cuda_device_index(r, 4, 8, bound_per_rank=False) for r in range(4)] == [0, 1, 2, 3]
+
+
+def test_ranks_that_see_only_their_own_gpu_take_the_first():
+    # srun --gpus-per-task=1: local rank 5 sees one GPU, which is cuda:0 in its process (DeepSpeed's
+    # cuda:LOCAL_RANK would be an invalid ordinal).
+    env = {"SLURM_GPUS_PER_TASK": "1", "SLURM_TASKS_PER_NODE": "8(x2)"}
+    assert gpus_bound_per_rank(env) and local_world_size(env) == 8
+    assert cuda_device_index(5, local_world_size(env), 1, gpus_bound_per_rank(env)) == 0
+    assert gpus_bound_per_rank({"GLM_GPUS_PER_RANK": "1"}) and not gpus_bound_per_rank({})
+
+
+@pytest.mark.parametrize(
+    "env, local_rank",
+    [({"LOCAL_WORLD_SIZE": "2"}, 0), ({"OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, 1), ({}, 1)],
+)
+def test_more_local_ranks_than_gpus_is_a_launch_error(env, local_rank):
+    # Two ranks on one GPU would end in NCCL's "Duplicate GPU detected" or an invalid ordinal.
+    with pytest.raises(LaunchError, match=r"visible GPU\(s\).*--nproc-per-node 1"):
+        cuda_device_index(local_rank, local_world_size(env), 1, gpus_bound_per_rank(env))
+
+
+def test_local_world_size_from_each_launcher():
+    assert local_world_size({"LOCAL_WORLD_SIZE": "8"}) == 8
+    assert local_world_size({"MPI_LOCALNRANKS": "3"}) == 3
+    assert local_world_size({"SLURM_TASKS_PER_NODE": "4,3"}) == 4
+    assert local_world_size({}) is None
+
+
+def test_glm_pretrain_caches_triton_autotuning_unless_the_user_chose():
+    from megatron_glm.cli.pretrain import triton_cache_environment
+
+    added = triton_cache_environment({})
+    assert added["TRITON_CACHE_AUTOTUNING"] == "1" and added["TRITON_CACHE_DIR"].startswith(
+        tempfile.gettempdir()
+    )
+    assert triton_cache_environment({"TRITON_CACHE_AUTOTUNING": "0", "TRITON_CACHE_DIR": "/x"}) == {}

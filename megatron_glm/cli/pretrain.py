@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import sys
+import tempfile
 import warnings
 
 from megatron_glm.config import add_override_argument, load_config, validate_config
@@ -37,6 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def triton_cache_environment(env: dict[str, str]) -> dict[str, str]:
+    """The Triton settings glm-pretrain adds where the user set none.
+
+    Autotuned tile choices are cached on disk, so a restarted job (on the same node) reuses them instead of
+    timing the candidates again, which could pick other tiles and change the summation order (a resume
+    would then not be exact). The cache is node-local (``$TMPDIR``), not a shared home directory that
+    hundreds of ranks would compile into.
+    """
+    defaults = {
+        "TRITON_CACHE_AUTOTUNING": "1",
+        "TRITON_CACHE_DIR": os.path.join(tempfile.gettempdir(), f"glm-triton-{getpass.getuser()}"),
+    }
+    return {key: value for key, value in defaults.items() if key not in env}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run_cli("glm-pretrain", lambda: _run(args))
@@ -58,6 +75,7 @@ def _run(args: argparse.Namespace) -> int:
     warnings.filterwarnings(
         "ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning
     )
+    os.environ.update(triton_cache_environment(dict(os.environ)))
     from megatron_glm.log import get_logger
     from megatron_glm.training.trainer import pretrain
 

@@ -97,6 +97,9 @@ class ParallelConfig:
     zero_stage: int = 1
     pipeline_partition: Literal["uniform", "parameters"] = "uniform"
     """How the pipeline engine splits layers over stages: "uniform" or "parameters"."""
+    overlap_comm: bool | None = None
+    """ZeRO 1-3: reduce gradient buckets on a side stream while the backward goes on. Unset: on with CUDA
+    GPUs, off on CPUs (where there is no stream to overlap with)."""
 
     def problems(self) -> Problems:
         found = _positive(self, "parallel", "tensor_parallel_size", "pipeline_parallel_size")

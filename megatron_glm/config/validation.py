@@ -112,6 +112,16 @@ def config_problems(cfg: GLMConfig, world_size: int | None = None) -> Problems:
                 f"{parallel.pipeline_parallel_size}; use a pipeline size that divides the layer count",
             )
         )
+    if parallel.zero_stage == 0 and cfg.training.precision != "fp32":
+        found.append(
+            (
+                "parallel.zero_stage",
+                f"ZeRO stage 0 with training.precision {cfg.training.precision} runs DeepSpeed's unfused "
+                "per-parameter optimizer (a host sync per parameter every step) and accumulates gradients "
+                f"in {cfg.training.precision}; use zero_stage: 1 (fp32 master weights and gradient "
+                "accumulation, the same memory per replica), or precision: fp32",
+            )
+        )
     if cfg.data.seq_length > model.max_position_embeddings:
         found.append(
             (

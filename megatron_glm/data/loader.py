@@ -11,6 +11,8 @@ key              dtype    shape      meaning
 ``position_ids`` int64    [B, 2, T]  positions, block positions
 ``sep``          int64    [B]        length of Part A (bidirectional prefix); causal after it
 ``objective``    int64    [B]        ``data_tools.objectives.Objective`` of each sample (for logging)
+``loss_index``   int64    [N]        row-major indices of the ``loss_mask > 0`` positions (the rows that
+                                    get logits), computed here so the GPU never waits on a boolean mask
 ===============  =======  =========  ==================================================================
 """
 
@@ -31,19 +33,22 @@ from data_tools.tokenizer import GLMTokenizer
 from megatron_glm.config import DataConfig
 from megatron_glm.data.dataset import GLMDataset
 from megatron_glm.data.sampler import GLMBatchSampler
+from megatron_glm.model.glm import loss_row_index
 
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "position_ids", "sep", "objective")
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "position_ids", "sep", "objective", "loss_index")
 
 
 def collate_glm_batch(items: list[dict]) -> dict[str, torch.Tensor]:
     """Stack ``GLMDataset`` items (all of length T) into the batch contract above."""
+    loss_mask = torch.from_numpy(np.stack([item["loss_mask"] for item in items]))
     return {
         "tokens": torch.from_numpy(np.stack([item["tokens"] for item in items])),
         "targets": torch.from_numpy(np.stack([item["targets"] for item in items])),
-        "loss_mask": torch.from_numpy(np.stack([item["loss_mask"] for item in items])),
+        "loss_mask": loss_mask,
         "position_ids": torch.from_numpy(np.stack([item["position_ids"] for item in items])),
         "sep": torch.tensor([item["sep"] for item in items], dtype=torch.int64),
         "objective": torch.tensor([item["objective"] for item in items], dtype=torch.int64),
+        "loss_index": loss_row_index(loss_mask),
     }
 
 

@@ -160,6 +160,18 @@ class GLMModel(nn.Module):
         if not self.word_embeddings.weight.is_meta:
             self.word_embeddings.reset_parameters(init_generator(seed, "word_embeddings"))
 
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> GLMModel:
+        """``nn.Module.to_empty`` that keeps the parameters' tensor-parallel marks.
+
+        Leaving ``meta`` replaces each parameter by a new one, which would drop ``tensor_model_parallel`` /
+        ``partition_dim``: DeepSpeed would then count sharded weights as replicated in the gradient norm.
+        """
+        marks = {name: dict(vars(param)) for name, param in self.named_parameters()}
+        super().to_empty(device=device, recurse=recurse)
+        for name, param in self.named_parameters():
+            param.__dict__.update(marks[name])
+        return self
+
     def reset_parameters(self, seed: int) -> None:
         """(Re-)initialize every parameter from ``seed``: N(0, std), output projections N(0, std / sqrt(2L))."""
         self.word_embeddings.reset_parameters(init_generator(seed, "word_embeddings"))
@@ -174,32 +186,49 @@ class GLMModel(nn.Module):
         return vocab_parallel_logits(hidden, self.word_embeddings.weight)
 
 
-def loss_rows(hidden: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """The ``[N, h]`` rows of ``hidden`` with ``loss_mask > 0``, row-major: the only rows that need logits."""
-    return hidden.reshape(-1, hidden.shape[-1])[loss_mask.reshape(-1) > 0]
+def loss_row_index(loss_mask: torch.Tensor) -> torch.Tensor:
+    """The int64 ``[N]`` row-major indices of the positions with ``loss_mask > 0``: the rows that need logits.
+
+    The data loader computes them on the host (``batch["loss_index"]``) so that selecting the rows on a GPU
+    is an ``index_select``, not a boolean mask that makes the host wait for the GPU.
+    """
+    return torch.nonzero(loss_mask.reshape(-1) > 0).squeeze(1)
 
 
-def masked_token_mean(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+def loss_rows(hidden: torch.Tensor, loss_index: torch.Tensor) -> torch.Tensor:
+    """The ``[N, h]`` rows of ``hidden`` at ``loss_index`` (see ``loss_row_index``)."""
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, loss_index)
+
+
+def masked_token_mean(
+    logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor, loss_index: torch.Tensor
+) -> torch.Tensor:
     """``sum(CE * loss_mask) / sum(loss_mask)`` (fp32) from the logits of the ``loss_rows`` only.
 
     ``targets`` and ``loss_mask`` are the full ``[B, T]`` tensors; a micro-batch without any loss
     position gives 0 (and zero gradients) rather than 0/0.
     """
     weights = loss_mask.reshape(-1).float()
-    selected = weights > 0
-    losses = vocab_parallel_cross_entropy(logits, targets.reshape(-1)[selected])
-    return (losses * weights[selected]).sum() / weights.sum().clamp(min=1.0)
+    losses = vocab_parallel_cross_entropy(logits, targets.reshape(-1).index_select(0, loss_index))
+    return (losses * weights.index_select(0, loss_index)).sum() / weights.sum().clamp(min=1.0)
 
 
 def glm_loss(
-    model: GLMModel, hidden: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor
+    model: GLMModel,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    loss_mask: torch.Tensor,
+    loss_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The pretraining loss, the token mean over the micro-batch (THUDM/GLM).
 
     Logits are computed only at positions with ``loss_mask > 0`` (Part B): Part A carries no loss, so
     this skips most of the output-head matmul; the zero-weighted positions contribute nothing anyway.
+    ``loss_index`` (the batch's, from the loader) is derived from ``loss_mask`` when not given.
     """
-    return masked_token_mean(model.logits(loss_rows(hidden, loss_mask)), targets, loss_mask)
+    if loss_index is None:
+        loss_index = loss_row_index(loss_mask)
+    return masked_token_mean(model.logits(loss_rows(hidden, loss_index)), targets, loss_mask, loss_index)
 
 
 def weight_decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -28,7 +28,9 @@ MODEL_PARALLEL_SEED_OFFSET = 2718
 def _default_generators() -> list[torch.Generator]:
     generators = [torch.default_generator]
     if torch.cuda.is_available():
-        generators.append(torch.cuda.default_generators[torch.cuda.current_device()])
+        # current_device() initializes CUDA, which fills the tuple: read it only after that call.
+        index = torch.cuda.current_device()
+        generators.append(torch.cuda.default_generators[index])
     return generators
 
 

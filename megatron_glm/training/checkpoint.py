@@ -11,6 +11,7 @@ latest, complete one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -64,22 +65,55 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     get_rng_tracker().set_states(state["tensor_parallel"])
 
 
+@dataclasses.dataclass
+class TrainingState:
+    """The run's counters: what a checkpoint must hold, beyond model, optimizer and RNG, to resume exactly."""
+
+    step: int = 0  # optimizer steps taken (skipped updates count)
+    consumed_samples: int = 0  # training samples read, over all data-parallel ranks
+    skipped_steps: int = 0  # steps whose update was not applied (non-finite loss or fp16 overflow)
+
+    def advance(self, global_batch_size: int, skipped: bool) -> None:
+        self.step += 1
+        self.consumed_samples += global_batch_size
+        self.skipped_steps += int(skipped)
+
+    def to_client_state(self) -> dict[str, int]:
+        return {
+            "step": self.step,
+            "consumed_samples": self.consumed_samples,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    @classmethod
+    def from_client_state(cls, client: dict[str, Any]) -> TrainingState:
+        # Checkpoints written before skipped steps were counted have no "skipped_steps".
+        return cls(client["step"], client["consumed_samples"], client.get("skipped_steps", 0))
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
 class CheckpointManager:
-    """Saves and resumes glm-pretrain's checkpoints under ``save_dir`` (layout: ``megatron_glm.checkpoint.files``).
+    """Writes, finds and loads glm-pretrain's checkpoints under ``save_dir`` (layout:
+    ``megatron_glm.checkpoint.files``), and decides when a step is saved.
 
-    Saving is a collective, atomic (staged under ``<step>.partial``) and prunes to ``keep_last``; loading
-    restores model, optimizer and schedule, and ``restore_rng`` the random states, as the last thing.
+    Saving is a collective, atomic (staged under ``<step>.partial``) and prunes to ``keep_last``;
+    ``maybe_save`` saves every ``interval`` steps (0: never on a schedule), at a preemption and at the end
+    of training, never twice for one step; ``last_saved`` is the newest complete checkpoint of this run
+    (or the one it resumed from), ``saved_step`` its step. Loading restores model, optimizer and schedule,
+    and ``restore_rng`` the random states, as the last thing.
     """
 
-    def __init__(self, save_dir: str | os.PathLike, keep_last: int = 3):
+    def __init__(self, save_dir: str | os.PathLike, keep_last: int = 3, interval: int = 0):
         self.save_dir = Path(save_dir)
         self.keep_last = keep_last
+        self.interval = interval
         self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.last_saved: Path | None = None
+        self.saved_step: int | None = None
 
     # -- discovery ----------------------------------------------------------------------------------
     def latest_tag(self) -> str | None:
@@ -109,6 +143,29 @@ class CheckpointManager:
         return self.save_dir / tag
 
     # -- saving -------------------------------------------------------------------------------------
+    def due(self, step: int, *, preempted: bool = False, final: bool = False) -> bool:
+        """Whether ``step`` must be saved: on the interval, at a preemption or at the end, once."""
+        if step == self.saved_step:
+            return False
+        return final or preempted or bool(self.interval and step % self.interval == 0)
+
+    def maybe_save(
+        self,
+        engine,
+        state: TrainingState,
+        config_yaml: str,
+        *,
+        preempted: bool = False,
+        final: bool = False,
+        meta: dict[str, Any] | None = None,
+        write_weights: Callable[[Path], None] | None = None,
+    ) -> Path | None:
+        """Save ``state.step`` when ``due`` (a collective: every rank calls it with the same flags)."""
+        if not self.due(state.step, preempted=preempted, final=final):
+            return None
+        meta = {**(meta or {}), "consumed_samples": state.consumed_samples}
+        return self.save(engine, state.step, state.to_client_state(), config_yaml, meta, write_weights)
+
     def save(
         self,
         engine,
@@ -160,6 +217,7 @@ class CheckpointManager:
             self._prune(keep=tag)
         _barrier()
         logger.info("saved checkpoint %s in %.1fs", final, time.perf_counter() - start)
+        self.last_saved, self.saved_step = final, step
         return final
 
     def _prune(self, keep: str) -> None:
@@ -195,6 +253,7 @@ class CheckpointManager:
         if load_path is None:
             raise CheckpointError(f"DeepSpeed could not load {directory}")
         logger.info("resumed from %s (step %d)", directory, meta["step"])
+        self.last_saved, self.saved_step = directory, meta["step"]
         return client_state or {}
 
     def restore_rng(self, tag: str) -> None:

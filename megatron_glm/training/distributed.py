@@ -163,14 +163,63 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def device_for(local_rank: int) -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+def local_world_size(env: dict[str, str] | None = None) -> int | None:
+    """How many ranks the launcher started on this node, if its environment says so."""
+    env = os.environ if env is None else env
+    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    # srun's SLURM_TASKS_PER_NODE reads "8(x2)" or "4,3": the busiest node bounds this one.
+    counts = re.findall(r"(\d+)(?:\(x\d+\))?", env.get("SLURM_TASKS_PER_NODE", ""))
+    return max(int(c) for c in counts) if counts else None
+
+
+def gpus_bound_per_rank(env: dict[str, str] | None = None) -> bool:
+    """Whether the launcher gave each rank its own GPU(s) (``srun --gpus-per-task``, or the user says so
+    with ``GLM_GPUS_PER_RANK=1`` for containers and wrappers that set ``CUDA_VISIBLE_DEVICES`` per rank)."""
+    env = os.environ if env is None else env
+    return env.get("SLURM_GPUS_PER_TASK", "").isdigit() or env.get("GLM_GPUS_PER_RANK") == "1"
+
+
+def cuda_device_index(
+    local_rank: int, local_ranks: int | None, device_count: int, bound_per_rank: bool
+) -> int:
+    """The index of this rank's GPU among the ``device_count`` it sees.
+
+    Ranks that see only their own GPU(s) take the first; otherwise local rank ``i`` takes GPU ``i``.
+    Several ranks on one GPU would be refused later by NCCL ("Duplicate GPU detected") or DeepSpeed
+    ("invalid device ordinal"), so more local ranks than visible GPUs is a ``LaunchError`` here.
+    """
+    if bound_per_rank:
+        return 0
+    ranks = max(local_rank + 1, local_ranks or 0)
+    if ranks > device_count:
+        raise LaunchError(
+            f"local rank {local_rank}: {ranks} ranks on this node but {device_count} visible GPU(s); start "
+            f"at most {device_count} ranks per node (torchrun --nproc-per-node {device_count}, srun "
+            f"--ntasks-per-node {device_count}), or, if each rank sees only its own GPU, say so with "
+            "srun --gpus-per-task=1 or GLM_GPUS_PER_RANK=1 (CUDA_VISIBLE_DEVICES='' trains on the CPU)"
+        )
+    return local_rank
+
+
+def device_for(info: LaunchInfo, env: dict[str, str] | None = None) -> torch.device:
+    """This rank's device: its GPU when CUDA is present (see ``cuda_device_index``), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = cuda_device_index(
+        info.local_rank, local_world_size(env), torch.cuda.device_count(), gpus_bound_per_rank(env)
+    )
+    return torch.device("cuda", index)
 
 
 def init_distributed(timeout_minutes: int = 30) -> LaunchInfo:
-    """Join the job's process group through DeepSpeed (which wraps torch.distributed) and pick the device."""
+    """Join the job's process group (wrapped by DeepSpeed) and make this rank's device current.
+
+    The group is created here with ``device_id`` = our device, because DeepSpeed would bind
+    ``cuda:LOCAL_RANK``, which is the wrong GPU where each rank sees only its own; the engine gets the
+    same device through ``TrainingEngine``.
+    """
     info = detect_launch()
     os.environ.update(
         {
@@ -181,7 +230,7 @@ def init_distributed(timeout_minutes: int = 30) -> LaunchInfo:
             "MASTER_PORT": str(info.master_port),
         }
     )
-    device = device_for(info.local_rank)
+    device = device_for(info)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     else:
@@ -191,14 +240,27 @@ def init_distributed(timeout_minutes: int = 30) -> LaunchInfo:
         )
         torch.set_num_threads(threads)
     import deepspeed
+    import torch.distributed as dist
 
     if device.type == "cpu":
         _skip_cpu_shm_compile()
-    # Also when torch.distributed is already up (a caller's group): DeepSpeed then wraps it.
+    timeout = timedelta(minutes=timeout_minutes)
+    if not dist.is_initialized():
+        # A bound device makes torch build every later group with ncclCommSplit; a single rank has no
+        # peer, so it stays unbound (as DeepSpeed does).
+        bind = {"device_id": device} if device.type == "cuda" and info.world_size > 1 else {}
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo",
+            timeout=timeout,
+            rank=info.rank,
+            world_size=info.world_size,
+            **bind,
+        )
+    # DeepSpeed wraps the group that is now up (ours, or a caller's).
     deepspeed.init_distributed(
         dist_backend="nccl" if device.type == "cuda" else "gloo",
         auto_mpi_discovery=False,
-        timeout=timedelta(minutes=timeout_minutes),
+        timeout=timeout,
         rank=info.rank,
         world_size=info.world_size,
         verbose=False,

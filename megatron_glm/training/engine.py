@@ -7,6 +7,7 @@ them per call.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_glm.checkpoint import load_thudm_checkpoint, pipeline_key_to_thudm, write_training_weights
-from megatron_glm.config import GLMConfig, Layout
+from megatron_glm.config import GLMConfig, Layout, ModelConfig
 from megatron_glm.log import get_logger
 from megatron_glm.model import GLMModel, loss_rows
 from megatron_glm.parallel import (
@@ -51,13 +52,33 @@ class GLMForPretraining(GLMModel):
         targets: torch.Tensor,
         loss_mask: torch.Tensor,
         objective: torch.Tensor,
+        loss_index: torch.Tensor,
     ) -> torch.Tensor:
         hidden = super().forward(tokens, position_ids, sep)
-        return self.loss(self.logits(loss_rows(hidden, loss_mask)), (targets, loss_mask, objective))
+        labels = (targets, loss_mask, objective, loss_index)
+        return self.loss(self.logits(loss_rows(hidden, loss_index)), labels)
 
 
-def deepspeed_config(cfg: GLMConfig, layout: Layout) -> dict:
+def build_pretraining_model(
+    config: ModelConfig, vocab_size: int, *, seed: int, loss: GLMLoss, device: torch.device
+) -> GLMForPretraining:
+    """``GLMForPretraining`` built on ``meta`` and initialized in place on ``device``.
+
+    No full fp32 copy of the model is made in host RAM (a 10B model would need 40 GB per rank); the
+    initialization draws from the same per-key CPU generators as a model built directly, so the weights
+    are identical at every parallel size and on every device.
+    """
+    module = GLMForPretraining(config, vocab_size, seed=seed, loss=loss, device="meta")
+    module.to_empty(device=device)
+    module.reset_parameters(seed)
+    return module
+
+
+def deepspeed_config(cfg: GLMConfig, layout: Layout, cuda: bool | None = None) -> dict:
+    """DeepSpeed's configuration for ``cfg`` (``cuda``: whether the ranks train on GPUs; default: present)."""
     t = cfg.training
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    overlap = cfg.parallel.overlap_comm
     config = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -66,7 +87,7 @@ def deepspeed_config(cfg: GLMConfig, layout: Layout) -> dict:
         "zero_optimization": {
             "stage": cfg.parallel.zero_stage,
             "contiguous_gradients": True,
-            "overlap_comm": torch.cuda.is_available(),
+            "overlap_comm": cuda if overlap is None else overlap,
         },
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {
@@ -81,6 +102,10 @@ def deepspeed_config(cfg: GLMConfig, layout: Layout) -> dict:
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+    if t.precision == "bf16":
+        # Accumulate micro-batch gradients in fp32 (ZeRO-1: DeepSpeed's BF16 optimizer; ZeRO-2/3: an fp32
+        # accumulator) rather than in bf16 over up to hundreds of micro-batches.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     if layout.pipeline_parallel_size > 1:
         config["pipeline"] = {"activation_checkpoint_interval": 0}
     return config
@@ -99,7 +124,13 @@ class StepResult:
 
 
 class TrainingEngine:
-    def __init__(self, cfg: GLMConfig, layout: Layout, vocab_size: int):
+    """The DeepSpeed engine of one rank: GLM (or its pipeline stage), AdamW and the schedule on ``device``.
+
+    ``train_step`` and ``evaluate`` consume micro-batches from an iterator; ``write_thudm_weights`` adds
+    the THUDM-layout weights to a checkpoint where DeepSpeed's own files are not in that layout.
+    """
+
+    def __init__(self, cfg: GLMConfig, layout: Layout, vocab_size: int, device: torch.device):
         self.cfg = cfg
         self.layout = layout
         self.pipeline = layout.pipeline_parallel_size > 1
@@ -125,13 +156,16 @@ class TrainingEngine:
                     vocab_multiple=cfg.model.make_vocab_size_divisible_by,
                 )
         else:
-            module = GLMForPretraining(cfg.model, vocab_size, seed=seed, loss=self.loss)
+            module = build_pretraining_model(cfg.model, vocab_size, seed=seed, loss=self.loss, device=device)
             if cfg.checkpoint.init_from:
                 load_thudm_checkpoint(module, cfg.checkpoint.init_from)
         optimizer = build_optimizer(module, cfg.optimizer, check_gradients=self.pipeline)
         scheduler = AnnealingLR(optimizer, cfg.optimizer.lr, cfg.lr_schedule, cfg.training.train_steps)
         self.optimizer: GuardedAdamW = optimizer
         kwargs = {} if self.pipeline else {"mpu": DeepSpeedMPU()}
+        if device.type == "cuda":
+            # DeepSpeed would take cuda:LOCAL_RANK, which is not our GPU where each rank sees only its own.
+            kwargs["args"] = argparse.Namespace(device_rank=device.index)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
@@ -173,10 +207,11 @@ class TrainingEngine:
             loss = self._forward(next(batches))
             total[0] += loss.detach().double()
             if micro == steps - 1:
-                total[1] = 0.0 if torch.isfinite(total[0]) else 1.0
-                # Agree on finiteness before the update: every rank skips it together.
+                total[1] = (~torch.isfinite(total[0])).double()
+                # Agree on finiteness before the update: every rank skips it together. The flag stays on
+                # the device; the optimizer reads it in its step, after the backward has been queued.
                 dist.all_reduce(total)
-                self.optimizer.skip_next = bool(total[1] > 0)
+                self.optimizer.skip_next = total[1] > 0
             self.engine.backward(loss)
             self.engine.step()
         mean = (total[0] / (steps * dist.get_world_size())).item()
@@ -195,7 +230,13 @@ class TrainingEngine:
         """The engine's forward on one micro-batch (``GLMForPretraining``: the loss)."""
         b = _to_device(batch, self.device)
         return self.engine(
-            b["tokens"], b["position_ids"], b["sep"], b["targets"], b["loss_mask"], b["objective"]
+            b["tokens"],
+            b["position_ids"],
+            b["sep"],
+            b["targets"],
+            b["loss_mask"],
+            b["objective"],
+            b["loss_index"],
         )
 
     def _grad_norm(self) -> float | None:
@@ -232,13 +273,14 @@ class TrainingEngine:
 
 
 def _pipeline_iterator(batches: Iterator[Batch], device: torch.device):
-    """DeepSpeed's pipeline format: ``((tokens, position_ids, sep, loss_mask), (targets, loss_mask, objective))``."""
+    """DeepSpeed's pipeline format: ``((tokens, position_ids, sep, loss_mask), labels)``, the labels those
+    of ``GLMLoss``: ``(targets, loss_mask, objective, loss_index)``."""
     for batch in batches:
         b = _to_device(batch, device)
         loss_mask = (b["loss_mask"] > 0).long()
         yield (
             (b["tokens"], b["position_ids"], b["sep"], loss_mask),
-            (b["targets"], b["loss_mask"], b["objective"]),
+            (b["targets"], b["loss_mask"], b["objective"], b["loss_index"]),
         )
 
 

@@ -1,7 +1,7 @@
 """The pretraining loss from the logits of the loss-carrying rows, and its per-objective evaluation form.
 
-Only rows with ``loss_mask > 0`` (Part B) get logits; ``labels = (targets, loss_mask, objective)`` are
-the full ``[B, T]`` / ``[B]`` tensors and are selected the same way (row-major boolean selection).
+Only rows with ``loss_mask > 0`` (Part B) get logits; ``labels = (targets, loss_mask, objective,
+loss_index)``: the full ``[B, T]`` / ``[B]`` tensors, selected at the batch's ``loss_index`` (row-major).
 Training: ``sum(CE * w) / sum(w)``, the token mean over the micro-batch (THUDM/GLM). Evaluation:
 ``[CE sum, token count]`` per objective (token, sentence, document), to be summed over batches and ranks.
 """
@@ -22,16 +22,17 @@ class GLMLoss:
         self.per_objective = False
 
     def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        targets, loss_mask, objective = labels
+        targets, loss_mask, objective, loss_index = labels
         if not self.per_objective:
-            return masked_token_mean(logits, targets, loss_mask)
-        weights = loss_mask.reshape(-1).float()
-        selected = weights > 0
-        losses = vocab_parallel_cross_entropy(logits, targets.reshape(-1)[selected]) * weights[selected]
-        row_objective = objective.view(-1, 1).expand_as(loss_mask).reshape(-1)[selected]
+            return masked_token_mean(logits, targets, loss_mask, loss_index)
+        weights = loss_mask.reshape(-1).float().index_select(0, loss_index)
+        losses = (
+            vocab_parallel_cross_entropy(logits, targets.reshape(-1).index_select(0, loss_index)) * weights
+        )
+        row_objective = objective.view(-1, 1).expand_as(loss_mask).reshape(-1).index_select(0, loss_index)
         sums = torch.zeros(2 * len(Objective), dtype=torch.float32, device=logits.device)
         sums[: len(Objective)].index_add_(0, row_objective, losses.detach())
-        sums[len(Objective) :].index_add_(0, row_objective, weights[selected])
+        sums[len(Objective) :].index_add_(0, row_objective, weights)
         return sums
 
 

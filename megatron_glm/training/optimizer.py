@@ -19,7 +19,7 @@ class GuardedAdamW(torch.optim.AdamW):
 
     def __init__(self, params, *, check_gradients: bool = False, **kwargs):
         super().__init__(params, **kwargs)
-        self.skip_next = False
+        self.skip_next: bool | torch.Tensor = False
         self.check_gradients = check_gradients
         self.skipped_steps = 0
 
@@ -31,7 +31,8 @@ class GuardedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        skip = self.skip_next or (self.check_gradients and not self._gradients_finite())
+        # skip_next may be a device bool (the loop does not wait for it): read it here, after the backward.
+        skip = bool(self.skip_next) or (self.check_gradients and not self._gradients_finite())
         self.skip_next = False
         if skip:
             self.skipped_steps += 1

@@ -20,7 +20,14 @@ import torch
 from torch import nn
 
 from megatron_glm.config import ModelConfig
-from megatron_glm.model import GLMTransformerLayer, LayerNorm, PositionEmbeddings, init_generator, loss_rows
+from megatron_glm.model import (
+    GLMTransformerLayer,
+    LayerNorm,
+    PositionEmbeddings,
+    init_generator,
+    loss_row_index,
+    loss_rows,
+)
 from megatron_glm.parallel import VocabParallelEmbedding, normal_init, recompute, vocab_parallel_logits
 from megatron_glm.training.losses import GLMLoss
 
@@ -43,7 +50,8 @@ class WordEmbeddingPipe(nn.Module):
 def output_head(module: WordEmbeddingPipe, inputs: PipelineActivations) -> torch.Tensor:
     """Vocab-parallel logits of the rows that carry a loss (the tied embedding is the output matrix)."""
     hidden, _, _, loss_mask = inputs
-    return vocab_parallel_logits(loss_rows(hidden, loss_mask), module.word_embeddings.weight)
+    # Activations between stages keep fixed shapes, so the mask, not the index list, travels with them.
+    return vocab_parallel_logits(loss_rows(hidden, loss_row_index(loss_mask)), module.word_embeddings.weight)
 
 
 class PositionEmbeddingPipe(PositionEmbeddings):

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DataLoader
 
 import kernels
 from data_tools.tokenizer import load_tokenizer
@@ -32,7 +33,7 @@ from megatron_glm.parallel import (
     initialize_parallel,
     seed_parallel_rng,
 )
-from megatron_glm.training.checkpoint import CheckpointManager
+from megatron_glm.training.checkpoint import CheckpointManager, TrainingState
 from megatron_glm.training.distributed import LaunchInfo, device_for, init_distributed
 from megatron_glm.training.engine import TrainingEngine
 from megatron_glm.training.hardware import emulated_bf16_warning, measure_matmul_peak
@@ -52,6 +53,9 @@ class TrainingResult:
 
 
 def pretrain(cfg: GLMConfig) -> TrainingResult:
+    """Train ``cfg`` on this rank (every rank of the job calls it): join the process group, set up
+    (``_setup``), resume from ``checkpoint.save_dir`` when it holds a checkpoint, and run the loop
+    (``_train``) until ``training.train_steps`` or a preemption signal."""
     info = init_distributed()
     setup_logging(info.rank, cfg.logging.log_dir, cfg.logging.all_ranks, cfg.logging.level)
     logger.info(
@@ -64,7 +68,7 @@ def pretrain(cfg: GLMConfig) -> TrainingResult:
         info.master_port,
     )
     try:
-        result = _pretrain(cfg, info, device_for(info.local_rank))
+        result = _pretrain(cfg, info, device_for(info))
     except BaseException as exc:
         # Only this rank may have failed: the others wait in a collective, so no barrier here. An
         # unexpected failure is printed with its rank (rank 0 alone logs by default); the caller reports
@@ -79,7 +83,41 @@ def pretrain(cfg: GLMConfig) -> TrainingResult:
     return result
 
 
+@dataclasses.dataclass
+class TrainingRun:
+    """Everything the loop needs, built by ``_setup``."""
+
+    cfg: GLMConfig
+    device: torch.device
+    engine: TrainingEngine
+    manager: CheckpointManager
+    state: TrainingState
+    batches: Iterator[dict]
+    valid: DataLoader | None
+    reporter: MetricsReporter
+    config_yaml: str
+
+    def save_if_due(self, *, preempted: bool = False, final: bool = False) -> None:
+        self.manager.maybe_save(
+            self.engine.engine,
+            self.state,
+            self.config_yaml,
+            preempted=preempted,
+            final=final,
+            meta={"name": self.cfg.name},
+            write_weights=self.engine.write_thudm_weights,
+        )
+
+
 def _pretrain(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> TrainingResult:
+    run = _setup(cfg, info, device)
+    if isinstance(run, TrainingResult):
+        return run
+    return _train(run)
+
+
+def _setup(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> TrainingRun | TrainingResult:
+    """Parallel state, data, engine and the resume; a ``TrainingResult`` when the checkpoint is already done."""
     rank, world_size = info.rank, info.world_size
     layout = parallel_layout(cfg, world_size)
     initialize_parallel(layout.tensor_parallel_size, layout.pipeline_parallel_size)
@@ -109,7 +147,7 @@ def _pretrain(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> Trainin
     builder = rank == 0 if cfg.data.shared_cache else info.local_rank == 0
     samples = prepare_sample_directory(cfg.data, cfg.model.tokenizer, builder=builder)
     vocab_size = padded_vocab_size(cfg.model, layout.tensor_parallel_size)
-    engine = TrainingEngine(cfg, layout, vocab_size)
+    engine = TrainingEngine(cfg, layout, vocab_size, device)
     backend = kernels.resolve_backend(cfg.model.kernels, device)
     logger.info(
         "kernels: %s attention and LayerNorm on %s (model.kernels=%s)",
@@ -118,9 +156,8 @@ def _pretrain(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> Trainin
         cfg.model.kernels,
     )
 
-    manager = CheckpointManager(cfg.checkpoint.save_dir, cfg.checkpoint.keep_last)
-    step, consumed, skipped_total = 0, 0, 0
-    last_checkpoint = None
+    manager = CheckpointManager(cfg.checkpoint.save_dir, cfg.checkpoint.keep_last, cfg.checkpoint.interval)
+    state = TrainingState()
     tag = manager.latest_tag()
     if tag is not None and not cfg.checkpoint.resume:
         raise ConfigError(
@@ -128,23 +165,17 @@ def _pretrain(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> Trainin
             "checkpoint.resume is false: choose a new save_dir, or resume"
         )
     if tag is not None:
-        client = manager.load(engine.engine, tag)
-        step, consumed, skipped_total = (
-            client["step"],
-            client["consumed_samples"],
-            client.get("skipped_steps", 0),
-        )
-        last_checkpoint = str(manager.path(tag))
-        if step >= cfg.training.train_steps:
+        state = TrainingState.from_client_state(manager.load(engine.engine, tag))
+        if state.step >= cfg.training.train_steps:
             logger.info(
                 "checkpoint %s is already at step %d of %d: nothing to train",
                 tag,
-                step,
+                state.step,
                 cfg.training.train_steps,
             )
-            return TrainingResult(step, "completed", last_checkpoint, [])
+            return TrainingResult(state.step, "completed", str(manager.last_saved), [])
 
-    def loader(split: str, consumed_samples: int = 0):
+    def loader(split: str, consumed_samples: int = 0) -> DataLoader:
         return build_glm_data_loader(
             cfg.data,
             tokenizer,
@@ -157,7 +188,7 @@ def _pretrain(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> Trainin
             consumed_samples=consumed_samples,
         )
 
-    batches = iter(loader("train", consumed))
+    batches = iter(loader("train", state.consumed_samples))
     valid = loader("valid") if cfg.training.eval_interval else None
     if valid is not None and len(valid.dataset) == 0:
         logger.warning(
@@ -170,7 +201,8 @@ def _pretrain(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> Trainin
         iter(valid)
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.training.precision]
-    peak = torch.tensor([measure_matmul_peak(device, dtype)], dtype=torch.float64)
+    # On the device: NCCL reduces only device tensors.
+    peak = torch.tensor([measure_matmul_peak(device, dtype)], dtype=torch.float64, device=device)
     dist.all_reduce(peak)
     seq_length = cfg.data.seq_length
     reporter = MetricsReporter(
@@ -187,74 +219,68 @@ def _pretrain(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> Trainin
         # Last, after everything above that draws random numbers: the next step then draws exactly what
         # the uninterrupted run drew.
         manager.restore_rng(tag)
-    config_yaml = dump_config(cfg)
+    return TrainingRun(cfg, device, engine, manager, state, batches, valid, reporter, dump_config(cfg))
+
+
+def _train(run: TrainingRun) -> TrainingResult:
+    """Steps until ``training.train_steps`` or a preemption; evaluation and checkpoints on their cadence."""
+    cfg, state, engine, reporter = run.cfg, run.state, run.engine, run.reporter
     losses: list[float] = []
-
-    def save(at_step: int) -> str:
-        client = {"step": at_step, "consumed_samples": consumed, "skipped_steps": skipped_total}
-        return str(
-            manager.save(
-                engine.engine,
-                at_step,
-                client,
-                config_yaml,
-                meta={"name": cfg.name, "consumed_samples": client["consumed_samples"]},
-                write_weights=engine.write_thudm_weights,
-            )
-        )
-
     status = "completed"
-    saved_at = step if last_checkpoint else -1
     logger.info(
-        "training from step %d to %d (%s consumed samples)", step, cfg.training.train_steps, f"{consumed:,}"
+        "training from step %d to %d (%s consumed samples)",
+        state.step,
+        cfg.training.train_steps,
+        f"{state.consumed_samples:,}",
     )
-    with PreemptionHandler(device) as preemption:
-        while step < cfg.training.train_steps:
+    with PreemptionHandler(run.device) as preemption:
+        while state.step < cfg.training.train_steps:
             start = time.perf_counter()
-            timed = _TimedIterator(batches)
+            timed = _TimedIterator(run.batches)
             result = engine.train_step(timed)
             step_time = time.perf_counter() - start
-            step += 1
-            consumed += cfg.training.global_batch_size
-            if result.skipped:
-                skipped_total += 1
+            state.advance(cfg.training.global_batch_size, skipped=result.skipped)
             if not math.isfinite(result.loss):
                 if cfg.training.nonfinite_policy == "stop":
-                    where = last_checkpoint or "none saved yet"
+                    where = run.manager.last_saved or "none saved yet"
                     raise TrainingError(
-                        f"non-finite loss at step {step}; the update was not applied. Last good checkpoint: "
-                        f"{where}. Lower optimizer.lr, check the data, or set training.nonfinite_policy=skip"
+                        f"non-finite loss at step {state.step}; the update was not applied. Last good "
+                        f"checkpoint: {where}. Lower optimizer.lr, check the data, or set "
+                        "training.nonfinite_policy=skip"
                     )
                 logger.warning(
-                    "non-finite loss at step %d: update skipped (%d skipped so far)", step, skipped_total
+                    "non-finite loss at step %d: update skipped (%d skipped so far)",
+                    state.step,
+                    state.skipped_steps,
                 )
             else:
                 losses.append(result.loss)
             reporter.step(
-                step,
+                state.step,
                 loss=result.loss,
                 lr=result.lr,
                 grad_norm=result.grad_norm,
                 step_time=step_time,
                 data_wait=timed.waited,
                 loss_fraction=timed.loss_fraction,
-                skipped_total=skipped_total,
+                skipped_total=state.skipped_steps,
             )
-            if valid is not None and step % cfg.training.eval_interval == 0:
-                sums = engine.evaluate(iter(valid), cfg.training.eval_steps)
-                reporter.evaluation(step, per_objective_means(sums.cpu()))
-            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
-                last_checkpoint, saved_at = save(step), step
-            if preemption.requested():
-                if saved_at != step:
-                    last_checkpoint, saved_at = save(step), step
+            if run.valid is not None and state.step % cfg.training.eval_interval == 0:
+                sums = engine.evaluate(iter(run.valid), cfg.training.eval_steps)
+                reporter.evaluation(state.step, per_objective_means(sums.cpu()))
+            preempted = preemption.requested()
+            run.save_if_due(preempted=preempted)
+            if preempted:
                 status = "preempted"
-                logger.info("preempted at step %d: checkpoint %s saved, exiting", step, last_checkpoint)
+                logger.info(
+                    "preempted at step %d: checkpoint %s saved, exiting", state.step, run.manager.last_saved
+                )
                 break
-    if status == "completed" and saved_at != step:
-        last_checkpoint = save(step)
+    if status == "completed":
+        run.save_if_due(final=True)
     reporter.close()
-    return TrainingResult(step, status, last_checkpoint, losses)
+    last = run.manager.last_saved
+    return TrainingResult(state.step, status, str(last) if last else None, losses)
 
 
 class _TimedIterator:
@@ -274,7 +300,7 @@ class _TimedIterator:
         start = time.perf_counter()
         batch = next(self.inner)
         self.waited += time.perf_counter() - start
-        self._loss_positions += float((batch["loss_mask"] > 0).sum())
+        self._loss_positions += batch["loss_index"].numel()
         self._positions += batch["loss_mask"].numel()
         return batch
 

@@ -1,0 +1,49 @@
+"""The engine's DeepSpeed configuration, the run's counters and the checkpoint cadence (no process group)."""
+
+import pytest
+
+from megatron_glm.config import load_config, parallel_layout
+from megatron_glm.training.checkpoint import CheckpointManager, TrainingState
+from megatron_glm.training.engine import deepspeed_config
+
+
+def test_bf16_accumulates_gradients_in_fp32_and_overlap_follows_the_device():
+    cfg = load_config(None, ["training.precision=bf16", "parallel.zero_stage=1"])
+    layout = parallel_layout(cfg, 1)
+    on_gpu = deepspeed_config(cfg, layout, cuda=True)
+    assert on_gpu["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert on_gpu["zero_optimization"]["overlap_comm"] is True
+    assert deepspeed_config(cfg, layout, cuda=False)["zero_optimization"]["overlap_comm"] is False
+
+
+def test_overlap_comm_is_a_config_key_and_fp32_needs_no_accumulation_dtype():
+    cfg = load_config(None, ["training.precision=fp32", "parallel.overlap_comm=false"])
+    config = deepspeed_config(cfg, parallel_layout(cfg, 1), cuda=True)
+    assert "data_types" not in config and config["zero_optimization"]["overlap_comm"] is False
+
+
+def test_training_state_round_trips_through_the_client_state():
+    state = TrainingState()
+    state.advance(8, skipped=False)
+    state.advance(8, skipped=True)
+    assert state == TrainingState(step=2, consumed_samples=16, skipped_steps=1)
+    assert TrainingState.from_client_state(state.to_client_state()) == state
+    # Checkpoints of older versions carry no skipped-step count.
+    assert TrainingState.from_client_state({"step": 3, "consumed_samples": 24}).skipped_steps == 0
+
+
+@pytest.mark.parametrize(
+    "interval, step, flags, due",
+    [
+        (10, 20, {}, True),
+        (10, 21, {}, False),
+        (0, 20, {}, False),
+        (10, 21, {"preempted": True}, True),
+        (10, 21, {"final": True}, True),
+        (10, 5, {"final": True}, False),  # step 5 is the checkpoint the run resumed from / last saved
+    ],
+)
+def test_checkpoint_manager_decides_when_to_save(tmp_path, interval, step, flags, due):
+    manager = CheckpointManager(tmp_path, interval=interval)
+    manager.saved_step = 5
+    assert manager.due(step, **flags) is due
