@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from megatron_glm import parallel
 from megatron_glm.config import ModelConfig, count_parameters, load_config, padded_vocab_size
-from megatron_glm.model import GLMModel, LayerNorm, glm_loss, weight_decay_param_groups
+from megatron_glm.model import GLMModel, LayerNorm, glm_loss
+from megatron_glm.training.optimizer import weight_decay_param_groups
 
 VOCAB = 256
 TINY = ModelConfig(

@@ -33,7 +33,7 @@ from data_tools.tokenizer import GLMTokenizer
 from megatron_glm.config import DataConfig
 from megatron_glm.data.dataset import GLMDataset
 from megatron_glm.data.sampler import GLMBatchSampler
-from megatron_glm.model.glm import loss_row_index
+from megatron_glm.model.loss import loss_row_index
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "position_ids", "sep", "objective", "loss_index")
 

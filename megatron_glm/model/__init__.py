@@ -1,20 +1,20 @@
 """The GLM model on Megatron-style tensor parallelism, with THUDM/GLM's parameter names.
 
-glm                GLMModel (embeddings, layers, final LayerNorm, tied output), glm_loss, optimizer groups
+glm                GLMModel (embeddings, layers, final LayerNorm, tied output)
 transformer        GLMTransformerLayer and its parts (self-attention, MLP, LayerNorm)
+loss               the pretraining loss: loss rows, token mean, per-objective evaluation sums
 
 Checkpoint layouts (THUDM keys, tensor-parallel shards, loading and saving) live in ``megatron_glm.checkpoint``.
 """
 
-from megatron_glm.model.glm import (
-    GLMModel,
-    GLMTransformer,
-    PositionEmbeddings,
+from megatron_glm.model.glm import GLMModel, GLMTransformer, PositionEmbeddings
+from megatron_glm.model.loss import (
+    GLMLoss,
     glm_loss,
     loss_row_index,
     loss_rows,
     masked_token_mean,
-    weight_decay_param_groups,
+    per_objective_means,
 )
 from megatron_glm.model.transformer import (
     GLMMLP,
@@ -37,5 +37,6 @@ __all__ = [
     "loss_rows",
     "masked_token_mean",
     "init_generator",
-    "weight_decay_param_groups",
+    "GLMLoss",
+    "per_objective_means",
 ]

@@ -34,7 +34,6 @@ from megatron_glm.parallel import (
     VocabParallelEmbedding,
     normal_init,
     recompute,
-    vocab_parallel_cross_entropy,
     vocab_parallel_logits,
 )
 
@@ -184,63 +183,3 @@ class GLMModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits ``[..., V / tp]`` over this rank's vocab range (output tied to the word embeddings)."""
         return vocab_parallel_logits(hidden, self.word_embeddings.weight)
-
-
-def loss_row_index(loss_mask: torch.Tensor) -> torch.Tensor:
-    """The int64 ``[N]`` row-major indices of the positions with ``loss_mask > 0``: the rows that need logits.
-
-    The data loader computes them on the host (``batch["loss_index"]``) so that selecting the rows on a GPU
-    is an ``index_select``, not a boolean mask that makes the host wait for the GPU.
-    """
-    return torch.nonzero(loss_mask.reshape(-1) > 0).squeeze(1)
-
-
-def loss_rows(hidden: torch.Tensor, loss_index: torch.Tensor) -> torch.Tensor:
-    """The ``[N, h]`` rows of ``hidden`` at ``loss_index`` (see ``loss_row_index``)."""
-    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, loss_index)
-
-
-def masked_token_mean(
-    logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor, loss_index: torch.Tensor
-) -> torch.Tensor:
-    """``sum(CE * loss_mask) / sum(loss_mask)`` (fp32) from the logits of the ``loss_rows`` only.
-
-    ``targets`` and ``loss_mask`` are the full ``[B, T]`` tensors; a micro-batch without any loss
-    position gives 0 (and zero gradients) rather than 0/0.
-    """
-    weights = loss_mask.reshape(-1).float()
-    losses = vocab_parallel_cross_entropy(logits, targets.reshape(-1).index_select(0, loss_index))
-    return (losses * weights.index_select(0, loss_index)).sum() / weights.sum().clamp(min=1.0)
-
-
-def glm_loss(
-    model: GLMModel,
-    hidden: torch.Tensor,
-    targets: torch.Tensor,
-    loss_mask: torch.Tensor,
-    loss_index: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The pretraining loss, the token mean over the micro-batch (THUDM/GLM).
-
-    Logits are computed only at positions with ``loss_mask > 0`` (Part B): Part A carries no loss, so
-    this skips most of the output-head matmul; the zero-weighted positions contribute nothing anyway.
-    ``loss_index`` (the batch's, from the loader) is derived from ``loss_mask`` when not given.
-    """
-    if loss_index is None:
-        loss_index = loss_row_index(loss_mask)
-    return masked_token_mean(model.logits(loss_rows(hidden, loss_index)), targets, loss_mask, loss_index)
-
-
-def weight_decay_param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Optimizer groups: no weight decay on biases and LayerNorm parameters (as THUDM/GLM), decay elsewhere."""
-    no_decay_ids = {id(p) for m in model.modules() if isinstance(m, LayerNorm) for p in m.parameters()}
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.endswith("bias") or id(param) in no_decay_ids:
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]

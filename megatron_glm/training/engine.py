@@ -19,14 +19,13 @@ import torch.distributed as dist
 from megatron_glm.checkpoint import load_thudm_checkpoint, pipeline_key_to_thudm, write_training_weights
 from megatron_glm.config import GLMConfig, Layout, ModelConfig
 from megatron_glm.log import get_logger
-from megatron_glm.model import GLMModel, loss_rows
+from megatron_glm.model import GLMLoss, GLMModel, loss_rows
 from megatron_glm.parallel import (
     DeepSpeedMPU,
     get_data_parallel_group,
     get_pipeline_parallel_group,
     get_pipeline_parallel_world_size,
 )
-from megatron_glm.training.losses import GLMLoss
 from megatron_glm.training.lr_schedule import AnnealingLR
 from megatron_glm.training.optimizer import GuardedAdamW, build_optimizer
 from megatron_glm.training.pipeline import build_pipeline_module
@@ -195,7 +194,6 @@ class TrainingEngine:
 
     # -- training -----------------------------------------------------------------------------------
     def train_step(self, batches: Iterator[Batch]) -> StepResult:
-        self.loss.per_objective = False
         self.engine.train()
         skipped_before = (self.optimizer.skipped_steps, self.engine.skipped_steps)
         if self.pipeline:
@@ -249,27 +247,28 @@ class TrainingEngine:
     @torch.no_grad()
     def evaluate(self, batches: Iterator[Batch], num_steps: int) -> torch.Tensor:
         """``[CE sum, token count]`` per objective over ``num_steps`` global batches, identical on every rank."""
-        self.loss.per_objective = True
-        try:
-            if self.pipeline:
-                sums = None
-                for _ in range(num_steps):
-                    # eval_batch adds each micro-batch's loss to the engine's running total, which only
-                    # train_batch resets; ours is a vector here, the last training step's a scalar.
-                    self.engine.total_loss = None
-                    out = self.engine.eval_batch(_pipeline_iterator(batches, self.device), bcast_loss=False)
-                    if out is not None:
-                        sums = out if sums is None else sums + out
-                return _broadcast_from_last_stage(sums, self.device)
-            self.engine.eval()
-            sums = torch.zeros(6, dtype=torch.float32, device=self.device)
-            for _ in range(num_steps * self.layout.gradient_accumulation_steps):
-                sums += self._forward(next(batches)).float()
-            dist.all_reduce(sums, group=get_data_parallel_group())
-            return sums
-        finally:
-            self.loss.per_objective = False
-            self.engine.train()
+        with self.loss.per_objective_sums():
+            try:
+                if self.pipeline:
+                    sums = None
+                    for _ in range(num_steps):
+                        # eval_batch adds each micro-batch's loss to the engine's running total, which only
+                        # train_batch resets; ours is a vector here, the last training step's a scalar.
+                        self.engine.total_loss = None
+                        out = self.engine.eval_batch(
+                            _pipeline_iterator(batches, self.device), bcast_loss=False
+                        )
+                        if out is not None:
+                            sums = out if sums is None else sums + out
+                    return _broadcast_from_last_stage(sums, self.device)
+                self.engine.eval()
+                sums = torch.zeros(6, dtype=torch.float32, device=self.device)
+                for _ in range(num_steps * self.layout.gradient_accumulation_steps):
+                    sums += self._forward(next(batches)).float()
+                dist.all_reduce(sums, group=get_data_parallel_group())
+                return sums
+            finally:
+                self.engine.train()
 
 
 def _pipeline_iterator(batches: Iterator[Batch], device: torch.device):

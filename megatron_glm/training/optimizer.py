@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from megatron_glm.config import OptimizerConfig
-from megatron_glm.model import weight_decay_param_groups
+from megatron_glm.model import LayerNorm
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -56,3 +56,18 @@ def build_optimizer(module: torch.nn.Module, cfg: OptimizerConfig, *, check_grad
         weight_decay=cfg.weight_decay,
         check_gradients=check_gradients,
     )
+
+
+def weight_decay_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer groups: no weight decay on biases and LayerNorm parameters (as THUDM/GLM), decay elsewhere."""
+    no_decay_ids = {id(p) for m in model.modules() if isinstance(m, LayerNorm) for p in m.parameters()}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith("bias") or id(param) in no_decay_ids:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]

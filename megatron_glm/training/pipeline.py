@@ -21,6 +21,7 @@ from torch import nn
 
 from megatron_glm.config import ModelConfig
 from megatron_glm.model import (
+    GLMLoss,
     GLMTransformerLayer,
     LayerNorm,
     PositionEmbeddings,
@@ -29,7 +30,6 @@ from megatron_glm.model import (
     loss_rows,
 )
 from megatron_glm.parallel import VocabParallelEmbedding, normal_init, recompute, vocab_parallel_logits
-from megatron_glm.training.losses import GLMLoss
 
 PipelineActivations = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -26,6 +26,7 @@ from megatron_glm.config import (
 from megatron_glm.data import build_glm_data_loader, prepare_sample_directory
 from megatron_glm.errors import USER_ERRORS, TrainingError
 from megatron_glm.log import get_logger, setup_logging
+from megatron_glm.model import per_objective_means
 from megatron_glm.parallel import (
     destroy_parallel,
     get_data_parallel_rank,
@@ -37,7 +38,6 @@ from megatron_glm.training.checkpoint import CheckpointManager, TrainingState
 from megatron_glm.training.distributed import LaunchInfo, device_for, init_distributed
 from megatron_glm.training.engine import TrainingEngine
 from megatron_glm.training.hardware import emulated_bf16_warning, measure_matmul_peak
-from megatron_glm.training.losses import per_objective_means
 from megatron_glm.training.metrics import MetricsReporter
 from megatron_glm.training.signals import PreemptionHandler
 
