@@ -10,7 +10,7 @@ from megatron_glm import parallel
 from megatron_glm.checkpoint import CheckpointError, load_thudm_checkpoint, save_thudm_checkpoint
 from megatron_glm.model import GLMModel
 from tests.multiproc import run_ranks
-from tests.test_model_glm import TINY, VOCAB, make_batch
+from tests.tiny_glm import TINY, VOCAB, make_batch
 
 SEED, OTHER_SEED = 7, 99
 

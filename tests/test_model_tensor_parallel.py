@@ -10,7 +10,7 @@ from megatron_glm.checkpoint import merge_shards, partition_of
 from megatron_glm.model import GLMModel
 from megatron_glm.parallel import get_rng_tracker, unshard
 from tests.multiproc import run_ranks
-from tests.test_model_glm import TINY, VOCAB, forward_and_loss, make_batch
+from tests.tiny_glm import TINY, VOCAB, forward_and_loss, make_batch
 
 SEED = 7
 DROPOUT = dataclasses.replace(TINY, hidden_dropout=0.1, attention_dropout=0.1)
