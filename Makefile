@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # chooses by what is present, so the same targets work on GPU machines.
 ENV := . run/env.sh &&
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast lint format clean
 
 install: $(STAMP)
 

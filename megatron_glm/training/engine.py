@@ -165,18 +165,18 @@ class TrainingEngine:
         if device.type == "cuda":
             # DeepSpeed would take cuda:LOCAL_RANK, which is not our GPU where each rank sees only its own.
             kwargs["args"] = argparse.Namespace(device_rank=device.index)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
+        self.deepspeed_engine, _, _, self.scheduler = deepspeed.initialize(
             model=module,
             optimizer=optimizer,
             lr_scheduler=scheduler,
             config=deepspeed_config(cfg, layout),
             **kwargs,
         )
-        self.device = self.engine.device
+        self.device = self.deepspeed_engine.device
 
     @property
     def module(self) -> torch.nn.Module:
-        return self.engine.module
+        return self.deepspeed_engine.module
 
     @property
     def writes_thudm_layout(self) -> bool:
@@ -194,10 +194,10 @@ class TrainingEngine:
 
     # -- training -----------------------------------------------------------------------------------
     def train_step(self, batches: Iterator[Batch]) -> StepResult:
-        self.engine.train()
-        skipped_before = (self.optimizer.skipped_steps, self.engine.skipped_steps)
+        self.deepspeed_engine.train()
+        skipped_before = (self.optimizer.skipped_steps, self.deepspeed_engine.skipped_steps)
         if self.pipeline:
-            loss = self.engine.train_batch(_pipeline_iterator(batches, self.device)).float()
+            loss = self.deepspeed_engine.train_batch(_pipeline_iterator(batches, self.device)).float()
             return self._result(loss.item(), skipped_before)
         steps = self.layout.gradient_accumulation_steps
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
@@ -210,8 +210,8 @@ class TrainingEngine:
                 # the device; the optimizer reads it in its step, after the backward has been queued.
                 dist.all_reduce(total)
                 self.optimizer.skip_next = total[1] > 0
-            self.engine.backward(loss)
-            self.engine.step()
+            self.deepspeed_engine.backward(loss)
+            self.deepspeed_engine.step()
         mean = (total[0] / (steps * dist.get_world_size())).item()
         return self._result(mean, skipped_before)
 
@@ -221,13 +221,13 @@ class TrainingEngine:
             # DeepSpeed advanced the schedule although our guard applied no update; THUDM/GLM steps the
             # schedule only with an update, so take the step back.
             self.scheduler.step(-1)
-        skipped = guard_skipped or self.engine.skipped_steps != skipped_before[1]
+        skipped = guard_skipped or self.deepspeed_engine.skipped_steps != skipped_before[1]
         return StepResult(loss, skipped, self._grad_norm(), self.scheduler.get_lr())
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         """The engine's forward on one micro-batch (``GLMForPretraining``: the loss)."""
         b = _to_device(batch, self.device)
-        return self.engine(
+        return self.deepspeed_engine(
             b["tokens"],
             b["position_ids"],
             b["sep"],
@@ -238,7 +238,7 @@ class TrainingEngine:
         )
 
     def _grad_norm(self) -> float | None:
-        norm = self.engine.get_global_grad_norm()
+        norm = self.deepspeed_engine.get_global_grad_norm()
         if norm is None:
             return None
         return float(norm.item() if torch.is_tensor(norm) else norm)
@@ -254,21 +254,21 @@ class TrainingEngine:
                     for _ in range(num_steps):
                         # eval_batch adds each micro-batch's loss to the engine's running total, which only
                         # train_batch resets; ours is a vector here, the last training step's a scalar.
-                        self.engine.total_loss = None
-                        out = self.engine.eval_batch(
+                        self.deepspeed_engine.total_loss = None
+                        out = self.deepspeed_engine.eval_batch(
                             _pipeline_iterator(batches, self.device), bcast_loss=False
                         )
                         if out is not None:
                             sums = out if sums is None else sums + out
                     return _broadcast_from_last_stage(sums, self.device)
-                self.engine.eval()
+                self.deepspeed_engine.eval()
                 sums = torch.zeros(6, dtype=torch.float32, device=self.device)
                 for _ in range(num_steps * self.layout.gradient_accumulation_steps):
                     sums += self._forward(next(batches)).float()
                 dist.all_reduce(sums, group=get_data_parallel_group())
                 return sums
             finally:
-                self.engine.train()
+                self.deepspeed_engine.train()
 
 
 def _pipeline_iterator(batches: Iterator[Batch], device: torch.device):

@@ -19,6 +19,12 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class PreemptionHandler:
+    """A context in which SIGTERM and SIGUSR1 set a flag instead of ending the process.
+
+    ``requested()``, called once per step on every rank, is true everywhere as soon as any rank got a
+    signal, so all ranks save the same step and exit 0. The previous handlers come back on exit.
+    """
+
     def __init__(self, device: torch.device):
         self.device = device
         self.received: int | None = None

@@ -99,7 +99,7 @@ class TrainingRun:
 
     def save_if_due(self, *, preempted: bool = False, final: bool = False) -> None:
         self.manager.maybe_save(
-            self.engine.engine,
+            self.engine.deepspeed_engine,
             self.state,
             self.config_yaml,
             preempted=preempted,
@@ -165,7 +165,7 @@ def _setup(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> TrainingRu
             "checkpoint.resume is false: choose a new save_dir, or resume"
         )
     if tag is not None:
-        state = TrainingState.from_client_state(manager.load(engine.engine, tag))
+        state = TrainingState.from_client_state(manager.load(engine.deepspeed_engine, tag))
         if state.step >= cfg.training.train_steps:
             logger.info(
                 "checkpoint %s is already at step %d of %d: nothing to train",
