@@ -222,8 +222,8 @@ def target_config(
     cfg = dataclasses.replace(source, parallel=parallel, checkpoint=checkpoint)
     try:
         validate_config(cfg)
-    except ConfigError as exc:
-        raise CheckpointError(
+    except ConfigError as exc:  # still a ConfigError: the command line asked for an impossible layout
+        raise ConfigError(
             f"target layout TP {tensor_parallel_size} x PP {pipeline_parallel_size}: {exc}"
         ) from None
     return cfg
