@@ -267,9 +267,14 @@ def stage_pretrain(
     half = steps // 2
 
     reference = work / "reference"
+    # A few steps of the uninterrupted run under torch.profiler (left out of the throughput figures).
+    profiled = (2, 3) if smoke else (21, 23)
     status, _ = run(
         report,
-        pretrain + pretrain_settings(str(corpus), work, reference, smoke, steps, extra),
+        pretrain
+        + pretrain_settings(
+            str(corpus), work, reference, smoke, steps, extra + [f"logging.profile_steps={list(profiled)}"]
+        ),
         env,
         240,
         work / "pretrain-reference.log",
@@ -314,7 +319,7 @@ def stage_pretrain(
     )
     exact = bool(compared) and all(resumed[s]["loss"] == train[s]["loss"] for s in compared)
 
-    timed = [train[s] for s in sorted(train) if s > min(10, half)]
+    timed = [train[s] for s in sorted(train) if s > min(10, half) and not profiled[0] <= s <= profiled[1]]
     tokens = sorted(r["tokens_per_second"] for r in timed)
     mfu = sorted(r["mfu"] for r in timed)
     report.add("")
@@ -333,10 +338,17 @@ def stage_pretrain(
     for record in evals:
         losses = ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("eval_"))
         report.add(f"| evaluation at step {record['step']} | {losses} |")
+    profile = reference / "logs" / "profile-rank0.txt"
     report.add(f"| resume after kill -9 at checkpoint {half}: steps compared | {len(compared)} |")
     report.add(
         f"| resume: losses bitwise equal | {'yes' if exact else 'no'} (worst relative difference {worst:.2e}) |"
     )
+    if profile.is_file():
+        report.add(
+            f"\n### Where glm-pretrain's steps go (torch.profiler)\n\n```\n{profile.read_text().strip()}\n```"
+        )
+    else:
+        report.fail("glm-pretrain", "no profile written")
     if len(compared) != steps - half:
         report.fail("resume", f"compared {len(compared)} of {steps - half} steps")
     elif not worst < 1e-3:

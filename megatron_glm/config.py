@@ -147,6 +147,9 @@ class LoggingConfig:
     # Every rank logs to its own file (log_dir/rank-<r>.log); rank 0 alone otherwise.
     all_ranks: bool = False
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # [first, last]: profile these optimizer steps (torch.profiler) and write the ops that took the most
+    # GPU (else CPU) time to log_dir/profile-rank<r>.txt. Empty: no profiling.
+    profile_steps: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -471,6 +474,9 @@ def _problems(cfg: GLMConfig, world_size: int | None) -> list[tuple[str, str]]:
                 "positions would fall outside the position tables",
             )
         )
+    steps = cfg.logging.profile_steps
+    if steps and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
+        found.append(("logging.profile_steps", f"must be [first, last] with 1 <= first <= last, got {steps}"))
     if p.zero_stage not in (0, 1, 2, 3):
         found.append(("parallel.zero_stage", f"must be 0, 1, 2 or 3, got {p.zero_stage}"))
     elif p.zero_stage == 0 and t.precision != "fp32":
