@@ -8,8 +8,9 @@ within about 8 minutes:
 2. ``glm-pretrain`` of glm-large (bf16, dropout 0.1, micro = global batch 16, the bundled Austen corpus) for
    100 steps with an evaluation and a checkpoint at step 50; then the same run killed (SIGKILL) once its
    step-50 checkpoint is complete, resumed, and its losses of steps 51-100 compared with the first run's;
-3. ``benchmarks/bench_model.py --preset glm-large``: GLM with Triton and with torch kernels next to HF
-   BertForMaskedLM (SDPA), steps interleaved, the matmul peak measured in the same run.
+3. ``benchmarks/bench_model.py --preset glm-large --profile``: GLM with Triton and with torch kernels next
+   to HF BertForMaskedLM (SDPA), steps interleaved, the matmul peak measured in the same run;
+4. (``--stages glm2b``) glm-2b on one GPU with ZeRO-2 at T 1024: tokens/s, MFU and peak memory.
 
 Every stage's output goes to stdout and, with the summary, to ``<out>/gpu-check.md``; the exit status is 1
 when a stage failed. ``--smoke`` runs every stage at toy size on whatever device there is (on a CPU: fp32,
@@ -61,7 +62,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--stages",
         default="kernels,pretrain,bench",
-        help="which stages to run, comma-separated, in this order",
+        help="which stages to run, comma-separated, in this order; glm2b (glm-2b on one GPU, ZeRO-2, T 1024, "
+        "12 steps: tokens/s, MFU, peak memory) is not in the default set, to keep that under 8 minutes",
     )
     parser.add_argument(
         "--set",
@@ -241,27 +243,9 @@ def stage_pretrain(
     report: Report, env: dict[str, str], work: Path, smoke: bool, steps: int, extra: list[str]
 ) -> None:
     report.add("\n## 2. glm-pretrain: train, evaluate, checkpoint, kill -9, resume\n")
-    corpus = work / "corpus" / "austen"
-    if not Path(str(corpus) + ".idx").is_file():
-        status, _ = run(
-            report,
-            [
-                sys.executable,
-                "-m",
-                "data_tools.preprocess",
-                "--input",
-                str(CORPUS),
-                "--output-prefix",
-                str(corpus),
-            ]
-            + ["--tokenizer", "bert-base-uncased", "--no-progress"],
-            env,
-            300,
-            work / "preprocess.log",
-        )
-        if status != 0:
-            report.fail("preprocess", f"exit {status}")
-            return
+    corpus = preprocess(report, env, work, "bert-base-uncased")
+    if corpus is None:
+        return
     config = ROOT / "run" / "configs" / ("glm-tiny.yaml" if smoke else "glm-large.yaml")
     pretrain = [sys.executable, "-m", "megatron_glm.cli.pretrain", "--config", str(config)]
     half = steps // 2
@@ -355,6 +339,94 @@ def stage_pretrain(
         report.fail("resume", f"losses after the resume differ by up to {worst:.2e} (relative)")
 
 
+def preprocess(report: Report, env: dict[str, str], work: Path, tokenizer: str) -> Path | None:
+    """The bundled Austen corpus tokenized with ``tokenizer`` (once per work folder)."""
+    corpus = work / "corpus" / f"austen-{tokenizer}"
+    if Path(str(corpus) + ".idx").is_file():
+        return corpus
+    command = [sys.executable, "-m", "data_tools.preprocess", "--input", str(CORPUS), "--output-prefix"]
+    command += [str(corpus), "--tokenizer", tokenizer, "--no-progress"]
+    status, _ = run(report, command, env, 300, work / f"preprocess-{tokenizer}.log")
+    if status != 0:
+        report.fail("preprocess", f"exit {status}")
+        return None
+    return corpus
+
+
+def stage_glm2b(report: Report, env: dict[str, str], work: Path, smoke: bool, extra: list[str]) -> None:
+    """glm-2b (36 x 2048) on one GPU, ZeRO-2, T 1024, full recompute: 12 steps, then killed (no checkpoint)."""
+    report.add("\n## 4. glm-pretrain of glm-2b on one GPU (ZeRO-2, T 1024)\n")
+    corpus = preprocess(report, env, work, "gpt2")
+    if corpus is None:
+        return
+    run_dir = work / "glm2b"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    values = {
+        "data.corpora": f"[{{path: {corpus}}}]",
+        "data.cache_dir": str(work / "samples"),
+        "data.seq_length": 1024,
+        "parallel.zero_stage": 2,
+        "training.micro_batch_size": 8,
+        "training.global_batch_size": 8,
+        "training.train_steps": 1000,
+        "training.eval_interval": 0,
+        "checkpoint.interval": 0,
+        "checkpoint.save_dir": str(run_dir / "checkpoints"),
+        "logging.log_dir": str(run_dir / "logs"),
+        "logging.log_interval": 1,
+        "logging.tensorboard": False,
+    }
+    if smoke:
+        values.update({"model.num_layers": 2, "model.hidden_size": 64, "model.num_attention_heads": 4})
+        values.update(
+            {"data.seq_length": 64, "model.max_position_embeddings": 64, "training.precision": "fp32"}
+        )
+        values.update(
+            {"training.micro_batch_size": 2, "training.global_batch_size": 2, "data.split": "[90, 10, 0]"}
+        )
+    command = [
+        sys.executable,
+        "-m",
+        "megatron_glm.cli.pretrain",
+        "--config",
+        str(ROOT / "run/configs/glm-2b.yaml"),
+    ]
+    for item in [f"{key}={value}" for key, value in values.items()] + extra:
+        command += ["--set", item]
+    last = 4 if smoke else 12
+    report.add(f"\n    $ {' '.join(command)}  # killed after step {last}")
+    with open(work / "pretrain-glm2b.log", "w") as out:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + report.left(300)
+        while (
+            process.poll() is None
+            and time.monotonic() < deadline
+            and max(train_records(run_dir)[0], default=0) < last
+        ):
+            time.sleep(0.5)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    train, _ = train_records(run_dir)
+    timed = [train[s] for s in sorted(train) if s > 2]
+    if not timed:
+        report.fail(
+            "glm-2b", f"no step after step 2 was logged (see pretrain-glm2b.log); steps {sorted(train)}"
+        )
+        return
+    middle = len(timed) // 2
+    memory = max((r.get("peak_memory_gib", math.nan) for r in timed), default=math.nan)
+    report.add("")
+    report.add("| steps | tokens/s (median) | reported MFU (median) | peak GPU memory (tensors) |")
+    report.add("|---|---|---|---|")
+    report.add(
+        f"| {timed[0]['step']}-{timed[-1]['step']} | {sorted(r['tokens_per_second'] for r in timed)[middle]:,.0f} | "
+        f"{sorted(r['mfu'] for r in timed)[middle]:.1%} | {memory:.1f} GiB |"
+    )
+
+
 def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:
     report.add("\n## 3. Model step: GLM (Triton, torch kernels) vs HF BertForMaskedLM (SDPA)\n")
     command = [
@@ -418,6 +490,7 @@ def main() -> int:
         "kernels": lambda: stage_kernels(report, env, work, args.smoke),
         "pretrain": lambda: stage_pretrain(report, env, work, args.smoke, steps, args.overrides),
         "bench": lambda: stage_bench(report, env, work, args.smoke),
+        "glm2b": lambda: stage_glm2b(report, env, work, args.smoke, args.overrides),
     }
     for name in args.stages.split(","):
         stages[name]()

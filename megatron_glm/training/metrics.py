@@ -109,6 +109,12 @@ class MetricsReporter:
             "data_wait_fraction": mean["data_wait"] / mean["step_time"] if mean["step_time"] > 0 else 0.0,
             "skipped_steps": skipped_total,
             "elapsed": elapsed,
+            # Most GPU memory this rank has held (tensors; the caching allocator reserves more).
+            **(
+                {"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+                if torch.cuda.is_initialized()
+                else {}
+            ),
         }
         grad = f"{mean['grad_norm']:.3f}" if math.isfinite(mean["grad_norm"]) else "-"
         logger.info(
