@@ -494,8 +494,10 @@ def main() -> int:
     }
     for name in args.stages.split(","):
         stages[name]()
+    started = time.time() - report.elapsed()
     for log in work.glob("*.log"):
-        shutil.copy(log, args.out / log.name)
+        if log.stat().st_mtime >= started:  # this run's logs only (the work folder may hold older ones)
+            shutil.copy(log, args.out / log.name)
     report.add(f"\n{len(report.failures)} stage(s) failed; {report.elapsed():.0f} s in all")
     return 1 if report.failures else 0
 
