@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # chooses by what is present, so the same targets work on GPU machines.
 ENV := . run/env.sh &&
 
-.PHONY: install demo test test-fast lint format clean
+.PHONY: install demo test test-fast lint format clean gpu-deps gpu-check
 
 install: $(STAMP)
 
@@ -31,6 +31,17 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix megatron_glm kernels data_tools tests run benchmarks
 	$(BIN)/ruff format megatron_glm kernels data_tools tests run benchmarks
+
+# On a GPU node with CUDA torch and triton in its python3 (no network needed): the kernel tests on CUDA,
+# glm-pretrain of glm-large with an evaluation, a checkpoint, a kill and a resume, and the model-step
+# table (benchmarks/gpu_check.py). `make gpu-deps` first, where pip works: DeepSpeed and its
+# dependencies into gpu-deps/, which the check puts on PYTHONPATH.
+GPU_PYTHON ?= python3
+gpu-deps:
+	benchmarks/gpu_deps.sh
+
+gpu-check:
+	PYTHONPATH=$(CURDIR):$(CURDIR)/gpu-deps $(GPU_PYTHON) benchmarks/gpu_check.py --out $${OUT:-outputs/gpu-check}
 
 clean:
 	rm -rf outputs .pytest_cache

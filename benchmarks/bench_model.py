@@ -1,12 +1,14 @@
 """Training-step throughput of GLM layers on this machine, side by side with HF BERT, and the MFU.
 
-Both models get the same shape (layers, hidden, heads, sequence, batch), the same precision setup and
-the same step: forward, loss, backward, ``torch.optim.AdamW`` step. In bf16 the weights themselves are
-bf16 (what DeepSpeed's bf16 mode runs the model in). The matmul peak is measured in the same run
-(median of 2048^3 matmuls in the same dtype), so the MFU and the ratio do not depend on how busy the
-machine was at another time.
+Both models get the same shape (layers, hidden, heads, sequence, batch), the same precision setup, the
+same dropout and the same step: forward, loss, backward, fused ``torch.optim.AdamW`` step. In bf16 the
+weights themselves are bf16 (what DeepSpeed's bf16 mode runs the model in). GLM runs once per kernel
+backend (``--kernels``: Triton and/or torch); BERT uses torch's SDPA attention. Steps are timed in turns,
+and the matmul peak is measured in the same run (the fastest square matmul in the same dtype, up to
+8192^3 on a GPU and 2048^3 on a CPU, ``training.hardware.measure_matmul_peak``), so the MFU and the ratios do not depend on how busy the machine was at another time.
 
     python benchmarks/bench_model.py                        # glm-base shape: 12 x 768, 12 heads, T = 512
+    python benchmarks/bench_model.py --preset glm-large     # 24 x 1024, 16 heads, T 512, batch 16, bf16
     python benchmarks/bench_model.py --layers 2 --batch 2   # a quick check
 
 FLOPs per token (forward + backward = 3 x forward, 2 FLOPs per multiply-add; ``model_flops_per_token``):
@@ -21,6 +23,7 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -28,13 +31,40 @@ import torch
 
 from megatron_glm import parallel
 from megatron_glm.config import ModelConfig, model_flops_per_token
-from megatron_glm.model import GLMModel, glm_loss
+from megatron_glm.model import GLMModel, glm_loss, loss_row_index
+from megatron_glm.training.hardware import measure_matmul_peak
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# THUDM/GLM's GLM-Large recipe on one GPU: micro batch 16, bf16, dropout 0.1, Triton and torch kernels.
+PRESETS = {
+    "glm-large": {
+        "layers": 24,
+        "hidden": 1024,
+        "heads": 16,
+        "seq": 512,
+        "batch": 16,
+        "dtypes": "bf16",
+        "kernels": "triton,torch",
+        "steps": 10,
+        "warmup": 3,
+    },
+}
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), help="a recipe's shapes; other flags override it"
+    )
+    parser.add_argument("--device", default="auto", help="cuda, cpu, or auto (a GPU when there is one)")
+    parser.add_argument(
+        "--kernels", default=None, help="GLM rows: triton,torch (default: both on a GPU, torch on a CPU)"
+    )
+    parser.add_argument(
+        "--dropout", type=float, default=0.1, help="hidden and attention dropout of both models"
+    )
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--heads", type=int, default=12)
@@ -53,76 +83,101 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-bert", action="store_true", help="skip the HF BERT baseline")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    return parser.parse_args()
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the table, where each model's step spends its time (torch.profiler)",
+    )
+    args = parser.parse_args()
+    explicit = {a.dest for a in parser._actions if any(flag in sys.argv for flag in a.option_strings)}
+    for key, value in PRESETS.get(args.preset, {}).items():
+        if key not in explicit:
+            setattr(args, key, value)
+    args.device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    if args.kernels is None:
+        args.kernels = "triton,torch" if args.device.type == "cuda" else "torch"
+    return args
 
 
-def median_seconds(step: Callable[[], None], steps: int, warmup: int) -> float:
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step: Callable[[], None], device: torch.device) -> float:
+    """Seconds of one call, the GPU's queued work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    step()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def median_seconds(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> float:
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(step, device) for _ in range(steps))
 
 
-def interleaved_medians(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
+def interleaved_medians(
+    steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device
+) -> dict[str, float]:
     """Median seconds per step of each model, timed in turns (A B A B ...) so drifts in the machine's load
-    hit every model alike."""
+    and clocks hit every model alike."""
     for step in steps.values():
         for _ in range(warmup):
             step()
     times: dict[str, list[float]] = {label: [] for label in steps}
     for _ in range(repeats):
         for label, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[label].append(time.perf_counter() - start)
+            times[label].append(timed(step, device))
     return {label: statistics.median(values) for label, values in times.items()}
-
-
-def matmul_peak(dtype: torch.dtype, size: int = 2048) -> float:
-    """FLOP/s of a ``size``^3 matmul in ``dtype`` (median of 5)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    seconds = median_seconds(lambda: torch.mm(a, b), steps=5, warmup=1)
-    return 2.0 * size**3 / seconds
 
 
 def glm_batch(args: argparse.Namespace) -> dict:
     """Part A of (1 - loss_fraction) T tokens, then one long Part B: the loss sits on Part B."""
     g = torch.Generator().manual_seed(0)
-    batch, length = args.batch, args.seq
+    rows, length = args.batch, args.seq
     sep = length - max(1, round(args.loss_fraction * length))
-    positions = torch.arange(length).clamp(max=sep - 1).expand(batch, length)
-    block_positions = (torch.arange(length) - sep + 1).clamp(min=0).expand(batch, length)
-    loss_mask = (torch.arange(length) >= sep).float().expand(batch, length).contiguous()
-    return {
-        "tokens": torch.randint(0, args.vocab, (batch, length), generator=g),
-        "targets": torch.randint(0, args.vocab, (batch, length), generator=g),
+    positions = torch.arange(length).clamp(max=sep - 1).expand(rows, length)
+    block_positions = (torch.arange(length) - sep + 1).clamp(min=0).expand(rows, length)
+    loss_mask = (torch.arange(length) >= sep).float().expand(rows, length).contiguous()
+    batch = {
+        "tokens": torch.randint(0, args.vocab, (rows, length), generator=g),
+        "targets": torch.randint(0, args.vocab, (rows, length), generator=g),
         "position_ids": torch.stack([positions, block_positions], dim=1).contiguous(),
-        "sep": torch.full((batch,), sep),
+        "sep": torch.full((rows,), sep),
         "loss_mask": loss_mask,
+        # As the data loader ships it: computed on the host, so selecting the loss rows needs no sync.
+        "loss_index": loss_row_index(loss_mask),
     }
+    return {key: value.to(args.device) for key, value in batch.items()}
 
 
-def glm_step(args: argparse.Namespace, dtype: torch.dtype) -> tuple[Callable[[], None], float]:
+def glm_step(args: argparse.Namespace, dtype: torch.dtype, kernels: str) -> tuple[Callable[[], None], float]:
     config = ModelConfig(
         num_layers=args.layers,
         hidden_size=args.hidden,
         num_attention_heads=args.heads,
         max_position_embeddings=args.seq,
         vocab_size=args.vocab,
-        kernels="torch",
+        hidden_dropout=args.dropout,
+        attention_dropout=args.dropout,
+        kernels=kernels,
     )
-    model = GLMModel(config, args.vocab, dtype=dtype).train()
+    model = GLMModel(config, args.vocab, device="meta")
+    model.to_empty(device=args.device)
+    model.reset_parameters(1234)
+    model = model.to(dtype).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batch = glm_batch(args)
     forward = torch.compile(model) if args.compile else model
 
     def step() -> None:
         hidden = forward(batch["tokens"], batch["position_ids"], batch["sep"])
-        glm_loss(model, hidden, batch["targets"], batch["loss_mask"]).backward()
+        glm_loss(model, hidden, batch["targets"], batch["loss_mask"], batch["loss_index"]).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -140,8 +195,11 @@ def bert_step(args: argparse.Namespace, dtype: torch.dtype) -> tuple[Callable[[]
         num_attention_heads=args.heads,
         intermediate_size=4 * args.hidden,
         max_position_embeddings=args.seq,
+        hidden_dropout_prob=args.dropout,
+        attention_probs_dropout_prob=args.dropout,
+        attn_implementation="sdpa",
     )
-    model = BertForMaskedLM(config).to(dtype).train()
+    model = BertForMaskedLM(config).to(args.device, dtype).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     batch = glm_batch(args)
     labels = batch["targets"].masked_fill(batch["loss_mask"] == 0, -100)
@@ -156,42 +214,86 @@ def bert_step(args: argparse.Namespace, dtype: torch.dtype) -> tuple[Callable[[]
     return step, model_flops_per_token(shape, args.vocab, args.seq) + 6.0 * args.hidden**2
 
 
+def profile_steps(steps: dict[str, Callable[[], None]], device: torch.device, rows: int = 12) -> None:
+    """The ops that take the most (GPU, else CPU) time over three steps of each model."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    for label, step in steps.items():
+        step()
+        synchronize(device)
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                step()
+            synchronize(device)
+        print(f"\n# profile of {label}, 3 steps, top {rows} by {key.replace('_', ' ')}")
+        print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs)"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+
+
 def main() -> None:
     args = parse_args()
+    device = args.device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     torch.set_num_threads(args.threads)
     parallel.initialize_parallel(1, 1)
     parallel.seed_parallel_rng(1234)
     tokens = args.batch * args.seq
+    bert = "HF BertForMaskedLM (SDPA)"
     print(
-        f"# GLM vs HF BertForMaskedLM, training step (fwd + bwd + AdamW), {args.layers} layers, h {args.hidden}, "
-        f"{args.heads} heads, T {args.seq}, batch {args.batch}, vocab {args.vocab}, loss on "
-        f"{args.loss_fraction:.0%} of positions"
+        f"# GLM vs HF BertForMaskedLM, training step (fwd + loss + bwd + fused AdamW), {args.layers} layers, "
+        f"h {args.hidden}, {args.heads} heads, T {args.seq}, batch {args.batch}, vocab {args.vocab}, dropout "
+        f"{args.dropout}, loss on {args.loss_fraction:.0%} of positions"
     )
-    print(
-        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-        f"{args.threads} threads{', torch.compile' if args.compile else ''}"
-    )
+    versions = f"torch {torch.__version__}"
+    if device.type == "cuda":
+        import triton
+
+        versions += f", triton {triton.__version__}, CUDA {torch.version.cuda}"
+    else:
+        versions += f", {args.threads} threads"
+    print(f"# {device_description(device)}; {versions}{', torch.compile' if args.compile else ''}")
     print(
         "# FLOPs/token: GLM 72Lh^2 + 12LhT + 6Vh*f (f = loss fraction), BERT the same with f = 1 plus 6h^2; "
-        "MFU = FLOPs/token x tokens/s / matmul peak (2048^3, same dtype, this run)\n"
+        f"MFU = FLOPs/token x tokens/s / matmul peak (same dtype, this run); median of {args.steps} "
+        "interleaved steps\n"
     )
-    print("| model | dtype | step ms | tokens/s | GFLOP/s | matmul peak GFLOP/s | MFU | speed vs BERT |")
+    print("| model | dtype | step ms | tokens/s | TFLOP/s | matmul peak TFLOP/s | MFU | speed vs BERT |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.dtypes.split(","):
         dtype = DTYPES[name]
-        peak = matmul_peak(dtype)
-        rows = [("GLM (ours)", *glm_step(args, dtype))]
+        peak = measure_matmul_peak(device, dtype, budget_s=3.0)
+        rows = [
+            (f"GLM, kernels={kernels}", *glm_step(args, dtype, kernels))
+            for kernels in args.kernels.split(",")
+        ]
         if not args.no_bert:
-            rows.append(("HF BertForMaskedLM", *bert_step(args, dtype)))
-        seconds = interleaved_medians({label: step for label, step, _ in rows}, args.steps, args.warmup)
+            rows.append((bert, *bert_step(args, dtype)))
+        steps = {label: step for label, step, _ in rows}
+        seconds = interleaved_medians(steps, args.steps, args.warmup, device)
         for label, _, flops_per_token in rows:
             throughput = tokens / seconds[label]
             achieved = flops_per_token * throughput
-            ratio = f"{seconds['HF BertForMaskedLM'] / seconds[label]:.2f}x" if not args.no_bert else "-"
+            ratio = f"{seconds[bert] / seconds[label]:.2f}x" if not args.no_bert else "-"
             print(
-                f"| {label} | {name} | {seconds[label] * 1e3:.0f} | {throughput:.0f} | {achieved / 1e9:.1f} | "
-                f"{peak / 1e9:.1f} | {achieved / peak:.1%} | {ratio} |"
+                f"| {label} | {name} | {seconds[label] * 1e3:.1f} | {throughput:,.0f} | {achieved / 1e12:.2f} | "
+                f"{peak / 1e12:.1f} | {achieved / peak:.1%} | {ratio} |"
             )
+        if args.profile:
+            profile_steps(steps, device)
+        del rows, steps
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if device.type == "cuda":
+        print(f"\n# peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     parallel.destroy_parallel()
 
 

@@ -47,3 +47,27 @@ def test_checkpoint_manager_decides_when_to_save(tmp_path, interval, step, flags
     manager = CheckpointManager(tmp_path, interval=interval)
     manager.saved_step = 5
     assert manager.due(step, **flags) is due
+
+
+def test_step_profiler_writes_the_ops_of_the_profiled_steps(tmp_path):
+    import torch
+
+    from megatron_glm.training.metrics import StepProfiler
+
+    profiler = StepProfiler([2, 3], tmp_path, rank=0, device=torch.device("cpu"))
+    a = torch.randn(64, 64)
+    for step in range(1, 5):
+        profiler.before(step)
+        a @ a
+        profiler.after(step)
+    text = (tmp_path / "profile-rank0.txt").read_text()
+    assert text.startswith("steps 2-3") and "aten::mm" in text
+    assert StepProfiler([], tmp_path, 0, torch.device("cpu")).first == 0  # empty: never starts
+
+
+def test_profile_steps_must_be_first_and_last():
+    from megatron_glm.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match="logging.profile_steps"):
+        validate_config(load_config(None, ["logging.profile_steps=[5, 2]"]))
+    validate_config(load_config(None, ["logging.profile_steps=[2, 5]"]))

@@ -172,7 +172,9 @@ def test_more_local_ranks_than_gpus_is_a_launch_error(env, local_rank):
 def test_local_world_size_from_each_launcher():
     assert local_world_size({"LOCAL_WORLD_SIZE": "8"}) == 8
     assert local_world_size({"MPI_LOCALNRANKS": "3"}) == 3
-    assert local_world_size({"SLURM_TASKS_PER_NODE": "4,3"}) == 4
+    assert local_world_size({"LOCAL_SIZE": "2"}) == 2  # the deepspeed launcher
+    assert local_world_size({"SLURM_TASKS_PER_NODE": "4(x2),3", "SLURM_NODEID": "2"}) == 3
+    assert local_world_size({"SLURM_TASKS_PER_NODE": "4(x2),3", "SLURM_NODEID": "1"}) == 4
     assert local_world_size({}) is None
 
 

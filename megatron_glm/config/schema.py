@@ -258,9 +258,18 @@ class LoggingConfig:
     all_ranks: bool = False
     """Every rank logs to its own file (log_dir/rank-<r>.log); rank 0 alone otherwise."""
     level: Literal["debug", "info", "warning", "error"] = "info"
+    profile_steps: list[int] = dataclasses.field(default_factory=list)
+    """[first, last]: profile these optimizer steps (torch.profiler) and write the ops that took the most
+    GPU (else CPU) time to log_dir/profile-rank<r>.txt. Empty: no profiling."""
 
     def problems(self) -> Problems:
-        return _positive(self, "logging", "log_interval")
+        found = _positive(self, "logging", "log_interval")
+        steps = self.profile_steps
+        if steps and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
+            found.append(
+                ("logging.profile_steps", f"must be [first, last] with 1 <= first <= last, got {steps}")
+            )
+        return found
 
 
 @dataclasses.dataclass

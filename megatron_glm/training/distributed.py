@@ -166,12 +166,27 @@ def free_port() -> int:
 def local_world_size(env: dict[str, str] | None = None) -> int | None:
     """How many ranks the launcher started on this node, if its environment says so."""
     env = os.environ if env is None else env
-    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"):
+    # torchrun, the deepspeed launcher, Open MPI, MPICH/Intel MPI, srun --ntasks-per-node.
+    keys = (
+        "LOCAL_WORLD_SIZE",
+        "LOCAL_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+        "MPI_LOCALNRANKS",
+        "SLURM_NTASKS_PER_NODE",
+    )
+    for key in keys:
         if env.get(key, "").isdigit():
             return int(env[key])
-    # srun's SLURM_TASKS_PER_NODE reads "8(x2)" or "4,3": the busiest node bounds this one.
-    counts = re.findall(r"(\d+)(?:\(x\d+\))?", env.get("SLURM_TASKS_PER_NODE", ""))
-    return max(int(c) for c in counts) if counts else None
+    # srun's SLURM_TASKS_PER_NODE reads "8(x2)" or "4(x2),3": one count per node, in node order.
+    counts = [
+        int(count)
+        for count, repeat in re.findall(r"(\d+)(?:\(x(\d+)\))?", env.get("SLURM_TASKS_PER_NODE", ""))
+        for _ in range(int(repeat or 1))
+    ]
+    node = env.get("SLURM_NODEID", "")
+    if node.isdigit() and int(node) < len(counts):
+        return counts[int(node)]
+    return max(counts) if counts else None
 
 
 def gpus_bound_per_rank(env: dict[str, str] | None = None) -> bool:

@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from megatron_glm.log import get_logger
 
 logger = get_logger("metrics")
@@ -107,6 +109,12 @@ class MetricsReporter:
             "data_wait_fraction": mean["data_wait"] / mean["step_time"] if mean["step_time"] > 0 else 0.0,
             "skipped_steps": skipped_total,
             "elapsed": elapsed,
+            # Most GPU memory this rank has held (tensors; the caching allocator reserves more).
+            **(
+                {"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+                if torch.cuda.is_initialized()
+                else {}
+            ),
         }
         grad = f"{mean['grad_norm']:.3f}" if math.isfinite(mean["grad_norm"]) else "-"
         logger.info(
@@ -147,3 +155,39 @@ class MetricsReporter:
             self._jsonl.close()
         if self._writer is not None:
             self._writer.close()
+
+
+class StepProfiler:
+    """torch.profiler over optimizer steps ``first..last``; at ``last`` it writes the ops that took the most
+    GPU (else CPU) time to ``<log_dir>/profile-rank<r>.txt`` (the table torch prints)."""
+
+    def __init__(self, steps: list[int], log_dir: str | Path, rank: int, device: torch.device):
+        self.first, self.last = (steps[0], steps[1]) if steps else (0, -1)
+        self.path = Path(log_dir) / f"profile-rank{rank}.txt"
+        self.device = device
+        self._profile = None
+
+    def before(self, step: int) -> None:
+        """Call before optimizer step ``step`` (1-based) runs."""
+        if step == self.first:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(ProfilerActivity.CUDA)
+            self._profile = profile(activities=activities)
+            self._profile.__enter__()
+
+    def after(self, step: int) -> None:
+        """Call after optimizer step ``step`` is done."""
+        if self._profile is None or step != self.last:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._profile.__exit__(None, None, None)
+        key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        table = self._profile.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(f"steps {self.first}-{self.last}, sorted by {key}\n{table}\n")
+        logger.info("profile of steps %d-%d written to %s", self.first, self.last, self.path)
+        self._profile = None

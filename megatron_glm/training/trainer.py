@@ -38,7 +38,7 @@ from megatron_glm.training.checkpoint import CheckpointManager, TrainingState
 from megatron_glm.training.distributed import LaunchInfo, device_for, init_distributed
 from megatron_glm.training.engine import TrainingEngine
 from megatron_glm.training.hardware import emulated_bf16_warning, measure_matmul_peak
-from megatron_glm.training.metrics import MetricsReporter
+from megatron_glm.training.metrics import MetricsReporter, StepProfiler
 from megatron_glm.training.signals import PreemptionHandler
 
 logger = get_logger("training")
@@ -233,13 +233,16 @@ def _train(run: TrainingRun) -> TrainingResult:
         cfg.training.train_steps,
         f"{state.consumed_samples:,}",
     )
+    profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.log_dir, dist.get_rank(), run.device)
     with PreemptionHandler(run.device) as preemption:
         while state.step < cfg.training.train_steps:
+            profiler.before(state.step + 1)
             start = time.perf_counter()
             timed = _TimedIterator(run.batches)
             result = engine.train_step(timed)
             step_time = time.perf_counter() - start
             state.advance(cfg.training.global_batch_size, skipped=result.skipped)
+            profiler.after(state.step)
             if not math.isfinite(result.loss):
                 if cfg.training.nonfinite_policy == "stop":
                     where = run.manager.last_saved or "none saved yet"
