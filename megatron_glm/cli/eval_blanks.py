@@ -47,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--split", choices=("valid", "test"), default="valid", help="held-out split (default valid)"
     )
     parser.add_argument(
-        "--context", type=int, default=64, help="tokens of text around each blank, [CLS] included (64)"
+        "--context",
+        type=int,
+        default=None,
+        help="tokens of text per window, [CLS] included (default: data.seq_length - 2, so that a window "
+        "with its blank's [sop] and answer is as long as a training sequence)",
     )
     parser.add_argument("--blanks-per-window", type=int, default=2, help="blanks drawn per window (2)")
     parser.add_argument("--max-blanks", type=int, default=1000, help="at most this many blanks (1000)")
@@ -58,13 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("context", "blanks_per_window", "max_blanks", "batch_size"):
-        if getattr(args, name) < (3 if name == "context" else 1):
-            print(f"glm-eval-blanks: error: --{name.replace('_', '-')} is too small", file=sys.stderr)
-            return 2
     started = time.perf_counter()
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.context is None:
+            args.context = cfg.data.seq_length - 2
+        for name, least in (("context", 3), ("blanks_per_window", 1), ("max_blanks", 1), ("batch_size", 1)):
+            if getattr(args, name) < least:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {least}"
+                )
         tokenizer = load_tokenizer(cfg.model.tokenizer)
         sample_dir = prepare_sample_directory(cfg.data, cfg.model.tokenizer)
         directory = SampleDirectory(sample_dir, corpus_paths=[c.path for c in cfg.data.corpora] or None)
