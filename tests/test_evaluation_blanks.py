@@ -159,3 +159,32 @@ def test_words_exclude_punctuation_and_the_table_states_both_target_sets():
     assert "all tokens ','" in table and "words only 'wife'" in table
     assert "| 50.0% | 66.7% |" in table and "| trained | 100.0% | 100.0% |" in table
     assert "| trained / unigram baseline | 2.0x | 1.5x |" in table
+
+
+def test_eval_blanks_command_prints_the_table_for_a_checkpoint(tmp_path, capsys):
+    """glm-eval-blanks end to end: held-out windows of a real corpus, a saved checkpoint, the table."""
+    from megatron_glm.cli.eval_blanks import main
+    from megatron_glm.config import load_config, padded_vocab_size
+    from megatron_glm.model import save_thudm_checkpoint
+    from tests.glm_corpora import austen_corpus
+    from tests.training_runs import TINY_CONFIG, tiny_overrides
+
+    corpus = austen_corpus(tmp_path, count=4)
+    overrides = tiny_overrides(corpus, tmp_path / "cache", tmp_path / "run", **{"data.split": "[50, 50, 0]"})
+    cfg = load_config(TINY_CONFIG, overrides)
+    save_thudm_checkpoint(
+        GLMModel(cfg.model, padded_vocab_size(cfg.model), seed=9), tmp_path / "ckpt", tag="7"
+    )
+    destroy_parallel()
+    arguments = ["--config", str(TINY_CONFIG), "--checkpoint", str(tmp_path / "ckpt" / "7")]
+    arguments += [f"--set={item}" for item in overrides] + ["--max-blanks", "50"]
+    assert main(arguments) == 0
+    table = capsys.readouterr().out
+    assert "Top-1 accuracy on 50 single-token blanks of held-out text (valid split" in table
+    assert "| all tokens (50 blanks) | words only (no punctuation) (" in table
+    assert (
+        "| untrained model (initial weights) |" in table
+        and f"| trained model ({tmp_path / 'ckpt' / '7'}) |" in table
+    )
+    assert main([*arguments, "--split", "test"]) == 2
+    assert "the test split" in capsys.readouterr().err
