@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=outputs/demo
 CONFIG=run/configs/glm-demo.yaml
-STEPS=${DEMO_STEPS:-300}
+STEPS=${DEMO_STEPS:-3000}
 RANKS=${DEMO_RANKS:-2}
 START=$SECONDS
 banner() { printf '\n==== %s (%ds) ====\n' "$*" $((SECONDS - START)); }
@@ -46,10 +46,11 @@ banner "5/7 did it learn? held-out blank accuracy"
 python -m megatron_glm.cli.eval_blanks --config "$CONFIG" --checkpoint "$OUT/checkpoints"
 
 banner "6/7 the trained model fills the blanks (greedy)"
-glm-fill-blanks --config "$CONFIG" --checkpoint "$OUT/checkpoints" --max-tokens 3 \
+glm-fill-blanks --config "$CONFIG" --checkpoint "$OUT/checkpoints" --max-tokens 1 \
     --text "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a [MASK]." \
     --text "\"I do not [MASK] what you mean,\" said Elizabeth." \
-    --text "She was very [MASK] to see him."
+    --text "She was very [MASK] to see him." \
+    --text "He had been [MASK] in love with her."
 
 banner "7/7 loss curves"
 python -m megatron_glm.cli.plot_losses "$OUT/logs/metrics.jsonl"
