@@ -2,6 +2,7 @@
 
 glm                GLMModel (embeddings, layers, final LayerNorm, tied output), glm_loss, optimizer groups
 transformer        GLMTransformerLayer and its parts (self-attention, MLP, LayerNorm)
+kv_cache           KVCache: keys/values kept between decoding steps
 
 Checkpoint layouts (THUDM keys, tensor-parallel shards, loading and saving) live in ``megatron_glm.checkpoint``.
 """
@@ -15,6 +16,7 @@ from megatron_glm.model.glm import (
     masked_token_mean,
     weight_decay_param_groups,
 )
+from megatron_glm.model.kv_cache import KVCache
 from megatron_glm.model.transformer import (
     GLMMLP,
     GLMSelfAttention,
@@ -29,6 +31,7 @@ __all__ = [
     "GLMSelfAttention",
     "GLMTransformer",
     "GLMTransformerLayer",
+    "KVCache",
     "LayerNorm",
     "PositionEmbeddings",
     "glm_loss",

@@ -1,0 +1,130 @@
+"""glm-generate (and its alias glm-fill-blanks) end to end on a checkpoint on disk: the JSON-lines output
+is the library's answers; bad input names the file and line (or the key) and writes nothing."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from data_tools.tokenizer import load_tokenizer
+from megatron_glm.checkpoint import save_thudm_checkpoint
+from megatron_glm.cli.fill_blanks import main as fill_blanks_main
+from megatron_glm.cli.generate import main as generate_main
+from megatron_glm.config import ModelConfig
+from megatron_glm.generation import GenerationConfig, generate
+from megatron_glm.model import GLMModel
+from megatron_glm.parallel import destroy_parallel, initialize_parallel
+
+MODEL = {
+    "num_layers": 2,
+    "hidden_size": 64,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 64,
+    "hidden_dropout": 0.0,
+    "attention_dropout": 0.0,
+    "init_method_std": 0.5,
+    "kernels": "torch",
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump({"model": MODEL}))
+    initialize_parallel(1, 1)
+    try:
+        model = GLMModel(ModelConfig(**MODEL), 30592, seed=3)
+        save_thudm_checkpoint(model, root / "checkpoints")
+    finally:
+        destroy_parallel()
+    return root, config, root / "checkpoints", model
+
+
+def test_jsonl_in_jsonl_out_equals_the_library(checkpoint, tmp_path):
+    _, config, checkpoints, model = checkpoint
+    texts = ["the [MASK] was [MASK] today", "a most affectionate [sMASK]", "it was a fine day"]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    output = tmp_path / "out.jsonl"
+    args = ["--config", str(config), "--checkpoint", str(checkpoints), "--input", str(source)]
+    args += [
+        "--output",
+        str(output),
+        "--strategy",
+        "beam",
+        "--num-beams",
+        "3",
+        "--max-tokens",
+        "4",
+        "--batch-size",
+        "2",
+    ]
+    assert generate_main(args) == 0
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    initialize_parallel(1, 1)
+    try:
+        expected = generate(
+            model,
+            load_tokenizer("bert-base-uncased"),
+            texts,
+            GenerationConfig("beam", max_tokens=4, num_beams=3),
+        )
+    finally:
+        destroy_parallel()
+    assert [r["text"] for r in records] == texts
+    assert [r["answers"] for r in records] == [e.answers for e in expected]
+    assert [len(r["answers"]) for r in records] == [2, 1, 1]
+
+
+def test_fill_blanks_alias_prints_answers(checkpoint, capsys):
+    _, config, checkpoints, _ = checkpoint
+    args = [
+        "--config",
+        str(config),
+        "--checkpoint",
+        str(checkpoints),
+        "--text",
+        "the [MASK] was here",
+        "--max-tokens",
+        "2",
+    ]
+    assert fill_blanks_main(args) == 0
+    assert "answers:" in capsys.readouterr().out
+
+
+def _error(capsys, args):
+    code = generate_main(args)
+    return code, capsys.readouterr().err
+
+
+def test_bad_input_is_named_and_nothing_is_written(checkpoint, tmp_path, capsys):
+    root, config, checkpoints, _ = checkpoint
+    base = ["--config", str(config), "--checkpoint", str(checkpoints)]
+    output = tmp_path / "out.jsonl"
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"text": "a [MASK]"}) + "\n" + json.dumps({"prompt": "b"}) + "\n")
+    code, err = _error(capsys, [*base, "--input", str(source), "--output", str(output)])
+    assert code == 2 and f"{source}:2: no 'text' field" in err
+    source.write_text(json.dumps({"text": "word " * 80}) + "\n")
+    code, err = _error(capsys, [*base, "--input", str(source), "--output", str(output)])
+    assert code == 2 and f"{source}:1: " in err and "max_position_embeddings=64" in err
+    code, err = _error(capsys, [*base, "--text", "a [MASK]", "--strategy", "sample", "--temperature", "0"])
+    assert code == 2 and "temperature=0.0 must be positive" in err
+    assert not output.exists() and not list(tmp_path.glob("out.jsonl*"))
+    # A checkpoint trained with another vocabulary than the config's tokenizer.
+    gpt2 = root / "gpt2.yaml"
+    gpt2.write_text(yaml.safe_dump({"model": {**MODEL, "tokenizer": "gpt2"}}))
+    code, err = _error(
+        capsys, ["--config", str(gpt2), "--checkpoint", str(checkpoints), "--text", "a [MASK]"]
+    )
+    assert code == 2 and "another vocabulary" in err
