@@ -128,3 +128,49 @@ def test_bad_input_is_named_and_nothing_is_written(checkpoint, tmp_path, capsys)
         capsys, ["--config", str(gpt2), "--checkpoint", str(checkpoints), "--text", "a [MASK]"]
     )
     assert code == 2 and "another vocabulary" in err
+
+
+def test_eval_cli_reports_the_library_numbers_and_names_bad_input(checkpoint, tmp_path, capsys):
+    from megatron_glm.cli.evaluate import main as eval_main
+    from megatron_glm.evaluation import corpus_stream, last_word_accuracy, perplexity
+    from tests.glm_corpora import austen_chapters, write_corpus
+
+    _, config, checkpoints, model = checkpoint
+    base = ["--config", str(config), "--checkpoint", str(checkpoints)]
+    paragraphs = austen_chapters(0, 1)[0].split("\n")[:4]
+    source = tmp_path / "lambada.jsonl"
+    source.write_text("".join(json.dumps({"text": p[:200].rsplit(" ", 1)[0]}) + "\n" for p in paragraphs))
+    corpus = write_corpus(tmp_path / "corpus", paragraphs)
+    assert eval_main(["lambada", *base, "--input", str(source)]) == 0
+    lambada = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (
+        eval_main(
+            ["perplexity", *base, "--corpus", corpus, "--window", "32", "--stride", "8", "--unidirectional"]
+        )
+        == 0
+    )
+    ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    tokenizer = load_tokenizer("bert-base-uncased")
+    initialize_parallel(1, 1)
+    try:
+        texts = [(str(i), json.loads(line)["text"]) for i, line in enumerate(source.read_text().splitlines())]
+        assert (
+            lambada["total"] == 4
+            and lambada["correct"] == last_word_accuracy(model, tokenizer, texts).correct
+        )
+        stream = corpus_stream(corpus, tokenizer.command)
+        expected = perplexity(
+            model, stream, tokenizer.command, tokenizer.num_tokens, window=32, stride=8, unidirectional=True
+        )
+        assert ppl["tokens"] == len(stream) - 1 and ppl["perplexity"] == pytest.approx(
+            expected.perplexity, rel=1e-5
+        )
+    finally:
+        destroy_parallel()
+    source.write_text(json.dumps({"text": "two words"}) + "\n" + json.dumps({"text": "oneword"}) + "\n")
+    assert eval_main(["lambada", *base, "--input", str(source)]) == 2
+    assert f"{source}:2: the text needs a context and a last word" in capsys.readouterr().err
+    assert eval_main(["perplexity", *base, "--corpus", corpus, "--window", "64", "--stride", "8"]) == 2
+    assert "max_position_embeddings=64" in capsys.readouterr().err
+    assert eval_main(["perplexity", *base, "--corpus", str(tmp_path / "missing")]) == 2
+    assert "missing" in capsys.readouterr().err
