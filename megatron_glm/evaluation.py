@@ -60,16 +60,20 @@ def suffix_layout(
     return layout
 
 
-def _score(
+def score_layouts(
     model: GLMModel, layouts: list[GLMLayout], vocab_limit: int
 ) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """Per loss position, in layout order: the NLL, whether the argmax is the target; the layout of each."""
+    """Per loss position, in layout order: the NLL, whether the argmax is the target, the layout's index.
+
+    ``model`` may be a ``GLMModel`` subclass whose own forward returns something else (the training
+    engine's module returns the loss): the hidden states come from ``GLMModel.forward``."""
     longest = max(len(layout) for layout in layouts)
     padded = [pad_layout(layout, longest) for layout in layouts]
     device = next(model.parameters()).device
     loss_mask = torch.tensor(np.stack([p.loss_mask for p in padded]), device=device)
     targets = torch.tensor(np.stack([p.targets for p in padded]), device=device)
-    hidden = model(
+    hidden = GLMModel.forward(
+        model,
         torch.tensor(np.stack([p.tokens for p in padded]), device=device),
         torch.tensor(np.stack([p.position_ids for p in padded]), device=device),
         torch.tensor([p.sep for p in padded], device=device),
@@ -133,7 +137,7 @@ def last_word_accuracy(
     correct = 0
     for start in range(0, len(layouts), batch_size):
         batch = layouts[start : start + batch_size]
-        _, right, owner = _score(model, batch, tokenizer.num_tokens)
+        _, right, owner = score_layouts(model, batch, tokenizer.num_tokens)
         wrong = torch.zeros(len(batch), dtype=torch.long).index_add_(0, owner, (~right).long())
         correct += int((wrong == 0).sum())
     return LastWordResult(correct / max(len(layouts), 1), correct, len(layouts))
@@ -190,7 +194,7 @@ def perplexity(
             suffix_layout(stream[c:t], stream[t:e], command, unidirectional=unidirectional, gmask=gmask)
             for c, t, e in windows[first : first + batch_size]
         ]
-        nll, _, _ = _score(model, layouts, vocab_limit)
+        nll, _, _ = score_layouts(model, layouts, vocab_limit)
         total += float(nll.sum())
         count += len(nll)
         if progress is not None:
@@ -220,6 +224,7 @@ __all__ = [
     "last_word_accuracy",
     "perplexity",
     "perplexity_windows",
+    "score_layouts",
     "split_last_word",
     "suffix_layout",
 ]
