@@ -4,8 +4,12 @@ dev accuracy jumps from 0.5 to > 0.8 around epoch 5); the same run with labels d
 chance. ~100 s on the loaded 2-core machine, hence slow. The best epoch's weights are written in THUDM's layout. Bad rows are named."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +19,7 @@ from megatron_glm.finetune import ClozeTask, cloze_example
 from tests.glm_corpora import austen_chapters
 from tests.multiproc import run_ranks
 
+ROOT = Path(__file__).resolve().parents[1]
 TASK = ClozeTask(pattern="{text} Is it about her? [MASK].", verbalizer={"yes": "yes", "no": "no"})
 
 
@@ -101,3 +106,64 @@ def test_bad_rows_and_patterns_are_named():
     # A "[MASK]" inside the data stays text: the one blank is the pattern's.
     assert sum(int(t == tokenizer.command.mask) for t in example.candidates[0].tokens) == 1
     assert example.label == 1 and json.dumps(example.where) == '"x"'
+
+
+TINY_SETTINGS = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.max_position_embeddings=64",
+    "data.seq_length=64",
+    "training.micro_batch_size=8",
+    "training.global_batch_size=8",
+    "training.precision=fp32",
+    "parallel.zero_stage=1",
+    "model.kernels=torch",
+]
+
+
+def _cli_files(tmp_path, train_rows):
+    train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in train_rows))
+    dev.write_text("".join(json.dumps(r) + "\n" for r in _records(False)[1][:8]))
+    args = ["cloze", "--config", str(ROOT / "run" / "configs" / "glm-tiny.yaml"), "--train", str(train)]
+    args += ["--dev", str(dev), "--pattern", TASK.pattern, "--verbalizer", "yes=yes", "--verbalizer", "no=no"]
+    args += ["--output", str(tmp_path / "out"), "--epochs", "1"]
+    for item in TINY_SETTINGS:
+        args += ["--set", item]
+    return args, train
+
+
+def test_finetune_cli_trains_and_keeps_the_best_weights(tmp_path):
+    args, _ = _cli_files(tmp_path, _records(False)[0][:16])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "megatron_glm.cli.finetune", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "epoch 1: train loss" in done.stdout and "best: epoch 1" in done.stdout
+    assert (tmp_path / "out" / "best" / "mp_rank_00_model_states.pt").exists()
+
+
+def test_finetune_cli_names_bad_rows_before_training(tmp_path, capsys):
+    from megatron_glm.cli.finetune import main
+
+    rows = [{"text": "she ran.", "label": "yes"}, {"text": "he ran.", "label": "maybe"}]
+    args, train = _cli_files(tmp_path, rows)
+    assert main(args) == 2
+    assert f"{train}:2: unknown label 'maybe'" in capsys.readouterr().err
+    rows = [{"text": "she ran."}]
+    args, train = _cli_files(tmp_path, rows)
+    assert main(args) == 2
+    assert f"{train}:1: no 'label' field" in capsys.readouterr().err
+    bad_pattern = [a if a != TASK.pattern else "{text} Is it about her?" for a in args]
+    assert main(bad_pattern) == 2
+    assert "must contain [MASK] exactly once" in capsys.readouterr().err
+    bad_verbalizer = [a if a != "no=no" else "no" for a in args]
+    assert main(bad_verbalizer) == 2
+    assert "--verbalizer 'no': write LABEL=ANSWER" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
