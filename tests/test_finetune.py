@@ -1,7 +1,7 @@
 """Cloze finetuning on the DeepSpeed engine: a label the text determines (does the sentence mention a
 woman: "she"/"her") is learned well above chance in 8 epochs of 30 steps from random weights (the
 dev accuracy jumps from 0.5 to > 0.8 around epoch 5); the same run with labels drawn at random stays at
-chance. ~100 s on the loaded 2-core machine, hence slow. The best epoch's weights are written in THUDM's layout. Bad rows are named."""
+chance. 30 s (idle) to 100 s (loaded) on the 2-core machine, hence slow. The best epoch's weights are written in THUDM's layout. Bad rows are named."""
 
 import json
 import os
