@@ -59,6 +59,6 @@ def test_unusable_metrics_are_reported_with_file_and_line(tmp_path, capsys):
     with pytest.raises(DataError, match=r"metrics.jsonl:2: not a metrics record"):
         read_loss_curves(metrics)
     metrics.write_text('{"kind": "eval", "step": 1, "eval_token": 2.0}\n')
-    assert plot_losses_main([str(metrics)]) == 2
+    assert plot_losses_main([str(metrics)]) == 1
     assert "no train loss recorded yet" in capsys.readouterr().err
     assert not (tmp_path / "loss-curves.png").exists()

@@ -10,10 +10,11 @@ import time
 import torch
 
 from data_tools.errors import DataError
-from data_tools.sample_reader import SampleDirectory
 from data_tools.tokenizer import load_tokenizer
+from megatron_glm.checkpoint import find_checkpoint_files, load_thudm_checkpoint
 from megatron_glm.config import ConfigError, add_override_argument, load_config, padded_vocab_size
 from megatron_glm.data import prepare_sample_directory
+from megatron_glm.errors import run_cli
 from megatron_glm.evaluation.blank_accuracy import (
     build_blank_set,
     format_accuracy_table,
@@ -22,7 +23,7 @@ from megatron_glm.evaluation.blank_accuracy import (
     score_target_set,
     word_tokens,
 )
-from megatron_glm.model import CheckpointError, GLMModel, find_checkpoint_files, load_thudm_checkpoint
+from megatron_glm.model import GLMModel
 from megatron_glm.parallel import initialize_parallel
 
 
@@ -62,43 +63,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_cli("glm-eval-blanks", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.context is None:
-            args.context = cfg.data.seq_length - 2
-        for name, least in (("context", 3), ("blanks_per_window", 1), ("max_blanks", 1), ("batch_size", 1)):
-            if getattr(args, name) < least:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {least}"
-                )
-        tokenizer = load_tokenizer(cfg.model.tokenizer)
-        sample_dir = prepare_sample_directory(cfg.data, cfg.model.tokenizer)
-        directory = SampleDirectory(sample_dir, corpus_paths=[c.path for c in cfg.data.corpora] or None)
-        windows = held_out_windows(directory, args.split, tokenizer, args.context)
-        if not windows:
-            raise DataError(
-                f"the {args.split} split of {sample_dir} has no samples: give data.split a larger "
-                f"{args.split} share"
-            )
-        blanks = build_blank_set(
-            windows,
-            tokenizer,
-            blanks_per_window=args.blanks_per_window,
-            max_blanks=args.max_blanks,
-            seed=args.seed,
+    cfg = load_config(args.config, args.overrides)
+    if args.context is None:
+        args.context = cfg.data.seq_length - 2
+    for name, least in (("context", 3), ("blanks_per_window", 1), ("max_blanks", 1), ("batch_size", 1)):
+        if getattr(args, name) < least:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least {least}")
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    directory = prepare_sample_directory(cfg.data, cfg.model.tokenizer)
+    windows = held_out_windows(directory, args.split, tokenizer, args.context)
+    if not windows:
+        raise DataError(
+            f"the {args.split} split of {directory.path} has no samples: give data.split a larger "
+            f"{args.split} share"
         )
-        initialize_parallel(1, 1)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        vocab_size = padded_vocab_size(cfg.model)
-        untrained = GLMModel(cfg.model, vocab_size, seed=cfg.training.seed, device=device).float()
-        trained = GLMModel(cfg.model, vocab_size, device="meta")
-        trained.to_empty(device=device)
-        load_thudm_checkpoint(trained, args.checkpoint)
-        checkpoint_name = str(find_checkpoint_files(args.checkpoint)[0].parent)
-    except (ConfigError, DataError, CheckpointError) as exc:
-        print(f"glm-eval-blanks: error: {exc}", file=sys.stderr)
-        return 2
+    blanks = build_blank_set(
+        windows,
+        tokenizer,
+        blanks_per_window=args.blanks_per_window,
+        max_blanks=args.max_blanks,
+        seed=args.seed,
+    )
+    initialize_parallel(1, 1)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vocab_size = padded_vocab_size(cfg.model)
+    untrained = GLMModel(cfg.model, vocab_size, seed=cfg.training.seed, device=device).float()
+    trained = GLMModel(cfg.model, vocab_size, device="meta")
+    trained.to_empty(device=device)
+    load_thudm_checkpoint(trained, args.checkpoint)
+    checkpoint_name = str(find_checkpoint_files(args.checkpoint)[0].parent)
     answers = {
         "untrained model (initial weights)": predict_blanks(
             untrained, blanks, tokenizer, batch_size=args.batch_size

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_tools.errors import DataError
+from megatron_glm.errors import run_cli
 from megatron_glm.evaluation.loss_curves import write_loss_curves_png
 
 
@@ -27,13 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        path = write_loss_curves_png(args.metrics, args.output, title=args.title)
-    except DataError as exc:
-        print(f"glm-plot-losses: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"loss curves: {path}")
-    return 0
+    return run_cli(
+        "glm-plot-losses",
+        lambda: print(f"loss curves: {write_loss_curves_png(args.metrics, args.output, title=args.title)}"),
+    )
 
 
 if __name__ == "__main__":

@@ -1,1 +1,2 @@
-"""What a trained model has learned: held-out blank accuracy against baselines, and loss-curve pictures."""
+"""What a trained model has learned: held-out blank accuracy against baselines and loss-curve pictures (the
+demo), zero-shot last-word accuracy and windowed perplexity (glm-eval)."""

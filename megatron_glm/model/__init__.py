@@ -3,11 +3,13 @@
 glm                GLMModel (embeddings, layers, final LayerNorm, tied output)
 transformer        GLMTransformerLayer and its parts (self-attention, MLP, LayerNorm)
 loss               the pretraining loss: loss rows, token mean, per-objective evaluation sums
+kv_cache           KVCache: keys/values kept between decoding steps
 
 Checkpoint layouts (THUDM keys, tensor-parallel shards, loading and saving) live in ``megatron_glm.checkpoint``.
 """
 
 from megatron_glm.model.glm import GLMModel, GLMTransformer, PositionEmbeddings
+from megatron_glm.model.kv_cache import KVCache
 from megatron_glm.model.loss import (
     GLMLoss,
     glm_loss,
@@ -30,6 +32,7 @@ __all__ = [
     "GLMSelfAttention",
     "GLMTransformer",
     "GLMTransformerLayer",
+    "KVCache",
     "LayerNorm",
     "PositionEmbeddings",
     "glm_loss",

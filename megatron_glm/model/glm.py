@@ -29,6 +29,7 @@ from torch import nn
 
 import kernels
 from megatron_glm.config import ModelConfig
+from megatron_glm.model.kv_cache import KVCache
 from megatron_glm.model.transformer import GLMTransformerLayer, LayerNorm, init_generator
 from megatron_glm.parallel import (
     VocabParallelEmbedding,
@@ -117,9 +118,20 @@ class GLMTransformer(PositionEmbeddings):
         self.final_layernorm.reset_parameters()
 
     def forward(
-        self, word_embeddings: torch.Tensor, position_ids: torch.Tensor, sep: torch.Tensor
+        self,
+        word_embeddings: torch.Tensor,
+        position_ids: torch.Tensor,
+        sep: torch.Tensor,
+        cache: KVCache | None = None,
+        token_valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         hidden = self.embed_positions(word_embeddings, position_ids)
+        if cache is not None:
+            cache.begin(token_valid)
+            for layer in self.layers:
+                hidden = layer(hidden, sep, cache)
+            cache.commit()
+            return self.final_layernorm(hidden)
         for layer in self.layers:
             if self.recompute_layers and torch.is_grad_enabled():
                 hidden = recompute(layer, hidden, sep)
@@ -176,9 +188,23 @@ class GLMModel(nn.Module):
         self.word_embeddings.reset_parameters(init_generator(seed, "word_embeddings"))
         self.transformer.reset_parameters(seed)
 
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, sep: torch.Tensor) -> torch.Tensor:
-        """The final hidden states ``[B, T, h]`` (after the final LayerNorm), replicated on the tensor ranks."""
-        return self.transformer(self.word_embeddings(tokens), position_ids, sep)
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        sep: torch.Tensor,
+        cache: KVCache | None = None,
+        token_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final hidden states ``[B, T, h]`` (after the final LayerNorm), replicated on the tensor ranks.
+
+        With ``cache`` (decoding) ``tokens`` are the next chunk of each row, ``token_valid`` [B, T] flags
+        the real ones, the mask comes from the cache and ``sep`` is not used (see ``kv_cache.py``).
+        """
+        embeddings = self.word_embeddings(tokens)
+        if cache is None:
+            return self.transformer(embeddings, position_ids, sep)
+        return self.transformer(embeddings, position_ids, sep, cache, token_valid)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits ``[..., V / tp]`` over this rank's vocab range (output tied to the word embeddings)."""

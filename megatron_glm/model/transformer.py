@@ -23,6 +23,7 @@ from torch import nn
 
 import kernels
 from megatron_glm.config import ModelConfig
+from megatron_glm.model.kv_cache import KVCache
 from megatron_glm.parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -114,11 +115,18 @@ class GLMSelfAttention(nn.Module):
         self.query_key_value.reset_parameters(generator)
         self.dense.reset_parameters(generator)
 
-    def forward(self, x: torch.Tensor, sep: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, sep: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
         batch, length, _ = x.shape
         qkv = self.query_key_value(x).view(batch, length, 3, self.local_heads, self.head_dim)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, heads, T, d_head] views
-        if self.recompute_core and torch.is_grad_enabled():
+        if cache is not None:
+            # Decoding: the new tokens attend to the cached keys under the cache's mask (GLM's sep mask
+            # over rows of different lengths), see kv_cache.py.
+            k, v = cache.store(layer, k, v)
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, scale=self.head_dim**-0.5)
+        elif self.recompute_core and torch.is_grad_enabled():
             context = recompute(self.core_attention, q, k, v, sep)
         else:
             context = self.core_attention(q, k, v, sep)
@@ -198,8 +206,8 @@ class GLMTransformerLayer(nn.Module):
         self.post_attention_layernorm.reset_parameters()
         self.mlp.reset_parameters(generator)
 
-    def forward(self, hidden: torch.Tensor, sep: torch.Tensor) -> torch.Tensor:
-        attention_output = self.attention(self.input_layernorm(hidden), sep)
+    def forward(self, hidden: torch.Tensor, sep: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        attention_output = self.attention(self.input_layernorm(hidden), sep, cache, self.layer_number)
         # LN_2 of the new residual stream a = x + dropout(attention), and a itself.
         mlp_input, hidden = self.post_attention_layernorm(
             self.hidden_dropout(attention_output), residual=hidden
