@@ -33,9 +33,17 @@ from data_tools.tokenizer import GLMTokenizer
 from megatron_glm.config import DataConfig
 from megatron_glm.data.dataset import GLMDataset
 from megatron_glm.data.sampler import GLMBatchSampler
-from megatron_glm.model.loss import loss_row_index
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "position_ids", "sep", "objective", "loss_index")
+
+
+def loss_row_index(loss_mask: torch.Tensor) -> torch.Tensor:
+    """The int64 ``[N]`` row-major indices of the positions with ``loss_mask > 0``: the rows that need logits.
+
+    The data loader computes them on the host (``batch["loss_index"]``) so that selecting the rows on a GPU
+    is an ``index_select``, not a boolean mask that makes the host wait for the GPU.
+    """
+    return torch.nonzero(loss_mask.reshape(-1) > 0).squeeze(1)
 
 
 def collate_glm_batch(items: list[dict]) -> dict[str, torch.Tensor]:

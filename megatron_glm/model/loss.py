@@ -18,21 +18,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from data_tools.objectives import Objective
+from megatron_glm.data.loader import loss_row_index
 from megatron_glm.parallel import vocab_parallel_cross_entropy
 
 if TYPE_CHECKING:
     from megatron_glm.model.glm import GLMModel
 
 OBJECTIVE_NAMES = tuple(o.name.lower() for o in Objective)
-
-
-def loss_row_index(loss_mask: torch.Tensor) -> torch.Tensor:
-    """The int64 ``[N]`` row-major indices of the positions with ``loss_mask > 0``: the rows that need logits.
-
-    The data loader computes them on the host (``batch["loss_index"]``) so that selecting the rows on a GPU
-    is an ``index_select``, not a boolean mask that makes the host wait for the GPU.
-    """
-    return torch.nonzero(loss_mask.reshape(-1) > 0).squeeze(1)
 
 
 def loss_rows(hidden: torch.Tensor, loss_index: torch.Tensor) -> torch.Tensor:
