@@ -43,7 +43,7 @@ torchrun --nproc_per_node "$RANKS" -m megatron_glm.cli.pretrain --config "$CONFI
     --set training.train_steps="$STEPS"
 
 banner "5/7 did it learn? held-out blank accuracy"
-python -m megatron_glm.cli.eval_blanks --config "$CONFIG" --checkpoint "$OUT/checkpoints"
+glm-eval-blanks --config "$CONFIG" --checkpoint "$OUT/checkpoints"
 
 banner "6/7 the trained model fills the blanks (greedy)"
 glm-fill-blanks --config "$CONFIG" --checkpoint "$OUT/checkpoints" --max-tokens 1 \
@@ -53,7 +53,7 @@ glm-fill-blanks --config "$CONFIG" --checkpoint "$OUT/checkpoints" --max-tokens 
     --text "He had been [MASK] in love with her."
 
 banner "7/7 loss curves"
-python -m megatron_glm.cli.plot_losses "$OUT/logs/metrics.jsonl"
+glm-plot-losses "$OUT/logs/metrics.jsonl"
 echo
 echo "metrics: $OUT/logs/metrics.jsonl   tensorboard: tensorboard --logdir $OUT/logs/tensorboard"
 echo "demo done in $((SECONDS - START))s"
