@@ -33,6 +33,7 @@ from megatron_glm.checkpoint.layout import (
     check_tensor_parallel_size,
     expected_keys,
     model_shape,
+    shard_shape,
     split_tensor,
 )
 from megatron_glm.checkpoint.streaming import (
@@ -41,7 +42,7 @@ from megatron_glm.checkpoint.streaming import (
     write_safetensors,
     write_safetensors_file,
 )
-from megatron_glm.checkpoint.thudm import ThudmShards, check_keys, write_module_file
+from megatron_glm.checkpoint.thudm import ThudmShards, check_keys, stream_module_file
 from megatron_glm.config import ConfigError, ModelConfig, load_config
 
 REMOTE_CODE = Path(__file__).resolve().parent / "hf_remote_code"
@@ -168,10 +169,6 @@ def check_against_config(shape: ModelShape, model: ModelConfig | None, where: st
         )
 
 
-def _cast(dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    return (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
-
-
 def export_safetensors(source: WeightSource, output: Path, *, dtype: torch.dtype | None = None) -> Path:
     """One consolidated safetensors file with THUDM's (our) keys."""
     source.model_shape()
@@ -199,25 +196,33 @@ def export_thudm(
 ) -> Path:
     """THUDM/GLM's released layout: ``<output>/<tag>/mp_rank_XX_model_states.pt`` + both tracker files.
 
-    Each file is built in memory (``model / model_parallel_size``) and written before the next one.
-    ``rename`` maps THUDM keys to the keys written (SwissArmyTransformer's); ``extra_files`` are
-    ``{name: text}`` written next to the tracker files.
+    Each file is written tensor by tensor (one full tensor and its shard in memory at a time), so no file
+    is ever built in memory. ``rename`` maps THUDM keys to the keys written (SwissArmyTransformer's);
+    ``extra_files`` are ``{name: text}`` written next to the tracker files.
     """
     shape = source.model_shape()
     check_tensor_parallel_size(shape, num_attention_heads, model_parallel_size, source.where)
-    cast = _cast(dtype)
+    written = {(rename(key) if rename else key): key for key in source.keys}
+    plans = [
+        TensorPlan(name, shard_shape(source.shape(key), key, model_parallel_size), dtype or source.dtype(key))
+        for name, key in written.items()
+    ]
+    total = model_parallel_size * sum(plan.nbytes for plan in plans)
     output = Path(output)
-    with staged(output) as tmp:
+    with (
+        staged(output) as tmp,
+        tqdm(total=total, unit="B", unit_scale=True, desc="writing THUDM files") as progress,
+    ):
         (tmp / tag).mkdir(parents=True)
-        with tqdm(total=len(source.keys) * model_parallel_size, desc="writing THUDM files") as progress:
-            for rank in range(model_parallel_size):
-                module = {}
-                for key in source.keys:
-                    part = split_tensor(source.tensor(key), key, rank, model_parallel_size)
-                    module[rename(key) if rename else key] = cast(part).clone()
-                    progress.update()
-                write_module_file(tmp / tag / shard_file_name(rank), module, model_parallel_size)
-                del module
+        for rank in range(model_parallel_size):
+
+            def produce(name: str, rank: int = rank) -> torch.Tensor:
+                key = written[name]
+                return split_tensor(source.tensor(key), key, rank, model_parallel_size)
+
+            stream_module_file(
+                tmp / tag / shard_file_name(rank), plans, produce, model_parallel_size, progress
+            )
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         write_trackers(tmp, tag)
