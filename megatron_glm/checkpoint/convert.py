@@ -23,6 +23,7 @@ from megatron_glm.checkpoint.files import (
     WEIGHTS_SUBDIR,
     CheckpointError,
     load_torch_file,
+    resolve_tag_dir,
     shard_file_name,
     staged,
     write_trackers,
@@ -37,17 +38,20 @@ from megatron_glm.checkpoint.layout import (
     split_tensor,
 )
 from megatron_glm.checkpoint.streaming import (
+    SAFETENSORS_DTYPES,
     TensorPlan,
     open_safetensors_dir,
     write_safetensors,
     write_safetensors_file,
 )
 from megatron_glm.checkpoint.thudm import ThudmShards, check_keys, stream_module_file
+from megatron_glm.checkpoint.universal import UNIVERSAL_SUBDIR, is_universal, state_file
 from megatron_glm.config import ConfigError, ModelConfig, load_config
 
 REMOTE_CODE = Path(__file__).resolve().parent / "hf_remote_code"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size
+_SAFETENSORS_TORCH = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 class WeightSource:
@@ -82,21 +86,16 @@ def hf_source(directory: str | Path, *, trust: bool = False) -> WeightSource:
         raise CheckpointError(f"{directory}: not a directory; pass a Hugging Face model directory")
     files = open_safetensors_dir(directory)
     if files:
-        from safetensors import safe_open
-
-        handles = {file: safe_open(str(file), framework="pt") for file in set(files.values())}
-        for name, file in files.items():
-            if not file.is_file():
-                raise CheckpointError(f"{file}: shard named by the index for {name} is missing; copy it")
-
-        def tensor(key: str) -> torch.Tensor:
-            return handles[files[names[key]]].get_tensor(names[key])
-
-        def shape(key: str) -> tuple[int, ...]:
-            return tuple(handles[files[names[key]]].get_slice(names[key]).get_shape())
-
-        raw = list(files)
-    elif (directory / "pytorch_model.bin").is_file():
+        stored = _safetensors_source(files, str(directory))
+        names = {(name[len("glm.") :] if name.startswith("glm.") else name): name for name in files}
+        return WeightSource(
+            list(names),
+            lambda key: stored.shape(names[key]),
+            lambda key: stored.dtype(names[key]),
+            lambda key: stored.tensor(names[key]),
+            str(directory),
+        )
+    if (directory / "pytorch_model.bin").is_file():
         state = load_torch_file(directory / "pytorch_model.bin", trust=trust)
 
         def tensor(key: str) -> torch.Tensor:
@@ -116,6 +115,49 @@ def hf_source(directory: str | Path, *, trust: bool = False) -> WeightSource:
         return tensor(key).dtype
 
     return WeightSource(list(names), shape, dtype, tensor, str(directory))
+
+
+def _safetensors_source(files: dict[str, Path], where: str) -> WeightSource:
+    """A ``WeightSource`` over safetensors files holding full tensors under THUDM keys (``{key: file}``)."""
+    from safetensors import safe_open
+
+    for name, file in files.items():
+        if not file.is_file():
+            raise CheckpointError(f"{file}: shard named by the index for {name} is missing; copy it")
+    handles = {file: safe_open(str(file), framework="pt") for file in set(files.values())}
+
+    def tensor(key: str) -> torch.Tensor:
+        return handles[files[key]].get_tensor(key)
+
+    def shape(key: str) -> tuple[int, ...]:
+        return tuple(handles[files[key]].get_slice(key).get_shape())
+
+    def dtype(key: str) -> torch.dtype:
+        return _SAFETENSORS_TORCH[handles[files[key]].get_slice(key).get_dtype()]
+
+    return WeightSource(list(files), shape, dtype, tensor, where)
+
+
+def universal_source(tag_dir: Path) -> WeightSource:
+    """The fp32 master weights of a universal checkpoint (``glm-convert reshard``'s output)."""
+    weights = state_file(Path(tag_dir) / UNIVERSAL_SUBDIR, "fp32")
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing; copy the complete {tag_dir}")
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        keys = list(f.keys())
+    return _safetensors_source(dict.fromkeys(keys, weights), str(weights))
+
+
+def checkpoint_source(path: str | Path, *, trust: bool = False) -> WeightSource:
+    """The weights of a glm-pretrain checkpoint, a THUDM/GLM download or a universal checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        tag_dir = resolve_tag_dir(path)
+        if is_universal(tag_dir):
+            return universal_source(tag_dir)
+    return thudm_source(path, trust=trust)
 
 
 def source_config(path: str | Path, config: str | Path | None) -> ModelConfig | None:

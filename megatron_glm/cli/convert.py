@@ -12,6 +12,7 @@ from megatron_glm.checkpoint.convert import (
     DEFAULT_MAX_SHARD_BYTES,
     DTYPES,
     check_against_config,
+    checkpoint_source,
     export_hf,
     export_safetensors,
     export_thudm,
@@ -26,7 +27,8 @@ from megatron_glm.errors import run_cli
 
 _EPILOG = """\
 Sources: a glm-pretrain save directory (its latest checkpoint), one of its step directories, a THUDM/GLM
-download (a directory with mp_rank_XX_model_states.pt files, or one such file). The head count and
+download (a directory with mp_rank_XX_model_states.pt files, or one such file); export also reads the
+universal checkpoints glm-convert reshard writes (their fp32 master weights). The head count and
 tokenizer come from the config.yaml saved with glm-pretrain checkpoints, or from --config.
 
 Examples:
@@ -178,7 +180,12 @@ def run(args: argparse.Namespace) -> Path:
             num_attention_heads=fields["num_attention_heads"],
             dtype=dtype,
         )
-    source = thudm_source(args.source, trust=trust)
+    # export reads glm-pretrain checkpoints, THUDM/GLM downloads and reshard's universal checkpoints.
+    source = (
+        checkpoint_source(args.source, trust=trust)
+        if args.command == "export"
+        else thudm_source(args.source, trust=trust)
+    )
     model = source_config(args.source, args.config)
     if model is not None:
         check_against_config(source.model_shape(), model, source.where)
