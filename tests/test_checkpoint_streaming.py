@@ -67,3 +67,27 @@ def test_a_produced_shape_other_than_planned_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"produced shape \(3, 2\), planned \(2, 3\)"):
         stream_module_file(tmp_path / "f.pt", plans, lambda name: torch.zeros(3, 2), model_parallel_size=1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_merged_tensors_own_their_memory_and_the_sources_stay_intact(tmp_path):
+    """ThudmShards.full hands back tensors of their own and lets the kernel reclaim the mapped source pages
+    (release_pages): the data read again afterwards is unchanged."""
+    from megatron_glm.checkpoint.thudm import ThudmShards
+
+    halves = [torch.randn(4, 3, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    norm = torch.randn(3)
+    for rank, half in enumerate(halves):
+        module = {"word_embeddings.weight": half, "transformer.final_layernorm.weight": norm}
+        write_module_file(tmp_path / f"mp_rank_{rank:02d}_model_states.pt", module, model_parallel_size=2)
+    shards = ThudmShards(tmp_path)
+    mapped = {s["word_embeddings.weight"].untyped_storage().data_ptr() for s in shards.sources}
+    mapped |= {s["transformer.final_layernorm.weight"].untyped_storage().data_ptr() for s in shards.sources}
+    for _ in range(2):
+        embeddings, layernorm = (
+            shards.full("word_embeddings.weight"),
+            shards.full("transformer.final_layernorm.weight"),
+        )
+        assert torch.equal(embeddings, torch.cat(halves)) and torch.equal(layernorm, norm)
+        assert {embeddings.untyped_storage().data_ptr(), layernorm.untyped_storage().data_ptr()}.isdisjoint(
+            mapped
+        )

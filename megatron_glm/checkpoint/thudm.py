@@ -22,6 +22,7 @@ from megatron_glm.checkpoint.files import (
     CheckpointError,
     find_checkpoint_files,
     load_torch_file,
+    release_pages,
     save_torch_atomic,
     shard_file_name,
     staged,
@@ -90,10 +91,17 @@ class ThudmShards:
         return list(self.sources[0])
 
     def full(self, key: str) -> torch.Tensor:
+        """The full tensor of ``key``, in memory of its own: the mapped source pages are released."""
+        shards = [source[key] for source in self.sources]
         try:
-            return merge_shards([source[key] for source in self.sources], key)
+            full = merge_shards(shards, key)
         except ValueError as exc:
             raise CheckpointError(f"{key} in {self.where}: {exc}") from exc
+        if any(full.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() for s in shards):
+            full = full.clone()  # replicated, or one source file: the merge is the mapped shard itself
+        for shard in shards:
+            release_pages(shard)
+        return full
 
     def full_shape(self, key: str) -> tuple[int, ...]:
         return full_shape(self.sources[0][key].shape, key, len(self.files))
