@@ -120,11 +120,11 @@ def _child(pid: int) -> int | None:
     return int(children[0]) if children else None
 
 
-def measure(command: list[str], log: Path) -> dict[str, float]:
+def measure(command: list[str], log: Path, code: Path = ROOT) -> dict[str, float]:
     """Run ``command`` under ``/usr/bin/time`` (its output into ``log``): wall time, peak RSS (``%M``: the
     ``ru_maxrss`` of a process that time forked, so none of this script's memory is counted) and the sampled
     peaks of RssAnon / RssFile (bytes)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(code)}
     start = time.perf_counter()
     with open(log, "wb") as output:
         process = subprocess.Popen(
@@ -165,6 +165,12 @@ def main() -> None:
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     parser.add_argument("--source-model-parallel-size", type=int, default=2)
     parser.add_argument("--workdir", type=Path, help="where to build (default: a new temporary directory)")
+    parser.add_argument(
+        "--code",
+        type=Path,
+        default=ROOT,
+        help="source tree whose glm-convert is measured (e.g. an older commit's `git archive`; default: this one)",
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=args.workdir))
@@ -203,7 +209,7 @@ def main() -> None:
             command = [sys.executable, "-m", "megatron_glm.cli.convert", "export", *arguments]
             if arguments != ["--help"]:
                 command += ["--config", str(config), str(source), str(output)]
-            result = measure(command, workdir / "convert.log")
+            result = measure(command, workdir / "convert.log", args.code.resolve())
             rows.append((name, result))
             if output.is_dir():
                 shutil.rmtree(output)

@@ -19,7 +19,6 @@ from megatron_glm.checkpoint.convert import (
     hf_model_config,
     hf_source,
     source_config,
-    thudm_source,
 )
 from megatron_glm.checkpoint.reshard import reshard
 from megatron_glm.checkpoint.sat import export_sat, sat_model_fields, sat_source
@@ -27,8 +26,8 @@ from megatron_glm.errors import run_cli
 
 _EPILOG = """\
 Sources: a glm-pretrain save directory (its latest checkpoint), one of its step directories, a THUDM/GLM
-download (a directory with mp_rank_XX_model_states.pt files, or one such file); export also reads the
-universal checkpoints glm-convert reshard writes (their fp32 master weights). The head count and
+download (a directory with mp_rank_XX_model_states.pt files, or one such file), or a universal checkpoint
+written by glm-convert reshard (its fp32 master weights). The head count and
 tokenizer come from the config.yaml saved with glm-pretrain checkpoints, or from --config.
 
 Examples:
@@ -82,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "OUTPUT/<step>/config.yaml` resumes there (at ZeRO stage 1 or 2, any data-parallel size). "
         "Not supported: ZeRO-0 sources (DeepSpeed keeps no parameter-to-partition records for them: resume "
         "at ZeRO-1 until the next checkpoint and reshard that) and ZeRO-0/3 targets (resume at ZeRO-1 or 2; "
-        "the run can change stage from its next regular checkpoint). glm-convert export reads the output. "
+        "the run can change stage from its next regular checkpoint). glm-convert export and import read the output. "
         "Random states: a rank's streams belong to its place in the old layout and are not mapped; the "
         "resumed run re-seeds every rank as a fresh run at the new layout would, from training.seed + step "
         "(deterministic; exact continuation without dropout, other dropout masks with it).",
@@ -186,12 +185,7 @@ def run(args: argparse.Namespace) -> Path:
             num_attention_heads=fields["num_attention_heads"],
             dtype=dtype,
         )
-    # export reads glm-pretrain checkpoints, THUDM/GLM downloads and reshard's universal checkpoints.
-    source = (
-        checkpoint_source(args.source, trust=trust)
-        if args.command == "export"
-        else thudm_source(args.source, trust=trust)
-    )
+    source = checkpoint_source(args.source, trust=trust)  # THUDM layout, or reshard's universal checkpoint
     model = source_config(args.source, args.config)
     if model is not None:
         check_against_config(source.model_shape(), model, source.where)
