@@ -240,11 +240,6 @@ class TrainingCheckpoint:
         }
 
 
-def default_target_stage(source_stage: int) -> int:
-    """The source's ZeRO stage where a universal checkpoint loads into it (1, 2), else 1."""
-    return source_stage if source_stage in (1, 2) else 1
-
-
 def target_config(
     source: GLMConfig,
     tensor_parallel_size: int,
@@ -257,7 +252,7 @@ def target_config(
         source.parallel,
         tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=pipeline_parallel_size,
-        zero_stage=default_target_stage(source.parallel.zero_stage) if zero_stage is None else zero_stage,
+        zero_stage=source.parallel.zero_stage if zero_stage is None else zero_stage,
     )
     checkpoint = dataclasses.replace(source.checkpoint, save_dir=str(save_dir), init_from=None)
     cfg = dataclasses.replace(source, parallel=parallel, checkpoint=checkpoint)
