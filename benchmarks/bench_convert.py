@@ -124,12 +124,13 @@ def measure(command: list[str], log: Path, code: Path = ROOT) -> dict[str, float
     """Run ``command`` under ``/usr/bin/time`` (its output into ``log``): wall time, peak RSS (``%M``: the
     ``ru_maxrss`` of a process that time forked, so none of this script's memory is counted) and the sampled
     peaks of RssAnon / RssFile (bytes)."""
-    env = {**os.environ, "PYTHONPATH": str(code)}
+    env = {**os.environ, "PYTHONPATH": str(code)}  # and cwd: ``python -m`` puts the cwd first on sys.path
     start = time.perf_counter()
     with open(log, "wb") as output:
         process = subprocess.Popen(
             ["/usr/bin/time", "-f", "MAXRSS_KIB=%M", *command],
             env=env,
+            cwd=code,
             stdout=output,
             stderr=subprocess.STDOUT,
         )

@@ -258,8 +258,8 @@ def target_config(
     cfg = dataclasses.replace(source, parallel=parallel, checkpoint=checkpoint)
     try:
         validate_config(cfg)
-    except ConfigError as exc:
-        raise CheckpointError(
+    except ConfigError as exc:  # the requested layout is invalid: a usage error (exit 2), not a bad file
+        raise ConfigError(
             f"target layout TP {tensor_parallel_size} x PP {pipeline_parallel_size}: {exc}"
         ) from None
     return cfg

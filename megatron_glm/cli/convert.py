@@ -22,7 +22,7 @@ from megatron_glm.checkpoint.convert import (
 )
 from megatron_glm.checkpoint.reshard import reshard
 from megatron_glm.checkpoint.sat import export_sat, sat_model_fields, sat_source
-from megatron_glm.errors import run_cli
+from megatron_glm.errors import ConfigError, run_cli
 
 _EPILOG = """\
 Sources: a glm-pretrain save directory (its latest checkpoint), one of its step directories, a THUDM/GLM
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> Path:
             ("--pipeline", args.pipeline_parallel_size),
         ):
             if size < 1:
-                raise CheckpointError(f"{flag}-parallel-size {size}: must be at least 1")
+                raise ConfigError(f"{flag}-parallel-size {size}: must be at least 1")
         return reshard(
             args.source,
             args.output,
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> Path:
             trust=args.trust_checkpoint,
         )
     if args.model_parallel_size < 1:
-        raise CheckpointError(f"--model-parallel-size {args.model_parallel_size}: must be at least 1")
+        raise ConfigError(f"--model-parallel-size {args.model_parallel_size}: must be at least 1")
     dtype = None if args.dtype == "keep" else DTYPES[args.dtype]
     trust = args.trust_checkpoint
     if args.command == "import" and args.origin == "hf":
