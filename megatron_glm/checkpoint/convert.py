@@ -23,6 +23,7 @@ from megatron_glm.checkpoint.files import (
     WEIGHTS_SUBDIR,
     CheckpointError,
     load_torch_file,
+    resolve_tag_dir,
     shard_file_name,
     staged,
     write_trackers,
@@ -33,20 +34,24 @@ from megatron_glm.checkpoint.layout import (
     check_tensor_parallel_size,
     expected_keys,
     model_shape,
+    shard_shape,
     split_tensor,
 )
 from megatron_glm.checkpoint.streaming import (
+    SAFETENSORS_DTYPES,
     TensorPlan,
     open_safetensors_dir,
     write_safetensors,
     write_safetensors_file,
 )
-from megatron_glm.checkpoint.thudm import ThudmShards, check_keys, write_module_file
+from megatron_glm.checkpoint.thudm import ThudmShards, check_keys, stream_module_file
+from megatron_glm.checkpoint.universal import UNIVERSAL_SUBDIR, is_universal, state_file
 from megatron_glm.config import ConfigError, ModelConfig, load_config
 
 REMOTE_CODE = Path(__file__).resolve().parent / "hf_remote_code"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default shard size
+_SAFETENSORS_TORCH = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 class WeightSource:
@@ -81,21 +86,16 @@ def hf_source(directory: str | Path, *, trust: bool = False) -> WeightSource:
         raise CheckpointError(f"{directory}: not a directory; pass a Hugging Face model directory")
     files = open_safetensors_dir(directory)
     if files:
-        from safetensors import safe_open
-
-        handles = {file: safe_open(str(file), framework="pt") for file in set(files.values())}
-        for name, file in files.items():
-            if not file.is_file():
-                raise CheckpointError(f"{file}: shard named by the index for {name} is missing; copy it")
-
-        def tensor(key: str) -> torch.Tensor:
-            return handles[files[names[key]]].get_tensor(names[key])
-
-        def shape(key: str) -> tuple[int, ...]:
-            return tuple(handles[files[names[key]]].get_slice(names[key]).get_shape())
-
-        raw = list(files)
-    elif (directory / "pytorch_model.bin").is_file():
+        stored = _safetensors_source(files, str(directory))
+        names = {(name[len("glm.") :] if name.startswith("glm.") else name): name for name in files}
+        return WeightSource(
+            list(names),
+            lambda key: stored.shape(names[key]),
+            lambda key: stored.dtype(names[key]),
+            lambda key: stored.tensor(names[key]),
+            str(directory),
+        )
+    if (directory / "pytorch_model.bin").is_file():
         state = load_torch_file(directory / "pytorch_model.bin", trust=trust)
 
         def tensor(key: str) -> torch.Tensor:
@@ -115,6 +115,49 @@ def hf_source(directory: str | Path, *, trust: bool = False) -> WeightSource:
         return tensor(key).dtype
 
     return WeightSource(list(names), shape, dtype, tensor, str(directory))
+
+
+def _safetensors_source(files: dict[str, Path], where: str) -> WeightSource:
+    """A ``WeightSource`` over safetensors files holding full tensors under THUDM keys (``{key: file}``)."""
+    from safetensors import safe_open
+
+    for name, file in files.items():
+        if not file.is_file():
+            raise CheckpointError(f"{file}: shard named by the index for {name} is missing; copy it")
+    handles = {file: safe_open(str(file), framework="pt") for file in set(files.values())}
+
+    def tensor(key: str) -> torch.Tensor:
+        return handles[files[key]].get_tensor(key)
+
+    def shape(key: str) -> tuple[int, ...]:
+        return tuple(handles[files[key]].get_slice(key).get_shape())
+
+    def dtype(key: str) -> torch.dtype:
+        return _SAFETENSORS_TORCH[handles[files[key]].get_slice(key).get_dtype()]
+
+    return WeightSource(list(files), shape, dtype, tensor, where)
+
+
+def universal_source(tag_dir: Path) -> WeightSource:
+    """The fp32 master weights of a universal checkpoint (``glm-convert reshard``'s output)."""
+    weights = state_file(Path(tag_dir) / UNIVERSAL_SUBDIR, "fp32")
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing; copy the complete {tag_dir}")
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        keys = list(f.keys())
+    return _safetensors_source(dict.fromkeys(keys, weights), str(weights))
+
+
+def checkpoint_source(path: str | Path, *, trust: bool = False) -> WeightSource:
+    """The weights of a glm-pretrain checkpoint, a THUDM/GLM download or a universal checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        tag_dir = resolve_tag_dir(path)
+        if is_universal(tag_dir):
+            return universal_source(tag_dir)
+    return thudm_source(path, trust=trust)
 
 
 def source_config(path: str | Path, config: str | Path | None) -> ModelConfig | None:
@@ -168,10 +211,6 @@ def check_against_config(shape: ModelShape, model: ModelConfig | None, where: st
         )
 
 
-def _cast(dtype: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    return (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
-
-
 def export_safetensors(source: WeightSource, output: Path, *, dtype: torch.dtype | None = None) -> Path:
     """One consolidated safetensors file with THUDM's (our) keys."""
     source.model_shape()
@@ -199,25 +238,33 @@ def export_thudm(
 ) -> Path:
     """THUDM/GLM's released layout: ``<output>/<tag>/mp_rank_XX_model_states.pt`` + both tracker files.
 
-    Each file is built in memory (``model / model_parallel_size``) and written before the next one.
-    ``rename`` maps THUDM keys to the keys written (SwissArmyTransformer's); ``extra_files`` are
-    ``{name: text}`` written next to the tracker files.
+    Each file is written tensor by tensor (one full tensor and its shard in memory at a time), so no file
+    is ever built in memory. ``rename`` maps THUDM keys to the keys written (SwissArmyTransformer's);
+    ``extra_files`` are ``{name: text}`` written next to the tracker files.
     """
     shape = source.model_shape()
     check_tensor_parallel_size(shape, num_attention_heads, model_parallel_size, source.where)
-    cast = _cast(dtype)
+    written = {(rename(key) if rename else key): key for key in source.keys}
+    plans = [
+        TensorPlan(name, shard_shape(source.shape(key), key, model_parallel_size), dtype or source.dtype(key))
+        for name, key in written.items()
+    ]
+    total = model_parallel_size * sum(plan.nbytes for plan in plans)
     output = Path(output)
-    with staged(output) as tmp:
+    with (
+        staged(output) as tmp,
+        tqdm(total=total, unit="B", unit_scale=True, desc="writing THUDM files") as progress,
+    ):
         (tmp / tag).mkdir(parents=True)
-        with tqdm(total=len(source.keys) * model_parallel_size, desc="writing THUDM files") as progress:
-            for rank in range(model_parallel_size):
-                module = {}
-                for key in source.keys:
-                    part = split_tensor(source.tensor(key), key, rank, model_parallel_size)
-                    module[rename(key) if rename else key] = cast(part).clone()
-                    progress.update()
-                write_module_file(tmp / tag / shard_file_name(rank), module, model_parallel_size)
-                del module
+        for rank in range(model_parallel_size):
+
+            def produce(name: str, rank: int = rank) -> torch.Tensor:
+                key = written[name]
+                return split_tensor(source.tensor(key), key, rank, model_parallel_size)
+
+            stream_module_file(
+                tmp / tag / shard_file_name(rank), plans, produce, model_parallel_size, progress
+            )
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         write_trackers(tmp, tag)

@@ -20,6 +20,9 @@ refuses anything else (which could run code) unless the caller trusts the file.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import mmap
 import os
 import pickle
 import re
@@ -138,6 +141,36 @@ def find_checkpoint_files(path: str | Path) -> list[Path]:
             "a shard file is missing (copy it, or convert from a complete checkpoint)"
         )
     return [p for _, p in ranks]
+
+
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now; their contents are kept (re-read or swapped in)
+
+
+@functools.cache
+def _madvise():
+    try:
+        return ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Let the kernel reclaim the resident pages of ``tensor``'s storage once a conversion is done with it.
+
+    The pages of memory-mapped source files otherwise stay mapped (and counted in the process's resident
+    memory) until the file is closed, so reading a model tensor by tensor would end with the whole model
+    resident. ``MADV_PAGEOUT`` never changes contents: file pages are re-read and anonymous pages swapped
+    in if touched again. A no-op where the call is unavailable (other systems, older kernels).
+    """
+    madvise = _madvise()
+    if madvise is None or tensor.device.type != "cpu":
+        return
+    storage = tensor.untyped_storage()
+    start, size = storage.data_ptr(), storage.nbytes()
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only: neighbours keep theirs
+    last = (start + size) // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_PAGEOUT)
 
 
 def _allowed_globals() -> list:

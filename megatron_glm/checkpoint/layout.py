@@ -93,6 +93,15 @@ def full_shape(local_shape: torch.Size, key: str, world_size: int) -> tuple[int,
     return tuple(shape)
 
 
+def shard_shape(full: tuple[int, ...], key: str, world_size: int) -> tuple[int, ...]:
+    """The shape of one rank's shard of ``key`` given the full shape (the sizes must divide)."""
+    partition = partition_of(key)
+    shape = list(full)
+    if not partition.replicated:
+        shape[partition.dim] //= world_size
+    return tuple(shape)
+
+
 def pipeline_key_to_thudm(pipeline_key: str, num_layers: int) -> str:
     """The THUDM key of a state-dict key of our DeepSpeed ``PipelineModule`` (``training/pipeline.py``).
 

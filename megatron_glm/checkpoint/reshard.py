@@ -10,6 +10,12 @@ lies in the partition (the records DeepSpeed's own ``ds_to_universal`` reads). C
 fragments over the DP ranks gives its tensor-parallel shard; merging the TP shards by the rules of
 ``layout`` (interleaved QKV included) gives the full tensor, and pipeline names map to THUDM keys.
 
+ZeRO-3 (weights partitioned too) keeps the run's state in ``zero_pp_rank_d_mp_rank_XX_model_states.pt`` (one
+per rank, the same counters) and the optimizer files' ``fp32_flat_groups``: each rank's flat partition of a
+parameter group is the concatenation, in ``param_shapes`` order, of every parameter's ``ceil(numel / DP)``-element
+slice (the last rank's zero-padded), as DeepSpeed's ``zero_to_fp32`` reads them; Adam's moments lie the same way.
+ZeRO-0 runs keep a plain optimizer state without these records and are refused (resume them at ZeRO-1 first).
+
 Writing (``universal.py`` reads it back): ``<output>/<step>/universal/{fp32,exp_avg,exp_avg_sq}.safetensors``
 hold the full tensors under THUDM keys, ``state.json`` the counters; ``config.yaml`` is the source's with the
 target layout, so ``glm-pretrain --config <output>/<step>/config.yaml`` resumes. Tensors are produced one at
@@ -86,17 +92,17 @@ class TrainingCheckpoint:
         self.world_size = int(meta["world_size"])
         self.dp = self.world_size // (self.tp * self.pp)
         self.zero_stage = p.zero_stage
-        # DeepSpeed's flattening optimizers (ZeRO 1 and 2; BF16_Optimizer, whose files carry a bf16_ prefix)
-        # record where each parameter lies in its partition; the other optimizers' files do not.
+        # DeepSpeed's partitioning optimizers (ZeRO 1-3; bf16 runs' files carry a bf16_ prefix) record where each
+        # parameter lies in its partition; the plain optimizer of ZeRO-0 does not.
         prefixed = [(self.tag_dir / optim_file_name(0, 0, bf16)).is_file() for bf16 in (False, True)]
-        if self.zero_stage not in (1, 2) or not any(prefixed):
+        if self.zero_stage not in (1, 2, 3) or not any(prefixed):
             raise CheckpointError(
                 f"{tag_dir}: saved with parallel.zero_stage={self.zero_stage} (no {optim_file_name(0, 0, False)}); "
-                "reshard reads DeepSpeed's partitioned optimizer files of ZeRO stages 1 and 2. Resume the run at "
+                "reshard reads DeepSpeed's partitioned optimizer files of ZeRO stages 1 to 3. Resume the run at "
                 "its layout with parallel.zero_stage: 1 until its next checkpoint, then reshard that one"
             )
         self.bf16_optimizer = prefixed[1] and not prefixed[0]
-        self.models = [self._load(shard_file_name(mp)) for mp in range(self.tp * self.pp)]
+        self.models = [self._load(self._model_file_name(mp)) for mp in range(self.tp * self.pp)]
         self.optims = [
             [
                 self._load(optim_file_name(d, mp, self.bf16_optimizer))["optimizer_state_dict"]
@@ -105,6 +111,29 @@ class TrainingCheckpoint:
             for mp in range(self.tp * self.pp)
         ]
         self.locations = self._locate()
+        self.zero3_offsets = self._zero3_offsets() if self.zero_stage == 3 else {}
+
+    def _model_file_name(self, mp: int) -> str:
+        # ZeRO-3 writes one model-states file per rank (the same counters in each): read DP rank 0's.
+        return f"zero_pp_rank_0_{shard_file_name(mp)}" if self.zero_stage == 3 else shard_file_name(mp)
+
+    def _zero3_offsets(self) -> dict[tuple[int, int, str], tuple[int, int]]:
+        """``{(mp, group, name): (offset, numel)}`` of each parameter's slice in every rank's flat partition."""
+        offsets = {}
+        for mp, model in enumerate(self.models):
+            for group, group_shapes in enumerate(model["param_shapes"]):
+                offset = 0
+                for name, shape in group_shapes.items():
+                    part = -(-torch.Size(shape).numel() // self.dp)
+                    offsets[mp, group, name] = (offset, part)
+                    offset += part
+                flat = self.optims[mp][0]["fp32_flat_groups"][group]
+                if offset != flat.numel():
+                    raise CheckpointError(
+                        f"{self.tag_dir}: parameter group {group} of slice {mp} holds {flat.numel()} values per "
+                        f"rank, its parameters need {offset}; the optimizer files are from another run"
+                    )
+        return offsets
 
     def _load(self, name: str) -> dict[str, Any]:
         path = self.tag_dir / name
@@ -124,9 +153,10 @@ class TrainingCheckpoint:
             shapes = model.get("param_shapes")
             if not shapes:
                 raise CheckpointError(
-                    f"{self.tag_dir / shard_file_name(mp)}: no param_shapes (not a ZeRO checkpoint)"
+                    f"{self.tag_dir / self._model_file_name(mp)}: no param_shapes (not a ZeRO checkpoint)"
                 )
-            if len(optims[0]["param_slice_mappings"]) != len(shapes):
+            groups = optims[0]["fp32_flat_groups" if self.zero_stage == 3 else "param_slice_mappings"]
+            if len(groups) != len(shapes):
                 raise CheckpointError(f"{self.tag_dir}: parameter groups of model and optimizer files differ")
             for group, group_shapes in enumerate(shapes):
                 for name, shape in group_shapes.items():
@@ -147,24 +177,32 @@ class TrainingCheckpoint:
     def full_shape(self, key: str) -> tuple[int, ...]:
         return full_shape(torch.Size(self.locations[key][0].shape), key, self.tp)
 
+    def _base_state(self, optim: dict) -> dict:
+        """The wrapped torch optimizer's per-group state (``{group: {exp_avg, exp_avg_sq, step}}``)."""
+        base = optim["optimizer_state_dict"] if self.zero_stage == 3 else optim["base_optimizer_state"]
+        return base["state"] if isinstance(base, dict) else dict(enumerate(base))
+
     def _flat_state(self, optim: dict, group: int, state: str) -> torch.Tensor:
         if state == "fp32":
-            return optim["single_partition_of_fp32_groups"][group]
-        base = optim["base_optimizer_state"]
-        per_group = base["state"] if isinstance(base, dict) else dict(enumerate(base))
-        return per_group[group][state]
+            key = "fp32_flat_groups" if self.zero_stage == 3 else "single_partition_of_fp32_groups"
+            return optim[key][group]
+        return self._base_state(optim)[group][state]
 
     def _shard(self, where: _Location, state: str) -> torch.Tensor:
         pieces = []
         for optim in self.optims[where.mp]:
-            fragment = optim["param_slice_mappings"][where.group].get(where.name)
+            if self.zero_stage == 3:
+                fragment = self.zero3_offsets[where.mp, where.group, where.name]
+            else:
+                found = optim["param_slice_mappings"][where.group].get(where.name)
+                fragment = None if found is None else (found.start, found.numel)
             if fragment is not None:
                 flat = self._flat_state(optim, where.group, state)
-                pieces.append(flat.narrow(0, fragment.start, fragment.numel))
+                pieces.append(flat.narrow(0, *fragment))
         flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        count = 1
-        for size in where.shape:
-            count *= size
+        count = torch.Size(where.shape).numel()
+        if self.zero_stage == 3:  # the last rank's slice is padded to the common size
+            flat = flat[:count]
         if flat.numel() != count:
             raise CheckpointError(
                 f"{self.tag_dir}: {where.name} of slice {where.mp} has {flat.numel()} values over the DP "
@@ -180,9 +218,7 @@ class TrainingCheckpoint:
         steps = set()
         for optims in self.optims:
             for optim in optims:
-                base = optim["base_optimizer_state"]
-                per_group = base["state"] if isinstance(base, dict) else dict(enumerate(base))
-                for state in per_group.values():
+                for state in self._base_state(optim).values():
                     if "step" in state:
                         steps.add(int(state["step"]))
                 if optim.get("base_optimizer_state_step") is not None:
@@ -222,7 +258,7 @@ def target_config(
     cfg = dataclasses.replace(source, parallel=parallel, checkpoint=checkpoint)
     try:
         validate_config(cfg)
-    except ConfigError as exc:  # still a ConfigError: the command line asked for an impossible layout
+    except ConfigError as exc:  # the requested layout is invalid: a usage error (exit 2), not a bad file
         raise ConfigError(
             f"target layout TP {tensor_parallel_size} x PP {pipeline_parallel_size}: {exc}"
         ) from None

@@ -1,8 +1,16 @@
-"""Write safetensors files tensor by tensor, sharded above a size limit, with Hugging Face's index file.
+"""Write safetensors files and torch checkpoint files tensor by tensor (safetensors sharded above a size
+limit, with Hugging Face's index file).
 
 The safetensors format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
 byte range) and the raw bytes. Shapes and dtypes are known before any data is produced, so the header is
 written first and each tensor is produced, written and dropped in turn: peak memory is one tensor.
+
+A ``torch.save`` file is a zip archive of a pickle (``data.pkl``, which names each tensor's storage record)
+and one stored (uncompressed) record per storage. ``write_torch_file`` lets torch write that archive with
+every record's space reserved but empty (``torch.serialization.skip_data`` on shape-only fake tensors), then
+fills each record in place, one produced tensor at a time, so a file of any size costs one tensor of memory.
+Its data records carry no CRC32, as with ``torch.serialization.set_crc32_options(False)``: ``torch.load``
+(every version, whose zip reader is built without CRC checks) reads them; ``unzip -t`` would complain.
 """
 
 from __future__ import annotations
@@ -10,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
+import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -64,6 +74,44 @@ def write_safetensors_file(
             tensor = produce(plan.name).to(plan.dtype).contiguous()
             if tuple(tensor.shape) != plan.shape:
                 raise ValueError(f"{plan.name}: produced shape {tuple(tensor.shape)}, planned {plan.shape}")
+            f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            if progress is not None:
+                progress.update(plan.nbytes)
+
+
+def write_torch_file(
+    path: Path,
+    plans: list[TensorPlan],
+    produce: Callable[[str], torch.Tensor],
+    *,
+    wrap: Callable[[dict[str, torch.Tensor]], Any] = lambda tensors: tensors,
+    progress: tqdm | None = None,
+) -> None:
+    """``torch.save(wrap({name: tensor}), path)`` with ``produce(name)`` called once per plan, in order, and
+    written before the next: ``wrap`` places the state dict in the saved object (e.g. under ``'module'``)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fakes = {plan.name: torch.empty(plan.shape, dtype=plan.dtype) for plan in plans}
+    with torch.serialization.skip_data(materialize_fake_tensors=True):
+        torch.save(wrap(fakes), path)
+    # Storages are numbered in the order the pickle meets them: the state dict's order.
+    offsets = [
+        torch._C.PyTorchFileReader(str(path)).get_record_offset(f"data/{i}") for i in range(len(plans))
+    ]
+    with zipfile.ZipFile(path) as archive:
+        sizes = {info.filename.partition("/")[2]: info.file_size for info in archive.infolist()}
+    for i, plan in enumerate(plans):
+        if sizes.get(f"data/{i}") != plan.nbytes:  # the numbering above no longer holds: never write blindly
+            raise RuntimeError(
+                f"{path}: record data/{i} has {sizes.get(f'data/{i}')} bytes, {plan.name} needs {plan.nbytes}"
+            )
+    with open(path, "r+b") as f:
+        for offset, plan in zip(offsets, plans):
+            tensor = produce(plan.name).to(plan.dtype).contiguous()
+            if tuple(tensor.shape) != plan.shape:
+                raise ValueError(f"{plan.name}: produced shape {tuple(tensor.shape)}, planned {plan.shape}")
+            f.seek(offset)
             f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
             if progress is not None:
                 progress.update(plan.nbytes)

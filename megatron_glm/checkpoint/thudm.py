@@ -15,14 +15,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from megatron_glm.checkpoint.files import (
     WEIGHTS_SUBDIR,
     CheckpointError,
     find_checkpoint_files,
     load_torch_file,
+    release_pages,
     save_torch_atomic,
     shard_file_name,
+    staged,
     write_trackers,
 )
 from megatron_glm.checkpoint.layout import (
@@ -36,6 +39,7 @@ from megatron_glm.checkpoint.layout import (
     pipeline_key_to_thudm,
     split_tensor,
 )
+from megatron_glm.checkpoint.streaming import TensorPlan, write_torch_file
 from megatron_glm.log import get_logger
 from megatron_glm.parallel import state
 
@@ -87,10 +91,17 @@ class ThudmShards:
         return list(self.sources[0])
 
     def full(self, key: str) -> torch.Tensor:
+        """The full tensor of ``key``, in memory of its own: the mapped source pages are released."""
+        shards = [source[key] for source in self.sources]
         try:
-            return merge_shards([source[key] for source in self.sources], key)
+            full = merge_shards(shards, key)
         except ValueError as exc:
             raise CheckpointError(f"{key} in {self.where}: {exc}") from exc
+        if any(full.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() for s in shards):
+            full = full.clone()  # replicated, or one source file: the merge is the mapped shard itself
+        for shard in shards:
+            release_pages(shard)
+        return full
 
     def full_shape(self, key: str) -> tuple[int, ...]:
         return full_shape(self.sources[0][key].shape, key, len(self.files))
@@ -159,10 +170,29 @@ def load_thudm_checkpoint(
     logger.info("loaded %s into tensor-parallel rank %d of %d", shards.where, rank, world_size)
 
 
+def stream_module_file(
+    path: Path,
+    plans: list[TensorPlan],
+    produce: Callable[[str], torch.Tensor],
+    model_parallel_size: int,
+    progress: tqdm | None = None,
+) -> None:
+    """Write one THUDM-layout file (``{"module": ..., "mp_world_size": ...}``) atomically, producing and
+    writing one tensor at a time (``produce(plan.name)``), so its size never has to fit in memory."""
+    with staged(path) as tmp:
+        write_torch_file(
+            tmp,
+            plans,
+            produce,
+            wrap=lambda module: {"module": module, "mp_world_size": model_parallel_size},
+            progress=progress,
+        )
+
+
 def write_module_file(path: Path, module: dict[str, torch.Tensor], model_parallel_size: int) -> None:
-    """Write one THUDM-layout file (``{"module": ..., "mp_world_size": ...}``) atomically, CPU tensors only."""
-    module = {key: tensor.detach().cpu() for key, tensor in module.items()}
-    save_torch_atomic({"module": module, "mp_world_size": model_parallel_size}, path)
+    """Write one THUDM-layout file from a state dict (any device: each tensor is copied to the host in turn)."""
+    plans = [TensorPlan(key, tuple(tensor.shape), tensor.dtype) for key, tensor in module.items()]
+    stream_module_file(path, plans, lambda key: module[key].detach().cpu(), model_parallel_size)
 
 
 def _gather_full(key: str, local: torch.Tensor) -> torch.Tensor:

@@ -12,21 +12,22 @@ from megatron_glm.checkpoint.convert import (
     DEFAULT_MAX_SHARD_BYTES,
     DTYPES,
     check_against_config,
+    checkpoint_source,
     export_hf,
     export_safetensors,
     export_thudm,
     hf_model_config,
     hf_source,
     source_config,
-    thudm_source,
 )
 from megatron_glm.checkpoint.reshard import reshard
 from megatron_glm.checkpoint.sat import export_sat, sat_model_fields, sat_source
-from megatron_glm.errors import run_cli
+from megatron_glm.errors import ConfigError, run_cli
 
 _EPILOG = """\
 Sources: a glm-pretrain save directory (its latest checkpoint), one of its step directories, a THUDM/GLM
-download (a directory with mp_rank_XX_model_states.pt files, or one such file). The head count and
+download (a directory with mp_rank_XX_model_states.pt files, or one such file), or a universal checkpoint
+written by glm-convert reshard (its fp32 master weights). The head count and
 tokenizer come from the config.yaml saved with glm-pretrain checkpoints, or from --config.
 
 Examples:
@@ -73,11 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     resharder = commands.add_parser(
         "reshard",
         help="move a training checkpoint (optimizer state included) to another TP x PP layout",
-        description="Convert a glm-pretrain checkpoint saved at any TP x PP x DP layout (ZeRO stage 1 or 2, fp32 "
-        "or bf16) into a universal checkpoint: full fp32 master weights and Adam moments "
+        description="Convert a glm-pretrain checkpoint saved at any TP x PP x DP layout (ZeRO stage 1, 2 or 3, "
+        "fp32 or bf16) into a universal checkpoint: full fp32 master weights and Adam moments "
         "under THUDM keys, Adam's step, the LR schedule and the data position. Its config.yaml is the "
         "source's with the target layout and checkpoint.save_dir set to OUTPUT, so `glm-pretrain --config "
-        "OUTPUT/<step>/config.yaml` resumes there (at ZeRO stage 1 or 2, any data-parallel size). "
+        "OUTPUT/<step>/config.yaml` resumes there (at ZeRO stage 1, 2 or 3, any data-parallel size). "
+        "Not supported: ZeRO-0 sources (DeepSpeed keeps no parameter-to-partition records for them: resume "
+        "at ZeRO-1 until the next checkpoint and reshard that) and ZeRO-0 targets (resume at ZeRO-1; the run "
+        "can change stage from its next regular checkpoint). glm-convert export and import read the output. "
         "Random states: a rank's streams belong to its place in the old layout and are not mapped; the "
         "resumed run re-seeds every rank as a fresh run at the new layout would, from training.seed + step "
         "(deterministic; exact continuation without dropout, other dropout masks with it).",
@@ -89,7 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     resharder.add_argument("--tensor-parallel-size", type=int, required=True, help="target TP size")
     resharder.add_argument("--pipeline-parallel-size", type=int, default=1, help="target PP size (default 1)")
     resharder.add_argument(
-        "--zero-stage", type=int, choices=(1, 2), help="target ZeRO stage (default: the source's)"
+        "--zero-stage",
+        type=int,
+        choices=(1, 2, 3),
+        help="target ZeRO stage (default: the source's)",
     )
     resharder.add_argument(
         "--trust-checkpoint", action="store_true", help="allow files beyond the tensor/metadata allowlist"
@@ -141,7 +148,7 @@ def run(args: argparse.Namespace) -> Path:
             ("--pipeline", args.pipeline_parallel_size),
         ):
             if size < 1:
-                raise CheckpointError(f"{flag}-parallel-size {size}: must be at least 1")
+                raise ConfigError(f"{flag}-parallel-size {size}: must be at least 1")
         return reshard(
             args.source,
             args.output,
@@ -151,7 +158,7 @@ def run(args: argparse.Namespace) -> Path:
             trust=args.trust_checkpoint,
         )
     if args.model_parallel_size < 1:
-        raise CheckpointError(f"--model-parallel-size {args.model_parallel_size}: must be at least 1")
+        raise ConfigError(f"--model-parallel-size {args.model_parallel_size}: must be at least 1")
     dtype = None if args.dtype == "keep" else DTYPES[args.dtype]
     trust = args.trust_checkpoint
     if args.command == "import" and args.origin == "hf":
@@ -178,7 +185,7 @@ def run(args: argparse.Namespace) -> Path:
             num_attention_heads=fields["num_attention_heads"],
             dtype=dtype,
         )
-    source = thudm_source(args.source, trust=trust)
+    source = checkpoint_source(args.source, trust=trust)  # THUDM layout, or reshard's universal checkpoint
     model = source_config(args.source, args.config)
     if model is not None:
         check_against_config(source.model_shape(), model, source.where)
