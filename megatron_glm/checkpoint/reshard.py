@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from megatron_glm.checkpoint import zero0
 from megatron_glm.checkpoint.files import (
     CONFIG_FILE,
     META_FILE,
@@ -92,24 +93,37 @@ class TrainingCheckpoint:
         self.world_size = int(meta["world_size"])
         self.dp = self.world_size // (self.tp * self.pp)
         self.zero_stage = p.zero_stage
-        # DeepSpeed's partitioning optimizers (ZeRO 1-3; bf16 runs' files carry a bf16_ prefix) record where each
-        # parameter lies in its partition; the plain optimizer of ZeRO-0 does not.
-        prefixed = [(self.tag_dir / optim_file_name(0, 0, bf16)).is_file() for bf16 in (False, True)]
-        if self.zero_stage not in (1, 2, 3) or not any(prefixed):
-            raise CheckpointError(
-                f"{tag_dir}: saved with parallel.zero_stage={self.zero_stage} (no {optim_file_name(0, 0, False)}); "
-                "reshard reads DeepSpeed's partitioned optimizer files of ZeRO stages 1 to 3. Resume the run at "
-                "its layout with parallel.zero_stage: 1 until its next checkpoint, then reshard that one"
-            )
-        self.bf16_optimizer = prefixed[1] and not prefixed[0]
-        self.models = [self._load(self._model_file_name(mp)) for mp in range(self.tp * self.pp)]
-        self.optims = [
-            [
-                self._load(optim_file_name(d, mp, self.bf16_optimizer))["optimizer_state_dict"]
-                for d in range(self.dp)
+        self._layer_files: dict[str, dict[str, Any]] = {}
+        if self.zero_stage == 0:
+            self.bf16_optimizer = False
+            self.models = [self._load(shard_file_name(mp)) for mp in range(self.tp * self.pp)]
+            for mp, model in enumerate(self.models):
+                if not isinstance(model.get("optimizer"), dict) or "state" not in model["optimizer"]:
+                    raise CheckpointError(
+                        f"{tag_dir / shard_file_name(mp)}: no optimizer state (a ZeRO-0 checkpoint keeps the "
+                        "torch optimizer's state_dict there); it was saved without the optimizer"
+                    )
+            self.optims = [[model["optimizer"]] for model in self.models]
+            no_decay = zero0.no_decay_keys(self.config)
+            self.zero0_entries = [
+                zero0.optimizer_entries(
+                    self.config, tag_dir, mp, model, self._layer_file, no_decay, self._thudm_key
+                )
+                for mp, model in enumerate(self.models)
             ]
-            for mp in range(self.tp * self.pp)
-        ]
+        else:
+            # DeepSpeed's partitioning optimizers (ZeRO 1-3; bf16 runs' files carry a bf16_ prefix) record where
+            # each parameter lies in its partition.
+            prefixed = [(self.tag_dir / optim_file_name(0, 0, bf16)).is_file() for bf16 in (False, True)]
+            self.bf16_optimizer = prefixed[1] and not prefixed[0]
+            self.models = [self._load(self._model_file_name(mp)) for mp in range(self.tp * self.pp)]
+            self.optims = [
+                [
+                    self._load(optim_file_name(d, mp, self.bf16_optimizer))["optimizer_state_dict"]
+                    for d in range(self.dp)
+                ]
+                for mp in range(self.tp * self.pp)
+            ]
         self.locations = self._locate()
         self.zero3_offsets = self._zero3_offsets() if self.zero_stage == 3 else {}
 
@@ -135,6 +149,33 @@ class TrainingCheckpoint:
                     )
         return offsets
 
+    def _layer_file(self, name: str) -> dict[str, Any]:
+        """A pipeline per-layer weights file (ZeRO-0 sources), loaded once."""
+        if name not in self._layer_files:
+            self._layer_files[name] = self._load(name)
+        return self._layer_files[name]
+
+    def _thudm_key(self, name: str) -> str:
+        return pipeline_key_to_thudm(name, self.config.model.num_layers) if self.pp > 1 else name
+
+    def _entries(self, mp: int) -> list[tuple[int, str, tuple[int, ...]]]:
+        """``[(group, name, shape)]`` of slice ``mp``'s parameters; at ZeRO-0 ``group`` is the optimizer index."""
+        if self.zero_stage == 0:
+            return [(index, name, shape) for index, (name, shape) in enumerate(self.zero0_entries[mp])]
+        shapes = self.models[mp].get("param_shapes")
+        if not shapes:
+            raise CheckpointError(
+                f"{self.tag_dir / self._model_file_name(mp)}: no param_shapes (not a ZeRO checkpoint)"
+            )
+        groups = self.optims[mp][0]["fp32_flat_groups" if self.zero_stage == 3 else "param_slice_mappings"]
+        if len(groups) != len(shapes):
+            raise CheckpointError(f"{self.tag_dir}: parameter groups of model and optimizer files differ")
+        return [
+            (group, name, tuple(shape))
+            for group, group_shapes in enumerate(shapes)
+            for name, shape in group_shapes.items()
+        ]
+
     def _load(self, name: str) -> dict[str, Any]:
         path = self.tag_dir / name
         if not path.is_file():
@@ -146,23 +187,13 @@ class TrainingCheckpoint:
 
     def _locate(self) -> dict[str, list[_Location]]:
         """``{THUDM key: [location of TP shard r for r in range(TP)]}``."""
-        layers = self.config.model.num_layers
         found: dict[str, dict[int, _Location]] = {}
-        for mp, (model, optims) in enumerate(zip(self.models, self.optims)):
+        for mp in range(len(self.models)):
             tp_rank = mp % self.tp
-            shapes = model.get("param_shapes")
-            if not shapes:
-                raise CheckpointError(
-                    f"{self.tag_dir / self._model_file_name(mp)}: no param_shapes (not a ZeRO checkpoint)"
-                )
-            groups = optims[0]["fp32_flat_groups" if self.zero_stage == 3 else "param_slice_mappings"]
-            if len(groups) != len(shapes):
-                raise CheckpointError(f"{self.tag_dir}: parameter groups of model and optimizer files differ")
-            for group, group_shapes in enumerate(shapes):
-                for name, shape in group_shapes.items():
-                    key = pipeline_key_to_thudm(name, layers) if self.pp > 1 else name
-                    # Tied embeddings sit on the first and the last stage with the same values: keep one.
-                    found.setdefault(key, {}).setdefault(tp_rank, _Location(mp, group, name, tuple(shape)))
+            for group, name, shape in self._entries(mp):
+                # Tied embeddings sit on the first and the last stage with the same values: keep one.
+                key = self._thudm_key(name)
+                found.setdefault(key, {}).setdefault(tp_rank, _Location(mp, group, name, shape))
         for key, shards in found.items():
             if sorted(shards) != list(range(self.tp)):
                 raise CheckpointError(f"{self.tag_dir}: {key} lacks tensor-parallel shards {sorted(shards)}")
@@ -179,6 +210,8 @@ class TrainingCheckpoint:
 
     def _base_state(self, optim: dict) -> dict:
         """The wrapped torch optimizer's per-group state (``{group: {exp_avg, exp_avg_sq, step}}``)."""
+        if self.zero_stage == 0:  # the torch optimizer's own state_dict: {parameter index: state}
+            return optim["state"]
         base = optim["optimizer_state_dict"] if self.zero_stage == 3 else optim["base_optimizer_state"]
         return base["state"] if isinstance(base, dict) else dict(enumerate(base))
 
@@ -189,6 +222,13 @@ class TrainingCheckpoint:
         return self._base_state(optim)[group][state]
 
     def _shard(self, where: _Location, state: str) -> torch.Tensor:
+        if self.zero_stage == 0:  # every data-parallel replica holds everything; rank 0's file is saved
+            if state == "fp32":
+                model = self.models[where.mp]
+                found = zero0.fp32_weight(where.mp, self.tp, where.name, model, self._layer_file)
+            else:
+                found = self.optims[where.mp][0]["state"][where.group][state]
+            return found.view(where.shape).float()
         pieces = []
         for optim in self.optims[where.mp]:
             if self.zero_stage == 3:

@@ -80,11 +80,11 @@ def load_universal(engine, tag_dir: Path, *, num_layers: int, vocab_multiple: in
     optimizer = engine.optimizer
     zero3 = hasattr(optimizer, "fp32_partitioned_groups_flat")
     owner = _partition_owner(optimizer)
-    if owner is None and not zero3:
+    plain = owner is None and not zero3 and isinstance(optimizer, torch.optim.Optimizer)
+    if owner is None and not zero3 and not plain:
         raise CheckpointError(
-            f"{tag_dir}: a universal checkpoint loads into DeepSpeed's ZeRO stage 1, 2 or 3 optimizer, this job "
-            f"runs {type(optimizer).__name__}; set parallel.zero_stage to 1, 2 or 3 for the resumed run (it can "
-            "change stage again from its next regular checkpoint)"
+            f"{tag_dir}: a universal checkpoint loads into a torch optimizer (ZeRO-0) or DeepSpeed's ZeRO stage "
+            f"1, 2 or 3 optimizer, this job runs {type(optimizer).__name__}"
         )
     tp_rank = parallel_state.get_tensor_parallel_rank()
     tp_size = parallel_state.get_tensor_parallel_world_size()
@@ -116,6 +116,15 @@ def load_universal(engine, tag_dir: Path, *, num_layers: int, vocab_multiple: in
 
     if zero3:
         _load_zero3(engine, local_states, adam_step)
+    elif plain:  # ZeRO-0: the torch optimizer itself, with its state per parameter
+        for name, param in engine.module.named_parameters():
+            local = {state: t.to(param.device) for state, t in local_states(name, param.shape).items()}
+            param.data.copy_(local["fp32"].to(param.dtype))
+            optimizer.state[param].update(
+                step=torch.tensor(adam_step, dtype=torch.float32, device=param.device),
+                exp_avg=local["exp_avg"].to(param.dtype).contiguous(),
+                exp_avg_sq=local["exp_avg_sq"].to(param.dtype).contiguous(),
+            )
     else:
         base, flats = owner
         for name, param in engine.module.named_parameters():

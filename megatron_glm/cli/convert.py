@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     resharder.add_argument(
         "--zero-stage",
         type=int,
-        choices=(1, 2, 3),
+        choices=(0, 1, 2, 3),
         help="target ZeRO stage (default: the source's)",
     )
     resharder.add_argument(
