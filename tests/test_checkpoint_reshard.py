@@ -1,6 +1,6 @@
 """glm-convert reshard: a TP2 x PP2 ZeRO-1 training checkpoint (optimizer state included) resumed at TP1 x PP1
-and at TP4 continues with the losses of the run that went on at the old layout; bad targets and a missing
-file give one message and write nothing."""
+and at TP4 continues with the losses of the run that went on at the old layout, as do bf16, ZeRO-3 and ZeRO-0
+checkpoints (ZeRO-0 also as the target); bad targets and a missing file give one message and write nothing."""
 
 import json
 import math
@@ -187,7 +187,54 @@ def test_a_zero3_checkpoint_reshards_and_resumes_at_zero3(tmp_path):
         assert math.isclose(resumed[step], reference[step], rel_tol=REL_TOL), (step, resumed, reference)
 
 
-def test_a_zero0_source_is_refused_with_the_way_out(tp2pp2_run, tmp_path, capsys):
+def test_a_zero0_checkpoint_reshards_and_resumes_at_zero0_and_zero1(tmp_path):
+    """ZeRO-0 (the torch optimizer's own state_dict, indexed by parameter) at TP2 -> TP1 at ZeRO-0 and ZeRO-1."""
+    from tests.glm_corpora import austen_corpus
+    from tests.training_runs import run_pretrain, tiny_overrides
+
+    corpus = austen_corpus(tmp_path, 0, 6)
+    run = tmp_path / "run"
+    settings = {"checkpoint.interval": 2, "parallel.tensor_parallel_size": 2, "parallel.zero_stage": 0}
+    run_pretrain(2, tiny_overrides(corpus, tmp_path / "samples", run, **settings))
+    assert not list((run / "checkpoints" / "2").glob("*optim_states.pt"))
+    reference = step_losses(run)
+    for stage in (0, 1):
+        output = tmp_path / f"zero{stage}"
+        arguments = ["reshard", "--tensor-parallel-size", "1", "--zero-stage", str(stage)]
+        assert convert([*arguments, str(run / "checkpoints" / "2"), str(output)]) == 0
+        assert f"zero_stage: {stage}" in (output / "2" / "config.yaml").read_text()
+        state = json.loads((output / "2" / "universal" / "state.json").read_text())
+        assert state["adam_step"] == 2 and state["source_layout"]["zero_stage"] == 0
+        _resume(1, output / "2" / "config.yaml", output / "logs")
+        resumed = step_losses(output)
+        assert sorted(resumed) == [3, 4]
+        for step in (3, 4):
+            assert math.isclose(resumed[step], reference[step], rel_tol=REL_TOL), (
+                stage,
+                step,
+                resumed,
+                reference,
+            )
+
+
+def test_a_zero1_pipeline_checkpoint_resumes_at_zero0(tp2pp2_run, tmp_path):
+    _, run = tp2pp2_run
+    reference = step_losses(run)
+    output = tmp_path / "resharded"
+    arguments = ["reshard", "--tensor-parallel-size", "1", "--zero-stage", "0"]
+    assert convert([*arguments, str(run / "checkpoints" / "2"), str(output)]) == 0
+    _resume(1, output / "2" / "config.yaml", tmp_path / "logs")
+    resumed = step_losses(tmp_path)
+    assert sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert math.isclose(resumed[step], reference[step], rel_tol=REL_TOL), (step, resumed, reference)
+    # The resumed ZeRO-0 run's own checkpoint reshards again (a ZeRO-0 source), to the same masters' layout.
+    again = tmp_path / "again"
+    assert convert(["reshard", "--tensor-parallel-size", "2", str(output / "4"), str(again)]) == 0
+    assert "zero_stage: 0" in (again / "4" / "config.yaml").read_text()
+
+
+def test_a_zero0_checkpoint_without_optimizer_state_is_refused(tp2pp2_run, tmp_path, capsys):
     _, run = tp2pp2_run
     source = tmp_path / "copy"
     shutil.copytree(run / "checkpoints" / "2", source)
@@ -195,8 +242,5 @@ def test_a_zero0_source_is_refused_with_the_way_out(tp2pp2_run, tmp_path, capsys
     config.write_text(config.read_text().replace("zero_stage: 1", "zero_stage: 0"))
     assert convert(["reshard", "--tensor-parallel-size", "1", str(source), str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert (
-        "saved with parallel.zero_stage=0" in err
-        and "parallel.zero_stage: 1 until its next checkpoint" in err
-    )
+    assert "mp_rank_00_model_states.pt: no optimizer state" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
