@@ -14,7 +14,9 @@ ZeRO-3 (weights partitioned too) keeps the run's state in ``zero_pp_rank_d_mp_ra
 per rank, the same counters) and the optimizer files' ``fp32_flat_groups``: each rank's flat partition of a
 parameter group is the concatenation, in ``param_shapes`` order, of every parameter's ``ceil(numel / DP)``-element
 slice (the last rank's zero-padded), as DeepSpeed's ``zero_to_fp32`` reads them; Adam's moments lie the same way.
-ZeRO-0 runs keep a plain optimizer state without these records and are refused (resume them at ZeRO-1 first).
+ZeRO-0 runs (fp32 only) keep the torch optimizer's own ``state_dict`` in the model-states files, indexed by
+parameter in param-group order, and the weights under ``'module'`` (pipeline runs: the per-layer files);
+``zero0.py`` names each entry by rebuilding glm-pretrain's parameter groups.
 
 Writing (``universal.py`` reads it back): ``<output>/<step>/universal/{fp32,exp_avg,exp_avg_sq}.safetensors``
 hold the full tensors under THUDM keys, ``state.json`` the counters; ``config.yaml`` is the source's with the

@@ -4,8 +4,9 @@
 ``exp_avg_sq.safetensors`` (Adam's moments), each the full tensors under THUDM keys, and ``state.json``
 (Adam's step, the LR schedule, DeepSpeed's step/sample counters, glm-pretrain's client state: step,
 consumed samples). ``glm-convert reshard`` writes them (``reshard.py``); ``load_universal`` puts them into a
-freshly built DeepSpeed engine at the job's own TP x PP x DP (ZeRO stage 1, 2 or 3): each rank cuts its TP
-shard (``layout``'s rules), writes the weights, and writes its fragment of every flat ZeRO partition through
+freshly built DeepSpeed engine at the job's own TP x PP x DP (ZeRO stage 0, 1, 2 or 3): each rank cuts its TP
+shard (``layout``'s rules), writes the weights, and at ZeRO-0 sets the torch optimizer's state per parameter
+(Adam's moments and step); otherwise it writes its fragment of every flat ZeRO partition through
 the parameter -> partition address records DeepSpeed keeps on each parameter (``_hp_mapping``) at stages 1
 and 2, or by ZeRO-3's rule (each parameter cut in DP equal slices) at stage 3, as DeepSpeed's own
 universal-checkpoint loaders do.

@@ -74,14 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     resharder = commands.add_parser(
         "reshard",
         help="move a training checkpoint (optimizer state included) to another TP x PP layout",
-        description="Convert a glm-pretrain checkpoint saved at any TP x PP x DP layout (ZeRO stage 1, 2 or 3, "
-        "fp32 or bf16) into a universal checkpoint: full fp32 master weights and Adam moments "
+        description="Convert a glm-pretrain checkpoint saved at any TP x PP x DP layout (ZeRO stage 0, 1, 2 or "
+        "3, fp32 or bf16) into a universal checkpoint: full fp32 master weights and Adam moments "
         "under THUDM keys, Adam's step, the LR schedule and the data position. Its config.yaml is the "
         "source's with the target layout and checkpoint.save_dir set to OUTPUT, so `glm-pretrain --config "
-        "OUTPUT/<step>/config.yaml` resumes there (at ZeRO stage 1, 2 or 3, any data-parallel size). "
-        "Not supported: ZeRO-0 sources (DeepSpeed keeps no parameter-to-partition records for them: resume "
-        "at ZeRO-1 until the next checkpoint and reshard that) and ZeRO-0 targets (resume at ZeRO-1; the run "
-        "can change stage from its next regular checkpoint). glm-convert export and import read the output. "
+        "OUTPUT/<step>/config.yaml` resumes there (at ZeRO stage 0, 1, 2 or 3, any data-parallel size; ZeRO-0 "
+        "needs training.precision fp32). glm-convert export and import read the output. "
         "Random states: a rank's streams belong to its place in the old layout and are not mapped; the "
         "resumed run re-seeds every rank as a fresh run at the new layout would, from training.seed + step "
         "(deterministic; exact continuation without dropout, other dropout masks with it).",
@@ -96,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--zero-stage",
         type=int,
         choices=(0, 1, 2, 3),
-        help="target ZeRO stage (default: the source's)",
+        help="target ZeRO stage, 0 to 3 (default: the source's; 0 only for fp32 runs)",
     )
     resharder.add_argument(
         "--trust-checkpoint", action="store_true", help="allow files beyond the tensor/metadata allowlist"
