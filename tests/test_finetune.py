@@ -78,7 +78,7 @@ def _finetune_both(rank, world_size, out_dir):
         dev = [cloze_example(r, f"dev:{i}", TASK, tokenizer) for i, r in enumerate(dev)]
         torch.manual_seed(0)
         result = finetune_cloze(cfg, train, dev, tokenizer, epochs=8, output_dir=f"{out_dir}/{name}")
-        results[name] = (result.dev_accuracy, result.best_dir, result.train_loss)
+        results[name] = (result.scores, result.best_dir, result.train_loss)
     return results
 
 

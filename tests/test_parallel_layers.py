@@ -17,6 +17,7 @@ from megatron_glm.parallel import (
 from tests.multiproc import run_ranks
 
 IN, OUT, VOCAB, ROWS = 16, 24, 32, 6
+SMOOTHING = 0.1  # seq2seq finetuning's label smoothing (THUDM's configs use 0.1)
 
 
 def _inputs():
@@ -68,6 +69,11 @@ def _layers_at(tp):
     losses = vocab_parallel_cross_entropy(logits, data["targets"])
     (losses * data["loss_weights"]).sum().backward()
     out["cross_entropy"] = (losses.detach(), logits.grad)
+
+    logits = shard(data["logits"], 1, parallel.get_tensor_parallel_rank(), tp).clone().requires_grad_()
+    losses = vocab_parallel_cross_entropy(logits, data["targets"], label_smoothing=SMOOTHING)
+    (losses * data["loss_weights"]).sum().backward()
+    out["smoothed_cross_entropy"] = (losses.detach(), logits.grad)
 
     bf16_logits = logits.detach().bfloat16().requires_grad_()
     vocab_parallel_cross_entropy(bf16_logits, data["targets"]).sum().backward()
@@ -142,17 +148,18 @@ def test_vocab_parallel_embedding_equals_dense(results, tp):
 
 
 @pytest.mark.parametrize("tp", [2, 4])
-def test_vocab_parallel_cross_entropy_equals_full(results, tp):
+@pytest.mark.parametrize("smoothing", [0.0, SMOOTHING])
+def test_vocab_parallel_cross_entropy_equals_full(results, tp, smoothing):
     data = _inputs()
     logits = data["logits"].clone().requires_grad_()
-    losses = F.cross_entropy(logits, data["targets"], reduction="none")
+    # torch's label smoothing is THUDM's: (1 - eps) CE + eps mean over the vocabulary of -log softmax.
+    losses = F.cross_entropy(logits, data["targets"], reduction="none", label_smoothing=smoothing)
     (losses * data["loss_weights"]).sum().backward()
+    name = "smoothed_cross_entropy" if smoothing else "cross_entropy"
     for rank in range(tp):
-        torch.testing.assert_close(results[rank][tp]["cross_entropy"][0], losses.detach(), **TOLERANCE)
+        torch.testing.assert_close(results[rank][tp][name][0], losses.detach(), **TOLERANCE)
         assert results[rank][tp]["cross_entropy_bf16_grad_dtype"] == torch.bfloat16
-    torch.testing.assert_close(
-        unshard(_shards(results, tp, "cross_entropy", 1), dim=1), logits.grad, **TOLERANCE
-    )
+    torch.testing.assert_close(unshard(_shards(results, tp, name, 1), dim=1), logits.grad, **TOLERANCE)
 
 
 def test_strided_shards_hold_each_ranks_query_key_value():

@@ -33,15 +33,22 @@ def loss_rows(hidden: torch.Tensor, loss_index: torch.Tensor) -> torch.Tensor:
 
 
 def masked_token_mean(
-    logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor, loss_index: torch.Tensor
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    loss_mask: torch.Tensor,
+    loss_index: torch.Tensor,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """``sum(CE * loss_mask) / sum(loss_mask)`` (fp32) from the logits of the ``loss_rows`` only.
 
     ``targets`` and ``loss_mask`` are the full ``[B, T]`` tensors; a micro-batch without any loss
-    position gives 0 (and zero gradients) rather than 0/0.
+    position gives 0 (and zero gradients) rather than 0/0. ``label_smoothing`` (finetuning only) as in
+    ``vocab_parallel_cross_entropy``.
     """
     weights = loss_mask.reshape(-1).float()
-    losses = vocab_parallel_cross_entropy(logits, targets.reshape(-1).index_select(0, loss_index))
+    losses = vocab_parallel_cross_entropy(
+        logits, targets.reshape(-1).index_select(0, loss_index), label_smoothing
+    )
     return (losses * weights.index_select(0, loss_index)).sum() / weights.sum().clamp(min=1.0)
 
 
@@ -67,10 +74,12 @@ class GLMLoss:
     """The loss function the DeepSpeed engines call with ``(logits, labels)``, ``labels`` being
     ``(targets, loss_mask, objective, loss_index)``: the token mean in training, and the per-objective sums
     inside ``per_objective_sums()`` (DeepSpeed's pipeline engine takes a single loss function, so evaluation
-    switches this one's mode for its duration)."""
+    switches this one's mode for its duration). ``label_smoothing`` applies to the training loss only
+    (seq2seq finetuning sets it on the engine's loss; pretraining leaves it 0, as THUDM/GLM does)."""
 
-    def __init__(self) -> None:
+    def __init__(self, label_smoothing: float = 0.0) -> None:
         self._per_objective = False
+        self.label_smoothing = label_smoothing
 
     @contextlib.contextmanager
     def per_objective_sums(self) -> Iterator[None]:
@@ -84,7 +93,7 @@ class GLMLoss:
     def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
         targets, loss_mask, objective, loss_index = labels
         if not self._per_objective:
-            return masked_token_mean(logits, targets, loss_mask, loss_index)
+            return masked_token_mean(logits, targets, loss_mask, loss_index, self.label_smoothing)
         weights = loss_mask.reshape(-1).float().index_select(0, loss_index)
         losses = (
             vocab_parallel_cross_entropy(logits, targets.reshape(-1).index_select(0, loss_index)) * weights

@@ -9,6 +9,11 @@ vocab range) and three small all-reduces over ``[N]`` vectors give the loss:
     loss   = log S - (z_t - m)
 
 The gradient is ``softmax - one_hot(target)`` restricted to the local range. All math is fp32.
+
+Label smoothing eps (THUDM/GLM's seq2seq ``--label-smoothing``, as ``torch.nn.functional.cross_entropy``):
+``(1 - eps) CE + eps mean_v(-log softmax_v)``, the mean over the whole (padded) vocabulary V. With
+``mean_v(-log softmax_v) = log S + m - mean_v(logit_v)`` it needs one more all-reduce, of the row sums; the
+gradient becomes ``softmax - (1 - eps) one_hot(target) - eps / V``.
 """
 
 from __future__ import annotations
@@ -27,15 +32,25 @@ def _all_reduce(x: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> None:
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0
+    ) -> torch.Tensor:
         ctx.logits_dtype = logits.dtype
+        ctx.label_smoothing = label_smoothing
         logits = logits.float()
         row_max = logits.max(dim=-1).values
         _all_reduce(row_max, dist.ReduceOp.MAX)
         shifted = logits - row_max.unsqueeze(-1)
+        vocab = logits.shape[-1] * state.get_tensor_parallel_world_size()
+        ctx.vocab = vocab
+        mean_shifted = None
+        if label_smoothing:
+            mean_shifted = shifted.sum(dim=-1)
+            _all_reduce(mean_shifted)
+            mean_shifted /= vocab
 
         start, end = vocab_range(
-            logits.shape[-1] * state.get_tensor_parallel_world_size(),
+            vocab,
             state.get_tensor_parallel_rank(),
             state.get_tensor_parallel_world_size(),
         )
@@ -49,20 +64,29 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         _all_reduce(sum_exp)
         softmax = exp.div_(sum_exp.unsqueeze(-1))
         ctx.save_for_backward(softmax, local_targets, outside)
-        return sum_exp.log() - target_logit
+        loss = sum_exp.log() - target_logit
+        if mean_shifted is not None:
+            loss = (1 - label_smoothing) * loss + label_smoothing * (sum_exp.log() - mean_shifted)
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         softmax, local_targets, outside = ctx.saved_tensors
         grad = softmax.clone()
-        inside = (~outside).to(grad.dtype)
+        eps = ctx.label_smoothing
+        inside = (~outside).to(grad.dtype) * (1 - eps)
         grad.scatter_add_(-1, local_targets.unsqueeze(-1), -inside.unsqueeze(-1))
-        return grad.mul_(grad_loss.unsqueeze(-1)).to(ctx.logits_dtype), None
+        if eps:
+            grad.sub_(eps / ctx.vocab)
+        return grad.mul_(grad_loss.unsqueeze(-1)).to(ctx.logits_dtype), None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Per-position cross entropy ``[...]`` (fp32) of vocab-parallel ``logits [..., V / tp]``.
 
-    ``targets`` hold global token ids in ``[0, V)``. The gradient flows back in the logits' dtype.
+    ``targets`` hold global token ids in ``[0, V)``; ``label_smoothing`` eps mixes in the mean over the
+    vocabulary of ``-log softmax`` (see the module docstring). The gradient flows back in the logits' dtype.
     """
-    return _VocabParallelCrossEntropy.apply(logits, targets)
+    return _VocabParallelCrossEntropy.apply(logits, targets, label_smoothing)
