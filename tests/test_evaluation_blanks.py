@@ -163,9 +163,9 @@ def test_words_exclude_punctuation_and_the_table_states_both_target_sets():
 
 def test_eval_blanks_command_prints_the_table_for_a_checkpoint(tmp_path, capsys):
     """glm-eval-blanks end to end: held-out windows of a real corpus, a saved checkpoint, the table."""
+    from megatron_glm.checkpoint import save_thudm_checkpoint
     from megatron_glm.cli.eval_blanks import main
     from megatron_glm.config import load_config, padded_vocab_size
-    from megatron_glm.checkpoint import save_thudm_checkpoint
     from tests.glm_corpora import austen_corpus
     from tests.training_runs import TINY_CONFIG, tiny_overrides
 
