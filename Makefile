@@ -19,7 +19,7 @@ demo: install
 	$(ENV) ./run/demo.sh
 
 test: install
-	$(ENV) $(BIN)/python -m pytest tests -q
+	$(ENV) $(BIN)/python -m pytest tests -q -n 2 --dist loadfile
 
 test-fast: install
 	$(ENV) $(BIN)/python -m pytest tests -q -m "not slow"

@@ -5,7 +5,7 @@ same dropout and the same step: forward, loss, backward, fused ``torch.optim.Ada
 weights themselves are bf16 (what DeepSpeed's bf16 mode runs the model in). GLM runs once per kernel
 backend (``--kernels``: Triton and/or torch); BERT uses torch's SDPA attention. Steps are timed in turns,
 and the matmul peak is measured in the same run (the fastest square matmul in the same dtype, up to
-8192^3 on a GPU and 2048^3 on a CPU, ``training.hardware.measure_matmul_peak``), so the MFU and the ratios do not depend on how busy the machine was at another time.
+8192^3 on a GPU and 1024^3 on a CPU, ``training.hardware.measure_matmul_peak``), so the MFU and the ratios do not depend on how busy the machine was at another time.
 
     python benchmarks/bench_model.py                        # glm-base shape: 12 x 768, 12 heads, T = 512
     python benchmarks/bench_model.py --preset glm-large     # 24 x 1024, 16 heads, T 512, batch 16, bf16

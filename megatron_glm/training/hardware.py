@@ -16,7 +16,9 @@ import torch
 
 # The largest square matmul timed (what saturates the device) and the time one matmul may take before the
 # size stops growing; the whole measurement stays within about `budget_s`.
-_MAX_SIZE = {"cuda": 8192, "cpu": 2048}
+_MAX_SIZE = {"cuda": 8192, "cpu": 1024}
+# A GPU needs a longer look to reach its clock and saturate; a CPU core is at its peak within 1024^3.
+_BUDGET_S = {"cuda": 1.0, "cpu": 0.3}
 _MIN_SIZE = 128
 
 
@@ -33,14 +35,16 @@ def _time_matmul(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> floa
     return time.perf_counter() - start
 
 
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, budget_s: float = 1.0) -> float:
-    """FLOP/s of the fastest square matmul on ``device`` in ``dtype``, measured in about ``budget_s``.
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype, budget_s: float | None = None) -> float:
+    """FLOP/s of the fastest square matmul on ``device`` in ``dtype``, measured in about ``budget_s``
+    (default: 1 s on a GPU, 0.3 s on a CPU).
 
     The size doubles from 128 while one matmul takes less than a tenth of the budget (and up to 8192 on
-    GPUs, 2048 on CPUs); the largest size is then timed as often as the rest of the budget allows. The first
+    GPUs, 1024 on CPUs); the largest size is then timed as often as the rest of the budget allows. The first
     call at each size pays for kernel selection and packing and is not counted.
     """
     max_size = _MAX_SIZE.get(device.type, _MAX_SIZE["cpu"])
+    budget_s = budget_s if budget_s is not None else _BUDGET_S.get(device.type, _BUDGET_S["cpu"])
     # A private generator: how many numbers the probe draws depends on the device's speed, and the global
     # streams (dropout) must not, or two runs of one seed would differ.
     generator = torch.Generator(device=device).manual_seed(0)
@@ -101,7 +105,7 @@ def emulated_bf16_warning(
     the device computes bf16 natively."""
     if native_bf16(device):
         return None
-    measure = measure or (lambda dtype: measure_matmul_peak(device, dtype, budget_s=0.5))
+    measure = measure or (lambda dtype: measure_matmul_peak(device, dtype))
     fp32, bf16 = measure(torch.float32), measure(torch.bfloat16)
     return (
         f"training.precision=bf16 on a {device.type} without native bf16 (torch dispatches "
