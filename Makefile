@@ -22,7 +22,7 @@ test: install
 	$(ENV) $(BIN)/python -m pytest tests -q -n 2 --dist loadfile
 
 test-fast: install
-	$(ENV) $(BIN)/python -m pytest tests -q -m "not slow"
+	$(ENV) $(BIN)/python -m pytest tests -q -n 2 --dist loadfile -m "not slow"
 
 lint: install
 	$(BIN)/ruff check megatron_glm kernels data_tools tests run benchmarks
