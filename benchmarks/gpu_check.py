@@ -18,7 +18,7 @@ DeepSpeed's CPU accelerator and Triton's interpreter), to check the script itsel
 
     benchmarks/gpu_deps.sh                                          # once, where pip works
     PYTHONPATH=$PWD:$PWD/gpu-deps python3 benchmarks/gpu_check.py --out outputs/gpu-check
-    python benchmarks/gpu_check.py --smoke --out /tmp/smoke         # the same stages, tiny, on a CPU
+    python benchmarks/gpu_check.py --smoke --out smoke-report      # the same stages, tiny, on a CPU
 """
 
 from __future__ import annotations
