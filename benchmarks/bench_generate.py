@@ -21,26 +21,15 @@ import time
 
 import torch
 
-from data_tools.tokenizer import CommandTokens
+from data_tools.tokenizer import load_tokenizer
 from megatron_glm import parallel
 from megatron_glm.config import ModelConfig
 from megatron_glm.generation import GenerationConfig, generate_ids, prompt_from_ids
 from megatron_glm.model import GLMModel
 
-VOCAB = 30592
-COMMAND = CommandTokens(
-    pad=0,
-    eos=0,
-    cls=101,
-    mask=103,
-    sep=102,
-    unk=100,
-    sop=30522,
-    eop=30523,
-    gmask=30524,
-    smask=30525,
-    dblock=30526,
-)
+TOKENIZER = load_tokenizer("bert-base-uncased")
+VOCAB = TOKENIZER.padded_vocab_size(128)  # 30592, as glm-tiny
+COMMAND = TOKENIZER.command
 
 
 def parse_args() -> argparse.Namespace:
