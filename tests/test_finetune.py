@@ -4,7 +4,6 @@ dev accuracy jumps from 0.5 to > 0.8 around epoch 5); the same run with labels d
 chance. 30 s (idle) to 100 s (loaded) on the 2-core machine, hence slow. The best epoch's weights are written in THUDM's layout. Bad rows are named."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from data_tools.tokenizer import load_tokenizer
 from megatron_glm.finetune import ClozeTask, cloze_example
 from tests.glm_corpora import austen_chapters
 from tests.multiproc import run_ranks
+from tests.training_runs import pretrain_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = ClozeTask(pattern="{text} Is it about her? [MASK].", verbalizer={"yes": "yes", "no": "no"})
@@ -136,7 +136,7 @@ def _cli_files(tmp_path, train_rows):
 
 def test_finetune_cli_trains_and_keeps_the_best_weights(tmp_path):
     args, _ = _cli_files(tmp_path, _records(False)[0][:16])
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = pretrain_env()
     done = subprocess.run(
         [sys.executable, "-m", "megatron_glm.cli.finetune", *args],
         capture_output=True,

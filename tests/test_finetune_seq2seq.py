@@ -4,7 +4,6 @@ which words are frequent); THUDM's layout, ROUGE on hand-counted cases,
 bad rows named by file:line with nothing written, and the command end to end."""
 
 import json
-import os
 import random
 import re
 import subprocess
@@ -21,6 +20,7 @@ from megatron_glm.evaluation.rouge import lcs_length, rouge_l, rouge_n, rouge_sc
 from megatron_glm.finetune import seq2seq_example
 from tests.glm_corpora import austen_chapters
 from tests.multiproc import run_ranks
+from tests.training_runs import pretrain_env
 
 ROOT = Path(__file__).resolve().parents[1]
 # The demo's 4,000-token BPE (trained on the same Austen text): a small output layer keeps steps cheap.
@@ -185,7 +185,7 @@ def _cli_args(tmp_path, train_rows, dev_rows, *extra):
 def test_finetune_seq2seq_cli_trains_decodes_and_keeps_the_best_weights(tmp_path):
     train, dev = _splits(shuffled=False)
     args, _, _ = _cli_args(tmp_path, train[:16], dev[:4], "--label-smoothing", "0.1", "--num-beams", "2")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = pretrain_env()
     done = subprocess.run(
         [sys.executable, "-m", "megatron_glm.cli.finetune", *args],
         capture_output=True,
