@@ -48,8 +48,9 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 def _dropout_arguments(dropout_p: float) -> tuple[int, float]:
-    """``(threshold, scale)``: keep where the 31-bit random number is ``>= p * 2**31``; scale kept by ``1/(1-p)``."""
-    return int(dropout_p * 2**31), 1.0 / (1.0 - dropout_p)
+    """``(threshold, scale)``: keep where the 16-bit uniform is ``>= round(p * 65536)`` (p quantized to 1/65536,
+    as ``kernels.dropout`` does on CPUs); scale what is kept by ``1 / (1 - p)``."""
+    return min(round(dropout_p * 65536), 65536), 1.0 / (1.0 - dropout_p)
 
 
 def _kernel_flags(q: torch.Tensor, lengths: torch.Tensor | None, dropout_p: float) -> dict:

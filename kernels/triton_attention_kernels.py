@@ -9,9 +9,14 @@ Softmax runs in the log2 domain (``exp2`` of scores pre-multiplied by ``scale * 
 and accumulators. The forward stores the per-row log-sum-exp (log2 units); padding rows store ``+inf`` so that
 the recomputed probabilities of those rows are exactly 0 in the backward and they pass no gradient.
 
-Dropout draws one Philox number per (sample, head, query, key): ``tl.philox`` keyed by the seed, with the
-counter ``(j, i, b * H + h, 0)``. It depends on nothing but the seed and the coordinates, so the backward
-kernels (other tilings, other loop orders) replay exactly the forward's mask.
+Dropout: one Philox call (``tl.philox``, 7 rounds, keyed by the seed) with the counter ``(j // 8, i, b * H + h,
+0)`` yields four 32-bit numbers, i.e. eight 16-bit uniforms: the keep decisions of query i against keys
+``8 * (j // 8) .. 8 * (j // 8) + 7`` (key j takes uniform ``j % 8``; kept iff it is ``>= round(p * 65536)``, so p
+is quantized to 1/65536 as in ``kernels.dropout``). Philox is the costly part of in-kernel dropout (one 10-round
+call per element cost several times the tile's two matmuls); eight elements per call with 7 rounds (Philox4x32-7,
+the fewest rounds Salmon et al. 2011 found to pass BigCrush, as FlashAttention uses) cut it ~11x. The mask
+depends on nothing but the seed and the coordinates, and every tile starts at a multiple of 8 keys, so the
+backward kernels (other tilings, other loop orders) replay exactly the forward's mask.
 """
 
 from __future__ import annotations
@@ -111,12 +116,23 @@ def _load_rows(
     return tile
 
 
+DROPOUT_GROUP = tl.constexpr(8)  # keys per Philox call: four 32-bit outputs, two 16-bit uniforms each
+PHILOX_ROUNDS = tl.constexpr(7)
+
+
 @triton.jit
-def _dropout_keep(seed, query_index, key_index, bh, threshold):
-    """Keep decisions of a tile: Philox keyed by ``seed`` with the counter (key j, query i, b * H + h, 0), i.e.
-    one number per element that does not depend on the tiling. Kept iff its top 31 bits >= p * 2**31."""
-    random, _, _, _ = tl.philox(seed, key_index, query_index, bh, 0)
-    return (random >> 1).to(tl.int32, bitcast=True) >= threshold
+def _dropout_keep(seed, query_index, start_n, bh, threshold, BLOCK_N: tl.constexpr):
+    """Keep decisions ``[len(query_index), BLOCK_N]`` of queries ``query_index`` against keys ``start_n ..
+    start_n + BLOCK_N - 1`` (``start_n`` a multiple of 8): one Philox call per query and group of 8 keys,
+    counter (key group, query, b * H + h, 0), its outputs split into eight 16-bit uniforms; a key is kept
+    iff its uniform is ``>= threshold`` (``round(p * 65536)``)."""
+    groups = start_n // DROPOUT_GROUP + tl.arange(0, BLOCK_N // DROPOUT_GROUP)
+    r0, r1, r2, r3 = tl.philox(seed, groups[None, :], query_index[:, None], bh, 0, PHILOX_ROUNDS)
+    low = 0xFFFF
+    pairs01 = tl.join(tl.join(r0 & low, r0 >> 16), tl.join(r1 & low, r1 >> 16))
+    pairs23 = tl.join(tl.join(r2 & low, r2 >> 16), tl.join(r3 & low, r3 >> 16))
+    uniforms = tl.reshape(tl.join(pairs01, pairs23), [query_index.shape[0], BLOCK_N])
+    return uniforms.to(tl.int32, bitcast=True) >= threshold
 
 
 @triton.jit
@@ -141,13 +157,13 @@ def _forward_block(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, query_index[:, None], offs_n[None, :], bh, dropout_threshold)
+        keep = _dropout_keep(seed, query_index, start_n, bh, dropout_threshold, BLOCK_N)
         p = tl.where(keep, p * dropout_scale, 0.0)
     acc = tl.dot(dot_operand(p, V.dtype.element_ty, EMULATE_BF16), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
-@triton.autotune(configs=_FORWARD_CONFIGS, key=_TUNING_KEY)
+@triton.autotune(configs=_FORWARD_CONFIGS, key=_TUNING_KEY, cache_results=True)
 @triton.jit
 def attention_forward_kernel(
     Q, K, V, Out, Lse, Sep, Lengths, Seed,
@@ -255,13 +271,13 @@ def _dq_block(
     p = tl.math.exp2(scores - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, query_index[:, None], offs_n[None, :], bh, dropout_threshold)
+        keep = _dropout_keep(seed, query_index, start_n, bh, dropout_threshold, BLOCK_N)
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     ds = p * (dp - delta[:, None])
     return tl.dot(dot_operand(ds, K.dtype.element_ty, EMULATE_BF16), k, dq, input_precision=DOT_PRECISION)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNING_KEY)
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNING_KEY, cache_results=True)
 @triton.jit
 def attention_backward_dq_kernel(
     Q, K, V, DOut, DQ, Lse, Delta, Sep, Lengths, Seed,
@@ -328,9 +344,9 @@ def attention_backward_dq_kernel(
 
 @triton.jit
 def _dkdv_block(
-    dk, dv, k, v, key_position, Q, DOut, Lse, Delta, start_m, stride_qt, stride_dot,
+    dk, dv, k, v, start_n, key_position, Q, DOut, Lse, Delta, start_m, stride_qt, stride_dot,
     sep, key_limit, query_length, offset, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     # Transposed tiles ([keys, queries]) so dK and dV accumulate without transposing the probabilities.
@@ -347,7 +363,8 @@ def _dkdv_block(
     p_t = tl.math.exp2(scores_t - lse[None, :])
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, offs_m[None, :], key_position[:, None], bh, dropout_threshold)
+        # Drawn as [queries, keys], as the other kernels draw it, then transposed to this tile's layout.
+        keep = tl.trans(_dropout_keep(seed, offs_m, start_n, bh, dropout_threshold, BLOCK_N))
         dv = tl.dot(
             dot_operand(tl.where(keep, p_t * dropout_scale, 0.0), DOut.dtype.element_ty, EMULATE_BF16),
             do,
@@ -364,7 +381,7 @@ def _dkdv_block(
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY)
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY, cache_results=True)
 @triton.jit
 def attention_backward_dkdv_kernel(
     Q, K, V, DOut, DK, DV, Lse, Delta, Sep, Lengths, Seed,
@@ -413,16 +430,16 @@ def attention_backward_dkdv_kernel(
     for start_m in range(lo, masked_end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         dk, dv = _dkdv_block(
-            dk, dv, k, v, offs_n, Q, DOut, Lse, Delta, start_m, stride_qt, stride_dot,
+            dk, dv, k, v, start_n, offs_n, Q, DOut, Lse, Delta, start_m, stride_qt, stride_dot,
             sep, key_limit, query_length, offset, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_M, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
         )  # fmt: skip
     for start_m in range(masked_end, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         dk, dv = _dkdv_block(
-            dk, dv, k, v, offs_n, Q, DOut, Lse, Delta, start_m, stride_qt, stride_dot,
+            dk, dv, k, v, start_n, offs_n, Q, DOut, Lse, Delta, start_m, stride_qt, stride_dot,
             sep, key_limit, query_length, offset, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_M, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
         )  # fmt: skip
     mask = (offs_n < key_length)[:, None] & (offs_d < HEAD_DIM)[None, :]
     DK += b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
@@ -15,13 +16,20 @@ import triton.language as tl
 # @triton.jit decides at decoration time whether a kernel runs in the interpreter, so read the switch
 # once, when the kernel modules are imported.
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
+# GLM_KERNELS_AUTOTUNE=0 gives every kernel one fixed tile shape on GPUs (the first of its list) instead of
+# timing them all on the first call per shape: the kernel tests set it, so that a GPU test run compiles one
+# variant per shape (tests/conftest.py). Training and the benchmarks autotune.
+AUTOTUNE: bool = os.environ.get("GLM_KERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def autotune_configs(
     gpu_configs: list[triton.Config], interpreter_config: triton.Config
 ) -> list[triton.Config]:
-    """Several configs to autotune on GPUs; the interpreter cannot benchmark, so it gets exactly one."""
-    return [interpreter_config] if INTERPRET else gpu_configs
+    """The configs to autotune over: all on GPUs; the first alone with GLM_KERNELS_AUTOTUNE=0; the interpreter,
+    which cannot benchmark, gets exactly one of its own."""
+    if INTERPRET:
+        return [interpreter_config]
+    return gpu_configs if AUTOTUNE else gpu_configs[:1]
 
 
 def length_bucket(length: int) -> int:
