@@ -3,10 +3,16 @@
     python benchmarks/bench_kernels_gpu.py              # one GPU; prints markdown tables, about 1-3 minutes
     TRITON_INTERPRET=1 python benchmarks/bench_kernels_gpu.py --smoke   # CPU: tiny sizes, proves the script runs
 
-Attention: 16 heads, head dim 64, bf16, about 16K tokens per step (batch = 16384 / T), forward and forward+backward:
-  ours       kernels.glm_attention (Triton) with sep = 0 (causal) and sep = T/2 (GLM), and with dropout 0.1
-  sdpa-mask  torch scaled_dot_product_attention with the equivalent dense boolean mask (our torch path)
-  sdpa-causal torch scaled_dot_product_attention(is_causal=True): the flash path, the speed to match
+Attention: 16 heads (8 at head dim 128), bf16, about 16K tokens per step (batch = 16384 / T), forward and
+forward+backward, at T 512-8192 and head dims 64 and 128 (``--lengths``, ``--head-dims``):
+  ours        kernels.glm_attention (Triton) with sep = 0 (causal) and sep = T/2 (GLM), and with dropout 0.1
+  sdpa-mask   torch scaled_dot_product_attention with the equivalent dense boolean mask (our torch path),
+              without and with dropout 0.1 (up to T 4096: the mask is B x T x T)
+  sdpa-causal torch scaled_dot_product_attention(is_causal=True): the flash path, the speed to match; also
+              with dropout 0.1 (torch's flash kernel has dropout)
+  flex        torch FlexAttention with the prefix-LM BlockMask ``(kv <= q) | (kv < sep[b])``, torch.compile'd,
+              the block mask built once per batch shape (FlexAttention has no dropout)
+The summary table gives ours (sep = T/2) over sdpa-causal and over flex, and ours with dropout over ours without.
 FLOPs count only the visible (query, key) pairs, for every row: 4*D per pair forward (QK^T and PV), 10*D per
 pair backward (five matmuls), so forward+backward = 14*D*pairs*B*H. Pairs for sep s: s^2 + (T(T+1) - s(s+1))/2
 (T(T+1)/2 when causal). The masked SDPA computes all T^2 pairs; it is credited with the visible ones only.
@@ -23,6 +29,7 @@ run, printing the rows measured so far, so one run always ends within 4 minutes.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import signal
 import statistics
@@ -108,42 +115,96 @@ def _time_pair(
     return forward_ms, measure_ms(forward_backward, device, args.min_seconds, args.max_iterations)
 
 
-def _attention_variants(length: int, batch: int, device: torch.device) -> list[tuple[str, Callable, int]]:
-    """(name, attention(q, k, v), sep used for the FLOP count)."""
+def _flex_prefix_lm(length: int, batch: int, heads: int, device: torch.device) -> Callable | None:
+    """FlexAttention under GLM's mask with sep = T/2: the BlockMask built once, the kernel compiled."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    if device.type != "cuda":
+        return None
+    sep = torch.full((batch,), length // 2, device=device, dtype=torch.int64)
+
+    def prefix_lm(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) | (kv_idx < sep[b])
+
+    block_mask = create_block_mask(prefix_lm, batch, None, length, length, device=device)
+    compiled = _compiled_flex(flex_attention)
+    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+
+
+_FLEX: dict = {}
+
+
+def _compiled_flex(flex_attention: Callable) -> Callable:
+    if "fn" not in _FLEX:
+        # One compiled kernel per (T, head dim): allow more recompiles than dynamo's default of 8.
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 64)
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]
+
+
+def _attention_variants(
+    length: int, batch: int, heads: int, device: torch.device
+) -> list[tuple[str, Callable | None, int]]:
+    """(name, attention(q, k, v) or None where it does not apply, sep used for the FLOP count)."""
     half = torch.full((batch,), length // 2, device=device, dtype=torch.int64)
     zero = torch.zeros(batch, device=device, dtype=torch.int64)
 
     def ours(sep: torch.Tensor, dropout_p: float = 0.0) -> Callable:
         return lambda q, k, v: glm_attention(q, k, v, sep, dropout_p=dropout_p, backend="triton")
 
+    def masked(dropout_p: float) -> Callable | None:
+        if length > 4096:
+            return None
+        return lambda q, k, v: glm_attention_torch(q, k, v, half, dropout_p=dropout_p)
+
+    def causal(dropout_p: float) -> Callable:
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+
     return [
         ("ours sep=0", ours(zero), 0),
         ("ours sep=T/2", ours(half), length // 2),
         ("ours sep=T/2 dropout 0.1", ours(half, 0.1), length // 2),
-        ("sdpa-mask sep=T/2", lambda q, k, v: glm_attention_torch(q, k, v, half), length // 2),
-        ("sdpa-causal", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), 0),
+        ("sdpa-mask sep=T/2", masked(0.0), length // 2),
+        ("sdpa-mask sep=T/2 dropout 0.1", masked(0.1), length // 2),
+        ("sdpa-causal", causal(0.0), 0),
+        ("sdpa-causal dropout 0.1", causal(0.1), 0),
+        ("flex prefix-LM sep=T/2", _flex_prefix_lm(length, batch, heads, device), length // 2),
     ]
 
 
-def attention_rows(args, device: torch.device, deadline: float, length: int) -> list[str]:
+def attention_rows(
+    args, device: torch.device, deadline: float, length: int, head_dim: int, speeds: dict
+) -> list[str]:
+    """The table rows of one (T, head dim); fwd+bwd TFLOP/s of each variant go into ``speeds[(T, D)]``."""
     batch = max(1, args.tokens // length)
+    heads = args.heads if head_dim <= 64 else args.heads // 2
     generator = torch.Generator(device=device).manual_seed(0)
-    shape = (batch, args.heads, length, args.head_dim)
+    shape = (batch, heads, length, head_dim)
     q, k, v, grad_out = (
         torch.randn(shape, device=device, dtype=args.dtype, generator=generator) for _ in range(4)
     )
     inputs = [t.requires_grad_() for t in (q, k, v)]
-    variants = _attention_variants(length, batch, device)
-    skipped = [f"| {length} | {batch} | {name} | skipped: time budget | | | | |" for name, _, _ in variants]
+    lead = f"| {length} | {head_dim} | {batch}x{heads}"
     if time.monotonic() > deadline:
-        return skipped
-    difference = relative_difference(
-        lambda: variants[1][1](*inputs), lambda: variants[3][1](*inputs), inputs, [grad_out]
+        return [f"{lead} | all | skipped: time budget | | | | |"]
+    variants = _attention_variants(length, batch, heads, device)
+    reference = variants[3][1] or variants[7][1]
+    difference = (
+        relative_difference(lambda: variants[1][1](*inputs), lambda: reference(*inputs), inputs, [grad_out])
+        if reference is not None
+        else math.nan
     )
+    measured = speeds.setdefault((length, head_dim), {})
     rows = []
     for index, (name, attention, sep) in enumerate(variants):
+        if attention is None:
+            continue
         if time.monotonic() > deadline:
-            rows.append(skipped[index])
+            rows.append(f"{lead} | {name} | skipped: time budget | | | | |")
             continue
 
         def forward(attention=attention) -> torch.Tensor:
@@ -157,13 +218,35 @@ def attention_rows(args, device: torch.device, deadline: float, length: int) -> 
         try:
             forward_ms, total_ms = _time_pair(forward, forward_backward, args, device)
         except torch.cuda.OutOfMemoryError:
-            rows.append(f"| {length} | {batch} | {name} | out of memory | | | | |")
+            rows.append(f"{lead} | {name} | out of memory | | | | |")
             torch.cuda.empty_cache()
             continue
-        flops = 4 * args.head_dim * visible_pairs(length, sep) * batch * args.heads
+        except Exception as error:  # noqa: BLE001 (a baseline that fails here, e.g. flex compiling, is reported)
+            rows.append(f"{lead} | {name} | failed: {type(error).__name__}: {str(error)[:120]} | | | | |")
+            continue
+        flops = 4 * head_dim * visible_pairs(length, sep) * batch * heads
+        measured[name] = 3.5 * flops / total_ms / 1e9
         rows.append(
-            f"| {length} | {batch} | {name} | {forward_ms:.3f} | {flops / forward_ms / 1e9:.1f} | "
-            f"{total_ms:.3f} | {3.5 * flops / total_ms / 1e9:.1f} | {f'{difference:.1e}' if index == 1 else ''} |"
+            f"{lead} | {name} | {forward_ms:.3f} | {flops / forward_ms / 1e9:.1f} | "
+            f"{total_ms:.3f} | {measured[name]:.1f} | {f'{difference:.1e}' if index == 1 else ''} |"
+        )
+    return rows
+
+
+def summary_rows(speeds: dict) -> list[str]:
+    """Per (T, D): ours over sdpa-causal and flex (fwd+bwd TFLOP/s), ours with dropout over ours without."""
+
+    def ratio(cell: dict, first: str, second: str) -> str:
+        return f"{cell[first] / cell[second]:.2f}x" if first in cell and second in cell else "-"
+
+    rows = []
+    for (length, head_dim), cell in sorted(speeds.items()):
+        rows.append(
+            f"| {length} | {head_dim} | {ratio(cell, 'ours sep=T/2', 'sdpa-causal')} | "
+            f"{ratio(cell, 'ours sep=T/2', 'flex prefix-LM sep=T/2')} | "
+            f"{ratio(cell, 'ours sep=T/2 dropout 0.1', 'ours sep=T/2')} | "
+            f"{ratio(cell, 'sdpa-causal dropout 0.1', 'sdpa-causal')} | "
+            f"{ratio(cell, 'ours sep=T/2 dropout 0.1', 'sdpa-mask sep=T/2 dropout 0.1')} |"
         )
     return rows
 
@@ -219,16 +302,36 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--budget", type=float, default=200.0, help="seconds after which remaining rows are skipped"
     )
+    parser.add_argument(
+        "--lengths", default=None, help="attention sequence lengths (default 512,1024,2048,4096,8192)"
+    )
+    parser.add_argument("--head-dims", default=None, help="attention head dims (default 64,128)")
+    parser.add_argument(
+        "--widths", default=None, help="LayerNorm widths (default 1024,4096,8192,16384); 'none' skips them"
+    )
+    parser.add_argument(
+        "--min-seconds", type=float, default=None, help="timing per measurement (default 0.2)"
+    )
     args = parser.parse_args(argv)
     args.dtype = torch.bfloat16
     if args.smoke:
-        args.lengths, args.tokens, args.heads, args.head_dim = [64, 96], 192, 2, 32
-        args.widths, args.elements = [256, 1000], 4096
-        args.min_seconds, args.max_iterations = 0.0, 3
+        lengths, head_dims, args.tokens, args.heads = [64, 96], [32], 192, 2
+        widths, args.elements = [256, 1000], 4096
+        min_seconds, args.max_iterations = 0.0, 3
     else:
-        args.lengths, args.tokens, args.heads, args.head_dim = [512, 1024, 2048, 4096], 16384, 16, 64
-        args.widths, args.elements = [1024, 4096, 8192, 16384], 64 * 2**20
-        args.min_seconds, args.max_iterations = 0.3, 200
+        lengths, head_dims, args.tokens, args.heads = [512, 1024, 2048, 4096, 8192], [64, 128], 16384, 16
+        widths, args.elements = [1024, 4096, 8192, 16384], 64 * 2**20
+        min_seconds, args.max_iterations = 0.2, 200
+
+    def numbers(text: str | None, default: list[int]) -> list[int]:
+        if text is None:
+            return default
+        return [] if text.strip().lower() == "none" else [int(x) for x in text.split(",") if x.strip()]
+
+    args.lengths = numbers(args.lengths, lengths)
+    args.head_dims = numbers(args.head_dims, head_dims)
+    args.widths = numbers(args.widths, widths)
+    args.min_seconds = min_seconds if args.min_seconds is None else args.min_seconds
     return args
 
 
@@ -254,27 +357,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# Kernel benchmark on {name}\n")
     print(f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, dtype bf16")
     print(f"command: python benchmarks/bench_kernels_gpu.py {' '.join(sys.argv[1:])}\n")
-    attention, norms = [], []
+    attention, norms, speeds = [], [], {}
     try:
         # LayerNorm first: it is quick, while the attention's first calls also autotune.
         for width in args.widths:
             norms += layer_norm_rows(args, device, deadline, width)
-        for length in args.lengths:
-            attention += attention_rows(args, device, deadline, length)
+        for head_dim in args.head_dims:
+            for length in args.lengths:
+                attention += attention_rows(args, device, deadline, length, head_dim, speeds)
     except Deadline:
         print("ABORTED: the hard time limit passed; rows below are those measured before it.\n")
     finally:
         signal.alarm(0)
-    print(f"## GLM attention: H={args.heads}, D={args.head_dim}, ~{args.tokens} tokens per step\n")
+    print(f"## GLM attention: ~{args.tokens} tokens per step, {args.heads} heads at D 64, half as many at D 128\n")
     print(
         "TFLOP/s count visible (query, key) pairs only: forward 4*D per pair, forward+backward 14*D per pair."
     )
     print(
-        "rel diff: largest max|ours - sdpa-mask| / max|sdpa-mask| over out, dq, dk, dv at sep=T/2 (both bf16).\n"
+        "rel diff: largest max|ours - sdpa-mask| / max|sdpa-mask| (flex beyond T 4096) over out, dq, dk, dv at "
+        "sep=T/2 (both bf16).\n"
     )
-    print("| T | batch | implementation | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | rel diff |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| T | D | batch x heads | implementation | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | rel diff |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(attention))
+    print("\n### Ratios of fwd+bwd TFLOP/s\n")
+    print(
+        "| T | D | ours / sdpa-causal | ours / flex | ours dropout / ours | sdpa-causal dropout / sdpa-causal "
+        "| ours dropout / sdpa-mask dropout |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(summary_rows(speeds)))
     print(f"\n## LayerNorm: {args.elements} elements per tensor\n")
     print("GB/s over the minimum traffic: plain 2 tensors fwd, 5 fwd+bwd; with residual 4 fwd, 8 fwd+bwd.")
     print("rel diff: largest max|triton - torch| / max|torch| over outputs and gradients (both bf16).\n")

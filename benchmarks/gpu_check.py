@@ -62,8 +62,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--stages",
         default="kernels,pretrain,bench",
-        help="which stages to run, comma-separated, in this order; glm2b (glm-2b on one GPU, ZeRO-2, T 1024, "
-        "12 steps: tokens/s, MFU, peak memory) is not in the default set, to keep that under 8 minutes",
+        help="which stages to run, comma-separated, in this order: kernels (the kernel tests), pretrain, bench "
+        "(bench_model.py, dropout 0.1, profiled), bench0 (the same without dropout), kbench "
+        "(bench_kernels_gpu.py), glm2b (glm-2b on one GPU, ZeRO-2, T 1024, 12 steps: tokens/s, MFU, peak "
+        "memory); the default set stays under 8 minutes",
+    )
+    parser.add_argument(
+        "--kernel-bench-args",
+        default="",
+        help="further arguments of bench_kernels_gpu.py in the kbench stage, e.g. '--lengths 1024,4096'",
     )
     parser.add_argument(
         "--set",
@@ -172,7 +179,16 @@ def stage_kernels(report: Report, env: dict[str, str], work: Path, smoke: bool) 
     command = [sys.executable, "-m", "pytest", *tests, "-q", "-x", "-p", "no:cacheprovider", "--durations=5"]
     if smoke:
         command += ["-k", "not slow"]
-    status, text = run(report, command, env, 150 if not smoke else 300, work / "kernel-tests.log")
+    else:
+        # Most of a GPU test run is Triton compiling one variant per dtype and flag set: spread it over
+        # processes (pytest-xdist) where there are cores for it.
+        try:
+            import xdist  # noqa: F401
+
+            command += ["-n", str(min(8, max(1, (os.cpu_count() or 1) // 2)))]
+        except ImportError:
+            pass
+    status, text = run(report, command, env, 120 if not smoke else 300, work / "kernel-tests.log")
     summary = [
         line for line in text.splitlines() if " passed" in line or " failed" in line or "error" in line
     ]
@@ -427,15 +443,34 @@ def stage_glm2b(report: Report, env: dict[str, str], work: Path, smoke: bool, ex
     )
 
 
-def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:
-    report.add("\n## 3. Model step: GLM (Triton, torch kernels) vs HF BertForMaskedLM (SDPA)\n")
+def stage_kernel_bench(report: Report, env: dict[str, str], work: Path, smoke: bool, extra: str) -> None:
+    report.add("\n## 5. Kernels: GLM attention vs SDPA and FlexAttention, LayerNorm vs torch\n")
+    budget = max(20.0, min(240.0, report.left(400) - 50))
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_kernels_gpu.py"), "--budget", f"{budget:.0f}"]
+    command += (["--smoke"] if smoke else []) + extra.split()
+    status, text = run(report, command, env, budget + 60, work / "bench-kernels.log")
+    report.add("")
+    for line in text.splitlines():
+        if line.startswith(("|", "#", "torch ", "TFLOP", "GB/s", "rel diff", "- ", "ABORTED")):
+            report.add(line)
+    if status != 0:
+        report.fail("bench_kernels_gpu", f"exit {status} (see bench-kernels.log)")
+
+
+def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool, dropout: float = 0.1) -> None:
+    profile = dropout > 0
+    report.add(
+        f"\n## 3{'' if profile else 'b'}. Model step: GLM (Triton, torch kernels) vs HF BertForMaskedLM (SDPA), "
+        f"dropout {dropout}\n"
+    )
     command = [
         sys.executable,
         str(ROOT / "benchmarks" / "bench_model.py"),
         "--preset",
         "glm-large",
-        "--profile",
-    ]
+        "--dropout",
+        str(dropout),
+    ] + (["--profile"] if profile else [])
     if smoke:
         command += ["--layers", "2", "--hidden", "64", "--heads", "4", "--seq", "64", "--batch", "2"]
         # Torch kernels only: Triton's interpreter takes half a minute per step (the kernel tests cover it).
@@ -451,7 +486,8 @@ def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool) ->
             "--kernels",
             "torch",
         ]
-    status, text = run(report, command, env, 200 if not smoke else 400, work / "bench-model.log")
+    log = work / f"bench-model{'' if profile else '-no-dropout'}.log"
+    status, text = run(report, command, env, (150 if profile else 90) if not smoke else 400, log)
     report.add("")
     for line in text.splitlines():
         if line.startswith(("|", "#")) and "profile of" not in line:
@@ -460,7 +496,7 @@ def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool) ->
         profile = text[text.find("# profile of") :].strip()
         report.add("\n### Where the step's time goes (torch.profiler)\n\n```\n" + profile + "\n```")
     if status != 0:
-        report.fail("bench_model", f"exit {status} (see bench-model.log)")
+        report.fail("bench_model", f"exit {status} (see {log.name})")
 
 
 def main() -> int:
@@ -490,6 +526,8 @@ def main() -> int:
         "kernels": lambda: stage_kernels(report, env, work, args.smoke),
         "pretrain": lambda: stage_pretrain(report, env, work, args.smoke, steps, args.overrides),
         "bench": lambda: stage_bench(report, env, work, args.smoke),
+        "bench0": lambda: stage_bench(report, env, work, args.smoke, dropout=0.0),
+        "kbench": lambda: stage_kernel_bench(report, env, work, args.smoke, args.kernel_bench_args),
         "glm2b": lambda: stage_glm2b(report, env, work, args.smoke, args.overrides),
     }
     for name in args.stages.split(","):
