@@ -96,6 +96,9 @@ def parse_args() -> argparse.Namespace:
     args.device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
+    if args.device.type == "cuda" and args.device.index is None:
+        # torch.cuda.set_device needs an index: "cuda" means the current device.
+        args.device = torch.device("cuda", torch.cuda.current_device())
     if args.kernels is None:
         args.kernels = "triton,torch" if args.device.type == "cuda" else "torch"
     return args

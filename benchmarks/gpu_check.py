@@ -24,6 +24,7 @@ DeepSpeed's CPU accelerator and Triton's interpreter), to check the script itsel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -139,13 +140,20 @@ def run(
     start = time.perf_counter()
     timeout = report.left(timeout)
     with open(log, "w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        # Its own process group, so that a timeout ends its children too (pytest-xdist workers, data-loader
+        # workers), which would otherwise keep the GPU busy under the later stages.
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             status = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             status = 124
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)  # leftovers of a finished command
     text = log.read_text(errors="replace")
     report.add(f"    (exit {status} after {time.perf_counter() - start:.0f} s; log {log.name})")
     return status, text
@@ -176,7 +184,7 @@ def stage_environment(report: Report, cuda: bool) -> None:
 def stage_kernels(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:
     report.add("\n## 1. Kernel tests\n")
     tests = ["tests/test_kernels_layernorm.py"] if smoke else KERNEL_TESTS
-    command = [sys.executable, "-m", "pytest", *tests, "-q", "-x", "-p", "no:cacheprovider", "--durations=5"]
+    command = [sys.executable, "-m", "pytest", *tests, "-q", "-x", "-p", "no:cacheprovider", "--durations=15"]
     if smoke:
         command += ["-k", "not slow"]
     else:
