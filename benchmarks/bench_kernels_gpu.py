@@ -369,7 +369,9 @@ def main(argv: list[str] | None = None) -> int:
         print("ABORTED: the hard time limit passed; rows below are those measured before it.\n")
     finally:
         signal.alarm(0)
-    print(f"## GLM attention: ~{args.tokens} tokens per step, {args.heads} heads at D 64, half as many at D 128\n")
+    print(
+        f"## GLM attention: ~{args.tokens} tokens per step, {args.heads} heads at D 64, half as many at D 128\n"
+    )
     print(
         "TFLOP/s count visible (query, key) pairs only: forward 4*D per pair, forward+backward 14*D per pair."
     )
@@ -377,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         "rel diff: largest max|ours - sdpa-mask| / max|sdpa-mask| (flex beyond T 4096) over out, dq, dk, dv at "
         "sep=T/2 (both bf16).\n"
     )
-    print("| T | D | batch x heads | implementation | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | rel diff |")
+    print(
+        "| T | D | batch x heads | implementation | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | rel diff |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(attention))
     print("\n### Ratios of fwd+bwd TFLOP/s\n")

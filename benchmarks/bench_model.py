@@ -63,7 +63,10 @@ def parse_args() -> argparse.Namespace:
         "--kernels", default=None, help="GLM rows: triton,torch (default: both on a GPU, torch on a CPU)"
     )
     parser.add_argument(
-        "--dropout", type=float, default=0.1, help="hidden and attention dropout of both models"
+        "--dropout",
+        default="0.1",
+        help="hidden and attention dropout of both models; several comma-separated values give a table row "
+        "per value (--profile profiles the first)",
     )
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--hidden", type=int, default=768)
@@ -159,15 +162,17 @@ def glm_batch(args: argparse.Namespace) -> dict:
     return {key: value.to(args.device) for key, value in batch.items()}
 
 
-def glm_step(args: argparse.Namespace, dtype: torch.dtype, kernels: str) -> tuple[Callable[[], None], float]:
+def glm_step(
+    args: argparse.Namespace, dtype: torch.dtype, kernels: str, dropout: float
+) -> tuple[Callable[[], None], float]:
     config = ModelConfig(
         num_layers=args.layers,
         hidden_size=args.hidden,
         num_attention_heads=args.heads,
         max_position_embeddings=args.seq,
         vocab_size=args.vocab,
-        hidden_dropout=args.dropout,
-        attention_dropout=args.dropout,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
         kernels=kernels,
     )
     model = GLMModel(config, args.vocab, device="meta")
@@ -188,7 +193,9 @@ def glm_step(args: argparse.Namespace, dtype: torch.dtype, kernels: str) -> tupl
     return step, model_flops_per_token(config, args.vocab, args.seq, logit_fraction=fraction)
 
 
-def bert_step(args: argparse.Namespace, dtype: torch.dtype) -> tuple[Callable[[], None], float]:
+def bert_step(
+    args: argparse.Namespace, dtype: torch.dtype, dropout: float
+) -> tuple[Callable[[], None], float]:
     from transformers import BertConfig, BertForMaskedLM
 
     config = BertConfig(
@@ -198,8 +205,8 @@ def bert_step(args: argparse.Namespace, dtype: torch.dtype) -> tuple[Callable[[]
         num_attention_heads=args.heads,
         intermediate_size=4 * args.hidden,
         max_position_embeddings=args.seq,
-        hidden_dropout_prob=args.dropout,
-        attention_probs_dropout_prob=args.dropout,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
         attn_implementation="sdpa",
     )
     model = BertForMaskedLM(config).to(args.device, dtype).train()
@@ -217,21 +224,41 @@ def bert_step(args: argparse.Namespace, dtype: torch.dtype) -> tuple[Callable[[]
     return step, model_flops_per_token(shape, args.vocab, args.seq) + 6.0 * args.hidden**2
 
 
-def profile_steps(steps: dict[str, Callable[[], None]], device: torch.device, rows: int = 12) -> None:
+def gpu_kernel_ms(averages) -> float:
+    """Milliseconds of GPU kernels in a profile (the kernels' own events: the ops that launched them would count
+    the same time twice)."""
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1e3
+
+
+def profile_steps(steps: dict[str, Callable[[], None]], device: torch.device, rows: int = 12) -> str:
     """The ops that take the most (GPU, else CPU) time over three steps of each model."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    out = []
     for label, step in steps.items():
         step()
         synchronize(device)
         with profile(activities=activities) as prof:
+            start = time.perf_counter()
             for _ in range(3):
                 step()
             synchronize(device)
-        print(f"\n# profile of {label}, 3 steps, top {rows} by {key.replace('_', ' ')}")
-        print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+            wall = (time.perf_counter() - start) / 3
+        averages = prof.key_averages()
+        out.append(f"\n# profile of {label}, 3 steps, top {rows} by {key.replace('_', ' ')}")
+        if device.type == "cuda":
+            # Kernel time summed over the step against the step's wall time (profiled): a step whose GPU
+            # is busy for much less than its wall time is bound by the host (Python, launches, syncs).
+            busy = gpu_kernel_ms(averages) / 3
+            out.append(
+                f"# {label}: wall {wall * 1e3:.1f} ms per step under the profiler, GPU kernels {busy:.1f} ms"
+            )
+        out.append(averages.table(sort_by=key, row_limit=rows, max_name_column_width=60))
+    return "\n".join(out)
 
 
 def device_description(device: torch.device) -> str:
@@ -253,8 +280,8 @@ def main() -> None:
     bert = "HF BertForMaskedLM (SDPA)"
     print(
         f"# GLM vs HF BertForMaskedLM, training step (fwd + loss + bwd + fused AdamW), {args.layers} layers, "
-        f"h {args.hidden}, {args.heads} heads, T {args.seq}, batch {args.batch}, vocab {args.vocab}, dropout "
-        f"{args.dropout}, loss on {args.loss_fraction:.0%} of positions"
+        f"h {args.hidden}, {args.heads} heads, T {args.seq}, batch {args.batch}, vocab {args.vocab}, "
+        f"loss on {args.loss_fraction:.0%} of positions"
     )
     versions = f"torch {torch.__version__}"
     if device.type == "cuda":
@@ -269,34 +296,41 @@ def main() -> None:
         f"MFU = FLOPs/token x tokens/s / matmul peak (same dtype, this run); median of {args.steps} "
         "interleaved steps\n"
     )
-    print("| model | dtype | step ms | tokens/s | TFLOP/s | matmul peak TFLOP/s | MFU | speed vs BERT |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| model | dtype | dropout | step ms | tokens/s | TFLOP/s | matmul peak TFLOP/s | MFU | speed vs BERT |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    dropouts = [float(value) for value in str(args.dropout).split(",")]
+    profiles = []
     for name in args.dtypes.split(","):
         dtype = DTYPES[name]
         peak = measure_matmul_peak(device, dtype, budget_s=3.0)
-        rows = [
-            (f"GLM, kernels={kernels}", *glm_step(args, dtype, kernels))
-            for kernels in args.kernels.split(",")
-        ]
-        if not args.no_bert:
-            rows.append((bert, *bert_step(args, dtype)))
-        steps = {label: step for label, step, _ in rows}
-        seconds = interleaved_medians(steps, args.steps, args.warmup, device)
-        for label, _, flops_per_token in rows:
-            throughput = tokens / seconds[label]
-            achieved = flops_per_token * throughput
-            ratio = f"{seconds[bert] / seconds[label]:.2f}x" if not args.no_bert else "-"
-            print(
-                f"| {label} | {name} | {seconds[label] * 1e3:.1f} | {throughput:,.0f} | {achieved / 1e12:.2f} | "
-                f"{peak / 1e12:.1f} | {achieved / peak:.1%} | {ratio} |"
-            )
-        if args.profile:
-            profile_steps(steps, device)
-        del rows, steps
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for index, dropout in enumerate(dropouts):
+            rows = [
+                (f"GLM, kernels={kernels}", *glm_step(args, dtype, kernels, dropout))
+                for kernels in args.kernels.split(",")
+            ]
+            if not args.no_bert:
+                rows.append((bert, *bert_step(args, dtype, dropout)))
+            steps = {label: step for label, step, _ in rows}
+            seconds = interleaved_medians(steps, args.steps, args.warmup, device)
+            for label, _, flops_per_token in rows:
+                throughput = tokens / seconds[label]
+                achieved = flops_per_token * throughput
+                ratio = f"{seconds[bert] / seconds[label]:.2f}x" if not args.no_bert else "-"
+                print(
+                    f"| {label} | {name} | {dropout:g} | {seconds[label] * 1e3:.1f} | {throughput:,.0f} | "
+                    f"{achieved / 1e12:.2f} | {peak / 1e12:.1f} | {achieved / peak:.1%} | {ratio} |"
+                )
+            if args.profile and index == 0:
+                profiles.append(profile_steps(steps, device))
+            del rows, steps
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     if device.type == "cuda":
         print(f"\n# peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    for text in profiles:
+        print(text)
     parallel.destroy_parallel()
 
 

@@ -4,15 +4,22 @@ On one H100/H200 with the image's python3 (CUDA torch and triton installed; Deep
 dependencies on PYTHONPATH from ``gpu-deps/``, which ``benchmarks/gpu_deps.sh`` fills; no network) it runs,
 within about 8 minutes:
 
-1. the kernel tests on CUDA (attention, LayerNorm, dropout, compile), Triton's autotune results cached;
-2. ``glm-pretrain`` of glm-large (bf16, dropout 0.1, micro = global batch 16, the bundled Austen corpus) for
+1. the kernel tests on CUDA (attention, LayerNorm, dropout), each kernel on one fixed tile shape
+   (``GLM_KERNELS_AUTOTUNE=0``, set by tests/conftest.py), spread over processes with pytest-xdist;
+2. ``benchmarks/bench_model.py --preset glm-large --dropout 0.1,0 --profile``: GLM with Triton and with torch
+   kernels next to HF BertForMaskedLM (SDPA), steps interleaved, the matmul peak measured in the same run,
+   and where each step's GPU and host time goes; its autotuned tile choices stay in Triton's on-disk cache,
+   where the training runs find them;
+3. ``glm-pretrain`` of glm-large (bf16, dropout 0.1, micro = global batch 16, the bundled Austen corpus) for
    100 steps with an evaluation and a checkpoint at step 50; then the same run killed (SIGKILL) once its
    step-50 checkpoint is complete, resumed, and its losses of steps 51-100 compared with the first run's;
-3. ``benchmarks/bench_model.py --preset glm-large --profile``: GLM with Triton and with torch kernels next
-   to HF BertForMaskedLM (SDPA), steps interleaved, the matmul peak measured in the same run;
-4. (``--stages glm2b``) glm-2b on one GPU with ZeRO-2 at T 1024: tokens/s, MFU and peak memory.
+   the throughput table, and a profile of three steps (GPU kernels and the host's phases);
+4. on request (``--stages``): ``throughput`` (glm-pretrain under ZeRO-1 and ZeRO-2 side by side), ``kbench``
+   (``benchmarks/bench_kernels_gpu.py``: attention against SDPA and FlexAttention, LayerNorm against torch)
+   and ``glm2b`` (glm-2b on one GPU with ZeRO-2 at T 1024: tokens/s, MFU and peak memory).
 
-Every stage's output goes to stdout and, with the summary, to ``<out>/gpu-check.md``; the exit status is 1
+Every stage's output goes to stdout and, with the summary, to ``<out>/gpu-check.md`` (the commands' logs to
+``<out>/gpu-check-logs.tar.gz``); the exit status is 1
 when a stage failed. ``--smoke`` runs every stage at toy size on whatever device there is (on a CPU: fp32,
 DeepSpeed's CPU accelerator and Triton's interpreter), to check the script itself anywhere.
 
@@ -32,16 +39,18 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "run" / "demo" / "corpus" / "austen-chapters.jsonl"
+# The kernels' tests that run on CUDA tensors where there is a GPU (test_kernels_compile, which compiles
+# ahead of time for GPUs on machines without one, is for CPU machines).
 KERNEL_TESTS = [
     "tests/test_kernels_attention.py",
     "tests/test_kernels_layernorm.py",
     "tests/test_kernels_dropout.py",
-    "tests/test_kernels_compile.py",
 ]
 
 
@@ -62,10 +71,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="training steps (unset: 100; with --smoke 6)")
     parser.add_argument(
         "--stages",
-        default="kernels,pretrain,bench",
-        help="which stages to run, comma-separated, in this order: kernels (the kernel tests), pretrain, bench "
-        "(bench_model.py, dropout 0.1, profiled), bench0 (the same without dropout), kbench "
-        "(bench_kernels_gpu.py), glm2b (glm-2b on one GPU, ZeRO-2, T 1024, 12 steps: tokens/s, MFU, peak "
+        default="kernels,bench,pretrain",
+        help="which stages to run, comma-separated, in this order: kernels (the kernel tests), bench "
+        "(bench_model.py, dropout 0.1 and 0, profiled; it also leaves the autotuned tiles of the glm-large "
+        "shapes in Triton's cache for the training runs), pretrain (100 steps, evaluation, checkpoint, kill -9, "
+        "exact resume), throughput (glm-pretrain ZeRO-1 vs ZeRO-2, profiled), kbench (bench_kernels_gpu.py), "
+        "glm2b (glm-2b on one GPU, ZeRO-2, T 1024, 12 steps: tokens/s, MFU, peak "
         "memory); the default set stays under 8 minutes",
     )
     parser.add_argument(
@@ -193,7 +204,7 @@ def stage_kernels(report: Report, env: dict[str, str], work: Path, smoke: bool) 
         try:
             import xdist  # noqa: F401
 
-            command += ["-n", str(min(8, max(1, (os.cpu_count() or 1) // 2)))]
+            command += ["-n", str(min(12, max(1, (os.cpu_count() or 1) - 2)))]
         except ImportError:
             pass
     status, text = run(report, command, env, 120 if not smoke else 300, work / "kernel-tests.log")
@@ -363,6 +374,58 @@ def stage_pretrain(
         report.fail("resume", f"losses after the resume differ by up to {worst:.2e} (relative)")
 
 
+def stage_throughput(
+    report: Report, env: dict[str, str], work: Path, smoke: bool, steps: int, extra: list[str]
+) -> None:
+    """glm-pretrain of glm-large without evaluation or checkpoints, ZeRO-1 then ZeRO-2, side by side; the
+    ZeRO-1 run profiled (GPU and host time) over three steps."""
+    report.add("\n## 2b. glm-pretrain throughput: ZeRO-1 vs ZeRO-2 (no evaluation, no checkpoint)\n")
+    corpus = preprocess(report, env, work, "bert-base-uncased")
+    if corpus is None:
+        return
+    config = ROOT / "run" / "configs" / ("glm-tiny.yaml" if smoke else "glm-large.yaml")
+    pretrain = [sys.executable, "-m", "megatron_glm.cli.pretrain", "--config", str(config)]
+    profiled = (2, 3) if smoke else (21, 23)
+    rows = []
+    for stage in (1, 2):
+        run_dir = work / f"throughput-zero{stage}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        settings = [
+            f"parallel.zero_stage={stage}",
+            "training.eval_interval=0",
+            "checkpoint.interval=0",
+        ] + ([f"logging.profile_steps={list(profiled)}"] if stage == 1 else [])
+        status, _ = run(
+            report,
+            pretrain + pretrain_settings(str(corpus), work, run_dir, smoke, steps, extra + settings),
+            env,
+            120,
+            work / f"pretrain-zero{stage}.log",
+        )
+        train, _ = train_records(run_dir)
+        timed = [
+            train[s] for s in sorted(train) if s > min(10, steps // 2) and not profiled[0] <= s <= profiled[1]
+        ]
+        if status != 0 or not timed:
+            report.fail(f"throughput ZeRO-{stage}", f"exit {status}, {len(timed)} timed steps")
+            continue
+        middle = len(timed) // 2
+        tokens = sorted(r["tokens_per_second"] for r in timed)
+        rows.append(
+            f"| ZeRO-{stage} | {len(timed)} | {tokens[middle]:,.0f} ({tokens[0]:,.0f} - {tokens[-1]:,.0f}) | "
+            f"{sorted(r['mfu'] for r in timed)[middle]:.1%} | "
+            f"{max(r.get('peak_memory_gib', math.nan) for r in timed):.1f} GiB |"
+        )
+        profile = run_dir / "logs" / "profile-rank0.txt"
+        if profile.is_file():
+            shutil.copy(profile, report.path.parent / "profile-pretrain-zero1.txt")
+    report.add("")
+    report.add("| engine | steps timed | tokens/s median (min - max) | reported MFU (median) | peak memory |")
+    report.add("|---|---|---|---|---|")
+    for row in rows:
+        report.add(row)
+
+
 def preprocess(report: Report, env: dict[str, str], work: Path, tokenizer: str) -> Path | None:
     """The bundled Austen corpus tokenized with ``tokenizer`` (once per work folder)."""
     corpus = work / "corpus" / f"austen-{tokenizer}"
@@ -465,11 +528,9 @@ def stage_kernel_bench(report: Report, env: dict[str, str], work: Path, smoke: b
         report.fail("bench_kernels_gpu", f"exit {status} (see bench-kernels.log)")
 
 
-def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool, dropout: float = 0.1) -> None:
-    profile = dropout > 0
+def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:
     report.add(
-        f"\n## 3{'' if profile else 'b'}. Model step: GLM (Triton, torch kernels) vs HF BertForMaskedLM (SDPA), "
-        f"dropout {dropout}\n"
+        "\n## 3. Model step: GLM (Triton, torch kernels) vs HF BertForMaskedLM (SDPA), dropout 0.1 and 0\n"
     )
     command = [
         sys.executable,
@@ -477,8 +538,9 @@ def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool, dr
         "--preset",
         "glm-large",
         "--dropout",
-        str(dropout),
-    ] + (["--profile"] if profile else [])
+        "0.1,0",
+        "--profile",
+    ]
     if smoke:
         command += ["--layers", "2", "--hidden", "64", "--heads", "4", "--seq", "64", "--batch", "2"]
         # Torch kernels only: Triton's interpreter takes half a minute per step (the kernel tests cover it).
@@ -494,8 +556,8 @@ def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool, dr
             "--kernels",
             "torch",
         ]
-    log = work / f"bench-model{'' if profile else '-no-dropout'}.log"
-    status, text = run(report, command, env, (150 if profile else 90) if not smoke else 400, log)
+    log = work / "bench-model.log"
+    status, text = run(report, command, env, 180 if not smoke else 400, log)
     report.add("")
     for line in text.splitlines():
         if line.startswith(("|", "#")) and "profile of" not in line:
@@ -533,17 +595,21 @@ def main() -> int:
     stages = {
         "kernels": lambda: stage_kernels(report, env, work, args.smoke),
         "pretrain": lambda: stage_pretrain(report, env, work, args.smoke, steps, args.overrides),
+        "throughput": lambda: stage_throughput(
+            report, env, work, args.smoke, args.steps or (6 if args.smoke else 50), args.overrides
+        ),
         "bench": lambda: stage_bench(report, env, work, args.smoke),
-        "bench0": lambda: stage_bench(report, env, work, args.smoke, dropout=0.0),
         "kbench": lambda: stage_kernel_bench(report, env, work, args.smoke, args.kernel_bench_args),
         "glm2b": lambda: stage_glm2b(report, env, work, args.smoke, args.overrides),
     }
     for name in args.stages.split(","):
         stages[name]()
     started = time.time() - report.elapsed()
-    for log in work.glob("*.log"):
-        if log.stat().st_mtime >= started:  # this run's logs only (the work folder may hold older ones)
-            shutil.copy(log, args.out / log.name)
+    # This run's logs (the work folder may hold older ones), in one archive beside the report.
+    logs = [log for log in sorted(work.glob("*.log")) if log.stat().st_mtime >= started]
+    with tarfile.open(args.out / "gpu-check-logs.tar.gz", "w:gz") as archive:
+        for log in logs:
+            archive.add(log, arcname=log.name)
     report.add(f"\n{len(report.failures)} stage(s) failed; {report.elapsed():.0f} s in all")
     return 1 if report.failures else 0
 

@@ -19,7 +19,12 @@ INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 # GLM_KERNELS_AUTOTUNE=0 gives every kernel one fixed tile shape on GPUs (the first of its list) instead of
 # timing them all on the first call per shape: the kernel tests set it, so that a GPU test run compiles one
 # variant per shape (tests/conftest.py). Training and the benchmarks autotune.
-AUTOTUNE: bool = os.environ.get("GLM_KERNELS_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+AUTOTUNE: bool = os.environ.get("GLM_KERNELS_AUTOTUNE", "1").strip().lower() not in (
+    "0",
+    "false",
+    "no",
+    "off",
+)
 
 
 def autotune_configs(

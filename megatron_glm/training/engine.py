@@ -15,6 +15,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from megatron_glm.checkpoint import load_thudm_checkpoint, pipeline_key_to_thudm, write_training_weights
 from megatron_glm.config import GLMConfig, Layout, ModelConfig
@@ -202,16 +203,20 @@ class TrainingEngine:
         steps = self.layout.gradient_accumulation_steps
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for micro in range(steps):
-            loss = self._forward(next(batches))
-            total[0] += loss.detach().double()
+            # The phases are named for torch.profiler (logging.profile_steps); outside a profile they cost nothing.
+            with record_function("glm.forward"):
+                loss = self._forward(next(batches))
+                total[0] += loss.detach().double()
             if micro == steps - 1:
                 total[1] = (~torch.isfinite(total[0])).double()
                 # Agree on finiteness before the update: every rank skips it together. The flag stays on
                 # the device; the optimizer reads it in its step, after the backward has been queued.
                 dist.all_reduce(total)
                 self.optimizer.skip_next = total[1] > 0
-            self.deepspeed_engine.backward(loss)
-            self.deepspeed_engine.step()
+            with record_function("glm.backward"):
+                self.deepspeed_engine.backward(loss)
+            with record_function("glm.optimizer_step"):
+                self.deepspeed_engine.step()
         mean = (total[0] / (steps * dist.get_world_size())).item()
         return self._result(mean, skipped_before)
 

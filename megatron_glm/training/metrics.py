@@ -186,8 +186,22 @@ class StepProfiler:
             torch.cuda.synchronize(self.device)
         self._profile.__exit__(None, None, None)
         key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        table = self._profile.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70)
+        averages = self._profile.key_averages()
+        text = f"steps {self.first}-{self.last}, sorted by {key}\n"
+        text += averages.table(sort_by=key, row_limit=30, max_name_column_width=70) + "\n"
+        if self.device.type == "cuda":
+            from torch.autograd import DeviceType
+
+            steps = self.last - self.first + 1
+            kernels = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA)
+            text += f"\nGPU kernels: {kernels / steps / 1e3:.1f} ms per step\n"
+            # Where the host's time goes: the engine's phases (glm.forward, glm.backward, glm.optimizer_step)
+            # and the ops that cost the CPU most. A step whose host time exceeds its GPU time is launch-bound.
+            text += (
+                f"\nsteps {self.first}-{self.last}, sorted by cpu_time_total (host time, children included)\n"
+            )
+            text += averages.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(f"steps {self.first}-{self.last}, sorted by {key}\n{table}\n")
+        self.path.write_text(text)
         logger.info("profile of steps %d-%d written to %s", self.first, self.last, self.path)
         self._profile = None
