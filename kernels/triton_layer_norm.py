@@ -1,13 +1,11 @@
 """LayerNorm on Triton, optionally fused with the residual add that precedes it in a pre-LN transformer block.
 
-Forward: each program normalises a tile of whole rows held in registers (several rows when they are narrow, one
-when they are wide; rows up to ``MAX_WIDTH``), so the input is read once; mean and 1/std are computed in fp32 per
-row (two passes over the registers, not E[x^2] - E[x]^2) and saved.
-Backward: each program owns a contiguous run of row tiles, writes dx tile by tile and accumulates its share of
-dweight and dbias in fp32 registers; the per-program partial sums are added in a fixed order afterwards, so
-gradients are deterministic (no atomics) and x and dy are each read once. Tile sizes and warp counts are fixed
-per width (no autotuning), chosen to keep about 64 registers per thread on sm_90 so that several programs share
-each SM."""
+Forward: one program per row keeps the whole row in registers (rows up to ``MAX_WIDTH``), so the input is read
+once; mean and 1/std are computed in fp32 (two passes over the registers, not E[x^2] - E[x]^2) and saved.
+Backward: each program owns a contiguous run of rows, writes dx row by row and accumulates its share of dweight
+and dbias in fp32 registers; the per-program partial sums are added in a fixed order afterwards, so gradients
+are deterministic (no atomics) and x and dy are each read once.
+"""
 
 from __future__ import annotations
 
@@ -25,33 +23,29 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @triton.jit
 def layer_norm_forward_kernel(
     X, Residual, Summed, Y, W, B, Mean, Rstd,
-    stride_x, stride_r, stride_s, stride_y, rows, width, eps,
-    HAS_RESIDUAL: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_x, stride_r, stride_s, stride_y, width, eps,
+    HAS_RESIDUAL: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    row_ids = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
-    row_mask = row_ids < rows
-    col_mask = cols < width
-    mask = row_mask[:, None] & col_mask[None, :]
-    x = tl.load(X + row_ids[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mask = cols < width
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        residual_ptrs = Residual + row_ids[:, None] * stride_r + cols[None, :]
-        residual = tl.load(residual_ptrs, mask=mask, other=0.0).to(tl.float32)
+        residual = tl.load(Residual + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         # Round the sum to the stored dtype before normalising it, exactly as LN(x + residual) does in torch.
         summed = to_dtype(x + residual, Summed.dtype.element_ty, EMULATE_BF16)
-        tl.store(Summed + row_ids[:, None] * stride_s + cols[None, :], summed, mask=mask)
+        tl.store(Summed + row * stride_s + cols, summed, mask=mask)
         x = summed.to(tl.float32)
-    mean = tl.sum(x, axis=1) / width
-    centered = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / width + eps)
-    tl.store(Mean + row_ids, mean, mask=row_mask)
-    tl.store(Rstd + row_ids, rstd, mask=row_mask)
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
-    y = centered * rstd[:, None] * w[None, :] + b[None, :]
+    mean = tl.sum(x, axis=0) / width
+    centered = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / width + eps)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(
-        Y + row_ids[:, None] * stride_y + cols[None, :],
-        to_dtype(y, Y.dtype.element_ty, EMULATE_BF16),
+        Y + row * stride_y + cols,
+        to_dtype(centered * rstd * w + b, Y.dtype.element_ty, EMULATE_BF16),
         mask=mask,
     )
 
@@ -59,67 +53,45 @@ def layer_norm_forward_kernel(
 @triton.jit
 def layer_norm_backward_kernel(
     X, W, DY, DSummed, DX, Mean, Rstd, PartialDW, PartialDB,
-    stride_x, stride_dy, stride_ds, stride_dx, rows, width, tiles_per_program,
-    HAS_DSUMMED: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_x, stride_dy, stride_ds, stride_dx, rows, width, rows_per_program,
+    HAS_DSUMMED: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
-    col_mask = cols < width
+    mask = cols < width
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_N], dtype=tl.float32)
-    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    # int64 bounds make the tile index (and row * stride) 64-bit inside the loop.
-    first_tile = program.to(tl.int64) * tiles_per_program
-    last_tile = tl.minimum(first_tile + tiles_per_program, tl.cdiv(rows, BLOCK_R))
-    for tile in range(first_tile, last_tile):
-        row_ids = tile * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_mask = row_ids < rows
-        mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(X + row_ids[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row_ids[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + row_ids, mask=row_mask, other=0.0)
-        rstd = tl.load(Rstd + row_ids, mask=row_mask, other=0.0)
-        x_hat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        # The weight and bias gradients take dy first, so that dy is dead once w * dy exists.
-        dw += tl.sum(dy * x_hat, axis=0)
-        db += tl.sum(dy, axis=0)
-        w_dy = w[None, :] * dy
+    # int64 bounds make the row index (and row * stride) 64-bit inside the loop.
+    first_row = program.to(tl.int64) * rows_per_program
+    last_row = tl.minimum(first_row + rows_per_program, rows)
+    for row in range(first_row, last_row):
+        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + row)
+        rstd = tl.load(Rstd + row)
+        x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+        w_dy = w * dy
         # d/dx of (x - mean) * rstd applied to g = w * dy: rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
-        c_hat = tl.sum(x_hat * w_dy, axis=1) / width
-        c_dy = tl.sum(w_dy, axis=1) / width
-        dx = (w_dy - (x_hat * c_hat[:, None] + c_dy[:, None])) * rstd[:, None]
+        c_hat = tl.sum(x_hat * w_dy, axis=0) / width
+        c_dy = tl.sum(w_dy, axis=0) / width
+        dx = (w_dy - (x_hat * c_hat + c_dy)) * rstd
         if HAS_DSUMMED:
-            dsummed_ptrs = DSummed + row_ids[:, None] * stride_ds + cols[None, :]
-            dx += tl.load(dsummed_ptrs, mask=mask, other=0.0).to(tl.float32)
-        dx_ptrs = DX + row_ids[:, None] * stride_dx + cols[None, :]
-        tl.store(dx_ptrs, to_dtype(dx, DX.dtype.element_ty, EMULATE_BF16), mask=mask)
-    tl.store(PartialDW + program * width + cols, dw, mask=col_mask)
-    tl.store(PartialDB + program * width + cols, db, mask=col_mask)
+            dx += tl.load(DSummed + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + row * stride_dx + cols, to_dtype(dx, DX.dtype.element_ty, EMULATE_BF16), mask=mask)
+        dw += dy * x_hat
+        db += dy
+    tl.store(PartialDW + program * width + cols, dw, mask=mask)
+    tl.store(PartialDB + program * width + cols, db, mask=mask)
 
 
-def _forward_tile(block_n: int) -> tuple[int, int]:
-    """(rows per program, num_warps) of the forward. Tiles of about 4K elements: a single 1024-wide row is too
-    little work for a program, while rows of 4K and more are one per program. About 8 values of the tile per
-    thread keep it at 64 registers or fewer on sm_90 (no spills), so several programs share each SM."""
-    rows_per_tile = max(1, 4096 // block_n)
-    return rows_per_tile, min(max(rows_per_tile * block_n // 256, 1), 32)
-
-
-def _backward_tile(block_n: int) -> tuple[int, int]:
-    """(rows per loop iteration, num_warps) of the backward. It holds more per element than the forward (x_hat,
-    w * dy, and the dweight and dbias sums across the loop), so tiles of about 2K elements at about 8 values per
-    thread: 64 registers on sm_90 up to 8K-wide rows. 16K-wide rows cannot go below that within 32 warps; ptxas
-    spills some of them there."""
-    rows_per_tile = max(1, 2048 // block_n)
-    return rows_per_tile, min(max(rows_per_tile * block_n // 256, 1), 32)
-
-
-def _backward_programs(tiles: int, num_warps: int, device: torch.device) -> int:
-    """Programs of the backward: enough to fill the 64 warp slots of every SM (the tiles use about 64 registers
-    per thread, so the register file allows that too), which hides the latency of the row reductions. Each
-    program also writes one fp32 partial row of dweight and of dbias: at the sizes training uses (rows of 1K-16K
-    and about 64M elements) that is at most about 10% more traffic, at 16K-wide rows."""
-    return max(1, min(tiles, max(1, 64 // num_warps) * multiprocessor_count(device)))
+def _num_warps(block_n: int, backward: bool) -> int:
+    # About 8-16 fp32 values of each row vector per thread: enough work per thread, few spills. The backward
+    # of 16K-wide rows holds five row vectors (x, dy, w and the dweight/dbias sums), more than 16 warps'
+    # registers: ptxas spills least with 32 warps there.
+    if block_n > 8192:
+        return 32 if backward else 16
+    return min(max(block_n // 256, 1), 8)
 
 
 def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -141,13 +113,12 @@ class LayerNormFunction(torch.autograd.Function):
         residual2 = _rows(residual, width) if has_residual else x2
         summed = torch.empty((rows, width), device=x.device, dtype=x.dtype) if has_residual else x2
         block_n = triton.next_power_of_2(width)
-        rows_per_tile, num_warps = _forward_tile(block_n)
         if rows > 0:
             with device_guard(x.device):
-                layer_norm_forward_kernel[(triton.cdiv(rows, rows_per_tile),)](
+                layer_norm_forward_kernel[(rows,)](
                     x2, residual2, summed, y, weight, bias, mean, rstd,
-                    x2.stride(0), residual2.stride(0), summed.stride(0), y.stride(0), rows, width, eps,
-                    HAS_RESIDUAL=has_residual, EMULATE_BF16=emulate_bf16(x.dtype), BLOCK_R=rows_per_tile, BLOCK_N=block_n, num_warps=num_warps,
+                    x2.stride(0), residual2.stride(0), summed.stride(0), y.stride(0), width, eps,
+                    HAS_RESIDUAL=has_residual, EMULATE_BF16=emulate_bf16(x.dtype), BLOCK_N=block_n, num_warps=_num_warps(block_n, backward=False),
                 )  # fmt: skip
         ctx.save_for_backward(summed, weight, mean, rstd)
         ctx.has_residual = has_residual
@@ -168,20 +139,18 @@ class LayerNormFunction(torch.autograd.Function):
         has_dsummed = grad_summed is not None
         dsummed = _rows(grad_summed, width) if has_dsummed else dy
         dx = torch.empty((rows, width), device=summed.device, dtype=summed.dtype)
-        block_n = triton.next_power_of_2(width)
-        rows_per_tile, num_warps = _backward_tile(block_n)
-        # Every program owns a contiguous run of whole tiles, at least one, and writes its whole partial rows.
-        tiles = triton.cdiv(rows, rows_per_tile)
-        tiles_per_program = max(1, triton.cdiv(tiles, _backward_programs(tiles, num_warps, summed.device)))
-        programs = triton.cdiv(tiles, tiles_per_program)
+        # About two programs per SM; every program owns at least one row and writes its whole partial row.
+        rows_per_program = max(1, triton.cdiv(rows, 2 * multiprocessor_count(summed.device)))
+        programs = triton.cdiv(rows, rows_per_program)
         partial_dw = torch.empty((programs, width), device=summed.device, dtype=torch.float32)
         partial_db = torch.empty((programs, width), device=summed.device, dtype=torch.float32)
+        block_n = triton.next_power_of_2(width)
         if rows > 0:
             with device_guard(summed.device):
                 layer_norm_backward_kernel[(programs,)](
                     summed, weight, dy, dsummed, dx, mean, rstd, partial_dw, partial_db,
-                    summed.stride(0), dy.stride(0), dsummed.stride(0), dx.stride(0), rows, width, tiles_per_program,
-                    HAS_DSUMMED=has_dsummed, EMULATE_BF16=emulate_bf16(summed.dtype), BLOCK_R=rows_per_tile, BLOCK_N=block_n, num_warps=num_warps,
+                    summed.stride(0), dy.stride(0), dsummed.stride(0), dx.stride(0), rows, width, rows_per_program,
+                    HAS_DSUMMED=has_dsummed, EMULATE_BF16=emulate_bf16(summed.dtype), BLOCK_N=block_n, num_warps=_num_warps(block_n, backward=True),
                 )  # fmt: skip
         dweight = partial_dw.sum(0).to(weight.dtype)
         dbias = partial_db.sum(0).to(ctx.bias_dtype)

@@ -76,14 +76,28 @@ def compile_kernels() -> None:
     _compile(attention.attention_forward_kernel, "fp32", {**fp32, "BLOCK_M": 64, "BLOCK_N": 32}, 4, 3, 90)
     preprocess = {"HEAD_DIM": 80, "BLOCK_D": 128, "BLOCK_M": 64}
     _compile(attention.attention_backward_preprocess_kernel, "bf16", preprocess, 4, 3, 90)
-    # 1024: several rows per tile; 4096: one row per tile; the widest rows: the most registers per thread.
-    for width in (1024, 4096, layer_norm.MAX_WIDTH):
-        for kernel, flag, (rows_per_tile, num_warps) in (
-            (layer_norm.layer_norm_forward_kernel, "HAS_RESIDUAL", layer_norm._forward_tile(width)),
-            (layer_norm.layer_norm_backward_kernel, "HAS_DSUMMED", layer_norm._backward_tile(width)),
-        ):
-            constexprs = {flag: True, "EMULATE_BF16": False, "BLOCK_R": rows_per_tile, "BLOCK_N": width}
-            _compile(kernel, "bf16", constexprs, num_warps, 3, 90)
+    for width in (4096, layer_norm.MAX_WIDTH):
+        flags = {"EMULATE_BF16": False, "BLOCK_N": width}
+        forward_warps, backward_warps = (
+            layer_norm._num_warps(width, False),
+            layer_norm._num_warps(width, True),
+        )
+        _compile(
+            layer_norm.layer_norm_forward_kernel,
+            "bf16",
+            {"HAS_RESIDUAL": True, **flags},
+            forward_warps,
+            3,
+            90,
+        )
+        _compile(
+            layer_norm.layer_norm_backward_kernel,
+            "bf16",
+            {"HAS_DSUMMED": True, **flags},
+            backward_warps,
+            3,
+            90,
+        )
 
 
 def test_kernels_compile_for_nvidia_gpus():

@@ -56,18 +56,8 @@ def _triton_ln(x, weight, bias, residual):
     "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
 )
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize(
-    "shape",
-    [(2, 3, 100), (7, 1024), (5, 53, 200)],
-    ids=["fewer_rows_than_a_tile", "partial_last_tile", "several_tiles_per_program"],
-)
-def test_triton_matches_torch(shape, with_residual, dtype, monkeypatch):
-    """With one SM the tiling does not depend on the GPU (the backward may run up to 8 programs per SM at these
-    widths): 6 rows of 100 are one partial tile (32 rows per tile forward, 16 backward), so fewer rows than
-    programs; 7 rows of 1024 end in a partial tile (4 rows per tile forward, 2 backward); 265 rows of 200 take 17
-    tiles of 16 rows forward and 34 tiles of 8 rows backward, 5 per program over 7 programs, the last program
-    shorter and its last tile a single row."""
-    monkeypatch.setattr("kernels.triton_layer_norm.multiprocessor_count", lambda device: 1)
+@pytest.mark.parametrize("shape", [(2, 3, 100), (7, 1024)], ids=["ragged_width", "rows_over_programs"])
+def test_triton_matches_torch(shape, with_residual, dtype):
     x, residual, weight, bias = _inputs(shape, dtype, with_residual)
     grads = [_randn(*shape, seed=1), _randn(*shape, seed=2)]
     exact_inputs = [None if t is None else t.double() for t in (x, residual, weight, bias)]
@@ -98,15 +88,6 @@ def test_rows_16k_wide(with_residual):
     for a, b in zip(got, want):
         # dweight and dbias sum 3 rows; every other value is a 16K-term reduction in fp32.
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_gradients_are_deterministic():
-    """The same call twice gives bitwise the same gradients: dweight and dbias are summed in a fixed order."""
-    x, residual, weight, bias = _inputs((5, 53, 200), torch.float32, True)
-    grads = [_randn(5, 53, 200, seed=1), _randn(5, 53, 200, seed=2)]
-    first = _forward_backward(_triton_ln, x, residual, weight, bias, grads)
-    second = _forward_backward(_triton_ln, x, residual, weight, bias, grads)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_gradient_of_the_normalised_output_alone():
