@@ -207,7 +207,22 @@ def stage_kernels(report: Report, env: dict[str, str], work: Path, smoke: bool) 
             command += ["-n", str(min(12, max(1, (os.cpu_count() or 1) - 2)))]
         except ImportError:
             pass
-    status, text = run(report, command, env, 120 if not smoke else 300, work / "kernel-tests.log")
+    timings = work / "kernel-test-times.log"
+    timings.unlink(missing_ok=True)
+    status, text = run(
+        report,
+        command,
+        {**env, "GLM_TEST_TIMINGS": str(timings)},
+        120 if not smoke else 300,
+        work / "kernel-tests.log",
+    )
+    if timings.is_file():
+        finished = [line.split(" ", 2) for line in timings.read_text().splitlines() if line.count(" ") >= 2]
+        slowest = sorted(finished, key=lambda fields: -float(fields[0]))[:8]
+        report.add(
+            f"    {len(finished)} tests finished, {sum(float(f[0]) for f in finished):.0f} s of test time in all; "
+            "the slowest: " + ", ".join(f"{f[2].split('::')[-1]} {float(f[0]):.1f} s" for f in slowest)
+        )
     summary = [
         line for line in text.splitlines() if " passed" in line or " failed" in line or "error" in line
     ]
@@ -302,42 +317,7 @@ def stage_pretrain(
         report.fail("glm-pretrain", f"exit {status} (see pretrain-reference.log)")
         return
     train, evals = train_records(reference)
-
-    killed = work / "killed"
-    command = pretrain + pretrain_settings(str(corpus), work, killed, smoke, steps, extra)
-    report.add(f"\n    $ {' '.join(command)}  # killed with SIGKILL once checkpoint {half} is complete")
-    with open(work / "pretrain-killed.log", "w") as out:
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + report.left(240)
-        while latest_step(killed) != half and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        killed_at = latest_step(killed)
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)  # the rank and its data-loader workers
-        process.wait()
-    if killed_at != half:
-        report.fail("kill and resume", f"checkpoint {half} never appeared (latest: {killed_at})")
-        return
-    status, _ = run(
-        report,
-        pretrain + pretrain_settings(str(corpus), work, killed, smoke, steps, extra),
-        env,
-        240,
-        work / "pretrain-resumed.log",
-    )
-    if status != 0:
-        report.fail("resume", f"exit {status} (see pretrain-resumed.log)")
-        return
-    resumed, _ = train_records(killed)
-    compared = [s for s in range(half + 1, steps + 1) if s in train and s in resumed]
-    worst = max(
-        (abs(resumed[s]["loss"] - train[s]["loss"]) / abs(train[s]["loss"]) for s in compared),
-        default=math.nan,
-    )
-    exact = bool(compared) and all(resumed[s]["loss"] == train[s]["loss"] for s in compared)
-
+    # The uninterrupted run's figures first, so that they are reported whatever happens to the kill and resume.
     timed = [train[s] for s in sorted(train) if s > min(10, half) and not profiled[0] <= s <= profiled[1]]
     tokens = sorted(r["tokens_per_second"] for r in timed)
     mfu = sorted(r["mfu"] for r in timed)
@@ -358,16 +338,56 @@ def stage_pretrain(
         losses = ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("eval_"))
         report.add(f"| evaluation at step {record['step']} | {losses} |")
     profile = reference / "logs" / "profile-rank0.txt"
-    report.add(f"| resume after kill -9 at checkpoint {half}: steps compared | {len(compared)} |")
-    report.add(
-        f"| resume: losses bitwise equal | {'yes' if exact else 'no'} (worst relative difference {worst:.2e}) |"
-    )
     if profile.is_file():
         report.add(
             f"\n### Where glm-pretrain's steps go (torch.profiler)\n\n```\n{profile.read_text().strip()}\n```"
         )
     else:
         report.fail("glm-pretrain", "no profile written")
+
+    killed = work / "killed"
+    command = pretrain + pretrain_settings(str(corpus), work, killed, smoke, steps, extra)
+    report.add(f"\n    $ {' '.join(command)}  # killed with SIGKILL once checkpoint {half} is complete")
+    with open(work / "pretrain-killed.log", "w") as out:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + report.left(240)
+        while latest_step(killed) != half and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        killed_at = latest_step(killed)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)  # the rank and its data-loader workers
+        process.wait()
+    if killed_at != half:
+        why = "the time budget ran out first" if time.monotonic() >= deadline else "see pretrain-killed.log"
+        report.fail("kill and resume", f"checkpoint {half} never appeared (latest: {killed_at}; {why})")
+        return
+    status, _ = run(
+        report,
+        pretrain + pretrain_settings(str(corpus), work, killed, smoke, steps, extra),
+        env,
+        240,
+        work / "pretrain-resumed.log",
+    )
+    if status != 0:
+        report.fail("resume", f"exit {status} (see pretrain-resumed.log)")
+        return
+    resumed, _ = train_records(killed)
+    compared = [s for s in range(half + 1, steps + 1) if s in train and s in resumed]
+    worst = max(
+        (abs(resumed[s]["loss"] - train[s]["loss"]) / abs(train[s]["loss"]) for s in compared),
+        default=math.nan,
+    )
+    exact = bool(compared) and all(resumed[s]["loss"] == train[s]["loss"] for s in compared)
+    report.add("")
+    report.add("| resume after kill -9 | value |")
+    report.add("|---|---|")
+    report.add(f"| checkpoint resumed from | {half} |")
+    report.add(f"| steps compared | {len(compared)} |")
+    report.add(
+        f"| losses bitwise equal | {'yes' if exact else 'no'} (worst relative difference {worst:.2e}) |"
+    )
     if len(compared) != steps - half:
         report.fail("resume", f"compared {len(compared)} of {steps - half} steps")
     elif not worst < 1e-3:

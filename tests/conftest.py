@@ -32,3 +32,12 @@ def tp2pp2_run(tmp_path_factory):
     }
     run_pretrain(4, tiny_overrides(corpus, root / "samples", root / "run", **settings))
     return root, root / "run"
+
+
+def pytest_runtest_logreport(report):
+    """With GLM_TEST_TIMINGS=<file>, append each test's call duration as it finishes (also under pytest-xdist,
+    whose reports arrive here): a run stopped at a time limit still tells which tests took the time."""
+    path = os.environ.get("GLM_TEST_TIMINGS")
+    if path and report.when == "call":
+        with open(path, "a") as timings:
+            timings.write(f"{report.duration:.2f} {report.outcome} {report.nodeid}\n")
