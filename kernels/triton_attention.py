@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 
 from kernels.errors import KernelError
 from kernels.triton_attention_kernels import (
@@ -20,15 +19,22 @@ from kernels.triton_attention_kernels import (
     attention_backward_preprocess_kernel,
     attention_forward_kernel,
 )
-from kernels.triton_support import device_guard, dot_precision, emulate_bf16, length_bucket
+from kernels.triton_support import (
+    cdiv,
+    device_guard,
+    dot_precision,
+    emulate_bf16,
+    length_bucket,
+    next_power_of_2,
+)
 
 MAX_HEAD_DIM = 128
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PREPROCESS_BLOCK_M = 64
 
 
-def _strides(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+def _strides(t: torch.Tensor) -> tuple[int, ...]:
+    return t.stride()[:3]
 
 
 def _empty_in_layout_of(t: torch.Tensor) -> torch.Tensor:
@@ -37,6 +43,13 @@ def _empty_in_layout_of(t: torch.Tensor) -> torch.Tensor:
     For q viewed as [B, H, T, D] out of a [B, T, ..., H, D] projection, the output is then [B, T, H, D] in
     memory, so merging the heads afterwards (``out.transpose(1, 2).reshape(B, T, H * D)``) needs no copy.
     """
+    batch, heads, length, head_dim = t.shape
+    b, h, s, _ = t.stride()
+    # The model's two layouts directly (this runs four times per layer and step): [B, T, H, D] and [B, H, T, D].
+    if b >= s >= h:
+        return torch.empty((batch, length, heads, head_dim), device=t.device, dtype=t.dtype).transpose(1, 2)
+    if b >= h >= s:
+        return torch.empty((batch, heads, length, head_dim), device=t.device, dtype=t.dtype)
     # The head dim stays innermost: the kernels store rows of D contiguous values.
     order = sorted(range(t.dim() - 1), key=lambda dim: (-t.stride(dim), dim)) + [t.dim() - 1]
     storage = torch.empty([t.shape[dim] for dim in order], device=t.device, dtype=t.dtype)
@@ -57,7 +70,7 @@ def _kernel_flags(q: torch.Tensor, lengths: torch.Tensor | None, dropout_p: floa
     head_dim = q.shape[-1]
     return {
         "HEAD_DIM": head_dim,
-        "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
+        "BLOCK_D": max(16, next_power_of_2(head_dim)),
         "HAS_LENGTHS": lengths is not None,
         "HAS_DROPOUT": dropout_p > 0.0,
         "EMULATE_BF16": emulate_bf16(q.dtype),
@@ -82,7 +95,7 @@ class GLMAttentionFunction(torch.autograd.Function):
         # Query blocks vary fastest, so the programs running together share one head's K and V in L2. Heads
         # and samples take the other two grid axes (each allows 65535).
         def grid(meta):
-            return (triton.cdiv(query_length, meta["BLOCK_M"]), heads, batch)
+            return (cdiv(query_length, meta["BLOCK_M"]), heads, batch)
 
         with device_guard(q.device):
             attention_forward_kernel[grid](
@@ -112,13 +125,13 @@ class GLMAttentionFunction(torch.autograd.Function):
         scalars = (heads, query_length, key_length, ctx.softmax_scale, *_dropout_arguments(ctx.dropout_p))
 
         def query_grid(meta):
-            return (triton.cdiv(query_length, meta["BLOCK_M"]), heads, batch)
+            return (cdiv(query_length, meta["BLOCK_M"]), heads, batch)
 
         def key_grid(meta):
-            return (triton.cdiv(key_length, meta["BLOCK_N"]), heads, batch)
+            return (cdiv(key_length, meta["BLOCK_N"]), heads, batch)
 
         with device_guard(q.device):
-            attention_backward_preprocess_kernel[(triton.cdiv(query_length, _PREPROCESS_BLOCK_M), heads, batch)](
+            attention_backward_preprocess_kernel[(cdiv(query_length, _PREPROCESS_BLOCK_M), heads, batch)](
                 out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, query_length,
                 HEAD_DIM=head_dim, BLOCK_D=flags["BLOCK_D"], BLOCK_M=_PREPROCESS_BLOCK_M,
             )  # fmt: skip

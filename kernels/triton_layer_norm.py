@@ -14,7 +14,14 @@ import triton
 import triton.language as tl
 
 from kernels.errors import KernelError
-from kernels.triton_support import device_guard, emulate_bf16, multiprocessor_count, to_dtype
+from kernels.triton_support import (
+    cdiv,
+    device_guard,
+    emulate_bf16,
+    multiprocessor_count,
+    next_power_of_2,
+    to_dtype,
+)
 
 MAX_WIDTH = 16384
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -112,7 +119,7 @@ class LayerNormFunction(torch.autograd.Function):
         has_residual = residual is not None
         residual2 = _rows(residual, width) if has_residual else x2
         summed = torch.empty((rows, width), device=x.device, dtype=x.dtype) if has_residual else x2
-        block_n = triton.next_power_of_2(width)
+        block_n = next_power_of_2(width)
         if rows > 0:
             with device_guard(x.device):
                 layer_norm_forward_kernel[(rows,)](
@@ -140,11 +147,11 @@ class LayerNormFunction(torch.autograd.Function):
         dsummed = _rows(grad_summed, width) if has_dsummed else dy
         dx = torch.empty((rows, width), device=summed.device, dtype=summed.dtype)
         # About two programs per SM; every program owns at least one row and writes its whole partial row.
-        rows_per_program = max(1, triton.cdiv(rows, 2 * multiprocessor_count(summed.device)))
-        programs = triton.cdiv(rows, rows_per_program)
+        rows_per_program = max(1, cdiv(rows, 2 * multiprocessor_count(summed.device)))
+        programs = cdiv(rows, rows_per_program)
         partial_dw = torch.empty((programs, width), device=summed.device, dtype=torch.float32)
         partial_db = torch.empty((programs, width), device=summed.device, dtype=torch.float32)
-        block_n = triton.next_power_of_2(width)
+        block_n = next_power_of_2(width)
         if rows > 0:
             with device_guard(summed.device):
                 layer_norm_backward_kernel[(programs,)](

@@ -37,9 +37,22 @@ def autotune_configs(
     return gpu_configs if AUTOTUNE else gpu_configs[:1]
 
 
+# Host-side arithmetic of the launches. triton.cdiv and triton.next_power_of_2 are Triton functions that cost
+# a few microseconds per call from Python; a training step makes thousands of these calls, on the host's
+# critical path when the step is bound by kernel launches.
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for non-negative ints."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (1 for n <= 1)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def length_bucket(length: int) -> int:
     """Autotune key for a sequence length: the next power of two, so dynamic lengths do not re-tune every step."""
-    return triton.next_power_of_2(max(length, 1))
+    return next_power_of_2(length)
 
 
 def device_guard(device: torch.device) -> contextlib.AbstractContextManager:

@@ -261,3 +261,21 @@ def test_unservable_calls_raise_kernel_error():
         glm_attention(q, k, v, _ints([4, 5]), backend="triton")
     with pytest.raises(KernelError, match="dropout_p"):
         glm_attention(q, k, v, _ints([4]), dropout_p=1.0)
+
+
+@pytest.mark.parametrize(
+    "storage_order",
+    [(0, 2, 1, 3), (0, 1, 2, 3), (2, 0, 1, 3), (1, 0, 2, 3)],
+    ids=["B_T_H_D", "B_H_T_D", "T_B_H_D", "H_B_T_D"],
+)
+def test_outputs_take_the_memory_layout_of_their_inputs(storage_order):
+    """Outputs and gradients are allocated in the inputs' dimension order (the model's [B, T, H, D] buffers
+    viewed as [B, H, T, D] need no copy to merge the heads), for the model's layouts and any other."""
+    from kernels.triton_attention import _empty_in_layout_of
+
+    shape = (2, 3, 5, 8)  # [B, H, T, D]
+    storage = torch.empty([shape[d] for d in storage_order])
+    t = storage.permute([storage_order.index(d) for d in range(4)])
+    out = _empty_in_layout_of(t)
+    assert out.shape == t.shape and out.dtype == t.dtype
+    assert out.stride() == t.stride()
