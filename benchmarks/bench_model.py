@@ -20,6 +20,7 @@ the head's dense transform. MFU = FLOPs per token x tokens/s / measured matmul p
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -86,6 +87,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-bert", action="store_true", help="skip the HF BERT baseline")
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="on a GPU, also each model's whole step captured in one CUDA graph and replayed (a separate copy "
+        "of the model): the step without the host's launch overhead; a model that cannot be captured gets "
+        "a row that says why",
+    )
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -163,7 +171,7 @@ def glm_batch(args: argparse.Namespace) -> dict:
 
 
 def glm_step(
-    args: argparse.Namespace, dtype: torch.dtype, kernels: str, dropout: float
+    args: argparse.Namespace, dtype: torch.dtype, kernels: str, dropout: float, capturable: bool = False
 ) -> tuple[Callable[[], None], float]:
     config = ModelConfig(
         num_layers=args.layers,
@@ -179,7 +187,7 @@ def glm_step(
     model.to_empty(device=args.device)
     model.reset_parameters(1234)
     model = model.to(dtype).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=capturable)
     batch = glm_batch(args)
     forward = torch.compile(model) if args.compile else model
 
@@ -194,7 +202,7 @@ def glm_step(
 
 
 def bert_step(
-    args: argparse.Namespace, dtype: torch.dtype, dropout: float
+    args: argparse.Namespace, dtype: torch.dtype, dropout: float, capturable: bool = False
 ) -> tuple[Callable[[], None], float]:
     from transformers import BertConfig, BertForMaskedLM
 
@@ -210,7 +218,7 @@ def bert_step(
         attn_implementation="sdpa",
     )
     model = BertForMaskedLM(config).to(args.device, dtype).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=capturable)
     batch = glm_batch(args)
     labels = batch["targets"].masked_fill(batch["loss_mask"] == 0, -100)
     forward = torch.compile(model) if args.compile else model
@@ -222,6 +230,22 @@ def bert_step(
 
     shape = ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads)
     return step, model_flops_per_token(shape, args.vocab, args.seq) + 6.0 * args.hidden**2
+
+
+def cuda_graph_of(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` captured in one CUDA graph (after three warm-up steps on a side stream, which also run Triton's
+    autotuning); returns the graph's replay. Raises where the step cannot be captured (a host sync, an RNG
+    state swap)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def gpu_kernel_ms(averages) -> float:
@@ -312,6 +336,26 @@ def main() -> None:
             ]
             if not args.no_bert:
                 rows.append((bert, *bert_step(args, dtype, dropout)))
+            if args.cuda_graph and device.type == "cuda":
+                builders = [
+                    (
+                        f"GLM, kernels={kernels}",
+                        functools.partial(glm_step, args, dtype, kernels, dropout, True),
+                    )
+                    for kernels in args.kernels.split(",")
+                ]
+                if not args.no_bert:
+                    builders.append((bert, functools.partial(bert_step, args, dtype, dropout, True)))
+                for label, build in builders:
+                    try:
+                        step, flops_per_token = build()
+                        rows.append((f"{label}, CUDA graph", cuda_graph_of(step), flops_per_token))
+                    except Exception as error:  # noqa: BLE001 (reported as the row's result)
+                        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:150] if str(error) else ''}"
+                        print(
+                            f"| {label}, CUDA graph | {name} | {dropout:g} | capture failed: {reason} | | | | | |"
+                        )
+                        torch.cuda.synchronize(device)
             steps = {label: step for label, step, _ in rows}
             seconds = interleaved_medians(steps, args.steps, args.warmup, device)
             for label, _, flops_per_token in rows:

@@ -14,7 +14,8 @@ within about 8 minutes:
    100 steps with an evaluation and a checkpoint at step 50; then the same run killed (SIGKILL) once its
    step-50 checkpoint is complete, resumed, and its losses of steps 51-100 compared with the first run's;
    the throughput table, and a profile of three steps (GPU kernels and the host's phases);
-4. on request (``--stages``): ``throughput`` (glm-pretrain under ZeRO-1 and ZeRO-2 side by side), ``kbench``
+4. on request (``--stages``): ``throughput`` (glm-pretrain under ZeRO-1 and ZeRO-2 side by side), ``graphs``
+   (the model step also captured in one CUDA graph: its speed without the host's launch overhead), ``kbench``
    (``benchmarks/bench_kernels_gpu.py``: attention against SDPA and FlexAttention, LayerNorm against torch)
    and ``glm2b`` (glm-2b on one GPU with ZeRO-2 at T 1024: tokens/s, MFU and peak memory).
 
@@ -75,7 +76,8 @@ def parse_args() -> argparse.Namespace:
         help="which stages to run, comma-separated, in this order: kernels (the kernel tests), bench "
         "(bench_model.py, dropout 0.1 and 0, profiled; it also leaves the autotuned tiles of the glm-large "
         "shapes in Triton's cache for the training runs), pretrain (100 steps, evaluation, checkpoint, kill -9, "
-        "exact resume), throughput (glm-pretrain ZeRO-1 vs ZeRO-2, profiled), kbench (bench_kernels_gpu.py), "
+        "exact resume), throughput (glm-pretrain ZeRO-1 vs ZeRO-2, profiled), graphs (bench_model.py with each "
+        "step also captured in a CUDA graph), kbench (bench_kernels_gpu.py), "
         "glm2b (glm-2b on one GPU, ZeRO-2, T 1024, 12 steps: tokens/s, MFU, peak "
         "memory); the default set stays under 8 minutes",
     )
@@ -534,6 +536,24 @@ def stage_glm2b(report: Report, env: dict[str, str], work: Path, smoke: bool, ex
     )
 
 
+def stage_graphs(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:
+    """The model step captured in CUDA graphs (no host launch overhead) next to the same step launched
+    eagerly, in its own process: a failed capture cannot disturb the other stages."""
+    report.add("\n## 3c. Model step in one CUDA graph (the step without the host's launch overhead)\n")
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--preset", "glm-large"]
+    command += ["--dropout", "0,0.1", "--cuda-graph", "--steps", "6", "--warmup", "2"]
+    if smoke:
+        command += ["--layers", "2", "--hidden", "64", "--heads", "4", "--seq", "64", "--batch", "2"]
+        command += ["--vocab", "1024", "--dtypes", "fp32", "--kernels", "torch"]
+    status, text = run(report, command, env, 150 if not smoke else 300, work / "bench-model-graphs.log")
+    report.add("")
+    for line in text.splitlines():
+        if line.startswith(("|", "#")):
+            report.add(line)
+    if status != 0:
+        report.fail("bench_model --cuda-graph", f"exit {status} (see bench-model-graphs.log)")
+
+
 def stage_kernel_bench(report: Report, env: dict[str, str], work: Path, smoke: bool, extra: str) -> None:
     report.add("\n## 5. Kernels: GLM attention vs SDPA and FlexAttention, LayerNorm vs torch\n")
     budget = max(20.0, min(240.0, report.left(400) - 50))
@@ -619,6 +639,7 @@ def main() -> int:
             report, env, work, args.smoke, args.steps or (6 if args.smoke else 50), args.overrides
         ),
         "bench": lambda: stage_bench(report, env, work, args.smoke),
+        "graphs": lambda: stage_graphs(report, env, work, args.smoke),
         "kbench": lambda: stage_kernel_bench(report, env, work, args.smoke, args.kernel_bench_args),
         "glm2b": lambda: stage_glm2b(report, env, work, args.smoke, args.overrides),
     }
