@@ -1,0 +1,132 @@
+"""Host time per call of the Triton kernels' launch path: what a training step bound by its host pays per layer.
+
+A step whose GPU finishes its kernels sooner than the host can launch them runs at the host's pace
+(`docs/benchmarks.md`: GLM-Large's step with Triton kernels on an H200). This measures the host side of one
+forward+backward of GLM attention (dropout 0.1) and of the LayerNorm with the fused residual, next to torch's
+`F.layer_norm` and `F.scaled_dot_product_attention` (causal) on the same tensors, as the mean wall time of
+many calls issued back to back without synchronizing: on a GPU that is the time the host spends per call
+while the GPU runs behind it.
+
+    python benchmarks/bench_launch_overhead.py            # a GPU: the real launches
+    python benchmarks/bench_launch_overhead.py --stub     # any machine: our wrappers alone, launches stubbed
+
+``--stub`` replaces the Triton kernels by no-ops (CPU tensors, no interpreter), so it measures our Python
+wrappers and autograd without Triton's launcher; the torch rows then include their CPU compute, at tiny
+shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _stub_kernels() -> None:
+    import kernels.triton_attention as attention
+    import kernels.triton_layer_norm as layer_norm
+
+    for name in ("layer_norm_forward_kernel", "layer_norm_backward_kernel"):
+        setattr(layer_norm, name, _NoLaunch())
+    for name in (
+        "attention_forward_kernel",
+        "attention_backward_dkdv_kernel",
+        "attention_backward_dq_kernel",
+        "attention_backward_preprocess_kernel",
+    ):
+        setattr(attention, name, _NoLaunch())
+
+
+def host_microseconds(fn: Callable[[], None], calls: int, repeats: int, device: torch.device) -> float:
+    """Median over ``repeats`` of the mean host time of ``calls`` back-to-back calls (no sync in between)."""
+    for _ in range(10):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    means = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        means.append((time.perf_counter() - start) / calls * 1e6)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # outside the timed loop: the queue drains between repeats
+    return statistics.median(means)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stub", action="store_true", help="stub the Triton launches out (CPU tensors)")
+    parser.add_argument("--calls", type=int, default=200, help="calls per timed repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    if args.stub:
+        _stub_kernels()
+        device, dtype = torch.device("cpu"), torch.float32
+        # Tiny: on a CPU the torch rows compute for real.
+        rows, width, batch, heads, length, head_dim = 8, 1024, 1, 2, 64, 64
+    elif torch.cuda.is_available():
+        device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
+        # GLM-Large's shapes, but few rows: the host's cost does not depend on the size.
+        rows, width, batch, heads, length, head_dim = 512, 1024, 1, 16, 128, 64
+    else:
+        print("No CUDA GPU: run with --stub to time the wrappers alone.", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    from kernels.triton_attention import glm_attention_triton
+    from kernels.triton_layer_norm import layer_norm_triton
+
+    def leaf(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
+
+    x, residual = leaf(rows, width), leaf(rows, width)
+    weight, bias = leaf(width), leaf(width)
+    grad = torch.randn(rows, width, device=device, dtype=dtype)
+    q, k, v = (leaf(batch, heads, length, head_dim) for _ in range(3))
+    grad_out = torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype)
+    sep = torch.full((batch,), length // 2, device=device, dtype=torch.int32)
+
+    def ours_layer_norm() -> None:
+        y, summed = layer_norm_triton(x, weight, bias, 1e-5, residual)
+        torch.autograd.backward([y, summed], [grad, grad])
+
+    def torch_layer_norm() -> None:
+        summed = x + residual
+        y = F.layer_norm(summed, (width,), weight, bias, 1e-5)
+        torch.autograd.backward([y, summed], [grad, grad])
+
+    def ours_attention() -> None:
+        glm_attention_triton(q, k, v, sep, dropout_p=0.1).backward(grad_out)
+
+    def torch_attention() -> None:
+        F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1).backward(grad_out)
+
+    where = "CPU, Triton launches stubbed" if args.stub else torch.cuda.get_device_name(device)
+    print(f"# host time per forward+backward call, {where}; torch {torch.__version__}")
+    print(f"# mean of {args.calls} back-to-back calls, median of {args.repeats} repeats\n")
+    print("| call | host us per fwd+bwd |")
+    print("|---|---|")
+    for label, fn in (
+        ("ours: LayerNorm + residual (Triton)", ours_layer_norm),
+        ("torch: add + F.layer_norm", torch_layer_norm),
+        ("ours: GLM attention, dropout 0.1 (Triton)", ours_attention),
+        ("torch: SDPA causal, dropout 0.1", torch_attention),
+    ):
+        print(f"| {label} | {host_microseconds(fn, args.calls, args.repeats, device):.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
