@@ -219,12 +219,19 @@ def stage_kernels(report: Report, env: dict[str, str], work: Path, smoke: bool) 
         work / "kernel-tests.log",
     )
     if timings.is_file():
-        finished = [line.split(" ", 2) for line in timings.read_text().splitlines() if line.count(" ") >= 2]
+        lines = timings.read_text().splitlines()
+        started = [line.split(" ", 1)[1] for line in lines if line.startswith("start ")]
+        finished = [
+            line.split(" ", 2) for line in lines if not line.startswith("start ") and line.count(" ") >= 2
+        ]
         slowest = sorted(finished, key=lambda fields: -float(fields[0]))[:8]
         report.add(
             f"    {len(finished)} tests finished, {sum(float(f[0]) for f in finished):.0f} s of test time in all; "
             "the slowest: " + ", ".join(f"{f[2].split('::')[-1]} {float(f[0]):.1f} s" for f in slowest)
         )
+        running = sorted(set(started) - {f[2] for f in finished})
+        if running:
+            report.add(f"    still running when the stage ended: {', '.join(running[:12])}")
     summary = [
         line for line in text.splitlines() if " passed" in line or " failed" in line or "error" in line
     ]

@@ -34,10 +34,21 @@ def tp2pp2_run(tmp_path_factory):
     return root, root / "run"
 
 
-def pytest_runtest_logreport(report):
-    """With GLM_TEST_TIMINGS=<file>, append each test's call duration as it finishes (also under pytest-xdist,
-    whose reports arrive here): a run stopped at a time limit still tells which tests took the time."""
+def _timings_line(text: str) -> None:
     path = os.environ.get("GLM_TEST_TIMINGS")
-    if path and report.when == "call":
+    # Under pytest-xdist the hooks run in the worker and again in the controller: write from one of them.
+    if path and "PYTEST_XDIST_WORKER" not in os.environ:
         with open(path, "a") as timings:
-            timings.write(f"{report.duration:.2f} {report.outcome} {report.nodeid}\n")
+            timings.write(text + "\n")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    """With GLM_TEST_TIMINGS=<file>, note each test as it starts ("start <id>") and each test's call duration
+    as it finishes ("<seconds> <outcome> <id>"); under pytest-xdist too, whose events arrive here. A run
+    stopped at a time limit then still tells which tests took the time and which never finished."""
+    _timings_line(f"start {nodeid}")
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        _timings_line(f"{report.duration:.2f} {report.outcome} {report.nodeid}")
