@@ -290,6 +290,12 @@ def train_records(run_dir: Path) -> tuple[dict[int, dict], list[dict]]:
     return train, [r for r in records if r["kind"] == "eval"]
 
 
+def median(records: list[dict], key: str) -> float:
+    """The median of ``key`` over the training records (the upper one of an even count)."""
+    values = sorted(r[key] for r in records)
+    return values[len(values) // 2]
+
+
 def latest_step(run_dir: Path) -> int | None:
     tracker = run_dir / "checkpoints" / "latest"
     try:
@@ -328,21 +334,17 @@ def stage_pretrain(
     train, evals = train_records(reference)
     # The uninterrupted run's figures first, so that they are reported whatever happens to the kill and resume.
     timed = [train[s] for s in sorted(train) if s > min(10, half) and not profiled[0] <= s <= profiled[1]]
-    tokens = sorted(r["tokens_per_second"] for r in timed)
-    mfu = sorted(r["mfu"] for r in timed)
+    tokens = [r["tokens_per_second"] for r in timed]
     report.add("")
     report.add("| what | value |")
     report.add("|---|---|")
     report.add(f"| loss, step 1 -> {steps} | {train[1]['loss']:.4f} -> {train[steps]['loss']:.4f} |")
     report.add(
-        f"| tokens/s after step {min(10, half)} (median, min-max) | {tokens[len(tokens) // 2]:,.0f} "
-        f"({tokens[0]:,.0f} - {tokens[-1]:,.0f}) |"
+        f"| tokens/s after step {min(10, half)} (median, min-max) | {median(timed, 'tokens_per_second'):,.0f} "
+        f"({min(tokens):,.0f} - {max(tokens):,.0f}) |"
     )
-    report.add(f"| reported MFU (median) | {mfu[len(mfu) // 2]:.1%} |")
-    report.add(
-        f"| data wait (median share of the step) | "
-        f"{sorted(r['data_wait_fraction'] for r in timed)[len(timed) // 2]:.1%} |"
-    )
+    report.add(f"| reported MFU (median) | {median(timed, 'mfu'):.1%} |")
+    report.add(f"| data wait (median share of the step) | {median(timed, 'data_wait_fraction'):.1%} |")
     for record in evals:
         losses = ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("eval_"))
         report.add(f"| evaluation at step {record['step']} | {losses} |")
@@ -438,11 +440,10 @@ def stage_throughput(
         if status != 0 or not timed:
             report.fail(f"throughput ZeRO-{stage}", f"exit {status}, {len(timed)} timed steps")
             continue
-        middle = len(timed) // 2
-        tokens = sorted(r["tokens_per_second"] for r in timed)
+        tokens = [r["tokens_per_second"] for r in timed]
         rows.append(
-            f"| ZeRO-{stage} | {len(timed)} | {tokens[middle]:,.0f} ({tokens[0]:,.0f} - {tokens[-1]:,.0f}) | "
-            f"{sorted(r['mfu'] for r in timed)[middle]:.1%} | "
+            f"| ZeRO-{stage} | {len(timed)} | {median(timed, 'tokens_per_second'):,.0f} "
+            f"({min(tokens):,.0f} - {max(tokens):,.0f}) | {median(timed, 'mfu'):.1%} | "
             f"{max(r.get('peak_memory_gib', math.nan) for r in timed):.1f} GiB |"
         )
         profile = run_dir / "logs" / "profile-rank0.txt"
@@ -532,14 +533,13 @@ def stage_glm2b(report: Report, env: dict[str, str], work: Path, smoke: bool, ex
             "glm-2b", f"no step after step 2 was logged (see pretrain-glm2b.log); steps {sorted(train)}"
         )
         return
-    middle = len(timed) // 2
     memory = max((r.get("peak_memory_gib", math.nan) for r in timed), default=math.nan)
     report.add("")
     report.add("| steps | tokens/s (median) | reported MFU (median) | peak GPU memory (tensors) |")
     report.add("|---|---|---|---|")
     report.add(
-        f"| {timed[0]['step']}-{timed[-1]['step']} | {sorted(r['tokens_per_second'] for r in timed)[middle]:,.0f} | "
-        f"{sorted(r['mfu'] for r in timed)[middle]:.1%} | {memory:.1f} GiB |"
+        f"| {timed[0]['step']}-{timed[-1]['step']} | {median(timed, 'tokens_per_second'):,.0f} | "
+        f"{median(timed, 'mfu'):.1%} | {memory:.1f} GiB |"
     )
 
 
