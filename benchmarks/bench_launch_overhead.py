@@ -3,7 +3,8 @@
 A step whose GPU finishes its kernels sooner than the host can launch them runs at the host's pace
 (`docs/benchmarks.md`: GLM-Large's step with Triton kernels on an H200). This measures the host side of one
 forward+backward of GLM attention (dropout 0.1) and of the LayerNorm with the fused residual, next to torch's
-`F.layer_norm` and `F.scaled_dot_product_attention` (causal) on the same tensors, as the mean wall time of
+`F.layer_norm` and `F.scaled_dot_product_attention` (causal) on the same tensors, and of the tensor-parallel
+RNG fork that each layer's attention dropout runs in, as the mean wall time of
 many calls issued back to back without synchronizing: on a GPU that is the time the host spends per call
 while the GPU runs behind it.
 
@@ -113,6 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     def torch_attention() -> None:
         F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1).backward(grad_out)
 
+    from megatron_glm import parallel
+
+    parallel.initialize_parallel(1, 1)
+    parallel.seed_parallel_rng(1234)
+    tracker = parallel.get_rng_tracker()
+
+    def rng_fork() -> None:
+        # What every layer's attention dropout does around its kernel: swap the tensor-parallel RNG stream in
+        # and out of the default generators.
+        with tracker.fork():
+            pass
+
     where = "CPU, Triton launches stubbed" if args.stub else torch.cuda.get_device_name(device)
     print(f"# host time per forward+backward call, {where}; torch {torch.__version__}")
     print(f"# mean of {args.calls} back-to-back calls, median of {args.repeats} repeats\n")
@@ -123,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         ("torch: add + F.layer_norm", torch_layer_norm),
         ("ours: GLM attention, dropout 0.1 (Triton)", ours_attention),
         ("torch: SDPA causal, dropout 0.1", torch_attention),
+        ("ours: the attention dropout's RNG fork (no work inside)", rng_fork),
     ):
         print(f"| {label} | {host_microseconds(fn, args.calls, args.repeats, device):.0f} |")
+    parallel.destroy_parallel()
     return 0
 
 
