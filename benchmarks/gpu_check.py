@@ -138,8 +138,14 @@ def child_env(smoke: bool, cuda: bool) -> dict[str, str]:
     if not cuda:
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("TRITON_INTERPRET", "1")
-    # Tile choices are timed once and reused by the later stages and the resumed run.
-    env.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+    # Tile choices are timed once and reused by the later stages and the resumed run: every stage uses the
+    # cache folder glm-pretrain uses (its node-local default), so what the step benchmark tuned and compiled
+    # the training runs find.
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from megatron_glm.cli.pretrain import triton_cache_environment
+
+    env.update(triton_cache_environment(env))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env
