@@ -27,6 +27,7 @@ from megatron_glm.parallel import (
     get_pipeline_parallel_group,
     get_pipeline_parallel_world_size,
 )
+from megatron_glm.training.fused_bf16 import fuse_bf16_optimizer
 from megatron_glm.training.lr_schedule import AnnealingLR
 from megatron_glm.training.optimizer import GuardedAdamW, build_optimizer
 from megatron_glm.training.pipeline import build_pipeline_module
@@ -174,6 +175,8 @@ class TrainingEngine:
             **kwargs,
         )
         self.device = self.deepspeed_engine.device
+        if fuse_bf16_optimizer(self.deepspeed_engine.optimizer):
+            logger.debug("DeepSpeed's BF16 optimizer runs its gradient loops as foreach operations")
 
     @property
     def module(self) -> torch.nn.Module:

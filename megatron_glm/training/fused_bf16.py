@@ -1,0 +1,141 @@
+"""DeepSpeed's BF16 optimizer with its per-parameter loops done as multi-tensor (foreach) operations.
+
+Under ZeRO-1 with bf16 weights and fp32 gradient accumulation, DeepSpeed wraps the optimizer in its
+``BF16_Optimizer``, which after every backward and in every step walks the parameters one by one: a bf16 to
+fp32 copy and an add per gradient, a norm per gradient, a clipping multiply per gradient. GLM-Large has 293
+parameter tensors, so that is ~1,200 small operations per step, each paying the host's dispatch (and on a GPU
+a kernel launch): the step of glm-pretrain is bound by its host on one GPU (``docs/benchmarks.md``). Here the
+same arithmetic runs as a few ``torch._foreach_*`` calls (one fused kernel per chunk of tensors on GPUs; on
+CPUs the same per-tensor kernels without the Python loop).
+
+The results are those of DeepSpeed's loops: the same additions (fp32 += bf16 promotes exactly as the copy
+then add), the same per-tensor 2-norms combined the same way (squared, summed, all-reduced over the
+model-parallel group, to the power 1/2, invalid values masked to -1), the same clipping factor. On CPUs
+the values are bitwise equal (``tests/test_training_fused_bf16.py``); on GPUs the fused norm kernel may
+round the per-tensor norms differently in the last bit.
+
+Only the configurations it covers are changed: no mixture of experts, no Muon, gradients not applied
+during the backward (``immediate_grad_update``), the 2-norm, no expert-folding correction; anything else
+keeps DeepSpeed's own methods. ``_step`` follows ``BF16_Optimizer.step`` of the DeepSpeed versions in
+``MIRRORED_DEEPSPEED`` (the one requirements.txt pins); under any other version nothing is replaced.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+from megatron_glm.log import get_logger
+
+logger = get_logger(__name__)
+
+# The DeepSpeed releases whose BF16_Optimizer.step and update_hp_grads the functions below reproduce.
+MIRRORED_DEEPSPEED = ("0.19.8",)
+
+
+def fuse_bf16_optimizer(optimizer) -> bool:
+    """Replace ``optimizer``'s per-parameter gradient loops by foreach operations when it is DeepSpeed's
+    ``BF16_Optimizer`` in a configuration this covers; returns whether it did."""
+    try:
+        import deepspeed
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    except ImportError:
+        return False
+    if not isinstance(optimizer, BF16_Optimizer) or deepspeed.__version__ not in MIRRORED_DEEPSPEED:
+        return False
+    covered = (
+        optimizer.using_real_optimizer
+        and not optimizer.has_moe_layers
+        and not optimizer._uses_muon
+        and not optimizer.immediate_grad_update
+        and float(optimizer.norm_type) == 2.0
+    )
+    if not covered:
+        return False
+    optimizer.update_hp_grads = types.MethodType(_update_hp_grads, optimizer)
+    optimizer.step = types.MethodType(_step, optimizer)
+    return True
+
+
+@torch.no_grad()
+def _update_hp_grads(self, clear_lp_grads: bool = False) -> None:
+    """Add each bf16 gradient to its fp32 accumulator (``BF16_Optimizer.update_hp_grads``), in one foreach add
+    per parameter group."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    if self.autoep_folding_tp_group is not None:
+        return BF16_Optimizer.update_hp_grads(self, clear_lp_grads)
+    for group_index, group in enumerate(self.bf16_groups):
+        high, low = [], []
+        has_gradient = self.fp32_groups_has_gradients[group_index]
+        for param_index, lp in enumerate(group):
+            if lp.grad is None:
+                continue
+            hp_grad = self.fp32_groups_gradients[group_index][param_index]
+            high.append(hp_grad)
+            low.append(lp.grad.view(hp_grad.shape))
+            lp._hp_grad = hp_grad
+            has_gradient[param_index] = True
+        if high:
+            torch._foreach_add_(high, low)
+            if clear_lp_grads:
+                torch._foreach_zero_(low)
+
+
+def _global_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of ``tensors`` taken together across the model-parallel group, -1 where it is not finite
+    (``deepspeed.runtime.utils.get_global_norm_of_tensors`` without experts)."""
+    from deepspeed import comm as dist
+    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
+
+    if tensors:
+        total = torch.stack(torch._foreach_norm(tensors, 2)).pow(2.0).sum()
+    else:
+        # A rank with no gradient of its own to count (only replicated parameters on a tensor-parallel rank
+        # other than 0) still joins the all-reduce.
+        total = torch.zeros((), device=self.fp32_groups_flat_partition[0].device)
+    if self.mpu is not None:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.mpu.get_model_parallel_group())
+    total = total.pow(0.5)
+    mask_nan_or_inf_with_val_inplace(total, device=total.device)
+    return total
+
+
+@torch.no_grad()
+def _step(self, closure=None) -> None:
+    """``BF16_Optimizer.step`` with the gradient norm and the clipping as foreach operations."""
+    from deepspeed.runtime.utils import is_invalid_grad_norm
+
+    if closure is not None:
+        raise NotImplementedError(f"{type(self).__name__} does not support closure.")
+    grads, _ = self.get_grads_for_norm()
+    self.overflow = False
+    norm = _global_norm(self, grads)
+    self._global_grad_norm = norm
+    if is_invalid_grad_norm(norm):
+        self.overflow = True
+        self._global_grad_norm = float("inf")
+        self.clear_hp_grads()
+        self.clear_lp_grads()
+        return None
+    if self.clip_grad > 0.0:
+        factor = self.clip_grad / (norm + 1e-6)
+        if factor < 1:
+            torch._foreach_mul_(self.get_grads_for_norm(for_clipping=True), factor)
+    for param_partition, grad_partition in zip(
+        self.fp32_groups_flat_partition, self.fp32_groups_gradient_flat_partition
+    ):
+        param_partition.grad = (
+            grad_partition.to(param_partition.dtype)
+            if grad_partition.dtype != param_partition.dtype
+            else grad_partition
+        )
+    self.optimizer.step()
+    if self.grad_acc_dtype is not torch.float32:
+        for param_partition in self.fp32_groups_flat_partition:
+            param_partition.grad = None
+    self._lazy_init_hp_params_optimizer_state()
+    self.update_lp_params()
+    self.clear_hp_grads()
+    return None
