@@ -26,10 +26,6 @@ import types
 
 import torch
 
-from megatron_glm.log import get_logger
-
-logger = get_logger(__name__)
-
 # The DeepSpeed releases whose BF16_Optimizer.step and update_hp_grads the functions below reproduce.
 MIRRORED_DEEPSPEED = ("0.19.8",)
 
