@@ -104,7 +104,7 @@ def _step(self, closure=None) -> None:
     from deepspeed.runtime.utils import is_invalid_grad_norm
 
     if closure is not None:
-        raise NotImplementedError(f"{type(self).__name__} does not support closure.")
+        raise TypeError(f"{type(self).__name__}.step takes no closure (DeepSpeed's BF16 optimizer has none)")
     grads, _ = self.get_grads_for_norm()
     self.overflow = False
     norm = _global_norm(self, grads)
