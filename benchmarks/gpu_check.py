@@ -656,7 +656,15 @@ def main() -> int:
         "kbench": lambda: stage_kernel_bench(report, env, work, args.smoke, args.kernel_bench_args),
         "glm2b": lambda: stage_glm2b(report, env, work, args.smoke, args.overrides),
     }
-    for name in args.stages.split(","):
+    requested = [name.strip() for name in args.stages.split(",") if name.strip()]
+    unknown = [name for name in requested if name not in stages]
+    if unknown:
+        print(
+            f"gpu_check: unknown --stages {', '.join(unknown)}; choose from {', '.join(stages)}",
+            file=sys.stderr,
+        )
+        return 2
+    for name in requested:
         stages[name]()
     started = time.time() - report.elapsed()
     # This run's logs (the work folder may hold older ones), in one archive beside the report.
