@@ -622,8 +622,19 @@ def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool) ->
         report.fail("bench_model", f"exit {status} (see {log.name})")
 
 
+STAGES = ("kernels", "bench", "pretrain", "throughput", "graphs", "kbench", "glm2b")
+
+
 def main() -> int:
     args = parse_args()
+    requested = [name.strip() for name in args.stages.split(",") if name.strip()]
+    unknown = [name for name in requested if name not in STAGES]
+    if unknown:
+        print(
+            f"gpu_check: unknown --stages {', '.join(unknown)}; choose from {', '.join(STAGES)}",
+            file=sys.stderr,
+        )
+        return 2
     import torch
 
     cuda = torch.cuda.is_available()
@@ -656,14 +667,6 @@ def main() -> int:
         "kbench": lambda: stage_kernel_bench(report, env, work, args.smoke, args.kernel_bench_args),
         "glm2b": lambda: stage_glm2b(report, env, work, args.smoke, args.overrides),
     }
-    requested = [name.strip() for name in args.stages.split(",") if name.strip()]
-    unknown = [name for name in requested if name not in stages]
-    if unknown:
-        print(
-            f"gpu_check: unknown --stages {', '.join(unknown)}; choose from {', '.join(stages)}",
-            file=sys.stderr,
-        )
-        return 2
     for name in requested:
         stages[name]()
     started = time.time() - report.elapsed()
