@@ -29,6 +29,7 @@ run, printing the rows measured so far, so one run always ends within 4 minutes.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import platform
 import signal
@@ -133,17 +134,13 @@ def _flex_prefix_lm(length: int, batch: int, heads: int, device: torch.device) -
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
 
 
-_FLEX: dict = {}
-
-
+@functools.cache
 def _compiled_flex(flex_attention: Callable) -> Callable:
-    if "fn" not in _FLEX:
-        # One compiled kernel per (T, head dim): allow more recompiles than dynamo's default of 8.
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, 64)
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-    return _FLEX["fn"]
+    # One compiled kernel per (T, head dim): allow more recompiles than dynamo's default of 8.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 64)
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def _attention_variants(

@@ -34,6 +34,7 @@ from megatron_glm import parallel
 from megatron_glm.config import ModelConfig, model_flops_per_token
 from megatron_glm.model import GLMModel, glm_loss, loss_row_index
 from megatron_glm.training.hardware import measure_matmul_peak
+from megatron_glm.training.metrics import gpu_kernel_ms
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # THUDM/GLM's GLM-Large recipe on one GPU: micro batch 16, bf16, dropout 0.1, Triton and torch kernels.
@@ -246,14 +247,6 @@ def cuda_graph_of(step: Callable[[], None]) -> Callable[[], None]:
     with torch.cuda.graph(graph):
         step()
     return graph.replay
-
-
-def gpu_kernel_ms(averages) -> float:
-    """Milliseconds of GPU kernels in a profile (the kernels' own events: the ops that launched them would count
-    the same time twice)."""
-    from torch.autograd import DeviceType
-
-    return sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1e3
 
 
 def profile_steps(steps: dict[str, Callable[[], None]], device: torch.device, rows: int = 12) -> str:

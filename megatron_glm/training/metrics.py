@@ -157,6 +157,14 @@ class MetricsReporter:
             self._writer.close()
 
 
+def gpu_kernel_ms(averages) -> float:
+    """Milliseconds of GPU kernels in a profile's ``key_averages()`` (the kernels' own events: the ops that
+    launched them would count the same time twice)."""
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1e3
+
+
 class StepProfiler:
     """torch.profiler over optimizer steps ``first..last``; at ``last`` it writes the ops that took the most
     GPU (else CPU) time to ``<log_dir>/profile-rank<r>.txt`` (the table torch prints)."""
@@ -190,11 +198,8 @@ class StepProfiler:
         text = f"steps {self.first}-{self.last}, sorted by {key}\n"
         text += averages.table(sort_by=key, row_limit=30, max_name_column_width=70) + "\n"
         if self.device.type == "cuda":
-            from torch.autograd import DeviceType
-
             steps = self.last - self.first + 1
-            kernels = sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA)
-            text += f"\nGPU kernels: {kernels / steps / 1e3:.1f} ms per step\n"
+            text += f"\nGPU kernels: {gpu_kernel_ms(averages) / steps:.1f} ms per step\n"
             # Where the host's time goes: the engine's phases (glm.forward, glm.backward, glm.optimizer_step)
             # and the ops that cost the CPU most. A step whose host time exceeds its GPU time is launch-bound.
             text += (
