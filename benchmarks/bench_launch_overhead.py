@@ -28,26 +28,43 @@ import torch
 import torch.nn.functional as F
 
 
+class _NoCompiledKernel:
+    """Stands in for a compiled Triton kernel: its launcher does nothing."""
+
+    function = packed_metadata = None
+
+    @staticmethod
+    def run(*args) -> None:
+        return None
+
+
 class _NoLaunch:
-    """Stands in for a Triton kernel: ``kernel[grid](...)`` does nothing."""
+    """Stands in for a Triton kernel: ``kernel[grid](...)`` does nothing and returns a compiled kernel whose launches
+    do nothing, so our direct launches are timed too."""
+
+    def __init__(self) -> None:
+        import triton
+
+        self.best_config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64})  # the autotuner's choice
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: _NoCompiledKernel()
 
 
 def _stub_kernels() -> None:
     import kernels.triton_attention as attention
     import kernels.triton_layer_norm as layer_norm
 
-    for name in ("layer_norm_forward_kernel", "layer_norm_backward_kernel"):
-        setattr(layer_norm, name, _NoLaunch())
-    for name in (
-        "attention_forward_kernel",
-        "attention_backward_dkdv_kernel",
-        "attention_backward_dq_kernel",
-        "attention_backward_preprocess_kernel",
+    for launcher in (
+        layer_norm._forward,
+        layer_norm._backward,
+        attention._forward,
+        attention._backward_preprocess,
+        attention._backward_dkdv,
+        attention._backward_dq,
     ):
-        setattr(attention, name, _NoLaunch())
+        launcher.kernel = _NoLaunch()
+        launcher._stream_of = lambda device: 0  # no CUDA driver to ask
 
 
 def host_microseconds(fn: Callable[[], None], calls: int, repeats: int, device: torch.device) -> float:
@@ -131,10 +148,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# mean of {args.calls} back-to-back calls, median of {args.repeats} repeats\n")
     print("| call | host us per fwd+bwd |")
     print("|---|---|")
+    import kernels.triton_support as support
+
+    def through_triton_dispatch(fn: Callable[[], None]) -> Callable[[], None]:
+        # GLM_KERNELS_DIRECT_LAUNCH=0 for these calls: every launch through the autotuner and JITFunction.run.
+        def call() -> None:
+            support.DIRECT_LAUNCH = False
+            try:
+                fn()
+            finally:
+                support.DIRECT_LAUNCH = True
+
+        return call
+
     for label, fn in (
-        ("ours: LayerNorm + residual (Triton)", ours_layer_norm),
+        ("ours: LayerNorm + residual (Triton, direct launches)", ours_layer_norm),
+        (
+            "ours: LayerNorm + residual (Triton, through Triton's dispatch)",
+            through_triton_dispatch(ours_layer_norm),
+        ),
         ("torch: add + F.layer_norm", torch_layer_norm),
-        ("ours: GLM attention, dropout 0.1 (Triton)", ours_attention),
+        ("ours: GLM attention, dropout 0.1 (Triton, direct launches)", ours_attention),
+        (
+            "ours: GLM attention, dropout 0.1 (Triton, through Triton's dispatch)",
+            through_triton_dispatch(ours_attention),
+        ),
         ("torch: SDPA causal, dropout 0.1", torch_attention),
         ("ours: the attention dropout's RNG fork (no work inside)", rng_fork),
     ):

@@ -52,6 +52,7 @@ KERNEL_TESTS = [
     "tests/test_kernels_attention.py",
     "tests/test_kernels_layernorm.py",
     "tests/test_kernels_dropout.py",
+    "tests/test_kernels_launcher.py",
 ]
 
 

@@ -20,6 +20,7 @@ from kernels.triton_attention_kernels import (
     attention_forward_kernel,
 )
 from kernels.triton_support import (
+    Launcher,
     cdiv,
     device_guard,
     dot_precision,
@@ -31,6 +32,12 @@ from kernels.triton_support import (
 MAX_HEAD_DIM = 128
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PREPROCESS_BLOCK_M = 64
+
+# The kernels' tensor parameters come first: Q, K, V, Out, Lse, Sep, Lengths, Seed in the forward.
+_forward = Launcher(attention_forward_kernel, tensor_args=8)
+_backward_preprocess = Launcher(attention_backward_preprocess_kernel, tensor_args=3)
+_backward_dkdv = Launcher(attention_backward_dkdv_kernel, tensor_args=11)
+_backward_dq = Launcher(attention_backward_dq_kernel, tensor_args=10)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
@@ -98,8 +105,8 @@ class GLMAttentionFunction(torch.autograd.Function):
             return (cdiv(query_length, meta["BLOCK_M"]), heads, batch)
 
         with device_guard(q.device):
-            attention_forward_kernel[grid](
-                q, k, v, out, lse, sep, lengths_arg, seed,
+            _forward(
+                grid, q, k, v, out, lse, sep, lengths_arg, seed,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(out),
                 heads, query_length, key_length, softmax_scale, *_dropout_arguments(dropout_p),
                 length_bucket(query_length), length_bucket(key_length),
@@ -131,17 +138,18 @@ class GLMAttentionFunction(torch.autograd.Function):
             return (cdiv(key_length, meta["BLOCK_N"]), heads, batch)
 
         with device_guard(q.device):
-            attention_backward_preprocess_kernel[(cdiv(query_length, _PREPROCESS_BLOCK_M), heads, batch)](
+            _backward_preprocess(
+                (cdiv(query_length, _PREPROCESS_BLOCK_M), heads, batch),
                 out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, query_length,
                 HEAD_DIM=head_dim, BLOCK_D=flags["BLOCK_D"], BLOCK_M=_PREPROCESS_BLOCK_M,
             )  # fmt: skip
-            attention_backward_dkdv_kernel[key_grid](
-                q, k, v, grad_out, dk, dv, lse, delta, sep, lengths_arg, seed,
+            _backward_dkdv(
+                key_grid, q, k, v, grad_out, dk, dv, lse, delta, sep, lengths_arg, seed,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
                 *scalars, *buckets, **flags,
             )  # fmt: skip
-            attention_backward_dq_kernel[query_grid](
-                q, k, v, grad_out, dq, lse, delta, sep, lengths_arg, seed,
+            _backward_dq(
+                query_grid, q, k, v, grad_out, dq, lse, delta, sep, lengths_arg, seed,
                 *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
                 *scalars, *buckets, **flags,
             )  # fmt: skip

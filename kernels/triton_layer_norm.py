@@ -15,6 +15,7 @@ import triton.language as tl
 
 from kernels.errors import KernelError
 from kernels.triton_support import (
+    Launcher,
     cdiv,
     device_guard,
     emulate_bf16,
@@ -92,6 +93,11 @@ def layer_norm_backward_kernel(
     tl.store(PartialDB + program * width + cols, db, mask=mask)
 
 
+# The tensor parameters come first: 8 in the forward (X ... Rstd), 9 in the backward (X ... PartialDB).
+_forward = Launcher(layer_norm_forward_kernel, tensor_args=8)
+_backward = Launcher(layer_norm_backward_kernel, tensor_args=9)
+
+
 def _num_warps(block_n: int, backward: bool) -> int:
     # About 8-16 fp32 values of each row vector per thread: enough work per thread, few spills. The backward
     # of 16K-wide rows holds five row vectors (x, dy, w and the dweight/dbias sums), more than 16 warps'
@@ -122,8 +128,8 @@ class LayerNormFunction(torch.autograd.Function):
         block_n = next_power_of_2(width)
         if rows > 0:
             with device_guard(x.device):
-                layer_norm_forward_kernel[(rows,)](
-                    x2, residual2, summed, y, weight, bias, mean, rstd,
+                _forward(
+                    (rows,), x2, residual2, summed, y, weight, bias, mean, rstd,
                     x2.stride(0), residual2.stride(0), summed.stride(0), y.stride(0), width, eps,
                     HAS_RESIDUAL=has_residual, EMULATE_BF16=emulate_bf16(x.dtype), BLOCK_N=block_n, num_warps=_num_warps(block_n, backward=False),
                 )  # fmt: skip
@@ -149,18 +155,22 @@ class LayerNormFunction(torch.autograd.Function):
         # About two programs per SM; every program owns at least one row and writes its whole partial row.
         rows_per_program = max(1, cdiv(rows, 2 * multiprocessor_count(summed.device)))
         programs = cdiv(rows, rows_per_program)
-        partial_dw = torch.empty((programs, width), device=summed.device, dtype=torch.float32)
-        partial_db = torch.empty((programs, width), device=summed.device, dtype=torch.float32)
+        # dweight's and dbias's partial sums in one buffer, so that one reduction (and one cast) finishes both.
+        partials = torch.empty((2, programs, width), device=summed.device, dtype=torch.float32)
+        partial_dw, partial_db = partials[0], partials[1]
         block_n = next_power_of_2(width)
         if rows > 0:
             with device_guard(summed.device):
-                layer_norm_backward_kernel[(programs,)](
-                    summed, weight, dy, dsummed, dx, mean, rstd, partial_dw, partial_db,
+                _backward(
+                    (programs,), summed, weight, dy, dsummed, dx, mean, rstd, partial_dw, partial_db,
                     summed.stride(0), dy.stride(0), dsummed.stride(0), dx.stride(0), rows, width, rows_per_program,
                     HAS_DSUMMED=has_dsummed, EMULATE_BF16=emulate_bf16(summed.dtype), BLOCK_N=block_n, num_warps=_num_warps(block_n, backward=True),
                 )  # fmt: skip
-        dweight = partial_dw.sum(0).to(weight.dtype)
-        dbias = partial_db.sum(0).to(ctx.bias_dtype)
+        sums = partials.sum(1)
+        if weight.dtype == ctx.bias_dtype:
+            dweight, dbias = sums.to(weight.dtype).unbind(0)
+        else:
+            dweight, dbias = sums[0].to(weight.dtype), sums[1].to(ctx.bias_dtype)
         dx = dx.view(shape)
         # x and residual enter only through their sum, so they share one gradient, as with torch's add.
         return dx, dweight, dbias, None, dx if ctx.has_residual else None

@@ -104,3 +104,111 @@ def dot_operand(x, DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
     if EMULATE_BF16:
         return _round_fp32_to_bf16_bits(x)
     return x.to(DTYPE)
+
+
+# GLM_KERNELS_DIRECT_LAUNCH=0 sends every launch through Triton's own dispatch (the reference behaviour, kept
+# for comparison: benchmarks/bench_launch_overhead.py times both).
+DIRECT_LAUNCH: bool = os.environ.get("GLM_KERNELS_DIRECT_LAUNCH", "1").strip().lower() not in (
+    "0",
+    "false",
+    "no",
+    "off",
+)
+
+
+_MAX_VARIANTS = 256
+
+
+class Launcher:
+    """``kernel[grid](*args, **constexprs)`` that skips Triton's dispatch once a call's variant is compiled.
+
+    Every ``kernel[grid](...)`` goes through the autotuner's dispatch and ``JITFunction.run``: binding and
+    specializing each of the 20-50 arguments, building the cache key from them, checking the globals. That
+    costs tens of microseconds of host time per launch, and a GLM layer makes eight launches per training
+    step. Here the first call of each specialization goes through Triton (which compiles, autotunes and
+    returns the compiled kernel); the launcher keeps the compiled kernel, the chosen tile and the trailing
+    constexpr values, and later calls of the same specialization hand their arguments straight to the
+    compiled kernel's launcher, as ``JITFunction.run`` itself does at its end.
+
+    A specialization is what Triton compiles one variant for: the tensor arguments' dtypes and 16-byte
+    alignment, the integer arguments' values, the constexprs. The key holds the tensors' device and dtypes,
+    every scalar argument's exact value (floats too, which Triton does not specialize on: they are constants
+    of a model) and the constexprs, and only calls whose tensors are all 16-byte aligned are cached, so one
+    key always means one compiled variant. ``args`` lists the kernel's first ``tensor_args`` parameters (the
+    tensors), then its scalar parameters, in signature order; ``constexprs`` the constexpr parameters after
+    them and launch options (``num_warps``); the autotuner supplies its tile.
+
+    In the interpreter, with ``GLM_KERNELS_DIRECT_LAUNCH=0``, and for a call with a misaligned tensor, the call
+    goes through ``kernel[grid]`` as usual.
+    """
+
+    def __init__(self, kernel, tensor_args: int) -> None:
+        self.kernel = kernel
+        self.tensor_args = tensor_args
+        self.arg_names: tuple[str, ...] = tuple(kernel.arg_names)
+        # key -> (compiled kernel, trailing constexpr values, grid meta), or None: always through Triton.
+        self._variants: dict[tuple, tuple | None] = {}
+        self._stream_of = None
+
+    def __call__(self, grid, *args, **constexprs) -> None:
+        tensors = args[: self.tensor_args]
+        if not DIRECT_LAUNCH or INTERPRET or any(t.data_ptr() & 15 for t in tensors):
+            self.kernel[grid](*args, **constexprs)
+            return
+        device = tensors[0].device.index
+        key = (device, *(t.dtype for t in tensors), *args[self.tensor_args :], *constexprs.values())
+        try:
+            variant = self._variants[key]
+        except KeyError:
+            if len(self._variants) >= _MAX_VARIANTS:  # float arguments are in the key: keep it bounded
+                self._variants.clear()
+            self._variants[key] = self._first_launch(grid, args, constexprs)
+            return
+        if variant is None:
+            self.kernel[grid](*args, **constexprs)
+            return
+        compiled, trailing, meta = variant
+        grid = grid(meta) if callable(grid) else grid
+        stream = self._stream_of(device)
+        enter_hook, exit_hook = (
+            _active_hook(_RUNTIME.launch_enter_hook),
+            _active_hook(_RUNTIME.launch_exit_hook),
+        )
+        metadata = None if enter_hook is None else compiled.launch_metadata(grid, stream, *args, *trailing)
+        compiled.run(
+            grid[0],
+            grid[1] if len(grid) > 1 else 1,
+            grid[2] if len(grid) > 2 else 1,
+            stream,
+            compiled.function,
+            compiled.packed_metadata,
+            metadata,
+            enter_hook,
+            exit_hook,
+            *args,
+            *trailing,
+        )
+
+    def _first_launch(self, grid, args: tuple, constexprs: dict) -> tuple | None:
+        """Launch through Triton; return what later direct launches need, or None where they cannot be made."""
+        compiled = self.kernel[grid](*args, **constexprs)
+        if hasattr(compiled, "result"):  # a Triton that compiles asynchronously may hand back a future
+            compiled = compiled.result()
+        config = getattr(self.kernel, "best_config", None)
+        meta = {**constexprs, **(config.kwargs if config is not None else {})}
+        names = self.arg_names[len(args) :]
+        if compiled is None or not hasattr(compiled, "packed_metadata") or any(n not in meta for n in names):
+            return None
+        if self._stream_of is None:
+            from triton.runtime import driver
+
+            self._stream_of = driver.active.get_current_stream
+        return compiled, tuple(meta[name] for name in names), meta
+
+
+_RUNTIME = triton.knobs.runtime
+
+
+def _active_hook(hook):
+    """A launch hook, or None where there is none to call (Triton >= 3.7 keeps an empty chain of hooks)."""
+    return None if hook is None or getattr(hook, "calls", True) == [] else hook

@@ -1,0 +1,204 @@
+"""Direct launches of compiled Triton kernels (``kernels.triton_support.Launcher``).
+
+The launcher skips Triton's per-call dispatch once a specialization is compiled. Its logic is checked here with a
+stand-in kernel on any machine: which calls go through Triton, which go straight to the compiled kernel's
+launcher, and with which arguments in which order. The last test runs the real kernels: on a GPU the direct
+launches must give the bits Triton's own dispatch gives; in the interpreter every call goes through Triton.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+
+import kernels.triton_support as support
+from kernels.triton_support import Launcher
+
+
+class FakeCompiled:
+    """A compiled kernel whose launcher records its calls."""
+
+    function = "cu-function"
+    packed_metadata = "packed"
+
+    def __init__(self) -> None:
+        self.launches: list[tuple] = []
+
+    def run(self, *args) -> None:
+        self.launches.append(args)
+
+    def launch_metadata(self, grid, stream, *args):
+        return ("metadata", grid, stream, len(args))
+
+
+class FakeKernel:
+    """An autotuned kernel ``K(X, Y, n, scale, FLAG: constexpr, BLOCK: constexpr)``; the autotuner picks BLOCK."""
+
+    arg_names = ["X", "Y", "n", "scale", "FLAG", "BLOCK"]
+
+    def __init__(self, compiled: FakeCompiled | None = None, block: int | None = 32) -> None:
+        self.compiled = FakeCompiled() if compiled is None else compiled
+        self.best_config = triton.Config({"BLOCK": block} if block else {})
+        self.dispatched: list[tuple] = []
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.dispatched.append((grid, args, kwargs))
+            return self.compiled
+
+        return run
+
+
+@pytest.fixture
+def compiled_mode(monkeypatch):
+    """Behave as on a GPU: the interpreter off, direct launches on, a fixed stream."""
+    monkeypatch.setattr(support, "INTERPRET", False)
+    monkeypatch.setattr(support, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(support._RUNTIME, "launch_enter_hook", None)
+    monkeypatch.setattr(support._RUNTIME, "launch_exit_hook", None)
+
+
+def _launcher(kernel: FakeKernel) -> Launcher:
+    launcher = Launcher(kernel, tensor_args=2)
+    launcher._stream_of = lambda device: 77  # no CUDA driver here
+    return launcher
+
+
+def _grid(meta):
+    return (triton.cdiv(100, meta["BLOCK"]), 3)
+
+
+def test_first_call_goes_through_triton_then_straight_to_the_compiled_kernel(compiled_mode):
+    kernel = FakeKernel()
+    launcher = _launcher(kernel)
+    x, y = torch.zeros(8), torch.zeros(8)
+    launcher(_grid, x, y, 100, 0.5, FLAG=True, num_warps=4)
+    assert kernel.dispatched == [(_grid, (x, y, 100, 0.5), {"FLAG": True, "num_warps": 4})]
+    assert kernel.compiled.launches == []
+
+    x2, y2 = torch.ones(8), torch.ones(8)  # other tensors, same specialization
+    launcher(_grid, x2, y2, 100, 0.5, FLAG=True, num_warps=4)
+    assert len(kernel.dispatched) == 1
+    # As JITFunction.run launches: grid from the autotuner's tile, stream, handles, no hooks, then every
+    # parameter in signature order (constexprs included).
+    (launch,) = kernel.compiled.launches
+    assert launch[:9] == (4, 3, 1, 77, "cu-function", "packed", None, None, None)
+    assert launch[9:11] == (x2, y2) and launch[9] is x2 and launch[10] is y2
+    assert launch[11:] == (100, 0.5, True, 32)
+
+
+def test_another_specialization_is_compiled_through_triton(compiled_mode):
+    kernel = FakeKernel()
+    launcher = _launcher(kernel)
+    x = torch.zeros(8)
+    launcher(_grid, x, x, 100, 0.5, FLAG=True)
+    launcher(_grid, x, x, 64, 0.5, FLAG=True)  # another integer value
+    launcher(_grid, x, x, 100, 0.5, FLAG=False)  # another constexpr
+    launcher(_grid, x.double(), x.double(), 100, 0.5, FLAG=True)  # another dtype
+    assert len(kernel.dispatched) == 4 and kernel.compiled.launches == []
+    launcher(_grid, x, x, 64, 0.5, FLAG=True)
+    assert len(kernel.dispatched) == 4 and len(kernel.compiled.launches) == 1
+
+
+def test_misaligned_tensors_always_go_through_triton(compiled_mode):
+    kernel = FakeKernel()
+    launcher = _launcher(kernel)
+    storage = torch.zeros(64)
+    misaligned = storage[
+        1:9
+    ]  # 4 bytes past a 16-byte boundary: Triton compiles it without the alignment hint
+    for _ in range(3):
+        launcher(_grid, misaligned, storage[:8], 100, 0.5, FLAG=True)
+    assert len(kernel.dispatched) == 3 and kernel.compiled.launches == []
+
+
+def test_switched_off_or_interpreted_calls_go_through_triton(compiled_mode, monkeypatch):
+    kernel = FakeKernel()
+    launcher = _launcher(kernel)
+    x = torch.zeros(8)
+    monkeypatch.setattr(support, "DIRECT_LAUNCH", False)
+    for _ in range(2):
+        launcher(_grid, x, x, 100, 0.5, FLAG=True)
+    monkeypatch.setattr(support, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(support, "INTERPRET", True)
+    for _ in range(2):
+        launcher(_grid, x, x, 100, 0.5, FLAG=True)
+    assert len(kernel.dispatched) == 4 and kernel.compiled.launches == []
+
+
+@pytest.mark.parametrize("compiled,block", [("none", 32), ("fake", None)])
+def test_a_call_that_cannot_be_launched_directly_keeps_going_through_triton(compiled_mode, compiled, block):
+    # Triton returned no compiled kernel, or a constexpr parameter got no value from the call or the autotuner.
+    kernel = FakeKernel(block=block)
+    if compiled == "none":
+        kernel.compiled = None
+    launcher = _launcher(kernel)
+    x = torch.zeros(8)
+    for _ in range(3):
+        launcher(_grid if block else (4,), x, x, 100, 0.5, FLAG=True)
+    assert len(kernel.dispatched) == 3
+
+
+def test_launch_hooks_get_their_metadata(compiled_mode, monkeypatch):
+    def hook(metadata) -> None:
+        pass
+
+    monkeypatch.setattr(support._RUNTIME, "launch_enter_hook", hook)
+    kernel = FakeKernel()
+    launcher = _launcher(kernel)
+    x = torch.zeros(8)
+    launcher(_grid, x, x, 100, 0.5, FLAG=True)
+    launcher(_grid, x, x, 100, 0.5, FLAG=True)
+    (launch,) = kernel.compiled.launches
+    assert launch[6] == ("metadata", (4, 3), 77, 6) and launch[7] is hook
+
+
+def test_an_empty_hook_chain_is_no_hook():
+    class Chain:
+        calls: list = []
+
+    assert support._active_hook(None) is None
+    assert support._active_hook(Chain()) is None
+    hook = Chain()
+    hook.calls = [print]
+    assert support._active_hook(hook) is hook
+
+
+def test_real_kernels_give_the_same_bits_launched_directly(monkeypatch):
+    """Attention with dropout and LayerNorm with the residual, forward and backward, twice: the second call of each
+    kernel is a direct launch on a GPU. Its results must equal those of Triton's own dispatch bit for bit."""
+    from kernels.triton_attention import _backward_dkdv, _backward_dq, _forward, glm_attention_triton
+    from kernels.triton_layer_norm import _backward as ln_backward
+    from kernels.triton_layer_norm import layer_norm_triton
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype).requires_grad_()
+
+    q, k, v = rand(2, 2, 48, 32), rand(2, 2, 48, 32), rand(2, 2, 48, 32)
+    sep = torch.tensor([20, 5], device=device)
+    x, residual, weight, bias = rand(40, 64), rand(40, 64), rand(64), rand(64)
+
+    def results():
+        torch.manual_seed(7)
+        out = glm_attention_triton(q, k, v, sep, dropout_p=0.1)
+        y, summed = layer_norm_triton(x, weight, bias, 1e-5, residual)
+        grads = torch.autograd.grad(
+            [out, y, summed], [q, k, v, x, weight, bias], [torch.ones_like(out), y.detach(), summed.detach()]
+        )
+        return [out, y, summed, *grads]
+
+    monkeypatch.setattr(support, "DIRECT_LAUNCH", False)
+    reference = results()
+    monkeypatch.setattr(support, "DIRECT_LAUNCH", True)
+    for _ in range(2):  # the first call of each specialization compiles, the second launches directly
+        for ours, expected in zip(results(), reference):
+            assert torch.equal(ours, expected)
+    launchers = (_forward, _backward_dkdv, _backward_dq, ln_backward)
+    direct = [any(variant is not None for variant in launcher._variants.values()) for launcher in launchers]
+    # Direct launches need compiled kernels: on a GPU every kernel has one, in the interpreter none.
+    assert direct == [device.type == "cuda"] * 4
