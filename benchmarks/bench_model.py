@@ -275,7 +275,35 @@ def profile_steps(steps: dict[str, Callable[[], None]], device: torch.device, ro
                 f"# {label}: wall {wall * 1e3:.1f} ms per step under the profiler, GPU kernels {busy:.1f} ms"
             )
         out.append(averages.table(sort_by=key, row_limit=rows, max_name_column_width=60))
+        out.append(host_profile(label, step, device, rows))
     return "\n".join(out)
+
+
+def host_profile(label: str, step: Callable[[], None], device: torch.device, rows: int) -> str:
+    """The Python functions where the host spends a step (cProfile over three steps, by own time): on a step
+    bound by its host, which launch wrappers, hooks and library loops hold the GPU back."""
+    import cProfile
+    import io
+    import pstats
+
+    synchronize(device)
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for _ in range(3):
+        step()
+    profiler.disable()
+    host = (time.perf_counter() - start) / 3
+    synchronize(device)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(rows)
+    # pstats' header and the table, without the blank lines and the "Ordered by" preamble.
+    table = [line for line in text.getvalue().splitlines() if line.strip() and "Ordered by" not in line]
+    return (
+        f"\n# host (Python) profile of {label}, 3 steps under cProfile: {host * 1e3:.1f} ms of host time per "
+        f"step until its last launch; top {rows} functions by own time (tottime: in the function itself, "
+        "cumtime: with what it calls; seconds over the 3 steps)\n" + "\n".join(table)
+    )
 
 
 def device_description(device: torch.device) -> str:
