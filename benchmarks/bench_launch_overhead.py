@@ -143,7 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         with tracker.fork():
             pass
 
-    where = "CPU, Triton launches stubbed" if args.stub else torch.cuda.get_device_name(device)
+    where = (
+        "CPU, Triton launches stubbed (through Triton's dispatch: a no-op stand-in; direct: our launch path up "
+        "to a no-op launcher)"
+        if args.stub
+        else torch.cuda.get_device_name(device)
+    )
     print(f"# host time per forward+backward call, {where}; torch {torch.__version__}")
     print(f"# mean of {args.calls} back-to-back calls, median of {args.repeats} repeats\n")
     print("| call | host us per fwd+bwd |")

@@ -10,11 +10,14 @@ within about 8 minutes:
    kernels next to HF BertForMaskedLM (SDPA), steps interleaved, the matmul peak measured in the same run,
    and where each step's GPU and host time goes; its autotuned tile choices stay in Triton's on-disk cache,
    where the training runs find them;
-3. ``glm-pretrain`` of glm-large (bf16, dropout 0.1, micro = global batch 16, the bundled Austen corpus) for
+3. ``benchmarks/bench_launch_overhead.py``: the host time per forward+backward call of our LayerNorm and
+   attention, launched directly and through Triton's dispatch, next to torch's;
+4. ``glm-pretrain`` of glm-large (bf16, dropout 0.1, micro = global batch 16, the bundled Austen corpus) for
    100 steps with an evaluation and a checkpoint at step 50; then the same run killed (SIGKILL) once its
    step-50 checkpoint is complete, resumed, and its losses of steps 51-100 compared with the first run's;
-   the throughput table, and a profile of three steps (GPU kernels and the host's phases);
-4. on request (``--stages``): ``throughput`` (glm-pretrain under ZeRO-1 and ZeRO-2 side by side), ``graphs``
+   the throughput table, and a profile of three steps (GPU kernels and the host's phases) and of three more
+   under cProfile (the host's Python functions);
+5. on request (``--stages``): ``throughput`` (glm-pretrain under ZeRO-1 and ZeRO-2 side by side), ``graphs``
    (the model step also captured in one CUDA graph: its speed without the host's launch overhead), ``kbench``
    (``benchmarks/bench_kernels_gpu.py``: attention against SDPA and FlexAttention, LayerNorm against torch)
    and ``glm2b`` (glm-2b on one GPU with ZeRO-2 at T 1024: tokens/s, MFU and peak memory).
@@ -73,10 +76,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="training steps (unset: 100; with --smoke 6)")
     parser.add_argument(
         "--stages",
-        default="kernels,bench,pretrain",
+        default="kernels,bench,launch,pretrain",
         help="which stages to run, comma-separated, in this order: kernels (the kernel tests), bench "
         "(bench_model.py, dropout 0.1 and 0, profiled; it also leaves the autotuned tiles of the glm-large "
-        "shapes in Triton's cache for the training runs), pretrain (100 steps, evaluation, checkpoint, kill -9, "
+        "shapes in Triton's cache for the training runs), launch (bench_launch_overhead.py: host time per "
+        "kernel call, direct launches vs Triton's dispatch vs torch), pretrain (100 steps, evaluation, checkpoint, kill -9, "
         "exact resume), throughput (glm-pretrain ZeRO-1 vs ZeRO-2, profiled), graphs (bench_model.py with each "
         "step also captured in a CUDA graph), kbench (bench_kernels_gpu.py), "
         "glm2b (glm-2b on one GPU, ZeRO-2, T 1024, 12 steps: tokens/s, MFU, peak "
@@ -568,6 +572,22 @@ def stage_graphs(report: Report, env: dict[str, str], work: Path, smoke: bool) -
         report.fail("bench_model --cuda-graph", f"exit {status} (see bench-model-graphs.log)")
 
 
+def stage_launch(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:
+    """Host time per call of our kernels' launches (direct, and through Triton's dispatch) next to torch's."""
+    report.add("\n## 3b. Host time per kernel call: our launches (direct and through Triton) vs torch\n")
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_launch_overhead.py")]
+    if smoke:
+        command += ["--stub", "--calls", "20", "--repeats", "2"]
+    # One tile per kernel: the host's cost does not depend on it, and nothing is autotuned for these shapes.
+    status, text = run(report, command, {**env, "GLM_KERNELS_AUTOTUNE": "0"}, 90, work / "launch.log")
+    report.add("")
+    for line in text.splitlines():
+        if line.startswith(("|", "#")):
+            report.add(line)
+    if status != 0:
+        report.fail("bench_launch_overhead", f"exit {status} (see launch.log)")
+
+
 def stage_kernel_bench(report: Report, env: dict[str, str], work: Path, smoke: bool, extra: str) -> None:
     report.add("\n## 5. Kernels: GLM attention vs SDPA and FlexAttention, LayerNorm vs torch\n")
     budget = max(20.0, min(240.0, report.left(400) - 50))
@@ -623,7 +643,7 @@ def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool) ->
         report.fail("bench_model", f"exit {status} (see {log.name})")
 
 
-STAGES = ("kernels", "bench", "pretrain", "throughput", "graphs", "kbench", "glm2b")
+STAGES = ("kernels", "bench", "launch", "pretrain", "throughput", "graphs", "kbench", "glm2b")
 
 
 def main() -> int:
@@ -665,6 +685,7 @@ def main() -> int:
         ),
         "bench": lambda: stage_bench(report, env, work, args.smoke),
         "graphs": lambda: stage_graphs(report, env, work, args.smoke),
+        "launch": lambda: stage_launch(report, env, work, args.smoke),
         "kbench": lambda: stage_kernel_bench(report, env, work, args.smoke, args.kernel_bench_args),
         "glm2b": lambda: stage_glm2b(report, env, work, args.smoke, args.overrides),
     }

@@ -1,17 +1,20 @@
 """The engine's DeepSpeed configuration, the run's counters and the checkpoint cadence (no process group)."""
 
 import pytest
+import torch
 
 from megatron_glm.config import load_config, parallel_layout
 from megatron_glm.training.checkpoint import CheckpointManager, TrainingState
 from megatron_glm.training.engine import deepspeed_config
 
 
-def test_bf16_accumulates_gradients_in_fp32_and_overlap_follows_the_device():
+def test_bf16_accumulates_and_reduces_gradients_in_fp32_and_overlap_follows_the_device():
     cfg = load_config(None, ["training.precision=bf16", "parallel.zero_stage=1"])
     layout = parallel_layout(cfg, 1)
     on_gpu = deepspeed_config(cfg, layout, cuda=True)
     assert on_gpu["data_types"] == {"grad_accum_dtype": "fp32"}
+    # Reduced over the data-parallel ranks in fp32 as well (DeepSpeed's bf16 default rounds them to bf16).
+    assert on_gpu["communication_data_type"] == "fp32"
     assert on_gpu["zero_optimization"]["overlap_comm"] is True
     assert deepspeed_config(cfg, layout, cuda=False)["zero_optimization"]["overlap_comm"] is False
 
@@ -49,19 +52,26 @@ def test_checkpoint_manager_decides_when_to_save(tmp_path, interval, step, flags
     assert manager.due(step, **flags) is due
 
 
-def test_step_profiler_writes_the_ops_of_the_profiled_steps(tmp_path):
-    import torch
+def _matmul_twice(a: torch.Tensor) -> torch.Tensor:
+    return a @ a @ a
 
+
+def test_step_profiler_writes_the_ops_then_the_host_functions_of_the_profiled_steps(tmp_path):
     from megatron_glm.training.metrics import StepProfiler
 
     profiler = StepProfiler([2, 3], tmp_path, rank=0, device=torch.device("cpu"))
     a = torch.randn(64, 64)
-    for step in range(1, 5):
+    for step in range(1, 6):
         profiler.before(step)
-        a @ a
+        _matmul_twice(a)
         profiler.after(step)
+        if step == 3:  # the ops of steps 2-3; the host profile of steps 4-5 is still running
+            text = (tmp_path / "profile-rank0.txt").read_text()
+            assert text.startswith("steps 2-3") and "aten::mm" in text and "cProfile" not in text
     text = (tmp_path / "profile-rank0.txt").read_text()
-    assert text.startswith("steps 2-3") and "aten::mm" in text
+    host = text[text.index("steps 4-5 under cProfile") :]
+    # Python functions with their own time, ours among them.
+    assert "_matmul_twice" in host and "tottime" in host
     assert StepProfiler([], tmp_path, 0, torch.device("cpu")).first == 0  # empty: never starts
 
 

@@ -1,4 +1,5 @@
-"""DeepSpeed's BF16 optimizer with foreach gradient loops trains exactly as DeepSpeed's own loops.
+"""DeepSpeed's BF16 optimizer with foreach gradient loops, and without the gradient all-reduce over a single
+data-parallel rank, trains exactly as DeepSpeed's own loops and all-reduce.
 
 Two ranks in one tensor-parallel group (so the gradient norm is all-reduced over the model-parallel group),
 bf16 weights, ZeRO-1 with fp32 gradient accumulation over two micro-batches, a clipping threshold low
@@ -21,7 +22,7 @@ def _train(rank: int, world_size: int, fused: bool) -> dict:
     import deepspeed
 
     from megatron_glm import parallel
-    from megatron_glm.training.fused_bf16 import fuse_bf16_optimizer
+    from megatron_glm.training.fused_bf16 import fuse_bf16_optimizer, skip_single_rank_allreduce
 
     parallel.initialize_parallel(world_size, 1)
     torch.manual_seed(0)
@@ -39,6 +40,7 @@ def _train(rank: int, world_size: int, fused: bool) -> dict:
         "zero_optimization": {"stage": 1},
         "bf16": {"enabled": True},
         "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": "fp32",  # as glm-pretrain configures it (engine.deepspeed_config)
         "steps_per_print": 2**62,
     }
     engine, _, _, _ = deepspeed.initialize(
@@ -52,6 +54,10 @@ def _train(rank: int, world_size: int, fused: bool) -> dict:
     refused_other_release = not fuse_bf16_optimizer(engine.optimizer) and "step" not in vars(engine.optimizer)
     deepspeed.__version__ = release
     applied = fuse_bf16_optimizer(engine.optimizer) if fused else False
+    # Two tensor-parallel ranks are one data-parallel rank: the gradient all-reduce is an identity (over two
+    # data-parallel ranks it stays).
+    kept_over_two_ranks = not skip_single_rank_allreduce(engine, 2) and engine.enable_backward_allreduce
+    all_reduce_skipped = skip_single_rank_allreduce(engine, 1) if fused else False
     data = torch.Generator().manual_seed(1)
     losses, norms, skipped = [], [], []
     for step in range(5):
@@ -69,6 +75,8 @@ def _train(rank: int, world_size: int, fused: bool) -> dict:
     return {
         "refused": refused_other_release,
         "applied": applied,
+        "all_reduce_skipped": all_reduce_skipped,
+        "kept_over_two_ranks": kept_over_two_ranks,
         "losses": losses,
         "norms": norms,
         "skipped": skipped,
@@ -82,6 +90,7 @@ def test_foreach_loops_train_bitwise_like_deepspeeds_own():
     reference = run_ranks(_train, 2, False)
     for rank, (ours, theirs) in enumerate(zip(fused, reference)):
         assert ours["applied"], f"rank {rank}: the BF16 optimizer was not fused"
+        assert ours["all_reduce_skipped"] and ours["kept_over_two_ranks"], rank
         assert ours["refused"], f"rank {rank}: fused under a DeepSpeed release it does not mirror"
         assert theirs["skipped"] == [False, False, True, False, False], theirs["skipped"]
         assert ours["skipped"] == theirs["skipped"], rank

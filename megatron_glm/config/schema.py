@@ -260,7 +260,8 @@ class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
     profile_steps: list[int] = dataclasses.field(default_factory=list)
     """[first, last]: profile these optimizer steps (torch.profiler) and write the ops that took the most
-    GPU (else CPU) time to log_dir/profile-rank<r>.txt. Empty: no profiling."""
+    GPU (else CPU) time to log_dir/profile-rank<r>.txt, then as many steps after them under cProfile and add
+    the Python functions the host spent the most time in. Empty: no profiling."""
 
     def problems(self) -> Problems:
         found = _positive(self, "logging", "log_interval")

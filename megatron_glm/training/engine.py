@@ -27,7 +27,7 @@ from megatron_glm.parallel import (
     get_pipeline_parallel_group,
     get_pipeline_parallel_world_size,
 )
-from megatron_glm.training.fused_bf16 import fuse_bf16_optimizer
+from megatron_glm.training.fused_bf16 import fuse_bf16_optimizer, skip_single_rank_allreduce
 from megatron_glm.training.lr_schedule import AnnealingLR
 from megatron_glm.training.optimizer import GuardedAdamW, build_optimizer
 from megatron_glm.training.pipeline import build_pipeline_module
@@ -105,8 +105,11 @@ def deepspeed_config(cfg: GLMConfig, layout: Layout, cuda: bool | None = None) -
     }
     if t.precision == "bf16":
         # Accumulate micro-batch gradients in fp32 (ZeRO-1: DeepSpeed's BF16 optimizer; ZeRO-2/3: an fp32
-        # accumulator) rather than in bf16 over up to hundreds of micro-batches.
+        # accumulator) rather than in bf16 over up to hundreds of micro-batches, and reduce them over the
+        # data-parallel ranks in fp32 too, as Megatron-LM does under bf16: DeepSpeed's default for bf16 would
+        # round the fp32 accumulators to bf16 for the all-reduce and write the rounded sums back.
         config["data_types"] = {"grad_accum_dtype": "fp32"}
+        config["communication_data_type"] = "fp32"
     if layout.pipeline_parallel_size > 1:
         config["pipeline"] = {"activation_checkpoint_interval": 0}
     return config
@@ -177,6 +180,8 @@ class TrainingEngine:
         self.device = self.deepspeed_engine.device
         if fuse_bf16_optimizer(self.deepspeed_engine.optimizer):
             logger.debug("DeepSpeed's BF16 optimizer runs its gradient loops as foreach operations")
+        if skip_single_rank_allreduce(self.deepspeed_engine, layout.data_parallel_size):
+            logger.debug("one data-parallel rank: DeepSpeed's gradient all-reduce (an identity) is off")
 
     @property
     def module(self) -> torch.nn.Module:

@@ -166,14 +166,21 @@ def gpu_kernel_ms(averages) -> float:
 
 
 class StepProfiler:
-    """torch.profiler over optimizer steps ``first..last``; at ``last`` it writes the ops that took the most
-    GPU (else CPU) time to ``<log_dir>/profile-rank<r>.txt`` (the table torch prints)."""
+    """torch.profiler over optimizer steps ``first..last``, then cProfile over as many steps after them.
+
+    At ``last`` it writes the ops that took the most GPU (else CPU) time to ``<log_dir>/profile-rank<r>.txt``
+    (the table torch prints); once the host window ends it appends the Python functions the host spent the
+    most time in (cProfile, by own time): on a step bound by its host, the launch wrappers, hooks and library
+    loops that hold the GPU back. The two run over different steps, so neither inflates the other's times.
+    """
 
     def __init__(self, steps: list[int], log_dir: str | Path, rank: int, device: torch.device):
         self.first, self.last = (steps[0], steps[1]) if steps else (0, -1)
+        self.host_last = 2 * self.last - self.first + 1
         self.path = Path(log_dir) / f"profile-rank{rank}.txt"
         self.device = device
         self._profile = None
+        self._host = None
 
     def before(self, step: int) -> None:
         """Call before optimizer step ``step`` (1-based) runs."""
@@ -185,13 +192,21 @@ class StepProfiler:
                 activities.append(ProfilerActivity.CUDA)
             self._profile = profile(activities=activities)
             self._profile.__enter__()
+        elif step == self.last + 1 and self.path.is_file():
+            import cProfile
+
+            self._synchronize()
+            self._host = cProfile.Profile()
+            self._host_start = time.perf_counter()
+            self._host.enable()
 
     def after(self, step: int) -> None:
         """Call after optimizer step ``step`` is done."""
+        if self._host is not None and step == self.host_last:
+            self._write_host_profile()
         if self._profile is None or step != self.last:
             return
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._synchronize()
         self._profile.__exit__(None, None, None)
         key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         averages = self._profile.key_averages()
@@ -210,3 +225,27 @@ class StepProfiler:
         self.path.write_text(text)
         logger.info("profile of steps %d-%d written to %s", self.first, self.last, self.path)
         self._profile = None
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _write_host_profile(self) -> None:
+        import io
+        import pstats
+
+        self._host.disable()
+        steps = self.host_last - self.last
+        seconds = (time.perf_counter() - self._host_start) / steps
+        self._synchronize()
+        table = io.StringIO()
+        pstats.Stats(self._host, stream=table).sort_stats("tottime").print_stats(30)
+        lines = [line for line in table.getvalue().splitlines() if line.strip() and "Ordered by" not in line]
+        with self.path.open("a") as out:
+            out.write(
+                f"\nsteps {self.last + 1}-{self.host_last} under cProfile (host, Python): {seconds * 1e3:.1f} ms "
+                "per step until its last launch; top 30 functions by own time (tottime: in the function itself, "
+                "cumtime: with what it calls; seconds over the steps)\n" + "\n".join(lines) + "\n"
+            )
+        logger.info("host profile of steps %d-%d added to %s", self.last + 1, self.host_last, self.path)
+        self._host = None
