@@ -1,10 +1,13 @@
 """RNG streams and activation checkpointing that replays them (single process; multi-rank in test_model_tensor_parallel)."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from megatron_glm import parallel
+from megatron_glm.errors import ParallelStateError
 from megatron_glm.parallel import MODEL_PARALLEL_RNG, RNGStatesTracker, get_rng_tracker, recompute
 
 
@@ -87,3 +90,206 @@ def test_checkpoint_without_tracker_replay_would_differ(single_rank):
     parallel.seed_parallel_rng(7)
     torch.utils.checkpoint.checkpoint(_block, x, weight, use_reentrant=False).sum().backward()
     assert not torch.allclose(weight.grad, expected)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+class CopyingTracker:
+    """The tracker as it was before CUDA graphs: streams kept as state tensors, copied in and out by fork()."""
+
+    def __init__(self):
+        self.states = {}
+
+    @staticmethod
+    def defaults():
+        cuda = (
+            [torch.cuda.default_generators[torch.cuda.current_device()]] if torch.cuda.is_available() else []
+        )
+        return [torch.default_generator, *cuda]
+
+    def add(self, name, seed):
+        self.states[name] = [
+            torch.Generator(device=g.device).manual_seed(seed).get_state() for g in self.defaults()
+        ]
+
+    def get_states(self):
+        return {name: [s.clone() for s in states] for name, states in self.states.items()}
+
+    @contextlib.contextmanager
+    def fork(self, name):
+        generators = self.defaults()
+        outside = [g.get_state() for g in generators]
+        for generator, state in zip(generators, self.states[name]):
+            generator.set_state(state)
+        try:
+            yield
+        finally:
+            self.states[name] = [g.get_state() for g in generators]
+            for generator, state in zip(generators, outside):
+                generator.set_state(state)
+
+
+def _interleaved_draws(tracker):
+    """Default draws and forks of two streams, one nested in the other, on every device in use."""
+    draws = []
+
+    def draw():
+        for device in DEVICES:
+            draws.extend([torch.rand(5, device=device), torch.randn(3, device=device)])
+
+    draw()
+    with tracker.fork("a"):
+        draw()
+        draw()
+    draw()
+    with tracker.fork("b"):
+        draw()
+        with tracker.fork("a"):
+            draw()
+        draw()
+    with tracker.fork("a"):
+        draw()
+    draw()
+    with tracker.fork("b"):
+        draw()
+    return draws
+
+
+def _default_states():
+    return [g.get_state() for g in CopyingTracker.defaults()]
+
+
+def _assert_same_states(expected, actual):
+    assert list(expected) == list(actual)
+    for name in expected:
+        assert len(expected[name]) == len(actual[name]) == len(DEVICES)
+        for want, got in zip(expected[name], actual[name]):
+            assert got.dtype == torch.uint8 and got.device.type == "cpu"
+            assert torch.equal(want, got)
+
+
+def _seeded(tracker):
+    torch.manual_seed(5)
+    tracker.add("a", 11)
+    tracker.add("b", 22)
+    return tracker
+
+
+def test_fork_draws_what_the_copying_tracker_drew():
+    reference = _seeded(CopyingTracker())
+    expected = _interleaved_draws(reference)
+    expected_defaults = _default_states()
+    tracker = _seeded(RNGStatesTracker())
+    actual = _interleaved_draws(tracker)
+    assert len(actual) == len(expected)
+    for want, got in zip(expected, actual):
+        assert torch.equal(want, got)
+    _assert_same_states(reference.get_states(), tracker.get_states())
+    for want, got in zip(expected_defaults, _default_states()):
+        assert torch.equal(want, got)
+
+
+def test_states_round_trip_and_states_of_the_copying_tracker_load():
+    tracker = _seeded(RNGStatesTracker())
+    _interleaved_draws(tracker)
+    snapshot = tracker.get_states()
+    default = _default_states()
+    first = _interleaved_draws(tracker)
+    # A checkpoint written by the copying tracker: the same format, so it loads and draws the same.
+    reference = _seeded(CopyingTracker())
+    _interleaved_draws(reference)
+    _assert_same_states(reference.get_states(), snapshot)
+    for replay in (snapshot, reference.get_states()):
+        tracker.set_states(replay)
+        for generator, state in zip(CopyingTracker.defaults(), default):
+            generator.set_state(state)
+        again = _interleaved_draws(tracker)
+        assert all(torch.equal(want, got) for want, got in zip(first, again))
+    # set_states replaces the whole set of streams, as before.
+    tracker.set_states({"a": snapshot["a"]})
+    assert tracker.names() == ["a"]
+
+
+def test_states_are_not_swapped_while_a_stream_is_forked():
+    tracker = _seeded(RNGStatesTracker())
+    with tracker.fork("a"):
+        first = torch.rand(4)
+        with pytest.raises(RuntimeError, match="already forked"), tracker.fork("a"):
+            pass
+        with pytest.raises(RuntimeError, match="inside fork"):
+            tracker.get_states()
+        with pytest.raises(RuntimeError, match="inside fork"):
+            tracker.set_states({})
+    # The refused calls left the fork intact: the stream went on from where the block left it.
+    with tracker.fork("a"):
+        second = torch.rand(4)
+    stream = torch.Generator().manual_seed(11)
+    assert torch.equal(first, torch.rand(4, generator=stream))
+    assert torch.equal(second, torch.rand(4, generator=stream))
+
+
+def test_states_without_one_per_device_are_refused_and_change_nothing():
+    tracker = _seeded(RNGStatesTracker())
+    at_seed = tracker.get_states()
+    with tracker.fork("a"):
+        first = torch.rand(4)
+    with pytest.raises(ParallelStateError, match="'b' has 0 saved state"):
+        tracker.set_states({"a": at_seed["a"], "b": []})
+    assert tracker.names() == ["a", "b"]
+    with tracker.fork("a"):
+        second = torch.rand(4)
+    stream = torch.Generator().manual_seed(11)
+    assert torch.equal(first, torch.rand(4, generator=stream))
+    assert torch.equal(second, torch.rand(4, generator=stream))
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA graphs need a GPU (benchmarks/gpu_check.py runs it)"
+)
+def test_fork_in_a_cuda_graph_draws_what_eager_execution_draws():
+    tracker = _seeded(RNGStatesTracker())
+    out = torch.zeros(5, 8, device="cuda")
+
+    def step():
+        out[0] = torch.rand(8, device="cuda")
+        with tracker.fork("a"):
+            out[1] = torch.rand(8, device="cuda")
+            out[2] = F.dropout(torch.ones(8, device="cuda"), p=0.5, training=True)
+        with tracker.fork("b"):
+            out[3] = torch.randn(8, device="cuda")
+        out[4] = torch.rand(8, device="cuda")
+
+    start_default, start_streams = torch.cuda.get_rng_state(), tracker.get_states()
+
+    def rewind():
+        torch.cuda.set_rng_state(start_default)
+        tracker.set_states(start_streams)
+
+    graph = torch.cuda.CUDAGraph()
+    for generator in tracker.cuda_generators():
+        graph.register_generator_state(generator)
+    with torch.cuda.graph(graph):
+        step()
+    # Move every generator on, then rewind: the replays must start from the states set_states put back.
+    step()
+    rewind()
+    replays = []
+    for _ in range(2):
+        graph.replay()
+        replays.append(out.clone())
+    default_after_replays, streams_after_replays = torch.cuda.get_rng_state(), tracker.get_states()
+    rewind()
+    eager = []
+    for _ in range(2):
+        step()
+        eager.append(out.clone())
+    # Inside fork("a") the first replay draws stream "a"'s first numbers, the second replay new ones.
+    assert torch.equal(
+        replays[0][1], torch.rand(8, device="cuda", generator=torch.Generator("cuda").manual_seed(11))
+    )
+    assert not torch.equal(replays[0], replays[1])
+    for want, got in zip(eager, replays):
+        assert torch.equal(want, got)
+    assert torch.equal(default_after_replays, torch.cuda.get_rng_state())
+    _assert_same_states(tracker.get_states(), streams_after_replays)
