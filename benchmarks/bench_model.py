@@ -236,7 +236,7 @@ def bert_step(
 def cuda_graph_of(step: Callable[[], None]) -> Callable[[], None]:
     """``step`` captured in one CUDA graph (after three warm-up steps on a side stream, which also run Triton's
     autotuning); returns the graph's replay. Raises where the step cannot be captured (a host sync, an RNG
-    state swap)."""
+    state copy such as activation recomputation's)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -244,6 +244,10 @@ def cuda_graph_of(step: Callable[[], None]) -> Callable[[], None]:
             step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
+    # Attention dropout draws from the tensor-parallel RNG streams: each replay must advance them, as it
+    # advances the default generator, which the graph registers by itself.
+    for generator in parallel.get_rng_tracker().cuda_generators():
+        graph.register_generator_state(generator)
     with torch.cuda.graph(graph):
         step()
     return graph.replay

@@ -5,7 +5,8 @@ dependencies on PYTHONPATH from ``gpu-deps/``, which ``benchmarks/gpu_deps.sh`` 
 within about 8 minutes:
 
 1. the kernel tests on CUDA (attention, LayerNorm, dropout), each kernel on one fixed tile shape
-   (``GLM_KERNELS_AUTOTUNE=0``, set by tests/conftest.py), spread over processes with pytest-xdist;
+   (``GLM_KERNELS_AUTOTUNE=0``, set by tests/conftest.py), spread over processes with pytest-xdist, and the
+   RNG tracker's tests (its fork captured in a CUDA graph);
 2. ``benchmarks/bench_model.py --preset glm-large --dropout 0.1,0 --profile``: GLM with Triton and with torch
    kernels next to HF BertForMaskedLM (SDPA), steps interleaved, the matmul peak measured in the same run,
    and where each step's GPU and host time goes; its autotuned tile choices stay in Triton's on-disk cache,
@@ -49,13 +50,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "run" / "demo" / "corpus" / "austen-chapters.jsonl"
-# The kernels' tests that run on CUDA tensors where there is a GPU (test_kernels_compile, which compiles
-# ahead of time for GPUs on machines without one, is for CPU machines).
-KERNEL_TESTS = [
+# The tests that run on CUDA tensors where there is a GPU: the kernels' (test_kernels_compile, which compiles
+# ahead of time for GPUs on machines without one, is for CPU machines) and the RNG tracker's (its fork
+# captured in a CUDA graph).
+CUDA_TESTS = [
     "tests/test_kernels_attention.py",
     "tests/test_kernels_layernorm.py",
     "tests/test_kernels_dropout.py",
     "tests/test_kernels_launcher.py",
+    "tests/test_parallel_random.py",
+    "tests/test_parallel_random_cuda.py",
 ]
 
 
@@ -207,7 +211,7 @@ def stage_environment(report: Report, cuda: bool) -> None:
 
 def stage_kernels(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:
     report.add("\n## 1. Kernel tests\n")
-    tests = ["tests/test_kernels_layernorm.py"] if smoke else KERNEL_TESTS
+    tests = ["tests/test_kernels_layernorm.py"] if smoke else CUDA_TESTS
     command = [sys.executable, "-m", "pytest", *tests, "-q", "-x", "-p", "no:cacheprovider", "--durations=15"]
     if smoke:
         command += ["-k", "not slow"]
