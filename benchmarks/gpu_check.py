@@ -210,7 +210,7 @@ def stage_environment(report: Report, cuda: bool) -> None:
 
 
 def stage_kernels(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:
-    report.add("\n## 1. Kernel tests\n")
+    report.add("\n## Kernel tests\n")
     tests = ["tests/test_kernels_layernorm.py"] if smoke else CUDA_TESTS
     command = [sys.executable, "-m", "pytest", *tests, "-q", "-x", "-p", "no:cacheprovider", "--durations=15"]
     if smoke:
@@ -322,7 +322,7 @@ def latest_step(run_dir: Path) -> int | None:
 def stage_pretrain(
     report: Report, env: dict[str, str], work: Path, smoke: bool, steps: int, extra: list[str]
 ) -> None:
-    report.add("\n## 2. glm-pretrain: train, evaluate, checkpoint, kill -9, resume\n")
+    report.add("\n## glm-pretrain: train, evaluate, checkpoint, kill -9, resume\n")
     corpus = preprocess(report, env, work, "bert-base-uncased")
     if corpus is None:
         return
@@ -425,7 +425,7 @@ def stage_throughput(
 ) -> None:
     """glm-pretrain of glm-large without evaluation or checkpoints, ZeRO-1 then ZeRO-2, side by side; the
     ZeRO-1 run profiled (GPU and host time) over three steps."""
-    report.add("\n## 2b. glm-pretrain throughput: ZeRO-1 vs ZeRO-2 (no evaluation, no checkpoint)\n")
+    report.add("\n## glm-pretrain throughput: ZeRO-1 vs ZeRO-2 (no evaluation, no checkpoint)\n")
     corpus = preprocess(report, env, work, "bert-base-uncased")
     if corpus is None:
         return
@@ -487,7 +487,7 @@ def preprocess(report: Report, env: dict[str, str], work: Path, tokenizer: str) 
 
 def stage_glm2b(report: Report, env: dict[str, str], work: Path, smoke: bool, extra: list[str]) -> None:
     """glm-2b (36 x 2048) on one GPU, ZeRO-2, T 1024, full recompute: 12 steps, then killed (no checkpoint)."""
-    report.add("\n## 4. glm-pretrain of glm-2b on one GPU (ZeRO-2, T 1024)\n")
+    report.add("\n## glm-pretrain of glm-2b on one GPU (ZeRO-2, T 1024)\n")
     corpus = preprocess(report, env, work, "gpt2")
     if corpus is None:
         return
@@ -561,7 +561,7 @@ def stage_glm2b(report: Report, env: dict[str, str], work: Path, smoke: bool, ex
 def stage_graphs(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:
     """The model step captured in CUDA graphs (no host launch overhead) next to the same step launched
     eagerly, in its own process: a failed capture cannot disturb the other stages."""
-    report.add("\n## 3c. Model step in one CUDA graph (the step without the host's launch overhead)\n")
+    report.add("\n## Model step in one CUDA graph (the step without the host's launch overhead)\n")
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--preset", "glm-large"]
     command += ["--dropout", "0,0.1", "--cuda-graph", "--steps", "6", "--warmup", "2"]
     if smoke:
@@ -578,7 +578,7 @@ def stage_graphs(report: Report, env: dict[str, str], work: Path, smoke: bool) -
 
 def stage_launch(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:
     """Host time per call of our kernels' launches (direct, and through Triton's dispatch) next to torch's."""
-    report.add("\n## 3b. Host time per kernel call: our launches (direct and through Triton) vs torch\n")
+    report.add("\n## Host time per kernel call: our launches (direct and through Triton) vs torch\n")
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_launch_overhead.py")]
     if smoke:
         command += ["--stub", "--calls", "20", "--repeats", "2"]
@@ -593,7 +593,7 @@ def stage_launch(report: Report, env: dict[str, str], work: Path, smoke: bool) -
 
 
 def stage_kernel_bench(report: Report, env: dict[str, str], work: Path, smoke: bool, extra: str) -> None:
-    report.add("\n## 5. Kernels: GLM attention vs SDPA and FlexAttention, LayerNorm vs torch\n")
+    report.add("\n## Kernels: GLM attention vs SDPA and FlexAttention, LayerNorm vs torch\n")
     budget = max(20.0, min(240.0, report.left(400) - 50))
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_kernels_gpu.py"), "--budget", f"{budget:.0f}"]
     command += (["--smoke"] if smoke else []) + extra.split()
@@ -608,7 +608,7 @@ def stage_kernel_bench(report: Report, env: dict[str, str], work: Path, smoke: b
 
 def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:
     report.add(
-        "\n## 3. Model step: GLM (Triton, torch kernels) vs HF BertForMaskedLM (SDPA), dropout 0.1 and 0\n"
+        "\n## Model step: GLM (Triton, torch kernels) vs HF BertForMaskedLM (SDPA), dropout 0.1 and 0\n"
     )
     command = [
         sys.executable,
