@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import sys
 
 import torch
 
@@ -101,6 +102,29 @@ def layer_norm(
     return layer_norm_torch(x, weight, bias, eps, residual)
 
 
+def tile_choices() -> dict[str, list[dict]]:
+    """The tiles the autotuned Triton kernels chose in this process, per tuning key (JSON-ready); empty where no
+    Triton kernel has run. Saved with each checkpoint and put back on resume (``restore_tile_choices``): the
+    autotuner's on-disk cache is node-local, and on another node it would time the tiles again and could pick
+    others, whose rounding differs, so the resumed run would not continue bit for bit."""
+    if "kernels.triton_attention_kernels" not in sys.modules:
+        return {}
+    from kernels.triton_attention_kernels import AUTOTUNED
+    from kernels.triton_support import tile_choices as choices_of
+
+    return choices_of(AUTOTUNED)
+
+
+def restore_tile_choices(choices: dict[str, list[dict]]) -> int:
+    """Make the autotuned Triton kernels use ``choices`` (from ``tile_choices``); returns how many were put back."""
+    if not choices or not triton_available():
+        return 0
+    from kernels.triton_attention_kernels import AUTOTUNED
+    from kernels.triton_support import restore_tile_choices as restore
+
+    return restore(AUTOTUNED, choices)
+
+
 __all__ = [
     "BACKENDS",
     "Dropout",
@@ -113,5 +137,7 @@ __all__ = [
     "layer_norm",
     "layer_norm_torch",
     "resolve_backend",
+    "restore_tile_choices",
+    "tile_choices",
     "triton_available",
 ]

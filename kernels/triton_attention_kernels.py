@@ -454,3 +454,12 @@ def attention_backward_dkdv_kernel(
         to_dtype(dv, DV.dtype.element_ty, EMULATE_BF16),
         mask=mask,
     )
+
+
+# The autotuned kernels by name: their tile choices go into checkpoints (``kernels.tile_choices``), so that a
+# job resumed on another node, whose Triton cache does not have them, runs the tiles the first job ran.
+AUTOTUNED = {
+    "attention_forward": attention_forward_kernel,
+    "attention_backward_dq": attention_backward_dq_kernel,
+    "attention_backward_dkdv": attention_backward_dkdv_kernel,
+}

@@ -212,3 +212,36 @@ _RUNTIME = triton.knobs.runtime
 def _active_hook(hook):
     """A launch hook, or None where there is none to call (Triton >= 3.7 keeps an empty chain of hooks)."""
     return None if hook is None or getattr(hook, "calls", True) == [] else hook
+
+
+def tile_choices(tuners: dict) -> dict[str, list[dict]]:
+    """The tile each autotuned kernel in ``tuners`` (name -> ``triton.autotune`` object) chose for each tuning key
+    in this process, JSON-ready: ``{name: [{"key": [...], "config": index, "tile": str(config)}]}``."""
+    choices = {}
+    for name, tuner in tuners.items():
+        tiles = [str(config) for config in tuner.configs]
+        entries = [
+            {"key": list(key), "config": tiles.index(str(config)), "tile": str(config)}
+            for key, config in tuner.cache.items()
+            if str(config) in tiles
+        ]
+        if entries:
+            choices[name] = entries
+    return choices
+
+
+def restore_tile_choices(tuners: dict, choices: dict[str, list[dict]]) -> int:
+    """Make each autotuned kernel in ``tuners`` use the tiles of ``choices`` (from ``tile_choices``) for their
+    tuning keys instead of timing its configs again; returns how many were restored. A choice whose kernel or
+    config list has changed since (another tile under that index) is left to the autotuner."""
+    restored = 0
+    for name, entries in choices.items():
+        tuner = tuners.get(name)
+        if tuner is None:
+            continue
+        for entry in entries:
+            index = entry["config"]
+            if 0 <= index < len(tuner.configs) and str(tuner.configs[index]) == entry["tile"]:
+                tuner.cache[tuple(entry["key"])] = tuner.configs[index]
+                restored += 1
+    return restored

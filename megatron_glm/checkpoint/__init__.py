@@ -20,6 +20,7 @@ from megatron_glm.checkpoint.files import (
     rng_file_name,
     shard_file_name,
     staged,
+    tile_file_name,
     write_text_atomic,
     write_trackers,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "pipeline_key_to_thudm",
     "read_module_state",
     "rng_file_name",
+    "tile_file_name",
     "save_thudm_checkpoint",
     "shard_file_name",
     "split_tensor",

@@ -57,6 +57,11 @@ def rng_file_name(rank: int) -> str:
     return f"rng_state_rank{rank}.pt"
 
 
+def tile_file_name(rank: int) -> str:
+    """The autotuned Triton tiles of one rank (``kernels.tile_choices``)."""
+    return f"triton_tiles_rank{rank}.json"
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import kernels
 from megatron_glm.checkpoint import (
     CONFIG_FILE,
     META_FILE,
@@ -32,6 +33,7 @@ from megatron_glm.checkpoint import (
     CheckpointError,
     load_torch_file,
     rng_file_name,
+    tile_file_name,
     write_text_atomic,
     write_trackers,
 )
@@ -193,6 +195,9 @@ class CheckpointManager:
             str(self.save_dir), tag=staging_tag, client_state=client_state, save_latest=False
         )
         torch.save(capture_rng_state(), staging / rng_file_name(self.rank))
+        tiles = kernels.tile_choices()
+        if tiles:
+            (staging / tile_file_name(self.rank)).write_text(json.dumps(tiles) + "\n")
         if write_weights is not None:
             write_weights(staging)
         _barrier()
@@ -276,6 +281,18 @@ class CheckpointManager:
                 meta.get("world_size"),
                 world,
             )
+
+    def restore_kernel_tiles(self, tag: str) -> None:
+        """Make the autotuned Triton kernels run the tiles this rank ran when checkpoint ``tag`` was saved (when
+        the world size is the same), instead of timing them again: Triton keeps its choices in a node-local
+        cache, and a job resumed on another node could choose other tiles, whose rounding differs."""
+        directory = self.save_dir / tag
+        tile_file = directory / tile_file_name(self.rank)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if not tile_file.is_file() or self._meta(tag).get("world_size") != world:
+            return
+        restored = kernels.restore_tile_choices(json.loads(tile_file.read_text()))
+        logger.debug("restored %d autotuned kernel tiles from %s", restored, tile_file)
 
     def _meta(self, tag: str) -> dict[str, Any]:
         meta_path = self.save_dir / tag / META_FILE

@@ -219,6 +219,7 @@ def _setup(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> TrainingRu
         # Last, after everything above that draws random numbers: the next step then draws exactly what
         # the uninterrupted run drew.
         manager.restore_rng(tag)
+        manager.restore_kernel_tiles(tag)
     return TrainingRun(cfg, device, engine, manager, state, batches, valid, reporter, dump_config(cfg))
 
 
