@@ -1,7 +1,9 @@
 """Run a function on N real processes joined in a gloo (CPU) or NCCL (GPU) process group.
 
-Each rank runs with one thread, a fresh port on 127.0.0.1, DeepSpeed's shared-memory comm op skipped
-(plain gloo trains identically and nothing is compiled), and tears the group down at the end.
+NCCL where the machine has a GPU for every rank; gloo on the CPU otherwise, with the GPUs hidden from the
+ranks where there are some but too few (NCCL refuses two ranks on one GPU). Each rank runs with one thread,
+a fresh port on 127.0.0.1, DeepSpeed's shared-memory comm op skipped (plain gloo trains identically and
+nothing is compiled), and tears the group down at the end.
 ``fn(rank, world_size, *args)`` must be importable (a module-level function); what each rank
 returns comes back as a list indexed by rank.
 """
@@ -12,6 +14,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -19,9 +22,21 @@ import torch.multiprocessing as mp
 
 from megatron_glm.training.distributed import free_port
 
+# What a rank needs to run on the CPU on a machine with GPUs: none visible (torch and NCCL), DeepSpeed's CPU
+# accelerator, Triton's interpreter (there is no GPU to compile for). Set before the rank imports anything.
+HIDE_GPUS = {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "TRITON_INTERPRET": "1"}
 
-def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple, env: dict) -> None:
-    os.environ.update(env)
+
+def rank_backend(device_count: int, world_size: int) -> tuple[str, dict[str, str]]:
+    """The process group's backend for ``world_size`` ranks on a machine with ``device_count`` GPUs, and
+    the environment the ranks need: NCCL with one GPU per rank, gloo on the CPU where there is no GPU, or
+    too few (the GPUs then hidden)."""
+    if device_count >= world_size:
+        return "nccl", {}
+    return "gloo", dict(HIDE_GPUS) if device_count > 0 else {}
+
+
+def _entry(rank: int, fn, world_size: int, backend: str, port: int, out_dir: str, args: tuple) -> None:
     os.environ.update(
         {
             "RANK": str(rank),
@@ -35,9 +50,8 @@ def _entry(rank: int, fn, world_size: int, port: int, out_dir: str, args: tuple,
     )
     torch.set_num_threads(1)
     _skip_deepspeed_shm_build()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.cuda.set_device(rank)
     dist.init_process_group(backend, rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
@@ -58,13 +72,18 @@ def _skip_deepspeed_shm_build() -> None:
 
 
 def run_ranks(fn, world_size: int, *args, env: dict | None = None) -> list:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes and return their results."""
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes and return their results; ``env``
+    is added to the ranks' environment."""
+    backend, backend_env = rank_backend(torch.cuda.device_count(), world_size)
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(
-            _entry,
-            args=(fn, world_size, free_port(), out_dir, args, dict(env or {})),
-            nprocs=world_size,
-            join=True,
-            start_method="spawn",
-        )
+        # The spawned ranks inherit this process's environment: set there, it holds before they import
+        # torch, DeepSpeed or Triton, which read it once.
+        with mock.patch.dict(os.environ, {**backend_env, **(env or {})}):
+            mp.start_processes(
+                _entry,
+                args=(fn, world_size, backend, free_port(), out_dir, args),
+                nprocs=world_size,
+                join=True,
+                start_method="spawn",
+            )
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

@@ -167,3 +167,21 @@ def test_finetune_cli_names_bad_rows_before_training(tmp_path, capsys):
     assert main(bad_verbalizer) == 1
     assert "--verbalizer 'no': write LABEL=ANSWER" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_finetune_cli_refuses_half_precision_without_zero_before_training(tmp_path, capsys):
+    """The rules glm-pretrain checks hold for glm-finetune (the same engine): bf16 with ZeRO-0 would stop
+    inside DeepSpeed; it is a config error (exit 2) naming the key, before any row is read."""
+    from megatron_glm.cli.finetune import main
+
+    args, _ = _cli_files(tmp_path, [{"text": "he ran.", "label": "maybe"}])
+    args += ["--set", "training.precision=bf16", "--set", "parallel.zero_stage=0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "  parallel.zero_stage: ZeRO stage 0 with training.precision bf16" in err
+    assert "unknown label" not in err and not (tmp_path / "out").exists()
+    pipeline = [*args[:-4], "--set", "parallel.pipeline_parallel_size=2"]
+    assert main(pipeline) == 2
+    assert "  parallel.pipeline_parallel_size: glm-finetune runs without pipeline parallelism" in (
+        capsys.readouterr().err
+    )

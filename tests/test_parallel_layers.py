@@ -10,6 +10,7 @@ from megatron_glm.parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     normal_init,
+    reduce_from_tensor_parallel,
     shard,
     unshard,
     vocab_parallel_cross_entropy,
@@ -74,6 +75,10 @@ def _layers_at(tp):
     losses = vocab_parallel_cross_entropy(logits, data["targets"], label_smoothing=SMOOTHING)
     (losses * data["loss_weights"]).sum().backward()
     out["smoothed_cross_entropy"] = (losses.detach(), logits.grad)
+
+    partial = torch.full((2, 3), float(parallel.get_tensor_parallel_rank() + 1), requires_grad=True) * 1.0
+    summed = reduce_from_tensor_parallel(partial)
+    out["reduce"] = (summed.detach().clone(), summed.data_ptr() == partial.data_ptr())
 
     bf16_logits = logits.detach().bfloat16().requires_grad_()
     vocab_parallel_cross_entropy(bf16_logits, data["targets"]).sum().backward()
@@ -160,6 +165,13 @@ def test_vocab_parallel_cross_entropy_equals_full(results, tp, smoothing):
         torch.testing.assert_close(results[rank][tp][name][0], losses.detach(), **TOLERANCE)
         assert results[rank][tp]["cross_entropy_bf16_grad_dtype"] == torch.bfloat16
     torch.testing.assert_close(unshard(_shards(results, tp, name, 1), dim=1), logits.grad, **TOLERANCE)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_reduce_sums_the_ranks_partials_in_place(results, tp):
+    for rank in range(tp):
+        summed, in_place = results[rank][tp]["reduce"]
+        assert torch.equal(summed, torch.full((2, 3), tp * (tp + 1) / 2)) and in_place
 
 
 def test_strided_shards_hold_each_ranks_query_key_value():

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from tests.multiproc import HIDE_GPUS
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG = ROOT / "run" / "configs" / "glm-tiny.yaml"
 
@@ -88,7 +90,7 @@ def pretrain_env() -> dict[str, str]:
     if 0 < torch.cuda.device_count() < MAX_TEST_RANKS:
         # glm-pretrain refuses more local ranks than GPUs: on a machine with fewer GPUs than the tests'
         # ranks, the runs train on the CPU as everywhere else (gloo, Triton's interpreter).
-        env.update({"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "TRITON_INTERPRET": "1"})
+        env.update(HIDE_GPUS)
     return env
 
 

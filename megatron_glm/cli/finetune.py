@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     import dataclasses
 
+    from megatron_glm.finetune.common import check_finetune_config
     from megatron_glm.training.distributed import init_distributed
 
     if args.epochs < 1:
@@ -144,6 +145,7 @@ def _run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(
             cfg, checkpoint=dataclasses.replace(cfg.checkpoint, init_from=args.checkpoint)
         )
+    check_finetune_config(cfg)  # the engine's rules, before the rows are read and the ranks meet
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     run = train_fn(cfg, tokenizer)  # reads and checks every row (named by file:line)
     init_distributed()

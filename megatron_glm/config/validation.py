@@ -2,7 +2,8 @@
 parallel layout derived from the world size.
 
 ``validate_config`` reports every broken rule at once, each with the key to change; it runs before any
-process of a job starts (``glm-config validate --world-size N``) and once at the start of ``glm-pretrain``.
+process of a job starts (``glm-config validate --world-size N``) and once at the start of ``glm-pretrain`` and
+``glm-finetune`` (which adds its own rules), so every user of the training engine meets the same errors.
 """
 
 from __future__ import annotations
@@ -113,13 +114,17 @@ def config_problems(cfg: GLMConfig, world_size: int | None = None) -> Problems:
             )
         )
     if parallel.zero_stage == 0 and cfg.training.precision != "fp32":
+        why = {
+            "bf16": "DeepSpeed has no fp32 gradient accumulation for bf16 weights without ZeRO (it stops with "
+            "'unsupported mix of model_dtype=bf16 and grad_accum_dtype=fp32')",
+            "fp16": "DeepSpeed runs its unfused per-parameter optimizer (a host sync per parameter every step) "
+            "and accumulates gradients in fp16",
+        }[cfg.training.precision]
         found.append(
             (
                 "parallel.zero_stage",
-                f"ZeRO stage 0 with training.precision {cfg.training.precision} runs DeepSpeed's unfused "
-                "per-parameter optimizer (a host sync per parameter every step) and accumulates gradients "
-                f"in {cfg.training.precision}; use zero_stage: 1 (fp32 master weights and gradient "
-                "accumulation, the same memory per replica), or precision: fp32",
+                f"ZeRO stage 0 with training.precision {cfg.training.precision}: {why}; use zero_stage: 1 "
+                "(fp32 master weights and gradient accumulation, the same memory per replica), or precision: fp32",
             )
         )
     if cfg.data.seq_length > model.max_position_embeddings:
@@ -136,9 +141,12 @@ def config_problems(cfg: GLMConfig, world_size: int | None = None) -> Problems:
     return found
 
 
-def validate_config(cfg: GLMConfig, world_size: int | None = None) -> None:
-    """Raise ``ConfigError`` listing every broken rule, each with the key to change."""
-    found = config_problems(cfg, world_size)
+def validate_config(
+    cfg: GLMConfig, world_size: int | None = None, command_problems: Problems | None = None
+) -> None:
+    """Raise ``ConfigError`` listing every broken rule, each with the key to change: ``config_problems``
+    and the ones a command adds for itself (``command_problems``)."""
+    found = config_problems(cfg, world_size) + (command_problems or [])
     if found:
         lines = "\n".join(f"  {key}: {message}" for key, message in found)
         raise ConfigError(f"invalid configuration {cfg.name!r}:\n{lines}")

@@ -23,7 +23,7 @@ import torch
 from data_tools.errors import DataError
 from data_tools.layout import GLMLayout, pad_layout
 from megatron_glm.checkpoint import save_thudm_checkpoint
-from megatron_glm.config import ConfigError, GLMConfig, padded_vocab_size, parallel_layout
+from megatron_glm.config import ConfigError, GLMConfig, padded_vocab_size, parallel_layout, validate_config
 from megatron_glm.data import collate_glm_batch
 from megatron_glm.model import GLMModel
 from megatron_glm.parallel import get_data_parallel_rank
@@ -77,8 +77,16 @@ class HiddenStates(torch.nn.Module):
 
 
 def check_finetune_config(cfg: GLMConfig) -> None:
-    if cfg.parallel.pipeline_parallel_size > 1 or cfg.parallel.zero_stage >= 3:
-        raise ConfigError("glm-finetune runs without pipeline parallelism and with parallel.zero_stage < 3")
+    """Raise ``ConfigError`` listing every broken rule of ``cfg``: pretraining's (``validate_config``: the same
+    engine, so the same rules) and finetuning's own."""
+    own = []
+    if cfg.parallel.pipeline_parallel_size > 1:
+        own.append(
+            ("parallel.pipeline_parallel_size", "glm-finetune runs without pipeline parallelism; use 1")
+        )
+    if cfg.parallel.zero_stage >= 3:
+        own.append(("parallel.zero_stage", "glm-finetune runs with ZeRO stages 0-2; use zero_stage: 1"))
+    validate_config(cfg, command_problems=own)
 
 
 def finetune(

@@ -5,7 +5,7 @@ Each pairs a forward collective with its adjoint in the backward pass:
 | function                        | forward                  | backward                 |
 |---------------------------------|--------------------------|--------------------------|
 | ``copy_to_tensor_parallel``     | identity                 | all-reduce (sum)         |
-| ``reduce_from_tensor_parallel`` | all-reduce (sum)         | identity                 |
+| ``reduce_from_tensor_parallel`` | all-reduce (in place)    | identity                 |
 | ``scatter_to_tensor_parallel``  | keep this rank's slice   | all-gather               |
 | ``gather_from_tensor_parallel`` | all-gather               | keep this rank's slice   |
 
@@ -21,11 +21,9 @@ import torch.distributed as dist
 from megatron_glm.parallel import state
 
 
-def _all_reduce(x: torch.Tensor) -> torch.Tensor:
-    # A fresh contiguous buffer: the collective works in place and the input may be needed elsewhere.
-    out = x.clone(memory_format=torch.contiguous_format)
-    dist.all_reduce(out, group=state.get_tensor_parallel_group())
-    return out
+def _all_reduce_in_place(x: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(x, group=state.get_tensor_parallel_group())
+    return x
 
 
 def _split_last_dim(x: torch.Tensor) -> torch.Tensor:
@@ -51,13 +49,20 @@ class _CopyToTensorParallel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return _all_reduce(grad)
+        # A buffer of its own: the gradient autograd hands a backward may be shared (an addition's backward
+        # passes one tensor to both of its inputs) or an expanded view (a sum's backward), neither of which
+        # may be summed in place.
+        return _all_reduce_in_place(grad.clone(memory_format=torch.contiguous_format))
 
 
 class _ReduceFromTensorParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return _all_reduce(x)
+        # Summed in place, without a copy: the callers pass a temporary that nothing else reads (a matmul's
+        # output, the masked embeddings). Marked dirty, so autograd refuses a leaf that requires grad or a
+        # tensor saved for another backward instead of silently using the sum.
+        ctx.mark_dirty(x)
+        return _all_reduce_in_place(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -94,7 +99,8 @@ def copy_to_tensor_parallel(x: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_from_tensor_parallel(x: torch.Tensor) -> torch.Tensor:
-    """Leave a tensor-parallel region by summing the ranks' partial results."""
+    """Leave a tensor-parallel region by summing the ranks' partial results, in place: ``x`` (contiguous)
+    becomes the sum; pass a temporary that nothing else reads."""
     return x if _single_rank() else _ReduceFromTensorParallel.apply(x)
 
 
