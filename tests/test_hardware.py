@@ -85,3 +85,21 @@ def test_probe_leaves_the_global_random_streams_alone():
     before = torch.get_rng_state()
     measure_matmul_peak(torch.device("cpu"), torch.float32, budget_s=0.2)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_fp32_on_a_gpu_without_tf32_is_warned_about(monkeypatch):
+    from megatron_glm.training.hardware import fp32_matmul_warning
+
+    assert fp32_matmul_warning(torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H200")
+    matmul = torch.backends.cuda.matmul
+    allowed = matmul.allow_tf32  # a property of torch's backend module: set and restored by hand
+    try:
+        matmul.allow_tf32 = False
+        message = fp32_matmul_warning(torch.device("cuda", 0))
+        assert "NVIDIA H200" in message and "training.precision=bf16" in message
+        assert "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1" in message
+        matmul.allow_tf32 = True
+        assert fp32_matmul_warning(torch.device("cuda", 0)) is None
+    finally:
+        matmul.allow_tf32 = allowed

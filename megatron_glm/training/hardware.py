@@ -113,3 +113,15 @@ def emulated_bf16_warning(
         f"emulated, measured {bf16 / 1e9:.2f} GFLOP/s against {fp32 / 1e9:.2f} GFLOP/s in fp32 "
         f"({fp32 / bf16:.1f}x slower). Set training.precision=fp32 on this machine."
     )
+
+
+def fp32_matmul_warning(device: torch.device) -> str | None:
+    """A warning for fp32 training on a GPU whose fp32 matmuls run without tensor cores (TF32 not allowed);
+    None elsewhere."""
+    if device.type != "cuda" or torch.backends.cuda.matmul.allow_tf32:
+        return None
+    return (
+        f"training.precision=fp32 on {torch.cuda.get_device_name(device)}: fp32 matmuls run without tensor cores "
+        "(TF32 is off, torch's default), at a small fraction of the bf16 rate. Set training.precision=bf16 (the "
+        "recipes' choice), or allow TF32 for fp32 matmuls with TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1."
+    )

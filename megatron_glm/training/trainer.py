@@ -37,7 +37,7 @@ from megatron_glm.parallel import (
 from megatron_glm.training.checkpoint import CheckpointManager, TrainingState
 from megatron_glm.training.distributed import LaunchInfo, device_for, init_distributed
 from megatron_glm.training.engine import TrainingEngine
-from megatron_glm.training.hardware import emulated_bf16_warning, measure_matmul_peak
+from megatron_glm.training.hardware import emulated_bf16_warning, fp32_matmul_warning, measure_matmul_peak
 from megatron_glm.training.metrics import MetricsReporter, StepProfiler
 from megatron_glm.training.signals import PreemptionHandler
 
@@ -143,6 +143,8 @@ def _setup(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> TrainingRu
             "CPU accelerator does not support it); use bf16 or fp32"
         )
     if cfg.training.precision == "bf16" and (warning := emulated_bf16_warning(device)):
+        logger.warning(warning)
+    if cfg.training.precision == "fp32" and (warning := fp32_matmul_warning(device)):
         logger.warning(warning)
     builder = rank == 0 if cfg.data.shared_cache else info.local_rank == 0
     samples = prepare_sample_directory(cfg.data, cfg.model.tokenizer, builder=builder)
