@@ -60,16 +60,29 @@ class GLMForPretraining(GLMModel):
         return self.loss(self.logits(loss_rows(hidden, loss_index)), labels)
 
 
-def build_pretraining_model(
-    config: ModelConfig, vocab_size: int, *, seed: int, loss: GLMLoss, device: torch.device
-) -> GLMForPretraining:
-    """``GLMForPretraining`` built on ``meta`` and initialized in place on ``device``.
+# The parameters' dtype under each ``training.precision``.
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    No full fp32 copy of the model is made in host RAM (a 10B model would need 40 GB per rank); the
+
+def build_pretraining_model(
+    config: ModelConfig,
+    vocab_size: int,
+    *,
+    seed: int,
+    loss: GLMLoss,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> GLMForPretraining:
+    """``GLMForPretraining`` built on ``meta`` and initialized in place on ``device`` in ``dtype``.
+
+    No full fp32 copy of the model is made in host RAM (a 10B model would need 40 GB per rank), nor on the
+    device under bf16/fp16 (DeepSpeed would otherwise hold the fp32 model there before casting it). The
     initialization draws from the same per-key CPU generators as a model built directly, so the weights
-    are identical at every parallel size and on every device.
+    are identical at every parallel size and on every device; it draws in fp32 and copies into the
+    parameter, so a bf16 or fp16 model holds the fp32 model's values rounded once to nearest even:
+    bitwise what DeepSpeed's cast of the fp32 model gives.
     """
-    module = GLMForPretraining(config, vocab_size, seed=seed, loss=loss, device="meta")
+    module = GLMForPretraining(config, vocab_size, seed=seed, loss=loss, device="meta", dtype=dtype)
     module.to_empty(device=device)
     module.reset_parameters(seed)
     return module
@@ -140,6 +153,9 @@ class TrainingEngine:
         self.pipeline = layout.pipeline_parallel_size > 1
         self.loss = GLMLoss()
         seed = cfg.training.seed
+        # Built in the training dtype, as DeepSpeed would cast it (see build_pretraining_model); a checkpoint
+        # loaded into it (init_from) rounds once from its stored values, as a load then the cast would.
+        dtype = PRECISION_DTYPES[cfg.training.precision]
         if self.pipeline:
             from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
@@ -149,7 +165,7 @@ class TrainingEngine:
                 num_dp=layout.data_parallel_size,
             )
             module = build_pipeline_module(
-                cfg.model, vocab_size, seed, topology, self.loss, cfg.parallel.pipeline_partition
+                cfg.model, vocab_size, seed, topology, self.loss, cfg.parallel.pipeline_partition, dtype
             )
             if cfg.checkpoint.init_from:
                 layers = cfg.model.num_layers
@@ -160,7 +176,9 @@ class TrainingEngine:
                     vocab_multiple=cfg.model.make_vocab_size_divisible_by,
                 )
         else:
-            module = build_pretraining_model(cfg.model, vocab_size, seed=seed, loss=self.loss, device=device)
+            module = build_pretraining_model(
+                cfg.model, vocab_size, seed=seed, loss=self.loss, device=device, dtype=dtype
+            )
             if cfg.checkpoint.init_from:
                 load_thudm_checkpoint(module, cfg.checkpoint.init_from)
         optimizer = build_optimizer(module, cfg.optimizer, check_gradients=self.pipeline)

@@ -10,7 +10,8 @@ Layer list (``L`` transformer layers)::
 
 Between stages flows ``(hidden, position_ids, sep, loss_mask)``; integer tensors ride along untouched.
 Each piece initializes itself from the seed and its THUDM key, so the weights are identical to
-``GLMModel``'s at any pipeline (and tensor) parallel size. ``megatron_glm.checkpoint.pipeline_key_to_thudm``
+``GLMModel``'s at any pipeline (and tensor) parallel size; in the training dtype, drawn in fp32 and rounded
+once, as DeepSpeed's cast of an fp32 stage would leave them. ``megatron_glm.checkpoint.pipeline_key_to_thudm``
 maps the pipeline's parameter names to THUDM's keys; keep it in step with this layer list.
 """
 
@@ -35,10 +36,10 @@ PipelineActivations = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
 
 
 class WordEmbeddingPipe(nn.Module):
-    def __init__(self, config: ModelConfig, vocab_size: int, seed: int):
+    def __init__(self, config: ModelConfig, vocab_size: int, seed: int, dtype: torch.dtype):
         super().__init__()
         self.word_embeddings = VocabParallelEmbedding(
-            vocab_size, config.hidden_size, init_method=normal_init(config.init_method_std)
+            vocab_size, config.hidden_size, init_method=normal_init(config.init_method_std), dtype=dtype
         )
         self.word_embeddings.reset_parameters(init_generator(seed, "word_embeddings"))
 
@@ -55,8 +56,8 @@ def output_head(module: WordEmbeddingPipe, inputs: PipelineActivations) -> torch
 
 
 class PositionEmbeddingPipe(PositionEmbeddings):
-    def __init__(self, config: ModelConfig, seed: int):
-        super().__init__(config, seed=seed)
+    def __init__(self, config: ModelConfig, seed: int, dtype: torch.dtype):
+        super().__init__(config, seed=seed, dtype=dtype)
 
     def forward(self, inputs: PipelineActivations) -> PipelineActivations:
         hidden, position_ids, sep, loss_mask = inputs
@@ -64,8 +65,8 @@ class PositionEmbeddingPipe(PositionEmbeddings):
 
 
 class TransformerLayerPipe(GLMTransformerLayer):
-    def __init__(self, config: ModelConfig, layer_number: int, seed: int):
-        super().__init__(config, layer_number, seed=seed)
+    def __init__(self, config: ModelConfig, layer_number: int, seed: int, dtype: torch.dtype):
+        super().__init__(config, layer_number, seed=seed, dtype=dtype)
         self.recompute = config.activation_checkpointing == "full"
 
     def forward(self, inputs: PipelineActivations) -> PipelineActivations:
@@ -78,10 +79,10 @@ class TransformerLayerPipe(GLMTransformerLayer):
 
 
 class FinalLayerNormPipe(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype):
         super().__init__()
         self.final_layernorm = LayerNorm(
-            config.hidden_size, config.layernorm_epsilon, kernel_backend=config.kernels
+            config.hidden_size, config.layernorm_epsilon, kernel_backend=config.kernels, dtype=dtype
         )
 
     def forward(self, inputs: PipelineActivations) -> PipelineActivations:
@@ -90,9 +91,16 @@ class FinalLayerNormPipe(nn.Module):
 
 
 def build_pipeline_module(
-    config: ModelConfig, vocab_size: int, seed: int, topology, loss: GLMLoss, partition: str
+    config: ModelConfig,
+    vocab_size: int,
+    seed: int,
+    topology,
+    loss: GLMLoss,
+    partition: str,
+    dtype: torch.dtype = torch.float32,
 ):
-    """The ``deepspeed.pipe.PipelineModule`` of GLM on ``topology`` (DeepSpeed's PipeModelDataParallelTopology)."""
+    """The ``deepspeed.pipe.PipelineModule`` of GLM on ``topology`` (DeepSpeed's
+    PipeModelDataParallelTopology), its parameters in ``dtype``."""
     from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 
     layers = [
@@ -102,17 +110,19 @@ def build_pipeline_module(
             config,
             vocab_size,
             seed,
+            dtype,
             tied_weight_attr="word_embeddings.weight",
         ),
-        LayerSpec(PositionEmbeddingPipe, config, seed),
-        *[LayerSpec(TransformerLayerPipe, config, i, seed) for i in range(config.num_layers)],
-        LayerSpec(FinalLayerNormPipe, config),
+        LayerSpec(PositionEmbeddingPipe, config, seed, dtype),
+        *[LayerSpec(TransformerLayerPipe, config, i, seed, dtype) for i in range(config.num_layers)],
+        LayerSpec(FinalLayerNormPipe, config, dtype),
         TiedLayerSpec(
             "word_embeddings",
             WordEmbeddingPipe,
             config,
             vocab_size,
             seed,
+            dtype,
             forward_fn=output_head,
             tied_weight_attr="word_embeddings.weight",
         ),
