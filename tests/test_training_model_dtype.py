@@ -161,7 +161,8 @@ def _train(rank: int, world_size: int, settings: list[str], build_in_fp32: bool)
 
     def pipeline_in_build_dtype(*args):
         *args, dtype = args
-        return built(build_pipeline(*args, torch.float32 if build_in_fp32 else dtype))
+        module, output_head = build_pipeline(*args, torch.float32 if build_in_fp32 else dtype)
+        return built(module), output_head
 
     engine_module.build_pretraining_model = model_in_build_dtype
     engine_module.build_pipeline_module = pipeline_in_build_dtype
@@ -187,6 +188,8 @@ def _train(rank: int, world_size: int, settings: list[str], build_in_fp32: bool)
     optimizer = engine.deepspeed_engine.optimizer
     master = getattr(optimizer, "fp32_groups_flat_partition", None) or optimizer.fp32_partitioned_groups_flat
     result = {
+        # The pipeline's last stage ran a forward for every micro-batch whose loss rows it queued.
+        "queued_loss_indices": len(engine.output_head.pending) if engine.pipeline else 0,
         "built_dtypes": built_dtypes,
         "trained_dtypes": trained_dtypes,
         "losses": losses,
@@ -215,6 +218,7 @@ def test_bf16_training_of_the_model_built_in_bf16_is_bitwise_that_of_the_cast_fp
     for rank, (mine, theirs) in enumerate(zip(ours, reference)):
         assert mine["built_dtypes"] == {torch.bfloat16} and theirs["built_dtypes"] == {torch.float32}, rank
         assert mine["trained_dtypes"] == theirs["trained_dtypes"] == {torch.bfloat16}, rank
+        assert mine["queued_loss_indices"] == theirs["queued_loss_indices"] == 0, rank
         assert mine["losses"] == theirs["losses"], rank
         assert mine["norms"] == theirs["norms"], rank
         assert len(mine["master"]) == len(theirs["master"]) > 0, rank
