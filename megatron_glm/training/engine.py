@@ -60,16 +60,29 @@ class GLMForPretraining(GLMModel):
         return self.loss(self.logits(loss_rows(hidden, loss_index)), labels)
 
 
-def build_pretraining_model(
-    config: ModelConfig, vocab_size: int, *, seed: int, loss: GLMLoss, device: torch.device
-) -> GLMForPretraining:
-    """``GLMForPretraining`` built on ``meta`` and initialized in place on ``device``.
+# The parameters' dtype under each ``training.precision``.
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    No full fp32 copy of the model is made in host RAM (a 10B model would need 40 GB per rank); the
+
+def build_pretraining_model(
+    config: ModelConfig,
+    vocab_size: int,
+    *,
+    seed: int,
+    loss: GLMLoss,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> GLMForPretraining:
+    """``GLMForPretraining`` built on ``meta`` and initialized in place on ``device`` in ``dtype``.
+
+    No full fp32 copy of the model is made in host RAM (a 10B model would need 40 GB per rank), nor on the
+    device under bf16/fp16 (DeepSpeed would otherwise hold the fp32 model there before casting it). The
     initialization draws from the same per-key CPU generators as a model built directly, so the weights
-    are identical at every parallel size and on every device.
+    are identical at every parallel size and on every device; it draws in fp32 and copies into the
+    parameter, so a bf16 or fp16 model holds the fp32 model's values rounded once to nearest even:
+    bitwise what DeepSpeed's cast of the fp32 model gives.
     """
-    module = GLMForPretraining(config, vocab_size, seed=seed, loss=loss, device="meta")
+    module = GLMForPretraining(config, vocab_size, seed=seed, loss=loss, device="meta", dtype=dtype)
     module.to_empty(device=device)
     module.reset_parameters(seed)
     return module
@@ -111,6 +124,7 @@ def deepspeed_config(cfg: GLMConfig, layout: Layout, cuda: bool | None = None) -
         config["data_types"] = {"grad_accum_dtype": "fp32"}
         config["communication_data_type"] = "fp32"
     if layout.pipeline_parallel_size > 1:
+        # Each stage runs each layer's forward once per micro-batch (pipeline.OutputHead relies on it).
         config["pipeline"] = {"activation_checkpoint_interval": 0}
     return config
 
@@ -140,6 +154,9 @@ class TrainingEngine:
         self.pipeline = layout.pipeline_parallel_size > 1
         self.loss = GLMLoss()
         seed = cfg.training.seed
+        # Built in the training dtype, as DeepSpeed would cast it (see build_pretraining_model); a checkpoint
+        # loaded into it (init_from) rounds once from its stored values, as a load then the cast would.
+        dtype = PRECISION_DTYPES[cfg.training.precision]
         if self.pipeline:
             from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
@@ -148,8 +165,8 @@ class TrainingEngine:
                 num_mp=layout.tensor_parallel_size,
                 num_dp=layout.data_parallel_size,
             )
-            module = build_pipeline_module(
-                cfg.model, vocab_size, seed, topology, self.loss, cfg.parallel.pipeline_partition
+            module, self.output_head = build_pipeline_module(
+                cfg.model, vocab_size, seed, topology, self.loss, cfg.parallel.pipeline_partition, dtype
             )
             if cfg.checkpoint.init_from:
                 layers = cfg.model.num_layers
@@ -160,7 +177,9 @@ class TrainingEngine:
                     vocab_multiple=cfg.model.make_vocab_size_divisible_by,
                 )
         else:
-            module = build_pretraining_model(cfg.model, vocab_size, seed=seed, loss=self.loss, device=device)
+            module = build_pretraining_model(
+                cfg.model, vocab_size, seed=seed, loss=self.loss, device=device, dtype=dtype
+            )
             if cfg.checkpoint.init_from:
                 load_thudm_checkpoint(module, cfg.checkpoint.init_from)
         optimizer = build_optimizer(module, cfg.optimizer, check_gradients=self.pipeline)
@@ -206,7 +225,7 @@ class TrainingEngine:
         self.deepspeed_engine.train()
         skipped_before = (self.optimizer.skipped_steps, self.deepspeed_engine.skipped_steps)
         if self.pipeline:
-            loss = self.deepspeed_engine.train_batch(_pipeline_iterator(batches, self.device)).float()
+            loss = self.deepspeed_engine.train_batch(self._pipeline_iterator(batches)).float()
             return self._result(loss.item(), skipped_before)
         steps = self.layout.gradient_accumulation_steps
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
@@ -250,6 +269,23 @@ class TrainingEngine:
             b["loss_index"],
         )
 
+    def _pipeline_iterator(self, batches: Iterator[Batch]):
+        """DeepSpeed's pipeline format: ``((tokens, position_ids, sep), labels)``, the labels those of
+        ``GLMLoss``: ``(targets, loss_mask, objective, loss_index)``. Each batch is one micro-batch; on the last
+        stage its ``loss_index`` (row-major over its ``[B, T]``, computed by the loader on the host) is queued
+        for the output head as DeepSpeed loads it."""
+        last_stage = self.deepspeed_engine.is_last_stage()
+        # Whatever an interrupted batch left queued is not this batch's.
+        self.output_head.pending.clear()
+        for batch in batches:
+            b = _to_device(batch, self.device)
+            if last_stage:
+                self.output_head.pending.append(b["loss_index"])
+            yield (
+                (b["tokens"], b["position_ids"], b["sep"]),
+                (b["targets"], b["loss_mask"], b["objective"], b["loss_index"]),
+            )
+
     def _grad_norm(self) -> float | None:
         norm = self.deepspeed_engine.get_global_grad_norm()
         if norm is None:
@@ -269,7 +305,7 @@ class TrainingEngine:
                         # train_batch resets; ours is a vector here, the last training step's a scalar.
                         self.deepspeed_engine.total_loss = None
                         out = self.deepspeed_engine.eval_batch(
-                            _pipeline_iterator(batches, self.device), bcast_loss=False
+                            self._pipeline_iterator(batches), bcast_loss=False
                         )
                         if out is not None:
                             sums = out if sums is None else sums + out
@@ -282,18 +318,6 @@ class TrainingEngine:
                 return sums
             finally:
                 self.deepspeed_engine.train()
-
-
-def _pipeline_iterator(batches: Iterator[Batch], device: torch.device):
-    """DeepSpeed's pipeline format: ``((tokens, position_ids, sep, loss_mask), labels)``, the labels those
-    of ``GLMLoss``: ``(targets, loss_mask, objective, loss_index)``."""
-    for batch in batches:
-        b = _to_device(batch, device)
-        loss_mask = (b["loss_mask"] > 0).long()
-        yield (
-            (b["tokens"], b["position_ids"], b["sep"], loss_mask),
-            (b["targets"], b["loss_mask"], b["objective"], b["loss_index"]),
-        )
 
 
 def _broadcast_from_last_stage(sums: torch.Tensor | None, device: torch.device) -> torch.Tensor:

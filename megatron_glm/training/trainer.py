@@ -36,7 +36,7 @@ from megatron_glm.parallel import (
 )
 from megatron_glm.training.checkpoint import CheckpointManager, TrainingState
 from megatron_glm.training.distributed import LaunchInfo, device_for, init_distributed
-from megatron_glm.training.engine import TrainingEngine
+from megatron_glm.training.engine import PRECISION_DTYPES, TrainingEngine
 from megatron_glm.training.hardware import emulated_bf16_warning, fp32_matmul_warning, measure_matmul_peak
 from megatron_glm.training.metrics import MetricsReporter, StepProfiler
 from megatron_glm.training.signals import PreemptionHandler
@@ -202,7 +202,7 @@ def _setup(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> TrainingRu
         # the sampler, and the random seed a new iterator draws is drawn here, before the RNG restore.
         iter(valid)
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.training.precision]
+    dtype = PRECISION_DTYPES[cfg.training.precision]
     # On the device: NCCL reduces only device tensors.
     peak = torch.tensor([measure_matmul_peak(device, dtype)], dtype=torch.float64, device=device)
     dist.all_reduce(peak)
