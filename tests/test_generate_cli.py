@@ -9,12 +9,14 @@ import yaml
 
 from data_tools.tokenizer import load_tokenizer
 from megatron_glm.checkpoint import save_thudm_checkpoint
+from megatron_glm.cli import inference
 from megatron_glm.cli.fill_blanks import main as fill_blanks_main
 from megatron_glm.cli.generate import main as generate_main
-from megatron_glm.config import ModelConfig
+from megatron_glm.config import GLMConfig, ModelConfig
 from megatron_glm.generation import GenerationConfig, generate
 from megatron_glm.model import GLMModel
 from megatron_glm.parallel import destroy_parallel, initialize_parallel
+from megatron_glm.training import distributed
 
 MODEL = {
     "num_layers": 2,
@@ -174,3 +176,41 @@ def test_eval_cli_reports_the_library_numbers_and_names_bad_input(checkpoint, tm
     assert "max_position_embeddings=64" in capsys.readouterr().err
     assert eval_main(["perplexity", *base, "--corpus", str(tmp_path / "missing")]) == 1
     assert "missing" in capsys.readouterr().err
+
+
+class _PlacedModel(torch.nn.Module):
+    """Stands in for GLMModel: records where ``load_for_inference`` materializes it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+        self.placed_on = None
+
+    def to_empty(self, *, device, recurse=True):
+        self.placed_on = device
+        return self
+
+
+@pytest.mark.parametrize(
+    "gpus_per_rank, visible_gpus, expected",
+    [("0", 2, torch.device("cuda", 1)), ("1", 1, torch.device("cuda", 0))],
+    ids=["shared-gpus", "gpu-per-rank"],
+)
+def test_each_inference_rank_loads_the_model_onto_its_gpu(monkeypatch, gpus_per_rank, visible_gpus, expected):
+    # Rank 1 of a two-rank glm-generate / glm-evaluate on GPUs: CUDA, the process group and the model are
+    # mocked, the device choice is the library's.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("GLM_GPUS_PER_RANK", gpus_per_rank)
+    monkeypatch.delenv("SLURM_GPUS_PER_TASK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible_gpus)
+    launch = distributed.LaunchInfo("torchrun", 1, 2, 1, "127.0.0.1", 29500)
+    monkeypatch.setattr(distributed, "init_distributed", lambda: launch)
+    groups, loaded = [], []
+    monkeypatch.setattr(inference, "initialize_parallel", lambda *sizes: groups.append(sizes))
+    monkeypatch.setattr(inference, "GLMModel", _PlacedModel)
+    monkeypatch.setattr(inference, "load_thudm_checkpoint", lambda model, path: loaded.append(path))
+
+    model, _ = inference.load_for_inference(GLMConfig(model=ModelConfig(**MODEL)), "checkpoints")
+
+    assert model.placed_on == expected and groups == [(2, 1)] and loaded == ["checkpoints"]

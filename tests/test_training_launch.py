@@ -1,12 +1,16 @@
 """Launcher detection (torchrun, srun, mpirun) and the reference's LR schedule."""
 
 import math
+import os
 import subprocess
 import sys
 import tempfile
 import textwrap
+import types
+from unittest import mock
 
 import pytest
+import torch
 
 from megatron_glm.config import LRScheduleConfig
 from megatron_glm.training.distributed import (
@@ -15,6 +19,7 @@ from megatron_glm.training.distributed import (
     detect_launch,
     expand_slurm_nodelist,
     gpus_bound_per_rank,
+    init_distributed,
     local_world_size,
 )
 from megatron_glm.training.lr_schedule import lr_at
@@ -157,6 +162,110 @@ def test_ranks_that_see_only_their_own_gpu_take_the_first():
     assert gpus_bound_per_rank(env) and local_world_size(env) == 8
     assert cuda_device_index(5, local_world_size(env), 1, gpus_bound_per_rank(env)) == 0
     assert gpus_bound_per_rank({"GLM_GPUS_PER_RANK": "1"}) and not gpus_bound_per_rank({})
+
+
+# What the launchers set: cleared, so that the test's launch is the only one.
+LAUNCH_KEYS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "LOCAL_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "SLURM_STEP_ID",
+    "SLURM_JOB_ID",
+    "SLURM_JOB_NODELIST",
+    "SLURM_NODELIST",
+    "SLURM_NODEID",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_TASKS_PER_NODE",
+    "SLURM_GPUS_PER_TASK",
+    "GLM_GPUS_PER_RANK",
+    "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "PMI_RANK",
+    "PMI_SIZE",
+    "MPI_LOCALRANKID",
+    "MPI_LOCALNRANKS",
+)
+
+
+@pytest.fixture
+def launch_environment():
+    """``os.environ`` without any launcher's variables; afterwards all of it as before, without what
+    ``init_distributed`` exported."""
+    with mock.patch.dict(os.environ):
+        for key in LAUNCH_KEYS:
+            os.environ.pop(key, None)
+        yield os.environ
+
+
+@pytest.mark.parametrize(
+    "launch, visible_gpus, device_index",
+    [
+        # srun --gpus-per-task=1: local rank 3 sees one GPU, its cuda:0.
+        (
+            {
+                "SLURM_PROCID": "3",
+                "SLURM_NTASKS": "4",
+                "SLURM_LOCALID": "3",
+                "SLURM_STEP_ID": "0",
+                "SLURM_GPUS_PER_TASK": "1",
+            },
+            1,
+            0,
+        ),
+        # torchrun, four ranks sharing the node's four GPUs: local rank 3 takes cuda:3.
+        ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4"}, 4, 3),
+        # mpirun where each rank sees only its own GPU: DeepSpeed also reads Open MPI's local rank.
+        (
+            {
+                "OMPI_COMM_WORLD_RANK": "3",
+                "OMPI_COMM_WORLD_SIZE": "4",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "3",
+                "OMPI_COMM_WORLD_LOCAL_SIZE": "4",
+                "GLM_GPUS_PER_RANK": "1",
+            },
+            1,
+            0,
+        ),
+    ],
+    ids=["srun-gpus-per-task", "torchrun-shared-gpus", "mpirun-gpus-per-rank"],
+)
+def test_deepspeed_places_itself_on_the_gpu_chosen_for_the_rank(
+    monkeypatch, launch_environment, launch, visible_gpus, device_index
+):
+    # DeepSpeed's PipelineModule and ZeRO-3 Init move to cuda:LOCAL_RANK: an invalid ordinal on local rank
+    # 3 where it sees one GPU. CUDA, the process group and DeepSpeed's wrapper of it are mocked.
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    launch_environment.update({**launch, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+    made_current, groups = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible_gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: groups.append(kwargs))
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: None)
+
+    info = init_distributed()
+
+    device = torch.device("cuda", device_index)
+    assert made_current == [device] and groups[0]["device_id"] == device
+    assert info.local_rank == 3  # the launcher's: which rank of its node this is (data caches, logs)
+    assert os.environ["LOCAL_RANK"] == str(device_index)
+    # The engine's own reading: it asserts LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK under mpirun.
+    engine = types.SimpleNamespace()
+    DeepSpeedEngine._configure_with_arguments(engine, None, None)
+    assert engine.local_rank == device_index
 
 
 @pytest.mark.parametrize(

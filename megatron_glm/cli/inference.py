@@ -32,7 +32,7 @@ def load_for_inference(
         from megatron_glm.training.distributed import device_for, init_distributed
 
         info = init_distributed()
-        device = device_for(info.local_rank)
+        device = device_for(info)
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     initialize_parallel(world_size, 1)

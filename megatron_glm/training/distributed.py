@@ -231,9 +231,11 @@ def device_for(info: LaunchInfo, env: dict[str, str] | None = None) -> torch.dev
 def init_distributed(timeout_minutes: int = 30) -> LaunchInfo:
     """Join the job's process group (wrapped by DeepSpeed) and make this rank's device current.
 
-    The group is created here with ``device_id`` = our device, because DeepSpeed would bind
-    ``cuda:LOCAL_RANK``, which is the wrong GPU where each rank sees only its own; the engine gets the
-    same device through ``TrainingEngine``.
+    DeepSpeed places itself on ``cuda:LOCAL_RANK`` (PipelineModule, ZeRO-3's ``Init``, a process group it
+    creates), which is the wrong GPU where each rank sees only its own. So on a GPU, ``LOCAL_RANK`` is
+    set to the index of this rank's device before DeepSpeed is imported; the launcher's local rank, which
+    says which rank of its node this is, stays in the returned ``LaunchInfo``. The group is created here
+    with ``device_id`` = our device, and the engine gets the same device through ``TrainingEngine``.
     """
     info = detect_launch()
     os.environ.update(
@@ -248,6 +250,7 @@ def init_distributed(timeout_minutes: int = 30) -> LaunchInfo:
     device = device_for(info)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        _name_device_for_deepspeed(device)
     else:
         # One thread per rank unless the user said otherwise: ranks share the cores.
         threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or max(
@@ -281,6 +284,18 @@ def init_distributed(timeout_minutes: int = 30) -> LaunchInfo:
         verbose=False,
     )
     return info
+
+
+def _name_device_for_deepspeed(device: torch.device) -> None:
+    """Make the local rank DeepSpeed reads from the environment name ``device``.
+
+    DeepSpeed takes ``LOCAL_RANK`` for the index of the rank's GPU, and its engine asserts Open MPI's
+    ``OMPI_COMM_WORLD_LOCAL_RANK`` equal to it under mpirun, so both become the device index (they are
+    unchanged where local rank ``i`` takes GPU ``i``).
+    """
+    os.environ["LOCAL_RANK"] = str(device.index)
+    if "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:
+        os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] = str(device.index)
 
 
 def _skip_cpu_shm_compile() -> None:
