@@ -198,6 +198,7 @@ class _PlacedModel(torch.nn.Module):
 def test_each_inference_rank_loads_the_model_onto_its_gpu(monkeypatch, gpus_per_rank, visible_gpus, expected):
     # Rank 1 of a two-rank glm-generate / glm-evaluate on GPUs: CUDA, the process group and the model are
     # mocked, the device choice is the library's.
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets them
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setenv("GLM_GPUS_PER_RANK", gpus_per_rank)
@@ -214,3 +215,26 @@ def test_each_inference_rank_loads_the_model_onto_its_gpu(monkeypatch, gpus_per_
     model, _ = inference.load_for_inference(GLMConfig(model=ModelConfig(**MODEL)), "checkpoints")
 
     assert model.placed_on == expected and groups == [(2, 1)] and loaded == ["checkpoints"]
+
+
+def test_inference_under_srun_is_tensor_parallel_over_its_ranks(monkeypatch):
+    # srun sets no WORLD_SIZE: rank 1 of two srun tasks must still join the others, not run a copy of its own.
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (
+        ("SLURM_PROCID", "1"), ("SLURM_NTASKS", "2"), ("SLURM_STEP_ID", "0"), ("SLURM_LOCALID", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+    ):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    joined, groups = [], []
+    monkeypatch.setattr(
+        distributed, "init_distributed", lambda: joined.append(1) or distributed.detect_launch()
+    )
+    monkeypatch.setattr(inference, "initialize_parallel", lambda *sizes: groups.append(sizes))
+    monkeypatch.setattr(inference, "GLMModel", _PlacedModel)
+    monkeypatch.setattr(inference, "load_thudm_checkpoint", lambda model, path: None)
+
+    model, _ = inference.load_for_inference(GLMConfig(model=ModelConfig(**MODEL)), "checkpoints")
+
+    assert joined == [1] and groups == [(2, 1)]
+    assert model.placed_on.type == ("cuda" if torch.cuda.is_available() else "cpu")

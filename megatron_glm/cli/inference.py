@@ -4,7 +4,6 @@ writing output atomically."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,11 +25,12 @@ def load_for_inference(
     """The model of ``cfg`` with the weights of ``checkpoint`` (THUDM layout, any model-parallel size) and
     its tokenizer. Launched on several processes (torchrun, srun, mpirun) the model is tensor-parallel over
     all of them; every rank then runs the same commands and rank 0 writes the output."""
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1:
-        from megatron_glm.training.distributed import device_for, init_distributed
+    from megatron_glm.training.distributed import detect_launch, device_for, init_distributed
 
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    # From whichever launcher started the ranks: srun and mpirun set no WORLD_SIZE.
+    world_size = detect_launch().world_size
+    if world_size > 1:
         info = init_distributed()
         device = device_for(info)
     else:
