@@ -223,7 +223,7 @@ def tile_choices(tuners: dict) -> dict[str, list[dict]]:
         entries = [
             {"key": list(key), "config": tiles.index(str(config)), "tile": str(config)}
             for key, config in tuner.cache.items()
-            if str(config) in tiles
+            if str(config) in tiles and all(isinstance(part, (bool, int, float, str)) for part in key)
         ]
         if entries:
             choices[name] = entries

@@ -47,8 +47,10 @@ def test_choices_round_trip_through_json():
 def test_choices_of_changed_kernels_are_left_to_the_autotuner():
     tuner = Tuner(_configs())
     tuner.cache[(1024,)] = tuner.configs[0]
+    tuner.cache[(2048, object())] = tuner.configs[0]  # a key JSON cannot hold is left out, not an error
     saved = tile_choices({"forward": tuner, "untuned": Tuner(_configs())})
     assert list(saved) == ["forward"]  # nothing tuned, nothing saved
+    assert [entry["key"] for entry in json.loads(json.dumps(saved))["forward"]] == [[1024]]
     reordered = Tuner(list(reversed(_configs())))  # another tile under the saved index
     gone = {}  # the kernel no longer exists
     assert restore_tile_choices({"forward": reordered, **gone}, saved) == 0
