@@ -33,6 +33,7 @@ import torch
 from megatron_glm import parallel
 from megatron_glm.config import ModelConfig, model_flops_per_token
 from megatron_glm.model import GLMModel, glm_loss, loss_row_index
+from megatron_glm.model.cuda_graphs import enable_layer_graphs
 from megatron_glm.training.hardware import measure_matmul_peak
 from megatron_glm.training.metrics import gpu_kernel_ms
 
@@ -96,6 +97,12 @@ def parse_args() -> argparse.Namespace:
         "a row that says why",
     )
     parser.add_argument(
+        "--layer-graphs",
+        action="store_true",
+        help="on a GPU, also GLM rows with per-layer CUDA graphs (training.cuda_graphs: each layer's forward "
+        "and backward replayed from graphs after two eager warm-up steps)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="after the table, where each model's step spends its time (torch.profiler)",
@@ -105,6 +112,8 @@ def parse_args() -> argparse.Namespace:
     for key, value in PRESETS.get(args.preset, {}).items():
         if key not in explicit:
             setattr(args, key, value)
+    if args.layer_graphs:
+        args.warmup = max(args.warmup, 3)  # two eager steps, then the one that captures
     args.device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
@@ -172,7 +181,12 @@ def glm_batch(args: argparse.Namespace) -> dict:
 
 
 def glm_step(
-    args: argparse.Namespace, dtype: torch.dtype, kernels: str, dropout: float, capturable: bool = False
+    args: argparse.Namespace,
+    dtype: torch.dtype,
+    kernels: str,
+    dropout: float,
+    capturable: bool = False,
+    layer_graphs: bool = False,
 ) -> tuple[Callable[[], None], float]:
     config = ModelConfig(
         num_layers=args.layers,
@@ -188,6 +202,8 @@ def glm_step(
     model.to_empty(device=args.device)
     model.reset_parameters(1234)
     model = model.to(dtype).train()
+    if layer_graphs:
+        enable_layer_graphs(model.transformer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=capturable)
     batch = glm_batch(args)
     forward = torch.compile(model) if args.compile else model
@@ -359,6 +375,14 @@ def main() -> None:
                 (f"GLM, kernels={kernels}", *glm_step(args, dtype, kernels, dropout))
                 for kernels in args.kernels.split(",")
             ]
+            if args.layer_graphs and device.type == "cuda":
+                rows += [
+                    (
+                        f"GLM, kernels={kernels}, layer graphs",
+                        *glm_step(args, dtype, kernels, dropout, layer_graphs=True),
+                    )
+                    for kernels in args.kernels.split(",")
+                ]
             if not args.no_bert:
                 rows.append((bert, *bert_step(args, dtype, dropout)))
             if args.cuda_graph and device.type == "cuda":

@@ -60,6 +60,7 @@ CUDA_TESTS = [
     "tests/test_kernels_launcher.py",
     "tests/test_parallel_random.py",
     "tests/test_parallel_random_cuda.py",
+    "tests/test_cuda_graphs_cuda.py",
 ]
 
 
@@ -563,7 +564,7 @@ def stage_graphs(report: Report, env: dict[str, str], work: Path, smoke: bool) -
     eagerly, in its own process: a failed capture cannot disturb the other stages."""
     report.add("\n## Model step in one CUDA graph (the step without the host's launch overhead)\n")
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_model.py"), "--preset", "glm-large"]
-    command += ["--dropout", "0,0.1", "--cuda-graph", "--steps", "6", "--warmup", "2"]
+    command += ["--dropout", "0,0.1", "--cuda-graph", "--layer-graphs", "--steps", "6", "--warmup", "3"]
     if smoke:
         command += ["--layers", "2", "--hidden", "64", "--heads", "4", "--seq", "64", "--batch", "2"]
         command += ["--vocab", "1024", "--dtypes", "fp32", "--kernels", "torch"]

@@ -93,6 +93,21 @@ def test_each_broken_rule_names_its_key(overrides, world_size, key):
     assert f"  {key}: " in _error(overrides, world_size)
 
 
+@pytest.mark.parametrize(
+    "overrides,why",
+    [
+        (["model.activation_checkpointing=full"], "model.activation_checkpointing none"),
+        (["parallel.pipeline_parallel_size=2", "parallel.zero_stage=1"], "parallel.pipeline_parallel_size 1"),
+        (["parallel.zero_stage=3"], "parallel.zero_stage 0-2"),
+    ],
+)
+def test_cuda_graphs_name_what_they_cannot_run_with(overrides, why):
+    assert f"  training.cuda_graphs: per-layer CUDA graphs need {why}" in _error(
+        ["training.cuda_graphs=true", *overrides]
+    )
+    validate_config(load_config(CONFIGS / "glm-base.yaml", overrides))  # without graphs the setup is valid
+
+
 def test_global_batch_error_suggests_a_valid_value():
     message = _error(["training.global_batch_size=1000"], 8)
     assert "micro 16 x dp 8 = 128" in message and "896" in message

@@ -295,3 +295,22 @@ def test_glm_pretrain_caches_triton_autotuning_unless_the_user_chose():
         tempfile.gettempdir()
     )
     assert triton_cache_environment({"TRITON_CACHE_AUTOTUNING": "0", "TRITON_CACHE_DIR": "/x"}) == {}
+
+
+def test_cuda_graphs_on_a_cpu_run_are_refused_at_start(tmp_path):
+    import subprocess
+
+    from tests.training_runs import pretrain_command, pretrain_env, tiny_overrides
+
+    env = {**pretrain_env(), "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+    overrides = tiny_overrides("unused-corpus", tmp_path / "samples", tmp_path / "run")
+    result = subprocess.run(
+        pretrain_command(1, [*overrides, "training.cuda_graphs=true"]),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "training.cuda_graphs: CUDA graphs need CUDA GPUs; this run is on cpu" in result.stderr
+    assert not (tmp_path / "samples").exists()  # refused before any data is prepared

@@ -215,6 +215,10 @@ class TrainingConfig:
     nonfinite_policy: Literal["stop", "skip"] = "stop"
     """On a non-finite loss outside fp16 loss scaling: stop (naming the last good checkpoint) or skip the
     update."""
+    cuda_graphs: bool = False
+    """Replay each transformer layer's forward and backward from CUDA graphs once warmed up (fewer kernel
+    launches from the host); needs CUDA, no activation checkpointing, no pipeline parallelism, ZeRO 0-2.
+    Experimental: not yet run on a GPU."""
 
     def problems(self) -> Problems:
         found = _positive(self, "training", "micro_batch_size", "global_batch_size", "train_steps")

@@ -113,6 +113,18 @@ def config_problems(cfg: GLMConfig, world_size: int | None = None) -> Problems:
                 f"{parallel.pipeline_parallel_size}; use a pipeline size that divides the layer count",
             )
         )
+    if cfg.training.cuda_graphs:
+        # A layer's graphs hold one micro-batch's buffers and run the layer's own kernels, nothing around them.
+        for broken, why in (
+            (model.activation_checkpointing != "none", "model.activation_checkpointing none (recomputation "
+             "runs outside the graph)"),
+            (parallel.pipeline_parallel_size > 1, "parallel.pipeline_parallel_size 1 (a pipeline keeps "
+             "several micro-batches in flight)"),
+            (parallel.zero_stage > 2, "parallel.zero_stage 0-2 (ZeRO-3 gathers each layer's parameters "
+             "around it)"),
+        ):  # fmt: skip
+            if broken:
+                found.append(("training.cuda_graphs", f"per-layer CUDA graphs need {why}"))
     if parallel.zero_stage == 0 and cfg.training.precision != "fp32":
         why = {
             "bf16": "DeepSpeed has no fp32 gradient accumulation for bf16 weights without ZeRO (it stops with "

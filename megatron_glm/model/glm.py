@@ -110,6 +110,8 @@ class GLMTransformer(PositionEmbeddings):
         self.final_layernorm = LayerNorm(
             h, config.layernorm_epsilon, kernel_backend=config.kernels, device=device, dtype=dtype
         )
+        # Per-layer CUDA graphs in training (model.cuda_graphs.enable_layer_graphs), else None.
+        self.layer_graphs: list | None = None
 
     def reset_parameters(self, seed: int) -> None:
         self.reset_position_embeddings(seed)
@@ -132,7 +134,7 @@ class GLMTransformer(PositionEmbeddings):
                 hidden = layer(hidden, sep, cache)
             cache.commit()
             return self.final_layernorm(hidden)
-        for layer in self.layers:
+        for layer in self.layer_graphs or self.layers:
             if self.recompute_layers and torch.is_grad_enabled():
                 hidden = recompute(layer, hidden, sep)
             else:

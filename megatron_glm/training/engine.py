@@ -21,6 +21,7 @@ from megatron_glm.checkpoint import load_thudm_checkpoint, pipeline_key_to_thudm
 from megatron_glm.config import GLMConfig, Layout, ModelConfig
 from megatron_glm.log import get_logger
 from megatron_glm.model import GLMLoss, GLMModel, loss_rows
+from megatron_glm.model.cuda_graphs import enable_layer_graphs
 from megatron_glm.parallel import (
     DeepSpeedMPU,
     get_data_parallel_group,
@@ -182,6 +183,8 @@ class TrainingEngine:
             )
             if cfg.checkpoint.init_from:
                 load_thudm_checkpoint(module, cfg.checkpoint.init_from)
+            if cfg.training.cuda_graphs:
+                enable_layer_graphs(module.transformer)
         optimizer = build_optimizer(module, cfg.optimizer, check_gradients=self.pipeline)
         scheduler = AnnealingLR(optimizer, cfg.optimizer.lr, cfg.lr_schedule, cfg.training.train_steps)
         self.optimizer: GuardedAdamW = optimizer

@@ -137,6 +137,8 @@ def _setup(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> TrainingRu
     )
 
     tokenizer = load_tokenizer(cfg.model.tokenizer)
+    if cfg.training.cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"training.cuda_graphs: CUDA graphs need CUDA GPUs; this run is on {device.type}")
     if cfg.training.precision == "fp16" and device.type != "cuda":
         raise ConfigError(
             "training.precision: fp16 needs CUDA GPUs (CPUs compute fp16 very slowly and DeepSpeed's "

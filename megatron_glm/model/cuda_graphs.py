@@ -1,0 +1,154 @@
+"""Per-layer CUDA graphs for training (``training.cuda_graphs``): a layer's forward and backward as two graph
+replays instead of their few dozen kernel launches each.
+
+On one GPU GLM-Large's step is bound by its host: launching a layer's kernels one by one costs the CPU more
+time than the GPU spends running them (``docs/benchmarks.md``). A CUDA graph replays a captured sequence of
+kernels with one launch.
+
+``LayerGraphs(layer)`` runs the layer eagerly for its first ``warmup`` training calls at an input shape (Triton
+autotunes and compiles, cuBLAS picks its kernels), then captures the layer's forward at the next call and its
+backward when autograd reaches it, on static input and output buffers, and replays them from then on: the
+forward copies its input into the static buffer and replays; the backward copies the output gradient in,
+replays, and hands autograd copies of the gradients (autograd may keep a returned gradient as a parameter's
+``.grad``, which the next replay would overwrite). All layers capture into one memory pool, in the order
+training runs them (forwards in layer order, backwards in reverse), which is the order they replay in.
+
+Random numbers: hidden dropout draws from the default CUDA generator, attention dropout from the tensor-parallel
+RNG tracker's streams (``parallel.random``, forked without copying state); every graph registers the tracker's
+generators, so each replay draws new numbers, where eager execution would draw them.
+
+Conditions (checked by ``config.validation`` and at start): a CUDA device; training with gradients
+(evaluation and generation run eagerly); no activation recomputation (the recompute would run outside the
+graph); no pipeline parallelism (a layer's static buffers hold one micro-batch, and a pipeline schedule keeps
+several in flight); ZeRO stage 0-2 (ZeRO-3 gathers and frees each layer's parameters around it). One capture
+per input shape: a run whose micro-batches change shape captures once per shape.
+
+Not yet run on a GPU: ``tests/test_cuda_graphs_cuda.py`` (collected where CUDA is present; the GPU check runs
+it) compares graphed with eager training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from megatron_glm.parallel import get_rng_tracker
+
+
+@dataclasses.dataclass
+class _Capture:
+    """A layer's graphs at one input shape, and the static buffers they read and write."""
+
+    hidden: torch.Tensor
+    sep: torch.Tensor
+    params: tuple[nn.Parameter, ...]
+    forward_graph: torch.cuda.CUDAGraph
+    output: torch.Tensor | None = None
+    output_grad: torch.Tensor | None = None
+    backward_graph: torch.cuda.CUDAGraph | None = None
+    grads: tuple[torch.Tensor | None, ...] = ()
+
+
+class LayerGraphs:
+    """``layer(hidden, sep)`` replayed from CUDA graphs once warmed up (see the module docstring). Not a module:
+    the layer stays registered once, under its own name, so state dicts and optimizers see it as before."""
+
+    def __init__(self, layer: nn.Module, pool, stream: torch.cuda.Stream, warmup: int = 2) -> None:
+        self.layer = layer
+        self.pool = pool
+        self.stream = stream
+        self.warmup = warmup
+        self._calls: dict[tuple, int] = {}
+        self._captures: dict[tuple, _Capture] = {}
+
+    def __call__(self, hidden: torch.Tensor, sep: torch.Tensor) -> torch.Tensor:
+        if not (self.layer.training and torch.is_grad_enabled() and hidden.requires_grad):
+            return self.layer(hidden, sep)
+        key = (tuple(hidden.shape), hidden.dtype, tuple(sep.shape), sep.dtype, hidden.device)
+        capture = self._captures.get(key)
+        if capture is None:
+            calls = self._calls.get(key, 0)
+            if calls < self.warmup:
+                self._calls[key] = calls + 1
+                return self.layer(hidden, sep)
+            capture = self._captures[key] = self._capture_forward(hidden, sep)
+        return _ReplayLayer.apply(self, capture, hidden, sep, *capture.params)
+
+    def _new_graph(self) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        for generator in get_rng_tracker().cuda_generators():
+            graph.register_generator_state(generator)
+        return graph
+
+    def _graph(self, graph: torch.cuda.CUDAGraph):
+        # thread_local: the data loader's pin-memory thread keeps working while a layer is captured mid-training.
+        return torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local")
+
+    def _capture_forward(self, hidden: torch.Tensor, sep: torch.Tensor) -> _Capture:
+        params = tuple(p for p in self.layer.parameters() if p.requires_grad)
+        capture = _Capture(
+            hidden=hidden.detach().clone().requires_grad_(True),
+            sep=sep.detach().clone(),
+            params=params,
+            forward_graph=self._new_graph(),
+        )
+        self._warm_up_capture_stream(capture)
+        with torch.enable_grad(), self._graph(capture.forward_graph):
+            capture.output = self.layer(capture.hidden, capture.sep)
+        return capture
+
+    def _warm_up_capture_stream(self, capture: _Capture) -> None:
+        """One forward and backward on the capture stream before its first capture (libraries set up their
+        per-stream state there, which a capture must not do), drawing no random numbers for good."""
+        tracker = get_rng_tracker()
+        default_state, streams = torch.cuda.get_rng_state(), tracker.get_states()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream), torch.enable_grad():
+            output = self.layer(capture.hidden, capture.sep)
+            torch.autograd.grad(
+                output, (capture.hidden, *capture.params), torch.ones_like(output), allow_unused=True
+            )
+        torch.cuda.current_stream().wait_stream(self.stream)
+        torch.cuda.set_rng_state(default_state)
+        tracker.set_states(streams)
+
+    def capture_backward(self, capture: _Capture) -> None:
+        """Capture the backward of ``capture``'s forward, the first time autograd reaches it: backwards are then
+        captured in the order they run (last layer first), after all forwards, as the pool needs."""
+        capture.output_grad = torch.empty_like(capture.output)
+        capture.backward_graph = self._new_graph()
+        with self._graph(capture.backward_graph):
+            capture.grads = torch.autograd.grad(
+                capture.output, (capture.hidden, *capture.params), capture.output_grad, allow_unused=True
+            )
+
+
+class _ReplayLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, graphs: LayerGraphs, capture: _Capture, hidden, sep, *params):
+        # params are inputs so that autograd routes their gradients; the graph reads them in place.
+        capture.hidden.copy_(hidden)
+        capture.sep.copy_(sep)
+        capture.forward_graph.replay()
+        ctx.graphs, ctx.capture = graphs, capture
+        # The static output itself: the next layer copies it into its own input buffer before the next replay.
+        return capture.output.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, output_grad):
+        capture = ctx.capture
+        if capture.backward_graph is None:
+            ctx.graphs.capture_backward(capture)
+        capture.output_grad.copy_(output_grad)
+        capture.backward_graph.replay()
+        grads = [None if grad is None else grad.clone() for grad in capture.grads]
+        return (None, None, grads[0], None, *grads[1:])
+
+
+def enable_layer_graphs(transformer: nn.Module, warmup: int = 2) -> None:
+    """Run ``transformer``'s layers (a ``GLMTransformer``'s) through per-layer CUDA graphs in training."""
+    pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+    transformer.layer_graphs = [LayerGraphs(layer, pool, stream, warmup) for layer in transformer.layers]
