@@ -1,0 +1,322 @@
+"""The GPU check's training stages (``benchmarks/gpu_check.py``): glm-pretrain with evaluation, checkpoint, kill -9 and
+exact resume; its throughput under ZeRO-1 and ZeRO-2; glm-2b on one GPU."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gpu_check_support import CORPUS, ROOT, Report, run
+
+
+def pretrain_settings(
+    corpus: str, work: Path, run_dir: Path, smoke: bool, steps: int, extra: list[str]
+) -> list[str]:
+    half = steps // 2
+    values = {
+        "data.corpora": f"[{{path: {corpus}}}]",
+        "data.cache_dir": str(work / "samples"),
+        "training.train_steps": steps,
+        "training.global_batch_size": 16,
+        "training.micro_batch_size": 16,
+        "training.eval_interval": half,
+        "training.eval_steps": 2,
+        "lr_schedule.decay_steps": steps,
+        "checkpoint.interval": half,
+        "checkpoint.keep_last": 2,
+        "checkpoint.save_dir": str(run_dir / "checkpoints"),
+        "logging.log_dir": str(run_dir / "logs"),
+        "logging.log_interval": 1,
+        "logging.tensorboard": False,
+    }
+    if smoke:
+        values.update(
+            {
+                "model.num_layers": 2,
+                "model.hidden_size": 64,
+                "model.num_attention_heads": 4,
+                "model.max_position_embeddings": 64,
+                "data.seq_length": 64,
+                "data.split": "[90, 10, 0]",
+                "training.global_batch_size": 4,
+                "training.micro_batch_size": 2,
+                "training.precision": "fp32",
+            }
+        )
+    arguments = []
+    for item in [f"{key}={value}" for key, value in values.items()] + extra:
+        arguments += ["--set", item]
+    return arguments
+
+
+def train_records(run_dir: Path) -> tuple[dict[int, dict], list[dict]]:
+    path = run_dir / "logs" / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    train = {r["step"]: r for r in records if r["kind"] == "train"}
+    return train, [r for r in records if r["kind"] == "eval"]
+
+
+def median(records: list[dict], key: str) -> float:
+    """The median of ``key`` over the training records (the upper one of an even count)."""
+    values = sorted(r[key] for r in records)
+    return values[len(values) // 2]
+
+
+def latest_step(run_dir: Path) -> int | None:
+    tracker = run_dir / "checkpoints" / "latest"
+    try:
+        return int(tracker.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def pretrain_command(
+    report: Report, env: dict[str, str], work: Path, smoke: bool
+) -> tuple[str | None, list[str]]:
+    """The preprocessed corpus (None if preprocessing failed) and glm-pretrain's command for glm-large (tiny
+    with --smoke)."""
+    config = ROOT / "run" / "configs" / ("glm-tiny.yaml" if smoke else "glm-large.yaml")
+    command = [sys.executable, "-m", "megatron_glm.cli.pretrain", "--config", str(config)]
+    return preprocess(report, env, work, "bert-base-uncased"), command
+
+
+def stage_pretrain(
+    report: Report, env: dict[str, str], work: Path, smoke: bool, steps: int, extra: list[str]
+) -> None:
+    report.add("\n## glm-pretrain: train, evaluate, checkpoint, kill -9, resume\n")
+    corpus, pretrain = pretrain_command(report, env, work, smoke)
+    if corpus is None:
+        return
+    half = steps // 2
+
+    reference = work / "reference"
+    # A few steps of the uninterrupted run under torch.profiler (left out of the throughput figures).
+    profiled = (2, 3) if smoke else (21, 23)
+    status, _ = run(
+        report,
+        pretrain
+        + pretrain_settings(
+            str(corpus), work, reference, smoke, steps, extra + [f"logging.profile_steps={list(profiled)}"]
+        ),
+        env,
+        240,
+        work / "pretrain-reference.log",
+    )
+    if status != 0:
+        report.fail("glm-pretrain", f"exit {status} (see pretrain-reference.log)")
+        return
+    train, evals = train_records(reference)
+    # The uninterrupted run's figures first, so that they are reported whatever happens to the kill and resume.
+    timed = [train[s] for s in sorted(train) if s > min(10, half) and not profiled[0] <= s <= profiled[1]]
+    tokens = [r["tokens_per_second"] for r in timed]
+    report.add("")
+    report.add("| what | value |")
+    report.add("|---|---|")
+    report.add(f"| loss, step 1 -> {steps} | {train[1]['loss']:.4f} -> {train[steps]['loss']:.4f} |")
+    report.add(
+        f"| tokens/s after step {min(10, half)} (median, min-max) | {median(timed, 'tokens_per_second'):,.0f} "
+        f"({min(tokens):,.0f} - {max(tokens):,.0f}) |"
+    )
+    report.add(f"| reported MFU (median) | {median(timed, 'mfu'):.1%} |")
+    report.add(f"| data wait (median share of the step) | {median(timed, 'data_wait_fraction'):.1%} |")
+    for record in evals:
+        losses = ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("eval_"))
+        report.add(f"| evaluation at step {record['step']} | {losses} |")
+    profile = reference / "logs" / "profile-rank0.txt"
+    if profile.is_file():
+        report.add(
+            f"\n### Where glm-pretrain's steps go (torch.profiler)\n\n```\n{profile.read_text().strip()}\n```"
+        )
+    else:
+        report.fail("glm-pretrain", "no profile written")
+
+    killed = work / "killed"
+    command = pretrain + pretrain_settings(str(corpus), work, killed, smoke, steps, extra)
+    report.add(f"\n    $ {' '.join(command)}  # killed with SIGKILL once checkpoint {half} is complete")
+    with open(work / "pretrain-killed.log", "w") as out:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + report.left(240)
+        while latest_step(killed) != half and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        killed_at = latest_step(killed)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)  # the rank and its data-loader workers
+        process.wait()
+    if killed_at != half:
+        why = "the time budget ran out first" if time.monotonic() >= deadline else "see pretrain-killed.log"
+        report.fail("kill and resume", f"checkpoint {half} never appeared (latest: {killed_at}; {why})")
+        return
+    status, _ = run(
+        report,
+        pretrain + pretrain_settings(str(corpus), work, killed, smoke, steps, extra),
+        env,
+        240,
+        work / "pretrain-resumed.log",
+    )
+    if status != 0:
+        report.fail("resume", f"exit {status} (see pretrain-resumed.log)")
+        return
+    resumed, _ = train_records(killed)
+    compared = [s for s in range(half + 1, steps + 1) if s in train and s in resumed]
+    worst = max(
+        (abs(resumed[s]["loss"] - train[s]["loss"]) / abs(train[s]["loss"]) for s in compared),
+        default=math.nan,
+    )
+    exact = bool(compared) and all(resumed[s]["loss"] == train[s]["loss"] for s in compared)
+    report.add("")
+    report.add("| resume after kill -9 | value |")
+    report.add("|---|---|")
+    report.add(f"| checkpoint resumed from | {half} |")
+    report.add(f"| steps compared | {len(compared)} |")
+    report.add(
+        f"| losses bitwise equal | {'yes' if exact else 'no'} (worst relative difference {worst:.2e}) |"
+    )
+    if len(compared) != steps - half:
+        report.fail("resume", f"compared {len(compared)} of {steps - half} steps")
+    elif not worst < 1e-3:
+        report.fail("resume", f"losses after the resume differ by up to {worst:.2e} (relative)")
+
+
+def stage_throughput(
+    report: Report, env: dict[str, str], work: Path, smoke: bool, steps: int, extra: list[str]
+) -> None:
+    """glm-pretrain of glm-large without evaluation or checkpoints, ZeRO-1 then ZeRO-2, side by side; the
+    ZeRO-1 run profiled (GPU and host time) over three steps."""
+    report.add("\n## glm-pretrain throughput: ZeRO-1 vs ZeRO-2 (no evaluation, no checkpoint)\n")
+    corpus, pretrain = pretrain_command(report, env, work, smoke)
+    if corpus is None:
+        return
+    profiled = (2, 3) if smoke else (21, 23)
+    rows = []
+    for stage in (1, 2):
+        run_dir = work / f"throughput-zero{stage}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        settings = [
+            f"parallel.zero_stage={stage}",
+            "training.eval_interval=0",
+            "checkpoint.interval=0",
+        ] + ([f"logging.profile_steps={list(profiled)}"] if stage == 1 else [])
+        status, _ = run(
+            report,
+            pretrain + pretrain_settings(str(corpus), work, run_dir, smoke, steps, extra + settings),
+            env,
+            120,
+            work / f"pretrain-zero{stage}.log",
+        )
+        train, _ = train_records(run_dir)
+        timed = [
+            train[s] for s in sorted(train) if s > min(10, steps // 2) and not profiled[0] <= s <= profiled[1]
+        ]
+        if status != 0 or not timed:
+            report.fail(f"throughput ZeRO-{stage}", f"exit {status}, {len(timed)} timed steps")
+            continue
+        tokens = [r["tokens_per_second"] for r in timed]
+        rows.append(
+            f"| ZeRO-{stage} | {len(timed)} | {median(timed, 'tokens_per_second'):,.0f} "
+            f"({min(tokens):,.0f} - {max(tokens):,.0f}) | {median(timed, 'mfu'):.1%} | "
+            f"{max(r.get('peak_memory_gib', math.nan) for r in timed):.1f} GiB |"
+        )
+        profile = run_dir / "logs" / "profile-rank0.txt"
+        if profile.is_file():
+            shutil.copy(profile, report.path.parent / "profile-pretrain-zero1.txt")
+    report.add("")
+    report.add("| engine | steps timed | tokens/s median (min - max) | reported MFU (median) | peak memory |")
+    report.add("|---|---|---|---|---|")
+    for row in rows:
+        report.add(row)
+
+
+def preprocess(report: Report, env: dict[str, str], work: Path, tokenizer: str) -> Path | None:
+    """The bundled Austen corpus tokenized with ``tokenizer`` (once per work folder)."""
+    corpus = work / "corpus" / f"austen-{tokenizer}"
+    if Path(str(corpus) + ".idx").is_file():
+        return corpus
+    command = [sys.executable, "-m", "data_tools.preprocess", "--input", str(CORPUS), "--output-prefix"]
+    command += [str(corpus), "--tokenizer", tokenizer, "--no-progress"]
+    status, _ = run(report, command, env, 300, work / f"preprocess-{tokenizer}.log")
+    if status != 0:
+        report.fail("preprocess", f"exit {status}")
+        return None
+    return corpus
+
+
+def stage_glm2b(report: Report, env: dict[str, str], work: Path, smoke: bool, extra: list[str]) -> None:
+    """glm-2b (36 x 2048) on one GPU, ZeRO-2, T 1024, full recompute: 12 steps, then killed (no checkpoint)."""
+    report.add("\n## glm-pretrain of glm-2b on one GPU (ZeRO-2, T 1024)\n")
+    corpus = preprocess(report, env, work, "gpt2")
+    if corpus is None:
+        return
+    run_dir = work / "glm2b"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    values = {
+        "data.corpora": f"[{{path: {corpus}}}]",
+        "data.cache_dir": str(work / "samples"),
+        "data.seq_length": 1024,
+        "parallel.zero_stage": 2,
+        "training.micro_batch_size": 8,
+        "training.global_batch_size": 8,
+        "training.train_steps": 1000,
+        "training.eval_interval": 0,
+        "checkpoint.interval": 0,
+        "checkpoint.save_dir": str(run_dir / "checkpoints"),
+        "logging.log_dir": str(run_dir / "logs"),
+        "logging.log_interval": 1,
+        "logging.tensorboard": False,
+    }
+    if smoke:
+        values.update({"model.num_layers": 2, "model.hidden_size": 64, "model.num_attention_heads": 4})
+        values.update(
+            {"data.seq_length": 64, "model.max_position_embeddings": 64, "training.precision": "fp32"}
+        )
+        values.update(
+            {"training.micro_batch_size": 2, "training.global_batch_size": 2, "data.split": "[90, 10, 0]"}
+        )
+    command = [
+        sys.executable,
+        "-m",
+        "megatron_glm.cli.pretrain",
+        "--config",
+        str(ROOT / "run/configs/glm-2b.yaml"),
+    ]
+    for item in [f"{key}={value}" for key, value in values.items()] + extra:
+        command += ["--set", item]
+    last = 4 if smoke else 12
+    report.add(f"\n    $ {' '.join(command)}  # killed after step {last}")
+    with open(work / "pretrain-glm2b.log", "w") as out:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + report.left(300)
+        while (
+            process.poll() is None
+            and time.monotonic() < deadline
+            and max(train_records(run_dir)[0], default=0) < last
+        ):
+            time.sleep(0.5)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    train, _ = train_records(run_dir)
+    timed = [train[s] for s in sorted(train) if s > 2]
+    if not timed:
+        report.fail(
+            "glm-2b", f"no step after step 2 was logged (see pretrain-glm2b.log); steps {sorted(train)}"
+        )
+        return
+    memory = max((r.get("peak_memory_gib", math.nan) for r in timed), default=math.nan)
+    report.add("")
+    report.add("| steps | tokens/s (median) | reported MFU (median) | peak GPU memory (tensors) |")
+    report.add("|---|---|---|---|")
+    report.add(
+        f"| {timed[0]['step']}-{timed[-1]['step']} | {median(timed, 'tokens_per_second'):,.0f} | "
+        f"{median(timed, 'mfu'):.1%} | {memory:.1f} GiB |"
+    )
