@@ -128,9 +128,11 @@ class LayerGraphs:
 class _ReplayLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, graphs: LayerGraphs, capture: _Capture, hidden, sep, *params):
-        # params are inputs so that autograd routes their gradients; the graph reads them in place.
-        capture.hidden.copy_(hidden)
-        capture.sep.copy_(sep)
+        # params are inputs so that autograd routes their gradients; the graph reads them in place. The inputs are
+        # copied through .data: the captured forward saved the static input for its backward, which is captured
+        # after this copy, and autograd would refuse a saved tensor whose version counter a copy_ had moved.
+        capture.hidden.data.copy_(hidden)
+        capture.sep.data.copy_(sep)
         capture.forward_graph.replay()
         ctx.graphs, ctx.capture = graphs, capture
         # The static output itself: the next layer copies it into its own input buffer before the next replay.
