@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 
 import torch
 import triton
@@ -146,6 +147,7 @@ class Launcher:
         self.kernel = kernel
         self.tensor_args = tensor_args
         self.arg_names: tuple[str, ...] = tuple(kernel.arg_names)
+        self.name: str = getattr(getattr(kernel, "base_fn", kernel), "__name__", "a Triton kernel")
         # key -> (compiled kernel, trailing constexpr values, grid meta), or None: always through Triton.
         self._variants: dict[tuple, tuple | None] = {}
         self._stream_of = None
@@ -168,26 +170,38 @@ class Launcher:
             self.kernel[grid](*args, **constexprs)
             return
         compiled, trailing, meta = variant
-        grid = grid(meta) if callable(grid) else grid
+        grid_spec, grid = grid, grid(meta) if callable(grid) else grid
         stream = self._stream_of(device)
         enter_hook, exit_hook = (
             _active_hook(_RUNTIME.launch_enter_hook),
             _active_hook(_RUNTIME.launch_exit_hook),
         )
         metadata = None if enter_hook is None else compiled.launch_metadata(grid, stream, *args, *trailing)
-        compiled.run(
-            grid[0],
-            grid[1] if len(grid) > 1 else 1,
-            grid[2] if len(grid) > 2 else 1,
-            stream,
-            compiled.function,
-            compiled.packed_metadata,
-            metadata,
-            enter_hook,
-            exit_hook,
-            *args,
-            *trailing,
-        )
+        try:
+            compiled.run(
+                grid[0],
+                grid[1] if len(grid) > 1 else 1,
+                grid[2] if len(grid) > 2 else 1,
+                stream,
+                compiled.function,
+                compiled.packed_metadata,
+                metadata,
+                enter_hook,
+                exit_hook,
+                *args,
+                *trailing,
+            )
+        except (TypeError, ValueError, SystemError) as error:
+            # The compiled kernel's launcher refused the arguments (a Triton whose launcher takes them
+            # differently): launch this variant through Triton from now on, and say so once.
+            self._variants[key] = None
+            warnings.warn(
+                f"{self.name}: direct launch refused ({type(error).__name__}: {error}); launching "
+                "through Triton's dispatch instead (GLM_KERNELS_DIRECT_LAUNCH=0 makes that the rule)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.kernel[grid_spec](*args, **constexprs)
 
     def _first_launch(self, grid, args: tuple, constexprs: dict) -> tuple | None:
         """Launch through Triton; return what later direct launches need, or None where they cannot be made."""

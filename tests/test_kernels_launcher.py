@@ -140,6 +140,21 @@ def test_a_call_that_cannot_be_launched_directly_keeps_going_through_triton(comp
     assert len(kernel.dispatched) == 3
 
 
+def test_a_launcher_that_refuses_the_arguments_falls_back_to_triton(compiled_mode):
+    class Refusing(FakeCompiled):
+        def run(self, *args) -> None:
+            raise TypeError("function takes exactly 12 arguments")
+
+    kernel = FakeKernel(Refusing())
+    launcher = _launcher(kernel)
+    x = torch.zeros(8)
+    launcher(_grid, x, x, 100, 0.5, FLAG=True)
+    with pytest.warns(RuntimeWarning, match="direct launch refused"):
+        launcher(_grid, x, x, 100, 0.5, FLAG=True)
+    launcher(_grid, x, x, 100, 0.5, FLAG=True)  # no second try, no second warning
+    assert len(kernel.dispatched) == 3  # every call launched, through Triton
+
+
 def test_launch_hooks_get_their_metadata(compiled_mode, monkeypatch):
     def hook(metadata) -> None:
         pass
