@@ -14,18 +14,19 @@ import torch
 import triton
 import triton.language as tl
 
+
+def _switched_on(name: str) -> bool:
+    """An on-by-default switch from the environment: off for 0, false, no, off."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 # @triton.jit decides at decoration time whether a kernel runs in the interpreter, so read the switch
 # once, when the kernel modules are imported.
 INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 # GLM_KERNELS_AUTOTUNE=0 gives every kernel one fixed tile shape on GPUs (the first of its list) instead of
 # timing them all on the first call per shape: the kernel tests set it, so that a GPU test run compiles one
 # variant per shape (tests/conftest.py). Training and the benchmarks autotune.
-AUTOTUNE: bool = os.environ.get("GLM_KERNELS_AUTOTUNE", "1").strip().lower() not in (
-    "0",
-    "false",
-    "no",
-    "off",
-)
+AUTOTUNE: bool = _switched_on("GLM_KERNELS_AUTOTUNE")
 
 
 def autotune_configs(
@@ -109,12 +110,7 @@ def dot_operand(x, DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 # GLM_KERNELS_DIRECT_LAUNCH=0 sends every launch through Triton's own dispatch (the reference behaviour, kept
 # for comparison: benchmarks/bench_launch_overhead.py times both).
-DIRECT_LAUNCH: bool = os.environ.get("GLM_KERNELS_DIRECT_LAUNCH", "1").strip().lower() not in (
-    "0",
-    "false",
-    "no",
-    "off",
-)
+DIRECT_LAUNCH: bool = _switched_on("GLM_KERNELS_DIRECT_LAUNCH")
 
 
 _MAX_VARIANTS = 256
