@@ -20,7 +20,9 @@ pair backward (five matmuls), so forward+backward = 14*D*pairs*B*H. Pairs for se
 LayerNorm: bf16, rows x width = 64M elements (larger than L2), forward+backward. GB/s counts the minimum traffic:
 plain LN reads x and writes y, then reads x, dy and writes dx (5 tensors); with the fused residual add it reads
 x, residual and writes y, x + residual, then reads x + residual, dy, d(x + residual) and writes dx (8 tensors).
-torch's residual variant is `F.layer_norm(x + residual)`, credited with the same bytes.
+torch's residual variant is `F.layer_norm(x + residual)`, credited with the same bytes. The yardstick is the GPU's
+device-to-device copy bandwidth, measured in the same run (`dst.copy_(src)` of one such tensor: its bytes read
+plus written over the time); the LayerNorm summary gives Triton over torch and Triton's GB/s as a share of it.
 
 A deadline (--budget seconds, default 200) skips what is left once it passes; an alarm 40 s later aborts the
 run, printing the rows measured so far, so one run always ends within 4 minutes.
@@ -248,7 +250,36 @@ def summary_rows(speeds: dict) -> list[str]:
     return rows
 
 
-def layer_norm_rows(args, device: torch.device, deadline: float, width: int) -> list[str]:
+def copy_bandwidth(args, device: torch.device) -> float:
+    """GB/s of a device-to-device copy of one LayerNorm-sized tensor: read plus written bytes over the time."""
+    source = torch.randn(args.elements, device=device).to(args.dtype)
+    target = torch.empty_like(source)
+    milliseconds = measure_ms(lambda: target.copy_(source), device, args.min_seconds, args.max_iterations)
+    return 2 * source.numel() * source.element_size() / milliseconds / 1e6
+
+
+def layer_norm_summary(norm_speeds: dict, copy_gbps: float) -> list[str]:
+    """Per width: Triton over torch in fwd+bwd time, and Triton's fwd+bwd GB/s as a share of the copy's."""
+
+    def cell(width: int, name: str) -> float | None:
+        return norm_speeds.get((width, name))
+
+    rows = []
+    for width in sorted({w for w, _ in norm_speeds}):
+        parts = []
+        for suffix in ("", " +residual"):
+            ours, theirs = cell(width, "triton" + suffix), cell(width, "torch" + suffix)
+            parts.append(f"{ours / theirs:.2f}x" if ours and theirs else "-")
+        for suffix in ("", " +residual"):
+            ours = cell(width, "triton" + suffix)
+            parts.append(f"{100 * ours / copy_gbps:.0f}%" if ours and copy_gbps else "-")
+        rows.append(f"| {width} | " + " | ".join(parts) + " |")
+    return rows
+
+
+def layer_norm_rows(
+    args, device: torch.device, deadline: float, width: int, norm_speeds: dict | None = None
+) -> list[str]:
     count = max(1, args.elements // width)
     generator = torch.Generator(device=device).manual_seed(0)
     x, residual, grad_y, grad_summed = (
@@ -283,6 +314,8 @@ def layer_norm_rows(args, device: torch.device, deadline: float, width: int) -> 
 
         forward_ms, total_ms = _time_pair(forward, forward_backward, args, device)
         forward_tensors, total_tensors = (4, 8) if fused else (2, 5)
+        if norm_speeds is not None:
+            norm_speeds[(width, name)] = total_tensors * tensor_bytes / total_ms / 1e6
         rows.append(
             f"| {width} | {count} | {name} | {forward_ms:.3f} | {forward_tensors * tensor_bytes / forward_ms / 1e6:.0f} | "
             f"{total_ms:.3f} | {total_tensors * tensor_bytes / total_ms / 1e6:.0f} | "
@@ -354,11 +387,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# Kernel benchmark on {name}\n")
     print(f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, dtype bf16")
     print(f"command: python benchmarks/bench_kernels_gpu.py {' '.join(sys.argv[1:])}\n")
-    attention, norms, speeds = [], [], {}
+    attention, norms, speeds, norm_speeds, copy_gbps = [], [], {}, {}, 0.0
     try:
         # LayerNorm first: it is quick, while the attention's first calls also autotune.
+        if args.widths:
+            copy_gbps = copy_bandwidth(args, device)
         for width in args.widths:
-            norms += layer_norm_rows(args, device, deadline, width)
+            norms += layer_norm_rows(args, device, deadline, width, norm_speeds)
         for head_dim in args.head_dims:
             for length in args.lengths:
                 attention += attention_rows(args, device, deadline, length, head_dim, speeds)
@@ -394,6 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     print("| width | rows | implementation | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | rel diff |")
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(norms))
+    print(
+        f"\nDevice-to-device copy of one such tensor (`copy_`, read + written bytes): {copy_gbps:.0f} GB/s.\n"
+    )
+    print(
+        "| width | triton speed / torch, fwd+bwd | +residual | triton fwd+bwd GB/s, % of copy | +residual |"
+    )
+    print("|---|---|---|---|---|")
+    print("\n".join(layer_norm_summary(norm_speeds, copy_gbps)))
     print("\n## Tile shapes the autotuner chose (key: length buckets, head dim, flags, dtypes)\n")
     for kernel in (attention_forward_kernel, attention_backward_dq_kernel, attention_backward_dkdv_kernel):
         for key, config in kernel.cache.items():

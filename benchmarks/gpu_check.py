@@ -57,6 +57,7 @@ CUDA_TESTS = [
     "tests/test_parallel_random.py",
     "tests/test_parallel_random_cuda.py",
     "tests/test_cuda_graphs_cuda.py",
+    "tests/test_training_overlap_comm.py",
 ]
 
 

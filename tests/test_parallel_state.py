@@ -57,7 +57,18 @@ def test_single_process_mode():
 
 
 def _check_groups(rank, tp, pp):
-    parallel.initialize_parallel(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    created = []
+    new_group = dist.new_group
+
+    def counting_new_group(ranks, *args, **kwargs):
+        created.append(tuple(ranks))
+        return new_group(ranks, *args, **kwargs)
+
+    dist.new_group = counting_new_group
+    try:
+        parallel.initialize_parallel(tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    finally:
+        dist.new_group = new_group
     mpu = DeepSpeedMPU()
     sums = {}
     for name, group in (
@@ -72,6 +83,7 @@ def _check_groups(rank, tp, pp):
         sums[name] = value.item()
     result = {
         "sums": sums,
+        "created": created,
         "coords": (
             parallel.get_pipeline_parallel_rank(),
             parallel.get_data_parallel_rank(),
@@ -116,3 +128,14 @@ def test_groups_on_real_ranks(four_rank_groups, tp, pp):
         assert model_size == tp * pp
         assert dp_ranks == next(m for m in grid["data"] if rank in m)
         assert src == rank - rank % tp
+        # Each distinct member list is created once, by every rank, in the same order (a collective).
+        distinct = list(dict.fromkeys(tuple(m) for lists in grid.values() for m in lists))
+        assert result["created"] == distinct
+        assert len(distinct) < sum(len(lists) for lists in grid.values())
+
+
+def test_axes_that_coincide_share_one_group():
+    # tp = pp = 1 on 8 ranks: the tensor, pipeline, model and embedding groups are each rank alone.
+    grid = grid_ranks(1, 8, 1)
+    assert len({tuple(m) for lists in grid.values() for m in lists}) == 9
+    assert sum(len(lists) for lists in grid.values()) == 33

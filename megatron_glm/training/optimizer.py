@@ -24,10 +24,19 @@ class GuardedAdamW(torch.optim.AdamW):
         self.skipped_steps = 0
 
     def _gradients_finite(self) -> bool:
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not grads:
+        """Whether every gradient element is finite: the largest magnitude of each gradient (one multi-tensor
+        kernel per dtype on CUDA; NaN and inf propagate through it), read back once."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        if not by_dtype:
             return True
-        return bool(torch.stack([g.float().abs().sum() for g in grads]).isfinite().all())
+        largest = [
+            torch.stack(torch._foreach_norm(grads, float("inf"))).max().float() for grads in by_dtype.values()
+        ]
+        return bool(torch.stack(largest).isfinite().all())
 
     @torch.no_grad()
     def step(self, closure=None):
