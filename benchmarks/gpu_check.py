@@ -18,7 +18,8 @@ within about 8 minutes:
    step-50 checkpoint is complete, resumed, and its losses of steps 51-100 compared with the first run's;
    the throughput table, and a profile of three steps (GPU kernels and the host's phases) and of three more
    under cProfile (the host's Python functions);
-5. on request (``--stages``): ``throughput`` (glm-pretrain under ZeRO-1 and ZeRO-2 side by side), ``graphs``
+5. on request (``--stages``): ``throughput`` (glm-pretrain under ZeRO-1 and ZeRO-2, and ZeRO-1 with per-layer
+   CUDA graphs and with torch's kernels, side by side), ``graphs``
    (the model step also captured in one CUDA graph: its speed without the host's launch overhead), ``kbench``
    (``benchmarks/bench_kernels_gpu.py``: attention against SDPA and FlexAttention, LayerNorm against torch)
    and ``glm2b`` (glm-2b on one GPU with ZeRO-2 at T 1024: tokens/s, MFU and peak memory).
@@ -83,7 +84,7 @@ def parse_args() -> argparse.Namespace:
         "(bench_model.py, dropout 0.1 and 0, profiled; it also leaves the autotuned tiles of the glm-large "
         "shapes in Triton's cache for the training runs), launch (bench_launch_overhead.py: host time per "
         "kernel call, direct launches vs Triton's dispatch vs torch), pretrain (100 steps, evaluation, checkpoint, kill -9, "
-        "exact resume), throughput (glm-pretrain ZeRO-1 vs ZeRO-2, profiled), graphs (bench_model.py with each "
+        "exact resume), throughput (glm-pretrain ZeRO-1 vs ZeRO-2 vs CUDA graphs vs torch kernels, profiled), graphs (bench_model.py with each "
         "step also captured in a CUDA graph), kbench (bench_kernels_gpu.py), "
         "glm2b (glm-2b on one GPU, ZeRO-2, T 1024, 12 steps: tokens/s, MFU, peak "
         "memory); the default set stays under 8 minutes",
@@ -305,7 +306,7 @@ def main() -> int:
         "kernels": lambda: stage_kernels(report, env, work, args.smoke),
         "pretrain": lambda: stage_pretrain(report, env, work, args.smoke, steps, args.overrides),
         "throughput": lambda: stage_throughput(
-            report, env, work, args.smoke, args.steps or (6 if args.smoke else 50), args.overrides
+            report, env, work, args.smoke, args.steps or (6 if args.smoke else 50), args.overrides, cuda
         ),
         "bench": lambda: stage_bench(report, env, work, args.smoke),
         "graphs": lambda: stage_graphs(report, env, work, args.smoke),

@@ -186,42 +186,54 @@ def stage_pretrain(
         report.fail("resume", f"losses after the resume differ by up to {worst:.2e} (relative)")
 
 
+# The throughput stage's runs: the engine (ZeRO-1 against ZeRO-2), then ZeRO-1 with the per-layer CUDA graphs
+# (GPU only) and with torch's kernels instead of Triton's: which of them brings glm-pretrain nearest the bare step.
+THROUGHPUT_VARIANTS = [
+    ("ZeRO-1", ["parallel.zero_stage=1"]),
+    ("ZeRO-2", ["parallel.zero_stage=2"]),
+    ("ZeRO-1, training.cuda_graphs", ["parallel.zero_stage=1", "training.cuda_graphs=true"]),
+    ("ZeRO-1, model.kernels=torch", ["parallel.zero_stage=1", "model.kernels=torch"]),
+]
+
+
 def stage_throughput(
-    report: Report, env: dict[str, str], work: Path, smoke: bool, steps: int, extra: list[str]
+    report: Report, env: dict[str, str], work: Path, smoke: bool, steps: int, extra: list[str], cuda: bool
 ) -> None:
-    """glm-pretrain of glm-large without evaluation or checkpoints, ZeRO-1 then ZeRO-2, side by side; the
-    ZeRO-1 run profiled (GPU and host time) over three steps."""
-    report.add("\n## glm-pretrain throughput: ZeRO-1 vs ZeRO-2 (no evaluation, no checkpoint)\n")
+    """glm-pretrain of glm-large without evaluation or checkpoints in the configurations of
+    ``THROUGHPUT_VARIANTS``, side by side; the first profiled (GPU and host time) over three steps."""
+    report.add("\n## glm-pretrain throughput: ZeRO-1 vs ZeRO-2, CUDA graphs, torch kernels (no evaluation)\n")
     corpus, pretrain = pretrain_command(report, env, work, smoke)
     if corpus is None:
         return
     profiled = (2, 3) if smoke else (21, 23)
     rows = []
-    for stage in (1, 2):
-        run_dir = work / f"throughput-zero{stage}"
+    for index, (label, variant) in enumerate(THROUGHPUT_VARIANTS):
+        if "training.cuda_graphs=true" in variant and not cuda:
+            rows.append(f"| {label} | - | not run: CUDA graphs need a GPU | | |")
+            continue
+        run_dir = work / f"throughput-{index}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        settings = [
-            f"parallel.zero_stage={stage}",
-            "training.eval_interval=0",
-            "checkpoint.interval=0",
-        ] + ([f"logging.profile_steps={list(profiled)}"] if stage == 1 else [])
+        settings = variant + ["training.eval_interval=0", "checkpoint.interval=0"]
+        if index == 0:
+            settings.append(f"logging.profile_steps={list(profiled)}")
         status, _ = run(
             report,
             pretrain + pretrain_settings(str(corpus), work, run_dir, smoke, steps, extra + settings),
             env,
             120,
-            work / f"pretrain-zero{stage}.log",
+            work / f"pretrain-throughput-{index}.log",
         )
         train, _ = train_records(run_dir)
         timed = [
             train[s] for s in sorted(train) if s > min(10, steps // 2) and not profiled[0] <= s <= profiled[1]
         ]
         if status != 0 or not timed:
-            report.fail(f"throughput ZeRO-{stage}", f"exit {status}, {len(timed)} timed steps")
+            report.fail(f"throughput {label}", f"exit {status}, {len(timed)} timed steps")
+            rows.append(f"| {label} | - | failed (exit {status}; pretrain-throughput-{index}.log) | | |")
             continue
         tokens = [r["tokens_per_second"] for r in timed]
         rows.append(
-            f"| ZeRO-{stage} | {len(timed)} | {median(timed, 'tokens_per_second'):,.0f} "
+            f"| {label} | {len(timed)} | {median(timed, 'tokens_per_second'):,.0f} "
             f"({min(tokens):,.0f} - {max(tokens):,.0f}) | {median(timed, 'mfu'):.1%} | "
             f"{max(r.get('peak_memory_gib', math.nan) for r in timed):.1f} GiB |"
         )
@@ -229,7 +241,9 @@ def stage_throughput(
         if profile.is_file():
             shutil.copy(profile, report.path.parent / "profile-pretrain-zero1.txt")
     report.add("")
-    report.add("| engine | steps timed | tokens/s median (min - max) | reported MFU (median) | peak memory |")
+    report.add(
+        "| configuration | steps timed | tokens/s median (min - max) | reported MFU (median) | peak memory |"
+    )
     report.add("|---|---|---|---|---|")
     for row in rows:
         report.add(row)
