@@ -3,9 +3,10 @@ data-parallel rank, trains exactly as DeepSpeed's own loops and all-reduce.
 
 Two ranks in one tensor-parallel group (so the gradient norm is all-reduced over the model-parallel group),
 bf16 weights, ZeRO-1 with fp32 gradient accumulation over two micro-batches, a clipping threshold low
-enough that every step clips, and one step whose gradients are not finite (skipped): the losses, the
-gradient norms, the skipped steps and the fp32 master weights after five steps are bitwise those of
-DeepSpeed's per-parameter loops.
+enough that every step clips, one step whose gradients are not finite (skipped), and parameters that have
+gradients in some steps only: the losses, the gradient norms, the skipped steps and the fp32 master
+weights after five steps are bitwise those of DeepSpeed's per-parameter loops (which zero the fp32
+accumulators after each step, where ours overwrite them at the next backward).
 """
 
 from __future__ import annotations
@@ -18,6 +19,21 @@ from tests.multiproc import run_ranks
 CLIP = 0.05
 
 
+class _Model(torch.nn.Module):
+    """An MLP, and a side branch that only some steps use: its gradients in the other steps are None."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Linear(16, 48), torch.nn.GELU(), torch.nn.Linear(48, 16), torch.nn.LayerNorm(16)
+        )
+        self.branch = torch.nn.Linear(16, 16)
+        self.use_branch = True
+
+    def forward(self, x):
+        return self.body(x) + (self.branch(x) if self.use_branch else 0.0)
+
+
 def _train(rank: int, world_size: int, fused: bool) -> dict:
     import deepspeed
 
@@ -26,12 +42,10 @@ def _train(rank: int, world_size: int, fused: bool) -> dict:
 
     parallel.initialize_parallel(world_size, 1)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(16, 48), torch.nn.GELU(), torch.nn.Linear(48, 16), torch.nn.LayerNorm(16)
-    ).to(torch.bfloat16)
+    model = _Model().to(torch.bfloat16)
     # Counted on every tensor-parallel rank, as a split weight is: the norm's all-reduce adds the ranks'
     # shares (the replicated parameters count on rank 0 only).
-    model[0].weight.tensor_model_parallel = True
+    model.body[0].weight.tensor_model_parallel = True
     config = {
         "train_batch_size": 8,
         "train_micro_batch_size_per_gpu": 4,
@@ -61,6 +75,9 @@ def _train(rank: int, world_size: int, fused: bool) -> dict:
     data = torch.Generator().manual_seed(1)
     losses, norms, skipped = [], [], []
     for step in range(5):
+        # The branch only in steps 1 and 2: from step 3 on its fp32 accumulators must read zero, not what
+        # step 2 left in them.
+        model.use_branch = step in (1, 2)
         for micro in range(2):
             x = torch.randn(4, 16, generator=data).to(torch.bfloat16)
             loss = (engine(x).float() - 1.0).pow(2).mean()

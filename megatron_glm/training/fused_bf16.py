@@ -8,6 +8,11 @@ a kernel launch): the step of glm-pretrain is bound by its host on one GPU (``do
 same arithmetic runs as a few ``torch._foreach_*`` calls (one fused kernel per chunk of tensors on GPUs; on
 CPUs the same per-tensor kernels without the Python loop).
 
+DeepSpeed also zeroes all fp32 gradient accumulators twice after every step (in the step and in
+``zero_grad``), and the next backward adds into them: here they are only marked stale, and the next backward
+writes the widened bf16 gradients into them (zeros where a parameter got none): one write of them per step
+instead of two zeroing writes and a read-modify-write (at GLM-Large 1.3 GB instead of 5.2 GB).
+
 The results are those of DeepSpeed's loops: the same additions (fp32 += bf16 promotes exactly as the copy
 then add), the same per-tensor 2-norms combined the same way (squared, summed, all-reduced over the
 model-parallel group, to the power 1/2, invalid values masked to -1), the same clipping factor. On CPUs
@@ -49,7 +54,10 @@ def fuse_bf16_optimizer(optimizer) -> bool:
     )
     if not covered:
         return False
+    # The accumulators hold zeros when DeepSpeed creates them; from then on ``_clear_hp_grads`` only marks them.
+    optimizer.glm_stale_hp_grads = [False] * len(optimizer.bf16_groups)
     optimizer.update_hp_grads = types.MethodType(_update_hp_grads, optimizer)
+    optimizer.clear_hp_grads = types.MethodType(_clear_hp_grads, optimizer)
     optimizer.step = types.MethodType(_step, optimizer)
     return True
 
@@ -79,26 +87,44 @@ def skip_single_rank_allreduce(engine, data_parallel_size: int) -> bool:
 @torch.no_grad()
 def _update_hp_grads(self, clear_lp_grads: bool = False) -> None:
     """Add each bf16 gradient to its fp32 accumulator (``BF16_Optimizer.update_hp_grads``), in one foreach add
-    per parameter group."""
+    per parameter group; into accumulators cleared since (``_clear_hp_grads``) it copies instead, and zeroes
+    those of parameters without a gradient."""
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
     if self.autoep_folding_tp_group is not None:
         return BF16_Optimizer.update_hp_grads(self, clear_lp_grads)
     for group_index, group in enumerate(self.bf16_groups):
-        high, low = [], []
+        stale = self.glm_stale_hp_grads[group_index]
+        high, low, absent = [], [], []
         has_gradient = self.fp32_groups_has_gradients[group_index]
         for param_index, lp in enumerate(group):
-            if lp.grad is None:
-                continue
             hp_grad = self.fp32_groups_gradients[group_index][param_index]
+            if lp.grad is None:
+                if stale:
+                    absent.append(hp_grad)
+                continue
             high.append(hp_grad)
             low.append(lp.grad.view(hp_grad.shape))
             lp._hp_grad = hp_grad
             has_gradient[param_index] = True
         if high:
-            torch._foreach_add_(high, low)
+            # Into zeros, the add is the bf16 value widened exactly: the copy writes the same numbers
+            # (a -0.0 gradient stays -0.0 where 0 + -0.0 gave +0.0) without reading the accumulators.
+            (torch._foreach_copy_ if stale else torch._foreach_add_)(high, low)
             if clear_lp_grads:
                 torch._foreach_zero_(low)
+        if absent:
+            torch._foreach_zero_(absent)
+        self.glm_stale_hp_grads[group_index] = False
+
+
+def _clear_hp_grads(self) -> None:
+    """``BF16_Optimizer.clear_hp_grads`` without zeroing the fp32 accumulators (a write of all of them, 1.3 GB at
+    GLM-Large, every step): they are marked stale, and the next ``update_hp_grads`` overwrites them. Between
+    the two nothing reads them (the all-reduce and the step come after the backward's update)."""
+    for index, group in enumerate(self.fp32_groups_gradients):
+        self.fp32_groups_has_gradients[index] = [False] * len(group)
+        self.glm_stale_hp_grads[index] = True
 
 
 def _global_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
