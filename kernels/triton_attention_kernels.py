@@ -30,10 +30,15 @@ LOG2_E = tl.constexpr(1.4426950408889634)
 
 
 # GPU tile shapes: (first block, second block, num_warps, num_stages), the first block being the one a program
-# owns (queries in the forward and dQ, keys in dK/dV). 128-row tiles feed the tensor cores best at head dim 64;
-# the 32- and 64-row ones with 8 warps keep the fp32 tiles of head dim 128 in registers (ptxas spills the
-# 128-row ones there). The autotuner times them all on the first call per key and drops shapes that do not fit.
+# owns (queries in the forward and dQ, keys in dK/dV). The first shape of each list is the one used without
+# autotuning (GLM_KERNELS_AUTOTUNE=0, the GPU tests): 64 x 32 on 8 warps compiles in about a second and, per
+# ptxas on sm_90, spills no register in any variant of 16-bit inputs (head dims 32-128, with and without
+# dropout), where the 128-row tiles on 4 warps spill at head dim 128 or with dropout, and take up to a minute
+# to compile for fp32 inputs. 128-row tiles feed the tensor cores best at head dim 64; the 32- and 64-row ones
+# with 8 warps keep the fp32 tiles of head dim 128 in registers. The autotuner times them all on the first call
+# per key (fp32 inputs only the small ones, see ``_fitting_configs``) and drops shapes that do not fit.
 FORWARD_SHAPES = [
+    (64, 32, 8, 3),
     (128, 64, 4, 3),
     (128, 64, 8, 3),
     (128, 128, 8, 3),
@@ -42,14 +47,15 @@ FORWARD_SHAPES = [
     (64, 32, 4, 4),
 ]
 DQ_SHAPES = [
+    (64, 32, 8, 3),
     (128, 32, 4, 3),
     (128, 32, 8, 3),
     (128, 64, 8, 3),
     (64, 64, 4, 3),
     (64, 32, 4, 4),
-    (64, 32, 8, 3),
 ]
 DKDV_SHAPES = [
+    (64, 32, 8, 3),
     (128, 32, 4, 3),
     (128, 64, 8, 3),
     (64, 64, 4, 3),
@@ -57,6 +63,23 @@ DKDV_SHAPES = [
     (64, 32, 4, 4),
     (32, 64, 4, 3),
 ]
+# fp32 tiles take twice the registers of 16-bit ones, and the "ieee" dot holds its operands in registers: for
+# fp32 inputs only tiles of at most this many elements per warp are timed.
+FP32_TILE_ELEMENTS_PER_WARP = 256
+
+
+def _fitting_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """The autotuner's early pruning: every config for 16-bit inputs; for fp32 inputs the small tiles, which
+    compile in seconds (the 128-row ones spill tens of kilobytes and take up to a minute each)."""
+    q = named_args.get("Q")
+    if q is None or q.element_size() < 4:
+        return configs
+
+    def elements_per_warp(config) -> int:
+        first, second = (v for k, v in config.kwargs.items() if k.startswith("BLOCK_") and k != "BLOCK_D")
+        return first * second // config.num_warps
+
+    return [c for c in configs if elements_per_warp(c) <= FP32_TILE_ELEMENTS_PER_WARP] or configs[:1]
 
 
 def _configs(owned: str, inner: str, shapes: list[tuple[int, int, int, int]], interpreter: tuple[int, int]):
@@ -69,6 +92,7 @@ def _configs(owned: str, inner: str, shapes: list[tuple[int, int, int, int]], in
 _FORWARD_CONFIGS = _configs("BLOCK_M", "BLOCK_N", FORWARD_SHAPES, interpreter=(64, 32))
 _DQ_CONFIGS = _configs("BLOCK_M", "BLOCK_N", DQ_SHAPES, interpreter=(32, 64))
 _DKDV_CONFIGS = _configs("BLOCK_N", "BLOCK_M", DKDV_SHAPES, interpreter=(64, 32))
+_PRUNING = {"early_config_prune": _fitting_configs}
 _TUNING_KEY = ["query_length_bucket", "key_length_bucket", "HEAD_DIM", "HAS_DROPOUT", "HAS_LENGTHS"]
 
 
@@ -163,7 +187,7 @@ def _forward_block(
     return acc, l_i, m_new
 
 
-@triton.autotune(configs=_FORWARD_CONFIGS, key=_TUNING_KEY, cache_results=True)
+@triton.autotune(configs=_FORWARD_CONFIGS, key=_TUNING_KEY, prune_configs_by=_PRUNING, cache_results=True)
 @triton.jit
 def attention_forward_kernel(
     Q, K, V, Out, Lse, Sep, Lengths, Seed,
@@ -277,7 +301,7 @@ def _dq_block(
     return tl.dot(dot_operand(ds, K.dtype.element_ty, EMULATE_BF16), k, dq, input_precision=DOT_PRECISION)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNING_KEY, cache_results=True)
+@triton.autotune(configs=_DQ_CONFIGS, key=_TUNING_KEY, prune_configs_by=_PRUNING, cache_results=True)
 @triton.jit
 def attention_backward_dq_kernel(
     Q, K, V, DOut, DQ, Lse, Delta, Sep, Lengths, Seed,
@@ -381,7 +405,7 @@ def _dkdv_block(
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY, cache_results=True)
+@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY, prune_configs_by=_PRUNING, cache_results=True)
 @triton.jit
 def attention_backward_dkdv_kernel(
     Q, K, V, DOut, DK, DV, Lse, Delta, Sep, Lengths, Seed,

@@ -20,6 +20,8 @@ from kernels.triton_attention_kernels import (
     DKDV_SHAPES,
     DQ_SHAPES,
     FORWARD_SHAPES,
+    FP32_TILE_ELEMENTS_PER_WARP,
+    _fitting_configs,
     attention_backward_dkdv_kernel,
     attention_backward_dq_kernel,
     attention_forward_kernel,
@@ -234,6 +236,19 @@ def test_backward_replays_the_forward_dropout_mask():
     got = _forward_backward(triton_with_seed, [q, k, v], grad_out)
     for name, a, b in zip(["out", "dq", "dk", "dv"], got, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_autotuning_times_only_small_tiles_for_fp32_inputs():
+    for owned, inner, shapes in (("BLOCK_M", "BLOCK_N", FORWARD_SHAPES), ("BLOCK_N", "BLOCK_M", DKDV_SHAPES)):
+        configs = [triton.Config({owned: a, inner: b}, num_warps=w, num_stages=s) for a, b, w, s in shapes]
+        for dtype in (torch.bfloat16, torch.float16):
+            assert _fitting_configs(configs, {"Q": torch.empty(1, dtype=dtype)}) == configs
+        kept = _fitting_configs(configs, {"Q": torch.empty(1)})
+        # The untuned default (the first shape) stays; the 128-row tiles on 4 warps do not.
+        assert kept[0] is configs[0] and 0 < len(kept) < len(configs)
+        for config in kept:
+            a, b = config.kwargs[owned], config.kwargs[inner]
+            assert a * b <= FP32_TILE_ELEMENTS_PER_WARP * config.num_warps
 
 
 def test_backend_resolution():

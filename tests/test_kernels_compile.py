@@ -1,4 +1,5 @@
-"""The GPU code path, checked on any machine: the Triton kernels compile for NVIDIA sm_80 and sm_90.
+"""The GPU code path, checked on any machine: the Triton kernels compile for NVIDIA sm_80 and sm_90, and the
+default attention tiles do not spill registers on sm_90.
 
 The interpreter runs the kernels' Python semantics, not Triton's compiler, so a construct it accepts can still
 fail to compile (a non-constexpr global, a type that changes inside a loop). Triton ships ptxas, so compiling
@@ -32,23 +33,32 @@ POINTER_TYPES = {
 FLOAT_ARGUMENTS = {"softmax_scale", "dropout_scale", "eps"}
 
 
-def _compile(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int, capability: int) -> None:
+def _compile(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int, capability: int):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime import Autotuner
 
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
-    signature = {}
-    for name in fn.arg_names:
+    signature, attributes = {}, {}
+    for index, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
         elif name[0].isupper():
             signature[name] = POINTER_TYPES.get(name, f"*{dtype}")
         else:
             signature[name] = "fp32" if name in FLOAT_ARGUMENTS else "i32"
+        # As Triton specializes a launch: tensors are 16-byte aligned; in the model the strides and lengths
+        # are multiples of 16.
+        if name not in constexprs and (
+            name[0].isupper() or name.startswith("stride") or name.endswith(("_length", "_bucket"))
+        ):
+            attributes[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(
-        fn=fn, signature=signature, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()}
+        fn=fn,
+        signature=signature,
+        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+        attrs=attributes,
     )
     compiled = triton.compile(
         source,
@@ -56,6 +66,30 @@ def _compile(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: i
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
     assert compiled.asm["cubin"], f"{fn.__name__}: no cubin for sm_{capability}"
+    return compiled
+
+
+def _spilled_bytes(compiled, capability: int) -> int:
+    """Bytes of register spill stores ptxas reports for ``compiled``'s PTX (the driver reports them only when
+    it loads the kernel on a GPU)."""
+    import re
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+        report = subprocess.run(
+            [get_ptxas(capability).path, f"-arch={arch}", "-v", ptx.name, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", report)]
+    assert spills, f"no register report from ptxas:\n{report}"
+    return max(spills)
 
 
 def compile_kernels() -> None:
@@ -71,6 +105,15 @@ def compile_kernels() -> None:
     for capability, kernels in ((90, (forward, dq, dkdv)), (80, (forward,))):
         for kernel, owned, inner, (first, second, warps, stages) in kernels:
             _compile(kernel, "bf16", {**head_64, owned: first, inner: second}, warps, stages, capability)
+    # The untuned tiles (the GPU tests', and training's with GLM_KERNELS_AUTOTUNE=0) keep everything in
+    # registers on Hopper at the largest head dim, with dropout: a spilling default is slow to run and to compile.
+    head_128 = {**head_64, "HEAD_DIM": 128, "BLOCK_D": 128}
+    for kernel, owned, inner, (first, second, warps, stages) in (forward, dq, dkdv):
+        compiled = _compile(kernel, "bf16", {**head_128, owned: first, inner: second}, warps, stages, 90)
+        spilled = _spilled_bytes(compiled, 90)
+        assert spilled == 0, (
+            f"{kernel.fn.__name__} {first}x{second}: {spilled} bytes of spill stores on sm_90"
+        )
     # fp32 inputs without TF32, and a head dim padded to a power of two.
     fp32 = {**features, "HAS_DROPOUT": False, "HEAD_DIM": 80, "BLOCK_D": 128, "DOT_PRECISION": "ieee"}
     _compile(attention.attention_forward_kernel, "fp32", {**fp32, "BLOCK_M": 64, "BLOCK_N": 32}, 4, 3, 90)
