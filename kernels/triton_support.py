@@ -242,16 +242,18 @@ def tile_choices(tuners: dict) -> dict[str, list[dict]]:
 
 def restore_tile_choices(tuners: dict, choices: dict[str, list[dict]]) -> int:
     """Make each autotuned kernel in ``tuners`` use the tiles of ``choices`` (from ``tile_choices``) for their
-    tuning keys instead of timing its configs again; returns how many were restored. A choice whose kernel or
-    config list has changed since (another tile under that index) is left to the autotuner."""
+    tuning keys instead of timing its configs again; returns how many were restored. A tile is found by what it
+    is, wherever it now sits in the kernel's config list; a choice whose kernel or tile is no longer offered is
+    left to the autotuner."""
     restored = 0
     for name, entries in choices.items():
         tuner = tuners.get(name)
         if tuner is None:
             continue
+        offered = {str(config): config for config in tuner.configs}
         for entry in entries:
-            index = entry["config"]
-            if 0 <= index < len(tuner.configs) and str(tuner.configs[index]) == entry["tile"]:
-                tuner.cache[tuple(entry["key"])] = tuner.configs[index]
+            config = offered.get(entry["tile"])
+            if config is not None:
+                tuner.cache[tuple(entry["key"])] = config
                 restored += 1
     return restored

@@ -44,17 +44,26 @@ def test_choices_round_trip_through_json():
     assert resumed.cache == {key: resumed.configs[1]}
 
 
-def test_choices_of_changed_kernels_are_left_to_the_autotuner():
+def test_choices_of_withdrawn_tiles_are_left_to_the_autotuner():
     tuner = Tuner(_configs())
     tuner.cache[(1024,)] = tuner.configs[0]
     tuner.cache[(2048, object())] = tuner.configs[0]  # a key JSON cannot hold is left out, not an error
     saved = tile_choices({"forward": tuner, "untuned": Tuner(_configs())})
     assert list(saved) == ["forward"]  # nothing tuned, nothing saved
     assert [entry["key"] for entry in json.loads(json.dumps(saved))["forward"]] == [[1024]]
-    reordered = Tuner(list(reversed(_configs())))  # another tile under the saved index
+    withdrawn = Tuner(_configs()[1:])  # the chosen tile is no longer offered
     gone = {}  # the kernel no longer exists
-    assert restore_tile_choices({"forward": reordered, **gone}, saved) == 0
-    assert reordered.cache == {}
+    assert restore_tile_choices({"forward": withdrawn, **gone}, saved) == 0
+    assert withdrawn.cache == {}
+
+
+def test_a_tile_is_restored_wherever_it_now_sits_in_the_list():
+    tuner = Tuner(_configs())
+    tuner.cache[(1024,)] = tuner.configs[0]
+    saved = tile_choices({"forward": tuner})
+    reordered = Tuner(list(reversed(_configs())) + [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32})])
+    assert restore_tile_choices({"forward": reordered}, saved) == 1
+    assert str(reordered.cache[(1024,)]) == str(tuner.configs[0])
 
 
 @pytest.fixture
