@@ -3,7 +3,7 @@ default attention tiles do not spill registers on sm_90.
 
 The interpreter runs the kernels' Python semantics, not Triton's compiler, so a construct it accepts can still
 fail to compile (a non-constexpr global, a type that changes inside a loop). Triton ships ptxas, so compiling
-ahead of time for a GPU target needs no GPU. The compile runs in a subprocess with the interpreter off, since
+ahead of time for a GPU target needs no GPU (``kernels/aot.py``). The compile runs in a subprocess with the interpreter off, since
 ``@triton.jit`` picks interpreter or compiler when the kernel modules are imported.
 """
 
@@ -19,83 +19,21 @@ import pytest
 pytestmark = pytest.mark.slow  # an end-to-end run; `make test-fast` leaves it out
 
 REPOSITORY = Path(__file__).resolve().parents[1]
-POINTER_TYPES = {
-    "Lse": "*fp32",
-    "Delta": "*fp32",
-    "Sep": "*i32",
-    "Lengths": "*i32",
-    "Seed": "*i64",
-    "Mean": "*fp32",
-    "Rstd": "*fp32",
-    "PartialDW": "*fp32",
-    "PartialDB": "*fp32",
-}
-FLOAT_ARGUMENTS = {"softmax_scale", "dropout_scale", "eps"}
 
 
 def _compile(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int, capability: int):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime import Autotuner
+    from kernels.aot import compile_kernel
 
-    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
-    signature, attributes = {}, {}
-    for index, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name[0].isupper():
-            signature[name] = POINTER_TYPES.get(name, f"*{dtype}")
-        else:
-            signature[name] = "fp32" if name in FLOAT_ARGUMENTS else "i32"
-        # As Triton specializes a launch: tensors are 16-byte aligned; in the model the strides and lengths
-        # are multiples of 16.
-        if name not in constexprs and (
-            name[0].isupper() or name.startswith("stride") or name.endswith(("_length", "_bucket"))
-        ):
-            attributes[(index,)] = [["tt.divisibility", 16]]
-    source = ASTSource(
-        fn=fn,
-        signature=signature,
-        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
-        attrs=attributes,
-    )
-    compiled = triton.compile(
-        source,
-        target=GPUTarget("cuda", capability, 32),
-        options={"num_warps": num_warps, "num_stages": num_stages},
-    )
-    assert compiled.asm["cubin"], f"{fn.__name__}: no cubin for sm_{capability}"
+    compiled = compile_kernel(kernel, dtype, constexprs, num_warps, num_stages, capability)
+    assert compiled.asm["cubin"], f"{kernel.fn.__name__}: no cubin for sm_{capability}"
     return compiled
-
-
-def _spilled_bytes(compiled, capability: int) -> int:
-    """Bytes of register spill stores ptxas reports for ``compiled``'s PTX (the driver reports them only when
-    it loads the kernel on a GPU)."""
-    import re
-    import tempfile
-
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
-        ptx.write(compiled.asm["ptx"])
-        ptx.flush()
-        arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
-        report = subprocess.run(
-            [get_ptxas(capability).path, f"-arch={arch}", "-v", ptx.name, "-o", os.devnull],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stderr
-    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", report)]
-    assert spills, f"no register report from ptxas:\n{report}"
-    return max(spills)
 
 
 def compile_kernels() -> None:
     """Every kernel with every feature switched on, for Hopper; the forward for Ampere too."""
     from kernels import triton_attention_kernels as attention
     from kernels import triton_layer_norm as layer_norm
+    from kernels.aot import registers
 
     features = {"HAS_LENGTHS": True, "HAS_DROPOUT": True, "EMULATE_BF16": False, "DOT_PRECISION": None}
     head_64 = {"HEAD_DIM": 64, "BLOCK_D": 64, **features}
@@ -110,7 +48,7 @@ def compile_kernels() -> None:
     head_128 = {**head_64, "HEAD_DIM": 128, "BLOCK_D": 128}
     for kernel, owned, inner, (first, second, warps, stages) in (forward, dq, dkdv):
         compiled = _compile(kernel, "bf16", {**head_128, owned: first, inner: second}, warps, stages, 90)
-        spilled = _spilled_bytes(compiled, 90)
+        spilled = registers(compiled, 90).spilled_bytes
         assert spilled == 0, (
             f"{kernel.fn.__name__} {first}x{second}: {spilled} bytes of spill stores on sm_90"
         )

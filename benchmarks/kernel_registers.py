@@ -1,0 +1,181 @@
+"""Registers, spills and compile time of the attention kernels' tiles for an NVIDIA GPU, on any machine (no GPU).
+
+    python benchmarks/kernel_registers.py                      # every tile, sm_90, bf16, head dims 64 and 128
+    python benchmarks/kernel_registers.py --dtypes fp32 --head-dims 32,64,128 --arch 80
+    python benchmarks/kernel_registers.py --test-selection     # the GPU tests' variants on the default tiles
+    python benchmarks/kernel_registers.py --test-selection --old-kernels old.py   # ... against another version
+
+Each kernel is compiled ahead of time (``kernels/aot.py``: Triton's compiler and the ptxas it ships) and
+``ptxas -v`` reports registers per thread and bytes of spill stores; shared memory is Triton's figure. A tile that
+spills keeps part of its working set in local memory, and one past 255 registers at a large tile compiles slowly
+(up to a minute per kernel for fp32 "ieee" dots). Compile times are this machine's, from an empty Triton cache
+(a fresh ``TRITON_CACHE_DIR`` per run), single-threaded as Triton compiles.
+
+``--test-selection`` compiles, with each kernel's first (untuned) tile as the GPU tests run them, the attention
+variants (dtype x head dim x flags) that ``tests/test_kernels_attention.py`` builds, and prints their total
+compile time: most of a GPU test run is compiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Before triton is imported: the compiler, not the interpreter, and a cache of this run's own.
+os.environ["TRITON_INTERPRET"] = "0"
+os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="glm-kernel-registers-")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kernels.aot import compile_kernel, registers  # noqa: E402
+
+# (name, kernel attribute, the block a program owns, the inner block, shape list attribute)
+KERNELS = [
+    ("fwd", "attention_forward_kernel", "BLOCK_M", "BLOCK_N", "FORWARD_SHAPES"),
+    ("dQ", "attention_backward_dq_kernel", "BLOCK_M", "BLOCK_N", "DQ_SHAPES"),
+    ("dK/dV", "attention_backward_dkdv_kernel", "BLOCK_N", "BLOCK_M", "DKDV_SHAPES"),
+]
+# tests/test_kernels_attention.py's CASES: head dim and whether lengths (padding) are on; which run fp16 too.
+TEST_CASES = [
+    (32, False),
+    (64, False),
+    (128, False),
+    (48, False),
+    (32, True),
+    (16, False),
+    (16, True),
+    (16, True),
+]
+TEST_FP16 = {0, 4, 7}
+
+
+def _module(path: Path | None):
+    if path is None:
+        from kernels import triton_attention_kernels
+
+        return triton_attention_kernels
+    spec = importlib.util.spec_from_file_location("attention_kernels_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _flags(dtype: str, head_dim: int, lengths: bool, dropout: bool) -> dict:
+    return {
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()),
+        "HAS_LENGTHS": lengths,
+        "HAS_DROPOUT": dropout,
+        "EMULATE_BF16": False,
+        "DOT_PRECISION": "ieee" if dtype == "fp32" else None,
+    }
+
+
+def _compile(module, kernel: str, owned: str, inner: str, shape, dtype, flags, arch):
+    first, second, warps, stages = shape
+    started = time.perf_counter()
+    compiled = compile_kernel(
+        getattr(module, kernel), dtype, {**flags, owned: first, inner: second}, warps, stages, arch
+    )
+    seconds = time.perf_counter() - started
+    return registers(compiled, arch), seconds
+
+
+def tile_table(args) -> None:
+    module = _module(args.old_kernels)
+    print(
+        f"# Attention kernels on sm_{args.arch}: registers per thread, spills, shared memory, compile time\n"
+    )
+    print("| kernel | tile (first x second, warps, stages) | dtype | head dim | dropout | registers | spill bytes "
+          "| shared KB | compile s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    for dtype in args.dtypes:
+        for head_dim in args.head_dims:
+            for dropout in (False, True):
+                for name, kernel, owned, inner, shapes in KERNELS:
+                    for index, shape in enumerate(getattr(module, shapes)):
+                        flags = _flags(dtype, head_dim, False, dropout)
+                        tile = f"{shape[0]} x {shape[1]}, {shape[2]}, {shape[3]}" + (
+                            " (default)" if index == 0 else ""
+                        )
+                        try:
+                            report, seconds = _compile(
+                                module, kernel, owned, inner, shape, dtype, flags, args.arch
+                            )
+                        except Exception as error:  # noqa: BLE001 (a tile that does not compile is a row)
+                            print(f"| {name} | {tile} | {dtype} | {head_dim} | {dropout} | failed: "
+                                  f"{type(error).__name__} | | | |")  # fmt: skip
+                            continue
+                        print(
+                            f"| {name} | {tile} | {dtype} | {head_dim} | {'0.1' if dropout else '-'} | "
+                            f"{report.per_thread} | {report.spilled_bytes} | {report.shared_bytes / 1024:.0f} | "
+                            f"{seconds:.1f} |",
+                            flush=True,
+                        )
+
+
+def test_selection(args) -> None:
+    module = _module(args.old_kernels)
+    variants = set()
+    for index, (head_dim, lengths) in enumerate(TEST_CASES):
+        for dtype in ("fp32", "bf16") + (("fp16",) if index in TEST_FP16 else ()):
+            variants.add((dtype, head_dim, lengths, False))
+    # The dropout tests: fp32 at head dim 16, and the bf16 statistics test.
+    variants |= {("fp32", 16, False, True), ("bf16", 64, False, True)}
+    total, slowest = 0.0, []
+    for dtype, head_dim, lengths, dropout in sorted(variants):
+        for name, kernel, owned, inner, shapes in KERNELS:
+            shape = getattr(module, shapes)[0]
+            report, seconds = _compile(
+                module,
+                kernel,
+                owned,
+                inner,
+                shape,
+                dtype,
+                _flags(dtype, head_dim, lengths, dropout),
+                args.arch,
+            )
+            total += seconds
+            slowest.append((seconds, name, dtype, head_dim, shape, report.spilled_bytes))
+    source = args.old_kernels or "kernels/triton_attention_kernels.py"
+    print(f"# The GPU tests' attention variants on their default tiles ({source}), sm_{args.arch}\n")
+    print(f"{len(variants)} variants x {len(KERNELS)} kernels compile in {total:.0f} s on this machine.\n")
+    print("| compile s | kernel | dtype | head dim | tile | spill bytes |")
+    print("|---|---|---|---|---|---|")
+    for seconds, name, dtype, head_dim, shape, spilled in sorted(slowest, reverse=True)[: args.top]:
+        print(
+            f"| {seconds:.1f} | {name} | {dtype} | {head_dim} | {shape[0]} x {shape[1]}, {shape[2]} | {spilled} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability: 90 (Hopper) or 80 (Ampere)")
+    parser.add_argument("--dtypes", default="bf16", help="input dtypes: bf16, fp16, fp32")
+    parser.add_argument("--head-dims", default="64,128")
+    parser.add_argument("--test-selection", action="store_true", help="the GPU tests' variants, compile time")
+    parser.add_argument("--top", type=int, default=6, help="--test-selection: the slowest compiles listed")
+    parser.add_argument(
+        "--old-kernels",
+        type=Path,
+        default=None,
+        help="another triton_attention_kernels.py to compile instead",
+    )
+    args = parser.parse_args(argv)
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    args.head_dims = [int(d) for d in args.head_dims.split(",") if d.strip()]
+    if args.test_selection:
+        test_selection(args)
+    else:
+        tile_table(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

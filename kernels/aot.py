@@ -1,0 +1,96 @@
+"""The Triton kernels compiled ahead of time for an NVIDIA GPU target, on any machine (no GPU needed).
+
+Triton ships ptxas, so a kernel compiles for sm_80 or sm_90 on a CPU-only machine, and ``ptxas -v`` reports the
+registers per thread and the bytes of register spill stores, which otherwise only the driver reports when it
+loads the kernel on a GPU. ``tests/test_kernels_compile.py`` uses this to check that the kernels compile and
+that the default tiles do not spill; ``benchmarks/kernel_registers.py`` prints the table for every tile.
+
+Import this module with the interpreter off (``TRITON_INTERPRET`` unset or 0): ``@triton.jit`` chooses
+interpreter or compiler when the kernel modules are first imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime import Autotuner
+
+# Pointer arguments that are not of the input's element type.
+POINTER_TYPES = {
+    "Lse": "*fp32",
+    "Delta": "*fp32",
+    "Sep": "*i32",
+    "Lengths": "*i32",
+    "Seed": "*i64",
+    "Mean": "*fp32",
+    "Rstd": "*fp32",
+    "PartialDW": "*fp32",
+    "PartialDB": "*fp32",
+}
+FLOAT_ARGUMENTS = {"softmax_scale", "dropout_scale", "eps"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Registers:
+    """What ptxas reports for one compiled kernel."""
+
+    per_thread: int
+    spilled_bytes: int
+    shared_bytes: int
+
+
+def compile_kernel(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int, capability: int):
+    """``kernel`` (a ``@triton.jit`` function or its autotuner) compiled for ``sm_<capability>`` with ``dtype``
+    (``"bf16"``, ``"fp16"``, ``"fp32"``) inputs and ``constexprs``; specialized as Triton specializes a launch in
+    the model: tensors 16-byte aligned, strides and lengths multiples of 16."""
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    signature, attributes = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        if name[0].isupper():
+            signature[name] = POINTER_TYPES.get(name, f"*{dtype}")
+        else:
+            signature[name] = "fp32" if name in FLOAT_ARGUMENTS else "i32"
+        if name[0].isupper() or name.startswith("stride") or name.endswith(("_length", "_bucket")):
+            attributes[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(
+        fn=fn,
+        signature=signature,
+        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
+        attrs=attributes,
+    )
+    return triton.compile(
+        source,
+        target=GPUTarget("cuda", capability, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+
+
+def registers(compiled, capability: int) -> Registers:
+    """ptxas's register report for ``compiled`` (from ``compile_kernel``)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+        ptx.write(compiled.asm["ptx"])
+        ptx.flush()
+        arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+        report = subprocess.run(
+            [get_ptxas(capability).path, f"-arch={arch}", "-v", ptx.name, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    used = re.findall(r"Used (\d+) registers", report)
+    spills = re.findall(r"(\d+) bytes spill stores", report)
+    if not used or not spills:
+        raise RuntimeError(f"no register report from ptxas:\n{report}")
+    return Registers(int(used[-1]), max(int(n) for n in spills), compiled.metadata.shared)
