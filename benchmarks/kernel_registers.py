@@ -40,18 +40,6 @@ KERNELS = [
     ("dQ", "attention_backward_dq_kernel", "BLOCK_M", "BLOCK_N", "DQ_SHAPES"),
     ("dK/dV", "attention_backward_dkdv_kernel", "BLOCK_N", "BLOCK_M", "DKDV_SHAPES"),
 ]
-# tests/test_kernels_attention.py's CASES: head dim and whether lengths (padding) are on; which run fp16 too.
-TEST_CASES = [
-    (32, False),
-    (64, False),
-    (128, False),
-    (48, False),
-    (32, True),
-    (16, False),
-    (16, True),
-    (16, True),
-]
-TEST_FP16 = {0, 4, 7}
 
 
 def _module(path: Path | None):
@@ -120,11 +108,13 @@ def tile_table(args) -> None:
 
 
 def test_selection(args) -> None:
+    from tests.test_kernels_attention import CASES, FP16_CASES
+
     module = _module(args.old_kernels)
     variants = set()
-    for index, (head_dim, lengths) in enumerate(TEST_CASES):
-        for dtype in ("fp32", "bf16") + (("fp16",) if index in TEST_FP16 else ()):
-            variants.add((dtype, head_dim, lengths, False))
+    for name, (_, _, _, _, head_dim, _, lengths) in CASES.items():
+        for dtype in ("fp32", "bf16") + (("fp16",) if name in FP16_CASES else ()):
+            variants.add((dtype, head_dim, lengths is not None, False))
     # The dropout tests: fp32 at head dim 16, and the bf16 statistics test.
     variants |= {("fp32", 16, False, True), ("bf16", 64, False, True)}
     total, slowest = 0.0, []
