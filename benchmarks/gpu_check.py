@@ -44,7 +44,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from gpu_check_support import ROOT, Report, child_env, run
+from gpu_check_support import ROOT, Report, child_env, run, run_tables
 from gpu_check_training import stage_glm2b, stage_pretrain, stage_throughput
 
 # The tests that run on CUDA tensors where there is a GPU: the kernels' (test_kernels_compile, which compiles
@@ -188,13 +188,8 @@ def stage_graphs(report: Report, env: dict[str, str], work: Path, smoke: bool) -
     if smoke:
         command += ["--layers", "2", "--hidden", "64", "--heads", "4", "--seq", "64", "--batch", "2"]
         command += ["--vocab", "1024", "--dtypes", "fp32", "--kernels", "torch"]
-    status, text = run(report, command, env, 150 if not smoke else 300, work / "bench-model-graphs.log")
-    report.add("")
-    for line in text.splitlines():
-        if line.startswith(("|", "#")):
-            report.add(line)
-    if status != 0:
-        report.fail("bench_model --cuda-graph", f"exit {status} (see bench-model-graphs.log)")
+    log = work / "bench-model-graphs.log"
+    run_tables(report, "bench_model --cuda-graph", command, env, 150 if not smoke else 300, log)
 
 
 def stage_launch(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:
@@ -204,13 +199,8 @@ def stage_launch(report: Report, env: dict[str, str], work: Path, smoke: bool) -
     if smoke:
         command += ["--stub", "--calls", "20", "--repeats", "2"]
     # One tile per kernel: the host's cost does not depend on it, and nothing is autotuned for these shapes.
-    status, text = run(report, command, {**env, "GLM_KERNELS_AUTOTUNE": "0"}, 90, work / "launch.log")
-    report.add("")
-    for line in text.splitlines():
-        if line.startswith(("|", "#")):
-            report.add(line)
-    if status != 0:
-        report.fail("bench_launch_overhead", f"exit {status} (see launch.log)")
+    env = {**env, "GLM_KERNELS_AUTOTUNE": "0"}
+    run_tables(report, "bench_launch_overhead", command, env, 90, work / "launch.log")
 
 
 def stage_kernel_bench(report: Report, env: dict[str, str], work: Path, smoke: bool, extra: str) -> None:
@@ -218,13 +208,8 @@ def stage_kernel_bench(report: Report, env: dict[str, str], work: Path, smoke: b
     budget = max(20.0, min(240.0, report.left(400) - 50))
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_kernels_gpu.py"), "--budget", f"{budget:.0f}"]
     command += (["--smoke"] if smoke else []) + extra.split()
-    status, text = run(report, command, env, budget + 60, work / "bench-kernels.log")
-    report.add("")
-    for line in text.splitlines():
-        if line.startswith(("|", "#", "torch ", "TFLOP", "GB/s", "rel diff", "- ", "ABORTED")):
-            report.add(line)
-    if status != 0:
-        report.fail("bench_kernels_gpu", f"exit {status} (see bench-kernels.log)")
+    prefixes = ("|", "#", "torch ", "TFLOP", "GB/s", "rel diff", "- ", "ABORTED", "Device-to-device")
+    run_tables(report, "bench_kernels_gpu", command, env, budget + 60, work / "bench-kernels.log", prefixes)
 
 
 def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:

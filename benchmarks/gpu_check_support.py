@@ -90,3 +90,24 @@ def run(
     text = log.read_text(errors="replace")
     report.add(f"    (exit {status} after {time.perf_counter() - start:.0f} s; log {log.name})")
     return status, text
+
+
+def run_tables(
+    report: Report,
+    name: str,
+    command: list[str],
+    env: dict[str, str],
+    timeout: float,
+    log: Path,
+    prefixes: tuple[str, ...] = ("|", "#"),
+) -> tuple[int, str]:
+    """``run`` a benchmark, copy its output lines that start with ``prefixes`` (its tables and headings) into the
+    report, and record a failure named ``name`` if it did not exit cleanly; (exit status, output)."""
+    status, text = run(report, command, env, timeout, log)
+    report.add("")
+    for line in text.splitlines():
+        if line.startswith(prefixes):
+            report.add(line)
+    if status != 0:
+        report.fail(name, f"exit {status} (see {log.name})")
+    return status, text

@@ -134,8 +134,26 @@ def test_groups_on_real_ranks(four_rank_groups, tp, pp):
         assert len(distinct) < sum(len(lists) for lists in grid.values())
 
 
-def test_axes_that_coincide_share_one_group():
-    # tp = pp = 1 on 8 ranks: the tensor, pipeline, model and embedding groups are each rank alone.
-    grid = grid_ranks(1, 8, 1)
-    assert len({tuple(m) for lists in grid.values() for m in lists}) == 9
-    assert sum(len(lists) for lists in grid.values()) == 33
+def test_axes_that_coincide_share_one_group(monkeypatch):
+    # Rank 0 of 8 at tensor = pipeline = 1 (a stand-in world: group creation is what is counted). Its tensor,
+    # pipeline, model and embedding groups are each rank 0 alone: one group object, not four.
+    created = []
+
+    def new_group(ranks):
+        created.append(tuple(ranks))
+        return object()
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 8)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "new_group", new_group)
+    parallel.initialize_parallel(1, 1)
+    try:
+        assert len(created) == len(set(created)) == 9  # 8 single ranks and the data-parallel group
+        alone = parallel.get_tensor_parallel_group()
+        assert parallel.get_pipeline_parallel_group() is alone
+        assert parallel.get_model_parallel_group() is alone
+        assert parallel.get_embedding_group() is alone
+        assert parallel.get_data_parallel_group() is not alone
+    finally:
+        parallel.destroy_parallel()
