@@ -21,8 +21,10 @@ within about 8 minutes:
 5. on request (``--stages``): ``throughput`` (glm-pretrain under ZeRO-1 and ZeRO-2, and ZeRO-1 with per-layer
    CUDA graphs and with torch's kernels, side by side), ``graphs``
    (the model step also captured in one CUDA graph: its speed without the host's launch overhead), ``kbench``
-   (``benchmarks/bench_kernels_gpu.py``: attention against SDPA and FlexAttention, LayerNorm against torch)
-   and ``glm2b`` (glm-2b on one GPU with ZeRO-2 at T 1024: tokens/s, MFU and peak memory).
+   (``benchmarks/bench_kernels_gpu.py``: attention against SDPA and FlexAttention, LayerNorm against torch),
+   ``glm2b`` (glm-2b on one GPU with ZeRO-2 at T 1024: tokens/s, MFU and peak memory) and ``compile``
+   (``benchmarks/bench_compile.py``: the attention kernels' autotuning candidates compiled one by one, as
+   Triton's autotuner does, against ``kernels/precompile.py``'s worker processes).
 
 Every stage's output goes to stdout and, with the summary, to ``<out>/gpu-check.md`` (the commands' logs to
 ``<out>/gpu-check-logs.tar.gz``); the exit status is 1
@@ -87,7 +89,8 @@ def parse_args() -> argparse.Namespace:
         "exact resume), throughput (glm-pretrain ZeRO-1 vs ZeRO-2 vs CUDA graphs vs torch kernels, profiled), graphs (bench_model.py with each "
         "step also captured in a CUDA graph), kbench (bench_kernels_gpu.py), "
         "glm2b (glm-2b on one GPU, ZeRO-2, T 1024, 12 steps: tokens/s, MFU, peak "
-        "memory); the default set stays under 8 minutes",
+        "memory), compile (bench_compile.py: the autotuning candidates compiled one by one vs in worker "
+        "processes); the default set stays under 8 minutes",
     )
     parser.add_argument(
         "--kernel-bench-args",
@@ -212,6 +215,16 @@ def stage_kernel_bench(report: Report, env: dict[str, str], work: Path, smoke: b
     run_tables(report, "bench_kernels_gpu", command, env, budget + 60, work / "bench-kernels.log", prefixes)
 
 
+def stage_compile(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:
+    """Compile time of the attention kernels' autotuning candidates: one by one against the parallel compile."""
+    report.add("\n## Compiling the autotuning candidates: one by one vs worker processes\n")
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_compile.py")]
+    if smoke:
+        command += ["--workers", "2"]
+    # Its own empty caches: the training stages' cache is left as it is.
+    run_tables(report, "bench_compile", command, env, 150, work / "compile.log", ("|", "#", "candidates"))
+
+
 def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:
     report.add(
         "\n## Model step: GLM (Triton, torch kernels) vs HF BertForMaskedLM (SDPA), dropout 0.1 and 0\n"
@@ -251,9 +264,13 @@ def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool) ->
         report.add("\n### Where the step's time goes (torch.profiler)\n\n```\n" + profile + "\n```")
     if status != 0:
         report.fail("bench_model", f"exit {status} (see {log.name})")
+    if PARALLEL_COMPILE_FAILED in text:
+        report.fail("parallel compile", f"the autotuner compiled in-process instead (see {log.name})")
 
 
-STAGES = ("kernels", "bench", "launch", "pretrain", "throughput", "graphs", "kbench", "glm2b")
+STAGES = ("kernels", "bench", "launch", "pretrain", "throughput", "graphs", "kbench", "glm2b", "compile")
+# kernels/precompile.py's warning when its worker processes could not compile the autotuning candidates.
+PARALLEL_COMPILE_FAILED = "parallel compilation of Triton autotuning candidates failed"
 
 
 def main() -> int:
@@ -298,6 +315,7 @@ def main() -> int:
         "launch": lambda: stage_launch(report, env, work, args.smoke),
         "kbench": lambda: stage_kernel_bench(report, env, work, args.smoke, args.kernel_bench_args),
         "glm2b": lambda: stage_glm2b(report, env, work, args.smoke, args.overrides),
+        "compile": lambda: stage_compile(report, env, work, args.smoke),
     }
     for name in requested:
         stages[name]()

@@ -125,6 +125,9 @@ def stage_pretrain(
         f"({min(tokens):,.0f} - {max(tokens):,.0f}) |"
     )
     report.add(f"| reported MFU (median) | {median(timed, 'mfu'):.1%} |")
+    report.add(
+        f"| step 1 (Triton compiles and times its tiles unless its cache has them) | {train[1]['step_time']:.1f} s |"
+    )
     report.add(f"| data wait (median share of the step) | {median(timed, 'data_wait_fraction'):.1%} |")
     for record in evals:
         losses = ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("eval_"))

@@ -147,6 +147,10 @@ class Launcher:
         # key -> (compiled kernel, trailing constexpr values, grid meta), or None: always through Triton.
         self._variants: dict[tuple, tuple | None] = {}
         self._stream_of = None
+        if AUTOTUNE and not INTERPRET:
+            from kernels.precompile import install
+
+            install(kernel)  # compile the autotuner's candidates in parallel (kernels/precompile.py)
 
     def __call__(self, grid, *args, **constexprs) -> None:
         tensors = args[: self.tensor_args]

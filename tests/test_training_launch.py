@@ -217,6 +217,7 @@ def launch_environment():
                 "SLURM_LOCALID": "3",
                 "SLURM_STEP_ID": "0",
                 "SLURM_GPUS_PER_TASK": "1",
+                "SLURM_TASKS_PER_NODE": "4",
             },
             1,
             0,
@@ -262,6 +263,9 @@ def test_deepspeed_places_itself_on_the_gpu_chosen_for_the_rank(
     assert made_current == [device] and groups[0]["device_id"] == device
     assert info.local_rank == 3  # the launcher's: which rank of its node this is (data caches, logs)
     assert os.environ["LOCAL_RANK"] == str(device_index)
+    # Whichever launcher, the node's rank count is exported as torchrun does (the kernels' parallel compile
+    # and the CPU threads share the node's cores by it).
+    assert os.environ["LOCAL_WORLD_SIZE"] == "4"
     # The engine's own reading: it asserts LOCAL_RANK == OMPI_COMM_WORLD_LOCAL_RANK under mpirun.
     engine = types.SimpleNamespace()
     DeepSpeedEngine._configure_with_arguments(engine, None, None)

@@ -247,6 +247,11 @@ def init_distributed(timeout_minutes: int = 30) -> LaunchInfo:
             "MASTER_PORT": str(info.master_port),
         }
     )
+    # The node's rank count, as torchrun gives it, for what shares the node's CPUs (data-loader threads, the
+    # kernels' parallel compile) whichever launcher started the job.
+    ranks_on_node = local_world_size()
+    if ranks_on_node is not None:
+        os.environ.setdefault("LOCAL_WORLD_SIZE", str(ranks_on_node))
     device = device_for(info)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -1,0 +1,163 @@
+"""Parallel compilation of the autotuner's candidates (``kernels/precompile.py``), checked without a GPU.
+
+The kernels compile for sm_90 on any machine (Triton ships ptxas), so the whole path runs here: the autotuner's
+first timing call hands every candidate to worker processes, which fill Triton's on-disk cache; the autotuner's
+own compiles then find every candidate there, and what they find is the binary an in-process compile gives.
+A stand-in driver reports the sm_90 target and a benchmarker that launches nothing (there is no GPU to launch
+on). The script runs in a subprocess with the interpreter off, since ``@triton.jit`` picks interpreter or
+compiler when the kernel modules are imported.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kernels import precompile
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def _cache_files(folder: str) -> set[str]:
+    return {os.path.join(root, name) for root, _, names in os.walk(folder) for name in names}
+
+
+def _forward_launch():
+    """Arguments of a bf16, head-dim-64 attention forward with dropout, as the autotuner passes them to a
+    candidate's launch (``args``, ``meta``)."""
+    import torch
+
+    batch, heads, length, head_dim = 2, 4, 128, 64
+    q, k, v, out = (torch.zeros(batch, heads, length, head_dim, dtype=torch.bfloat16) for _ in range(4))
+    lse = torch.zeros(batch, heads, length)
+    sep = torch.zeros(batch, dtype=torch.int32)
+    lengths = torch.zeros(batch, dtype=torch.int32)
+    seed = torch.zeros(2, dtype=torch.int64)
+    strides = [s for t in (q, k, v, out) for s in t.stride()[:3]]
+    args = (
+        q,
+        k,
+        v,
+        out,
+        lse,
+        sep,
+        lengths,
+        seed,
+        *strides,
+        heads,
+        length,
+        length,
+        0.125,
+        6554,
+        1.1,
+        128,
+        128,
+    )
+    meta = {
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": head_dim,
+        "HAS_LENGTHS": False,
+        "HAS_DROPOUT": True,
+        "EMULATE_BF16": False,
+        "DOT_PRECISION": None,
+        "grid": (1,),
+        "warmup": False,
+    }
+    return args, meta
+
+
+def precompile_through_the_autotuner(sequential_cache: str) -> None:
+    """Run in a subprocess (interpreter off, GLM_KERNELS_AUTOTUNE=1, TRITON_CACHE_DIR fresh)."""
+    import warnings
+
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class NoGPU(precompile._TargetDriver):
+        def get_benchmarker(self):
+            return lambda kernel_call, quantiles: [1.0, 1.0, 1.0]  # times nothing, launches nothing
+
+    driver.set_active(NoGPU(GPUTarget("cuda", 90, 32)))
+    import kernels.triton_attention  # noqa: F401 - its launchers install the parallel compile
+    from kernels.triton_attention_kernels import attention_forward_kernel as tuner
+
+    assert tuner._bench.__qualname__.startswith("install."), (
+        "the launcher did not install the parallel compile"
+    )
+    args, meta = _forward_launch()
+    cache = os.environ["TRITON_CACHE_DIR"]
+    tuner.nargs = dict(zip(tuner.arg_names, args))
+    configs = tuner.prune_configs(meta)
+    assert len(configs) == len(tuner.configs) > 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed parallel compile warns: make it fail the test
+        tuner._bench(*args, config=configs[0], **meta)  # the autotuner's first timing call
+    filled = _cache_files(cache)
+    assert filled, "the workers wrote nothing to Triton's cache"
+    for config in configs[1:]:
+        tuner._bench(*args, config=config, **meta)
+    assert _cache_files(cache) == filled, "later timing calls compiled again"
+
+    # The autotuner's in-process compiles now find every candidate in the cache: nothing new is written.
+    compiled = [tuner.fn.run(*args, **{**meta, **c.all_kwargs(), "warmup": True}) for c in configs]
+    assert all(kernel is not None for kernel in compiled)
+    assert _cache_files(cache) == filled, "a candidate was not in the cache the workers filled"
+    assert len({kernel.hash for kernel in compiled}) == len(configs)
+
+    # And it is what an in-process compile of the same candidate gives, byte for byte.
+    os.environ["TRITON_CACHE_DIR"] = sequential_cache
+    tuner.fn.device_caches.clear()  # forget the in-memory kernels: compile again
+    for config, kernel in list(zip(configs, compiled))[:2]:
+        again = tuner.fn.run(*args, **{**meta, **config.all_kwargs(), "warmup": True})
+        assert again.asm["cubin"] == kernel.asm["cubin"], f"{config}: another binary than in-process"
+
+    # A specialization a worker cannot compile is reported, not raised; the autotuner then compiles it itself.
+    errors = precompile.compile_in_workers(tuner.fn, ['{"name": "not a kernel"}', "not json"], workers=2)
+    assert len(errors) == 2 and all(errors), errors
+
+
+@pytest.mark.slow
+def test_candidates_compile_in_workers_into_the_cache_the_autotuner_reads(tmp_path):
+    environment = {
+        **os.environ,
+        "TRITON_INTERPRET": "0",
+        "GLM_KERNELS_AUTOTUNE": "1",
+        "GLM_KERNELS_COMPILE_WORKERS": "2",
+        "TRITON_CACHE_DIR": str(tmp_path / "parallel"),
+    }
+    command = [
+        sys.executable,
+        "-c",
+        "from tests.test_kernels_precompile import precompile_through_the_autotuner as run; "
+        f"run({str(tmp_path / 'sequential')!r})",
+    ]
+    result = subprocess.run(
+        command, cwd=REPOSITORY, env=environment, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_worker_count_follows_the_environment(monkeypatch):
+    monkeypatch.setenv(precompile.WORKERS_ENV, "3")
+    assert precompile.default_workers() == 3
+    monkeypatch.setenv(precompile.WORKERS_ENV, "0")
+    assert precompile.default_workers() == 0
+    monkeypatch.setenv(precompile.WORKERS_ENV, "many")
+    with pytest.raises(ValueError, match=precompile.WORKERS_ENV):
+        precompile.default_workers()
+    monkeypatch.delenv(precompile.WORKERS_ENV)
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert precompile.default_workers() == cpus
+    # Ranks of one node share its CPUs.
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cpus * 2))
+    assert precompile.default_workers() == 1
+
+
+def test_precompile_is_off_with_fewer_than_two_workers():
+    # With one worker there is nothing to gain: the autotuner compiles in-process (and nothing is captured).
+    assert precompile.precompile(tuner=None, args=(), meta={}, workers=1) == 0
