@@ -44,12 +44,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
+import kernels.triton_attention_kernels
+import kernels.triton_layer_norm  # noqa: F401 - both register their autotuned kernels in AUTOTUNED
 from kernels import glm_attention, glm_attention_torch, layer_norm, layer_norm_torch
-from kernels.triton_attention_kernels import (
-    attention_backward_dkdv_kernel,
-    attention_backward_dq_kernel,
-    attention_forward_kernel,
-)
+from kernels.triton_support import AUTOTUNED
 
 
 class Deadline(Exception):
@@ -437,10 +435,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|")
     print("\n".join(layer_norm_summary(norm_speeds, copy_gbps)))
-    print("\n## Tile shapes the autotuner chose (key: length buckets, head dim, flags, dtypes)\n")
-    for kernel in (attention_forward_kernel, attention_backward_dq_kernel, attention_backward_dkdv_kernel):
+    print(
+        "\n## Tiles and warps the autotuner chose (attention key: length buckets, head dim, flags, dtypes; "
+        "LayerNorm key: width, residual, dtypes)\n"
+    )
+    for name, kernel in AUTOTUNED.items():
         for key, config in kernel.cache.items():
-            print(f"- {kernel.fn.__name__} {key}: {config}")
+            print(f"- {name} {key}: {config}")
     print(f"\nwall time {time.monotonic() - started:.0f} s")
     return 0
 

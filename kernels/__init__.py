@@ -107,9 +107,9 @@ def tile_choices() -> dict[str, list[dict]]:
     Triton kernel has run. Saved with each checkpoint and put back on resume (``restore_tile_choices``): the
     autotuner's on-disk cache is node-local, and on another node it would time the tiles again and could pick
     others, whose rounding differs, so the resumed run would not continue bit for bit."""
-    if "kernels.triton_attention_kernels" not in sys.modules:
+    if "kernels.triton_support" not in sys.modules:
         return {}
-    from kernels.triton_attention_kernels import AUTOTUNED
+    from kernels.triton_support import AUTOTUNED
     from kernels.triton_support import tile_choices as choices_of
 
     return choices_of(AUTOTUNED)
@@ -119,7 +119,9 @@ def restore_tile_choices(choices: dict[str, list[dict]]) -> int:
     """Make the autotuned Triton kernels use ``choices`` (from ``tile_choices``); returns how many were put back."""
     if not choices or not triton_available():
         return 0
-    from kernels.triton_attention_kernels import AUTOTUNED
+    import kernels.triton_attention_kernels
+    import kernels.triton_layer_norm  # noqa: F401 - both register their autotuned kernels
+    from kernels.triton_support import AUTOTUNED
     from kernels.triton_support import restore_tile_choices as restore
 
     return restore(AUTOTUNED, choices)

@@ -158,6 +158,7 @@ class _WorkerPool:
         self._lock = threading.Lock()
         self._workers: list[tuple[subprocess.Popen, object]] = []
         self._timer: threading.Timer | None = None
+        self._owner = os.getpid()
         atexit.register(self.close)
 
     def run(self, jobs: list[dict]) -> list[str]:
@@ -192,10 +193,18 @@ class _WorkerPool:
             return failures
 
     def close(self) -> None:
+        # Idle workers wait on stdin; they are stopped, not just sent EOF, since a process forked from this one
+        # after they started (a data loader's worker) holds their stdin open too. A forked copy of this pool is
+        # not the owner of the workers and leaves them alone.
         with self._lock:
+            if os.getpid() != self._owner:
+                self._workers = []
+                return
             for process, log in self._workers:
-                process.stdin.close()
+                process.kill()
                 process.wait()
+                process.stdin.close()
+                process.stdout.close()
                 log.close()
             self._workers = []
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_support import autotune_configs, dot_operand, to_dtype
+from kernels.triton_support import AUTOTUNED, autotune_configs, dot_operand, to_dtype
 
 LOG2_E = tl.constexpr(1.4426950408889634)
 
@@ -480,10 +480,11 @@ def attention_backward_dkdv_kernel(
     )
 
 
-# The autotuned kernels by name: their tile choices go into checkpoints (``kernels.tile_choices``), so that a
-# job resumed on another node, whose Triton cache does not have them, runs the tiles the first job ran.
-AUTOTUNED = {
-    "attention_forward": attention_forward_kernel,
-    "attention_backward_dq": attention_backward_dq_kernel,
-    "attention_backward_dkdv": attention_backward_dkdv_kernel,
-}
+# Their tile choices go into checkpoints (``kernels.tile_choices``).
+AUTOTUNED.update(
+    {
+        "attention_forward": attention_forward_kernel,
+        "attention_backward_dq": attention_backward_dq_kernel,
+        "attention_backward_dkdv": attention_backward_dkdv_kernel,
+    }
+)

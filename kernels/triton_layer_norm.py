@@ -4,7 +4,10 @@ Forward: one program per row keeps the whole row in registers (rows up to ``MAX_
 once; mean and 1/std are computed in fp32 (two passes over the registers, not E[x^2] - E[x]^2) and saved.
 Backward: each program owns a contiguous run of rows, writes dx row by row and accumulates its share of dweight
 and dbias in fp32 registers; the per-program partial sums are added in a fixed order afterwards, so gradients
-are deterministic (no atomics) and x and dy are each read once.
+are deterministic (no atomics) and x and dy are each read once. Rows wider than ``FUSED_BACKWARD_MAX_WIDTH``
+do not fit in registers that way: there dx is written one row per program, and dweight and dbias are summed
+by a second kernel over blocks of columns (x and dy read twice).
+Warps per program: a width heuristic, and on GPUs the autotuner's choice between it and its neighbours.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ import triton.language as tl
 
 from kernels.errors import KernelError
 from kernels.triton_support import (
+    AUTOTUNE,
+    AUTOTUNED,
+    INTERPRET,
     Launcher,
     cdiv,
     device_guard,
@@ -28,6 +34,42 @@ MAX_WIDTH = 16384
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _num_warps(block_n: int, backward: bool) -> int:
+    """Warps per row program by width: about 8-16 fp32 values of each row vector per thread, enough work per
+    thread and few spills. The backward of 16K-wide rows holds five row vectors (x, dy, w and the dweight/dbias
+    sums), more than 16 warps' registers: ptxas spills least with 32 warps there."""
+    if block_n > 8192:
+        return 32 if backward else 16
+    return min(max(block_n // 256, 1), 8)
+
+
+# The warps per program are the kernels' one tuning parameter. On GPUs the autotuner times ``_num_warps``'s
+# choice and its neighbours (half and twice as many) once per width, dtype and variant, and keeps the fastest in
+# Triton's cache (and in checkpoints, as the attention's tiles); with GLM_KERNELS_AUTOTUNE=0 it runs the
+# heuristic's choice alone. The interpreter has one config of its own.
+_WARPS = (1, 2, 4, 8, 16, 32)
+
+
+def _warps_candidates(backward: bool):
+    def prune(configs: list, named_args: dict, **kwargs) -> list:
+        if len(configs) == 1:
+            return configs
+        preferred = _num_warps(kwargs["BLOCK_N"], backward)
+        window = {preferred // 2, preferred, preferred * 2} if AUTOTUNE else {preferred}
+        return sorted((c for c in configs if c.num_warps in window), key=lambda c: c.num_warps != preferred)
+
+    return {"early_config_prune": prune}
+
+
+_CONFIGS = [triton.Config({}, num_warps=4)] if INTERPRET else [triton.Config({}, num_warps=w) for w in _WARPS]
+
+
+@triton.autotune(
+    configs=_CONFIGS,
+    key=["BLOCK_N", "HAS_RESIDUAL"],
+    prune_configs_by=_warps_candidates(backward=False),
+    cache_results=True,
+)
 @triton.jit
 def layer_norm_forward_kernel(
     X, Residual, Summed, Y, W, B, Mean, Rstd,
@@ -59,6 +101,32 @@ def layer_norm_forward_kernel(
 
 
 @triton.jit
+def _store_dx_row(
+    x, dy, w, Mean, Rstd, DSummed, DX, row, cols, mask, stride_ds, stride_dx, width,
+    HAS_DSUMMED: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):  # fmt: skip
+    """Store row ``row`` of dx (plus dsummed's row); return the row's x_hat for dweight."""
+    mean = tl.load(Mean + row)
+    rstd = tl.load(Rstd + row)
+    x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+    w_dy = w * dy
+    # d/dx of (x - mean) * rstd applied to g = w * dy: rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
+    c_hat = tl.sum(x_hat * w_dy, axis=0) / width
+    c_dy = tl.sum(w_dy, axis=0) / width
+    dx = (w_dy - (x_hat * c_hat + c_dy)) * rstd
+    if HAS_DSUMMED:
+        dx += tl.load(DSummed + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + row * stride_dx + cols, to_dtype(dx, DX.dtype.element_ty, EMULATE_BF16), mask=mask)
+    return x_hat
+
+
+@triton.autotune(
+    configs=_CONFIGS,
+    key=["BLOCK_N", "HAS_DSUMMED"],
+    prune_configs_by=_warps_candidates(backward=True),
+    cache_results=True,
+)
+@triton.jit
 def layer_norm_backward_kernel(
     X, W, DY, DSummed, DX, Mean, Rstd, PartialDW, PartialDB,
     stride_x, stride_dy, stride_ds, stride_dx, rows, width, rows_per_program,
@@ -76,35 +144,94 @@ def layer_norm_backward_kernel(
     for row in range(first_row, last_row):
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + row)
-        rstd = tl.load(Rstd + row)
-        x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
-        w_dy = w * dy
-        # d/dx of (x - mean) * rstd applied to g = w * dy: rstd * (g - mean(g) - x_hat * mean(g * x_hat)).
-        c_hat = tl.sum(x_hat * w_dy, axis=0) / width
-        c_dy = tl.sum(w_dy, axis=0) / width
-        dx = (w_dy - (x_hat * c_hat + c_dy)) * rstd
-        if HAS_DSUMMED:
-            dx += tl.load(DSummed + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + row * stride_dx + cols, to_dtype(dx, DX.dtype.element_ty, EMULATE_BF16), mask=mask)
+        x_hat = _store_dx_row(
+            x, dy, w, Mean, Rstd, DSummed, DX, row, cols, mask, stride_ds, stride_dx, width,
+            HAS_DSUMMED, EMULATE_BF16,
+        )  # fmt: skip
         dw += dy * x_hat
         db += dy
     tl.store(PartialDW + program * width + cols, dw, mask=mask)
     tl.store(PartialDB + program * width + cols, db, mask=mask)
 
 
-# The tensor parameters come first: 8 in the forward (X ... Rstd), 9 in the backward (X ... PartialDB).
+# Rows wider than this get the split backward: one row per program for dx, then dweight and dbias by column
+# blocks. The fused backward keeps a row of x, dy and w and the program's two fp32 partial sums in registers,
+# which at 16384 columns spills on any number of warps (ptxas, sm_90: 300 bytes per thread on 32 warps, 1.5 KB
+# on 16); the split reads x and dy twice, with nothing spilled.
+FUSED_BACKWARD_MAX_WIDTH = 8192
+# dweight/dbias tiles of the split backward: rows x columns per step, warps; about four programs per SM.
+_DWDB_TILE = (16, 64, 4) if INTERPRET else (32, 128, 4)
+_DWDB_PROGRAMS_PER_SM = 4
+
+
+@triton.autotune(
+    configs=_CONFIGS,
+    key=["BLOCK_N", "HAS_DSUMMED"],
+    # x, dy and w per row, as the forward holds x, w and b: the forward's warps.
+    prune_configs_by=_warps_candidates(backward=False),
+    cache_results=True,
+)
+@triton.jit
+def layer_norm_backward_dx_kernel(
+    X, W, DY, DSummed, DX, Mean, Rstd,
+    stride_x, stride_dy, stride_ds, stride_dx, width,
+    HAS_DSUMMED: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """dx of one row (the split backward's first kernel)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < width
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    _store_dx_row(
+        x, dy, w, Mean, Rstd, DSummed, DX, row, cols, mask, stride_ds, stride_dx, width,
+        HAS_DSUMMED, EMULATE_BF16,
+    )  # fmt: skip
+
+
+@triton.jit
+def layer_norm_backward_dwdb_kernel(
+    X, DY, Mean, Rstd, PartialDW, PartialDB,
+    stride_x, stride_dy, rows, width, rows_per_program,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """The split backward's second kernel: dweight's and dbias's sums over one run of rows, for one block of
+    columns, in a fixed order (deterministic)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < width
+    group = tl.program_id(1)
+    first_row = group.to(tl.int64) * rows_per_program
+    last_row = tl.minimum(first_row + rows_per_program, rows)
+    dw = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    for start in range(first_row, last_row, BLOCK_R):
+        rows_here = start + tl.arange(0, BLOCK_R)
+        row_mask = rows_here < last_row
+        mask = row_mask[:, None] & col_mask[None, :]
+        x = tl.load(X + rows_here[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows_here[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + rows_here, mask=row_mask, other=0.0)
+        rstd = tl.load(Rstd + rows_here, mask=row_mask, other=0.0)
+        dw += dy * ((x - mean[:, None]) * rstd[:, None])
+        db += dy
+    tl.store(PartialDW + group * width + cols, tl.sum(dw, axis=0), mask=col_mask)
+    tl.store(PartialDB + group * width + cols, tl.sum(db, axis=0), mask=col_mask)
+
+
+# The tensor parameters come first: 8 in the forward (X ... Rstd), 9 in the backward (X ... PartialDB), 7 and 6
+# in the split backward's kernels.
 _forward = Launcher(layer_norm_forward_kernel, tensor_args=8)
 _backward = Launcher(layer_norm_backward_kernel, tensor_args=9)
-
-
-def _num_warps(block_n: int, backward: bool) -> int:
-    # About 8-16 fp32 values of each row vector per thread: enough work per thread, few spills. The backward
-    # of 16K-wide rows holds five row vectors (x, dy, w and the dweight/dbias sums), more than 16 warps'
-    # registers: ptxas spills least with 32 warps there.
-    if block_n > 8192:
-        return 32 if backward else 16
-    return min(max(block_n // 256, 1), 8)
+_backward_dx = Launcher(layer_norm_backward_dx_kernel, tensor_args=7)
+_backward_dwdb = Launcher(layer_norm_backward_dwdb_kernel, tensor_args=6)
+AUTOTUNED.update(
+    {
+        "layer_norm_forward": layer_norm_forward_kernel,
+        "layer_norm_backward": layer_norm_backward_kernel,
+        "layer_norm_backward_dx": layer_norm_backward_dx_kernel,
+    }
+)
 
 
 def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -131,7 +258,7 @@ class LayerNormFunction(torch.autograd.Function):
                 _forward(
                     (rows,), x2, residual2, summed, y, weight, bias, mean, rstd,
                     x2.stride(0), residual2.stride(0), summed.stride(0), y.stride(0), width, eps,
-                    HAS_RESIDUAL=has_residual, EMULATE_BF16=emulate_bf16(x.dtype), BLOCK_N=block_n, num_warps=_num_warps(block_n, backward=False),
+                    HAS_RESIDUAL=has_residual, EMULATE_BF16=emulate_bf16(x.dtype), BLOCK_N=block_n,
                 )  # fmt: skip
         ctx.save_for_backward(summed, weight, mean, rstd)
         ctx.has_residual = has_residual
@@ -152,20 +279,23 @@ class LayerNormFunction(torch.autograd.Function):
         has_dsummed = grad_summed is not None
         dsummed = _rows(grad_summed, width) if has_dsummed else dy
         dx = torch.empty((rows, width), device=summed.device, dtype=summed.dtype)
-        # About two programs per SM; every program owns at least one row and writes its whole partial row.
-        rows_per_program = max(1, cdiv(rows, 2 * multiprocessor_count(summed.device)))
-        programs = cdiv(rows, rows_per_program)
-        # dweight's and dbias's partial sums in one buffer, so that one reduction (and one cast) finishes both.
-        partials = torch.empty((2, programs, width), device=summed.device, dtype=torch.float32)
-        partial_dw, partial_db = partials[0], partials[1]
         block_n = next_power_of_2(width)
-        if rows > 0:
-            with device_guard(summed.device):
-                _backward(
-                    (programs,), summed, weight, dy, dsummed, dx, mean, rstd, partial_dw, partial_db,
-                    summed.stride(0), dy.stride(0), dsummed.stride(0), dx.stride(0), rows, width, rows_per_program,
-                    HAS_DSUMMED=has_dsummed, EMULATE_BF16=emulate_bf16(summed.dtype), BLOCK_N=block_n, num_warps=_num_warps(block_n, backward=True),
-                )  # fmt: skip
+        flags = {"EMULATE_BF16": emulate_bf16(summed.dtype), "BLOCK_N": block_n}
+        if block_n > FUSED_BACKWARD_MAX_WIDTH:
+            partials = _split_backward(summed, weight, dy, dsummed, dx, mean, rstd, has_dsummed, flags)
+        else:
+            # About two programs per SM; every program owns at least one row and writes its whole partial row.
+            rows_per_program = max(1, cdiv(rows, 2 * multiprocessor_count(summed.device)))
+            programs = cdiv(rows, rows_per_program)
+            # dweight's and dbias's partial sums in one buffer, so that one reduction (and one cast) finishes both.
+            partials = torch.empty((2, programs, width), device=summed.device, dtype=torch.float32)
+            if rows > 0:
+                with device_guard(summed.device):
+                    _backward(
+                        (programs,), summed, weight, dy, dsummed, dx, mean, rstd, partials[0], partials[1],
+                        summed.stride(0), dy.stride(0), dsummed.stride(0), dx.stride(0), rows, width, rows_per_program,
+                        HAS_DSUMMED=has_dsummed, **flags,
+                    )  # fmt: skip
         sums = partials.sum(1)
         if weight.dtype == ctx.bias_dtype:
             dweight, dbias = sums.to(weight.dtype).unbind(0)
@@ -174,6 +304,40 @@ class LayerNormFunction(torch.autograd.Function):
         dx = dx.view(shape)
         # x and residual enter only through their sum, so they share one gradient, as with torch's add.
         return dx, dweight, dbias, None, dx if ctx.has_residual else None
+
+
+def _split_backward(
+    summed, weight, dy, dsummed, dx, mean, rstd, has_dsummed: bool, flags: dict
+) -> torch.Tensor:
+    """Rows wider than ``FUSED_BACKWARD_MAX_WIDTH``: dx one row per program, then the partial sums of dweight
+    and dbias (``[2, groups, width]``) by column blocks over runs of rows."""
+    rows, width = summed.shape
+    block_r, block_c, warps = _DWDB_TILE
+    column_blocks = cdiv(width, block_c)
+    groups = max(
+        1,
+        min(
+            cdiv(rows, block_r),
+            cdiv(_DWDB_PROGRAMS_PER_SM * multiprocessor_count(summed.device), column_blocks),
+        ),
+    )
+    rows_per_group = max(1, cdiv(rows, groups))
+    groups = max(1, cdiv(rows, rows_per_group))
+    partials = torch.empty((2, groups, width), device=summed.device, dtype=torch.float32)
+    if rows == 0:
+        return partials.zero_()
+    with device_guard(summed.device):
+        _backward_dx(
+            (rows,), summed, weight, dy, dsummed, dx, mean, rstd,
+            summed.stride(0), dy.stride(0), dsummed.stride(0), dx.stride(0), width,
+            HAS_DSUMMED=has_dsummed, **flags,
+        )  # fmt: skip
+        _backward_dwdb(
+            (column_blocks, groups), summed, dy, mean, rstd, partials[0], partials[1],
+            summed.stride(0), dy.stride(0), rows, width, rows_per_group,
+            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+        )  # fmt: skip
+    return partials
 
 
 def _check_inputs(

@@ -115,6 +115,11 @@ DIRECT_LAUNCH: bool = _switched_on("GLM_KERNELS_DIRECT_LAUNCH")
 
 _MAX_VARIANTS = 256
 
+# The autotuned kernels by name (each kernel module adds its own): their tile choices go into checkpoints
+# (``kernels.tile_choices``), so that a job resumed on another node, whose Triton cache does not have them, runs
+# the tiles the first job ran.
+AUTOTUNED: dict = {}
+
 
 class Launcher:
     """``kernel[grid](*args, **constexprs)`` that skips Triton's dispatch once a call's variant is compiled.

@@ -2,7 +2,8 @@
 
 NCCL where the machine has a GPU for every rank; gloo on the CPU otherwise, with the GPUs hidden from the
 ranks where there are some but too few (NCCL refuses two ranks on one GPU). Each rank runs with one thread,
-a fresh port on 127.0.0.1, DeepSpeed's shared-memory comm op skipped (plain gloo trains identically and
+a rendezvous through a file (MASTER_ADDR and MASTER_PORT are set for code that reads them, but nothing
+listens on that port), DeepSpeed's shared-memory comm op skipped (plain gloo trains identically and
 nothing is compiled), and tears the group down at the end.
 ``fn(rank, world_size, *args)`` must be importable (a module-level function); what each rank
 returns comes back as a list indexed by rank.
@@ -52,7 +53,10 @@ def _entry(rank: int, fn, world_size: int, backend: str, port: int, out_dir: str
     _skip_deepspeed_shm_build()
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    # The rendezvous goes through a file, not a TCP port: a port picked free before the ranks start can be
+    # taken by then (by another test's ranks, or as some connection's ephemeral port) on a busy machine.
+    rendezvous = f"file://{Path(out_dir) / 'rendezvous'}"
+    dist.init_process_group(backend, init_method=rendezvous, rank=rank, world_size=world_size)
     try:
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")

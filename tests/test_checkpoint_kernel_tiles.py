@@ -10,6 +10,7 @@ import pytest
 import triton
 
 import kernels
+import kernels.triton_layer_norm  # noqa: F401 - registers LayerNorm's autotuned kernels
 from kernels.triton_attention_kernels import AUTOTUNED
 from kernels.triton_support import restore_tile_choices, tile_choices
 from megatron_glm.checkpoint import tile_file_name
@@ -66,13 +67,19 @@ def test_a_tile_is_restored_wherever_it_now_sits_in_the_list():
     assert str(reordered.cache[(1024,)]) == str(tuner.configs[0])
 
 
-@pytest.fixture
-def tuned_forward():
-    """The real attention forward autotuner with one tuned key, as a training job leaves it."""
-    tuner = AUTOTUNED["attention_forward"]
-    key = (512, 512, 64, True, False, "torch.bfloat16")
+# The real autotuners with one tuned key each, as a training job leaves them.
+TUNED_KEYS = {
+    "attention_forward": (512, 512, 64, True, False, "torch.bfloat16"),
+    "layer_norm_backward": (1024, True, "torch.bfloat16", "torch.bfloat16", "torch.float32"),
+}
+
+
+@pytest.fixture(params=sorted(TUNED_KEYS))
+def tuned_kernel(request):
+    name, key = request.param, TUNED_KEYS[request.param]
+    tuner = AUTOTUNED[name]
     tuner.cache[key] = tuner.configs[-1]
-    yield tuner, key
+    yield name, tuner, key
     tuner.cache.pop(key, None)
 
 
@@ -83,16 +90,16 @@ class Engine:
         (Path(save_dir) / tag).mkdir(parents=True)
 
 
-def test_checkpoints_carry_the_tiles_and_resume_puts_them_back(tmp_path, tuned_forward):
-    tuner, key = tuned_forward
+def test_checkpoints_carry_the_tiles_and_resume_puts_them_back(tmp_path, tuned_kernel):
+    name, tuner, key = tuned_kernel
     manager = CheckpointManager(tmp_path)
     final = manager.save(Engine(), 4, {"step": 4}, "model: {}\n")
     saved = json.loads((final / tile_file_name(0)).read_text())
-    assert saved["attention_forward"] == [
+    assert saved[name] == [
         {"key": list(key), "config": len(tuner.configs) - 1, "tile": str(tuner.configs[-1])}
     ]
 
     tuner.cache.clear()  # a new process on another node: nothing tuned, nothing cached
     CheckpointManager(tmp_path).restore_kernel_tiles("4")
     assert tuner.cache == {key: tuner.configs[-1]}
-    assert kernels.tile_choices()["attention_forward"] == saved["attention_forward"]
+    assert kernels.tile_choices()[name] == saved[name]

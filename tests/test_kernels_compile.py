@@ -57,28 +57,28 @@ def compile_kernels() -> None:
     _compile(attention.attention_forward_kernel, "fp32", {**fp32, "BLOCK_M": 64, "BLOCK_N": 32}, 4, 3, 90)
     preprocess = {"HEAD_DIM": 80, "BLOCK_D": 128, "BLOCK_M": 64}
     _compile(attention.attention_backward_preprocess_kernel, "bf16", preprocess, 4, 3, 90)
-    for width in (4096, layer_norm.MAX_WIDTH):
+    # LayerNorm on the heuristic's warps (the GPU tests' and the autotuner's first choice), with nothing spilled:
+    # the fused backward up to FUSED_BACKWARD_MAX_WIDTH, the split one (dx per row, then dweight and dbias by
+    # column blocks) beyond, where the fused one cannot hold its row and partial sums in registers.
+    for width in (4096, layer_norm.FUSED_BACKWARD_MAX_WIDTH, layer_norm.MAX_WIDTH):
         flags = {"EMULATE_BF16": False, "BLOCK_N": width}
-        forward_warps, backward_warps = (
-            layer_norm._num_warps(width, False),
-            layer_norm._num_warps(width, True),
-        )
-        _compile(
-            layer_norm.layer_norm_forward_kernel,
-            "bf16",
-            {"HAS_RESIDUAL": True, **flags},
-            forward_warps,
-            3,
-            90,
-        )
-        _compile(
-            layer_norm.layer_norm_backward_kernel,
-            "bf16",
-            {"HAS_DSUMMED": True, **flags},
-            backward_warps,
-            3,
-            90,
-        )
+        forward_warps = layer_norm._num_warps(width, False)
+        kernels = [(layer_norm.layer_norm_forward_kernel, {"HAS_RESIDUAL": True, **flags}, forward_warps)]
+        if width <= layer_norm.FUSED_BACKWARD_MAX_WIDTH:
+            backward = (layer_norm.layer_norm_backward_kernel, {"HAS_DSUMMED": True, **flags})
+            kernels.append((*backward, layer_norm._num_warps(width, True)))
+        else:
+            kernels.append(
+                (layer_norm.layer_norm_backward_dx_kernel, {"HAS_DSUMMED": True, **flags}, forward_warps)
+            )
+            block_r, block_c, warps = layer_norm._DWDB_TILE
+            dwdb = {"BLOCK_R": block_r, "BLOCK_C": block_c}
+            kernels.append((layer_norm.layer_norm_backward_dwdb_kernel, dwdb, warps))
+        for kernel, constexprs, warps in kernels:
+            spilled = registers(_compile(kernel, "bf16", constexprs, warps, 3, 90), 90).spilled_bytes
+            assert spilled == 0, (
+                f"{kernel.fn.__name__} at width {width}: {spilled} bytes of spill stores on sm_90"
+            )
 
 
 def test_kernels_compile_for_nvidia_gpus():

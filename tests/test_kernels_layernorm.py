@@ -115,3 +115,44 @@ def test_unservable_calls_raise_kernel_error():
     wide, _, wide_weight, wide_bias = _inputs((1, 16385), torch.float32, False)
     with pytest.raises(KernelError, match="16384"):
         layer_norm(wide, wide_weight, wide_bias, EPS, backend="triton")
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
+def test_autotuner_times_the_width_heuristic_and_its_neighbours(monkeypatch, backward):
+    # On GPUs each LayerNorm kernel times the warps the width heuristic picks and half and twice as many, the
+    # heuristic's first; with GLM_KERNELS_AUTOTUNE=0 (the GPU tests) the heuristic's alone, as before tuning.
+    import triton
+
+    from kernels import triton_layer_norm as ln
+
+    configs = [triton.Config({}, num_warps=w) for w in ln._WARPS]
+    prune = ln._warps_candidates(backward)["early_config_prune"]
+    for width in (256, 1024, 4096, 16384):
+        preferred = ln._num_warps(width, backward)
+        monkeypatch.setattr(ln, "AUTOTUNE", True)
+        timed = [c.num_warps for c in prune(configs, {}, BLOCK_N=width)]
+        assert timed[0] == preferred
+        assert sorted(timed) == sorted(
+            {w for w in (preferred // 2, preferred, preferred * 2) if w in ln._WARPS}
+        )
+        monkeypatch.setattr(ln, "AUTOTUNE", False)
+        assert [c.num_warps for c in prune(configs, {}, BLOCK_N=width)] == [preferred]
+    # The interpreter's single config is left alone.
+    assert prune(configs[:1], {}, BLOCK_N=4096) == configs[:1]
+
+
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_split_backward_matches_torch(monkeypatch, with_residual):
+    # Rows wider than FUSED_BACKWARD_MAX_WIDTH (16K-wide ones) take the split backward: dx per row, then dweight
+    # and dbias by column blocks over runs of rows. Forced here at a narrow, ragged width and a row count that
+    # is no multiple of the tiles, so that every edge of the column blocks and row runs is crossed.
+    from kernels import triton_layer_norm as ln
+
+    monkeypatch.setattr(ln, "FUSED_BACKWARD_MAX_WIDTH", 64)
+    shape, dtype = (3, 37, 200), torch.float32
+    x, residual, weight, bias = _inputs(shape, dtype, with_residual, seed=4)
+    grads = [_randn(*shape, seed=5)] + ([_randn(*shape, seed=6)] if with_residual else [])
+    expected = _forward_backward(_torch_ln, x, residual, weight, bias, grads)
+    got = _forward_backward(_triton_ln, x, residual, weight, bias, grads)
+    for want, have in zip(expected, got):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)

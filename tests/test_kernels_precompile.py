@@ -11,8 +11,11 @@ compiler when the kernel modules are imported.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -118,6 +121,21 @@ def precompile_through_the_autotuner(sequential_cache: str) -> None:
     # A specialization a worker cannot compile is reported, not raised; the autotuner then compiles it itself.
     errors = precompile.compile_in_workers(tuner.fn, ['{"name": "not a kernel"}', "not json"], workers=2)
     assert len(errors) == 2 and all(errors), errors
+
+    # Idle workers are stopped when the pool closes (after a minute without work, and at exit), also where a
+    # process forked after they started, as a data loader's worker is, holds their stdin open.
+    child = os.fork()
+    if child == 0:
+        time.sleep(60)
+        os._exit(0)
+    try:
+        closer = threading.Thread(target=precompile._POOL.close, daemon=True)
+        closer.start()
+        closer.join(timeout=30)
+        assert not closer.is_alive(), "closing the idle workers hung"
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
 
 
 @pytest.mark.slow
