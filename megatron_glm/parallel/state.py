@@ -39,10 +39,9 @@ class _ParallelState:
     data: _Axis
     pipeline: _Axis
     # Tensor x pipeline ranks that share one data-parallel index (DeepSpeed's "model parallel" group).
+    # (No group of the first and last pipeline stages for the tied word embeddings: DeepSpeed's
+    # PipelineModule ties them and makes its own.)
     model: _Axis
-    # The first and last pipeline stage of this rank's (data, tensor) column: they share the tied word
-    # embeddings. A single-stage pipeline holds only this rank; middle stages have none.
-    embedding: _Axis | None
 
 
 _STATE: _ParallelState | None = None
@@ -52,21 +51,19 @@ _RNG_TRACKER = RNGStatesTracker()
 def grid_ranks(tensor_parallel_size: int, data_parallel_size: int, pipeline_parallel_size: int) -> dict:
     """The rank lists of every group of the grid, in DeepSpeed's topology order.
 
-    Returns ``{"tensor": [...], "data": [...], "pipeline": [...], "model": [...], "embedding": [...]}``,
-    each a list of rank lists covering the world.
+    Returns ``{"tensor": [...], "data": [...], "pipeline": [...], "model": [...]}``, each a list of rank lists
+    covering the world.
     """
     tp, dp, pp = tensor_parallel_size, data_parallel_size, pipeline_parallel_size
 
     def rank(p: int, d: int, t: int) -> int:
         return p * dp * tp + d * tp + t
 
-    pipelines = [[rank(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)]
     return {
         "tensor": [[rank(p, d, t) for t in range(tp)] for p in range(pp) for d in range(dp)],
         "data": [[rank(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)],
-        "pipeline": pipelines,
+        "pipeline": [[rank(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)],
         "model": [sorted(rank(p, d, t) for p in range(pp) for t in range(tp)) for d in range(dp)],
-        "embedding": [sorted({column[0], column[-1]}) for column in pipelines],
     }
 
 
@@ -93,9 +90,9 @@ def initialize_parallel(tensor_parallel_size: int = 1, pipeline_parallel_size: i
         )
     dp = world_size // (tp * pp)
 
-    axes: dict[str, _Axis | None] = {"embedding": None}
-    # One group per distinct member list: axes that coincide share it (at tp = pp = 1 the tensor, pipeline,
-    # model and embedding groups are all this rank alone). new_group is collective over the whole world (with
+    axes: dict[str, _Axis] = {}
+    # One group per distinct member list: axes that coincide share it (at tp = pp = 1 the tensor, pipeline
+    # and model groups are all this rank alone). new_group is collective over the whole world (with
     # NCCL a communicator split each), so at hundreds of ranks this cuts the start-up's group creations
     # about 4x. Every rank walks the same lists in the same order, so all create the same groups.
     groups: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
@@ -193,17 +190,6 @@ def get_model_parallel_rank() -> int:
 
 def get_model_parallel_world_size() -> int:
     return _state().model.world_size
-
-
-def get_embedding_group() -> dist.ProcessGroup | None:
-    """The first and last pipeline stage of this rank's column (they hold the tied word embeddings)."""
-    embedding = _state().embedding
-    if embedding is None:
-        raise ParallelStateError(
-            f"pipeline stage {get_pipeline_parallel_rank()} is neither the first nor the "
-            "last: it holds no word embeddings and belongs to no embedding group"
-        )
-    return embedding.group
 
 
 def get_rng_tracker() -> RNGStatesTracker:

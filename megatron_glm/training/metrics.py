@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -249,3 +249,29 @@ class StepProfiler:
             )
         logger.info("host profile of steps %d-%d added to %s", self.last + 1, self.host_last, self.path)
         self._host = None
+
+
+class TimedIterator:
+    """Counts the time spent waiting for the next micro-batch (the data loader's share of a step) and the
+    share of positions that carry a loss (the rows whose logits are computed)."""
+
+    def __init__(self, inner: Iterator[dict]):
+        self.inner = inner
+        self.waited = 0.0
+        self._loss_positions = 0.0
+        self._positions = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        start = time.perf_counter()
+        batch = next(self.inner)
+        self.waited += time.perf_counter() - start
+        self._loss_positions += batch["loss_index"].numel()
+        self._positions += batch["loss_mask"].numel()
+        return batch
+
+    @property
+    def loss_fraction(self) -> float:
+        return self._loss_positions / self._positions if self._positions else 0.0

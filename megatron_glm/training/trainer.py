@@ -38,7 +38,7 @@ from megatron_glm.training.checkpoint import CheckpointManager, TrainingState
 from megatron_glm.training.distributed import LaunchInfo, device_for, init_distributed
 from megatron_glm.training.engine import PRECISION_DTYPES, TrainingEngine
 from megatron_glm.training.hardware import emulated_bf16_warning, fp32_matmul_warning, measure_matmul_peak
-from megatron_glm.training.metrics import MetricsReporter, StepProfiler
+from megatron_glm.training.metrics import MetricsReporter, StepProfiler, TimedIterator
 from megatron_glm.training.signals import PreemptionHandler
 
 logger = get_logger("training")
@@ -243,7 +243,7 @@ def _train(run: TrainingRun) -> TrainingResult:
         while state.step < cfg.training.train_steps:
             profiler.before(state.step + 1)
             start = time.perf_counter()
-            timed = _TimedIterator(run.batches)
+            timed = TimedIterator(run.batches)
             result = engine.train_step(timed)
             step_time = time.perf_counter() - start
             state.advance(cfg.training.global_batch_size, skipped=result.skipped)
@@ -289,29 +289,3 @@ def _train(run: TrainingRun) -> TrainingResult:
     reporter.close()
     last = run.manager.last_saved
     return TrainingResult(state.step, status, str(last) if last else None, losses)
-
-
-class _TimedIterator:
-    """Counts the time spent waiting for the next micro-batch (the data loader's share of a step) and the
-    share of positions that carry a loss (the rows whose logits are computed)."""
-
-    def __init__(self, inner: Iterator[dict]):
-        self.inner = inner
-        self.waited = 0.0
-        self._loss_positions = 0.0
-        self._positions = 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        start = time.perf_counter()
-        batch = next(self.inner)
-        self.waited += time.perf_counter() - start
-        self._loss_positions += batch["loss_index"].numel()
-        self._positions += batch["loss_mask"].numel()
-        return batch
-
-    @property
-    def loss_fraction(self) -> float:
-        return self._loss_positions / self._positions if self._positions else 0.0
