@@ -2,8 +2,8 @@
 
 Forward: one program per row keeps the whole row in registers (rows up to ``MAX_WIDTH``), so the input is read
 once; mean and 1/std are computed in fp32 (two passes over the registers, not E[x^2] - E[x]^2) and saved.
-Backward: each program owns a contiguous run of rows, writes dx row by row and accumulates its share of dweight
-and dbias in fp32 registers; the per-program partial sums are added in a fixed order afterwards, so gradients
+Backward: each program owns every P-th row (P programs), writes dx row by row and accumulates its share of
+dweight and dbias in fp32 registers; the per-program partial sums are added in a fixed order afterwards, so gradients
 are deterministic (no atomics) and x and dy are each read once. Rows wider than ``FUSED_BACKWARD_MAX_WIDTH``
 do not fit in registers that way: there dx is written one row per program, and dweight and dbias are summed
 by a second kernel over blocks of columns (x and dy read twice).
@@ -43,25 +43,42 @@ def _num_warps(block_n: int, backward: bool) -> int:
     return min(max(block_n // 256, 1), 8)
 
 
-# The warps per program are the kernels' one tuning parameter. On GPUs the autotuner times ``_num_warps``'s
-# choice and its neighbours (half and twice as many) once per width, dtype and variant, and keeps the fastest in
-# Triton's cache (and in checkpoints, as the attention's tiles); with GLM_KERNELS_AUTOTUNE=0 it runs the
-# heuristic's choice alone. The interpreter has one config of its own.
+# Tuning. The warps per program: on GPUs the autotuner times ``_num_warps``'s choice and its neighbours (half and
+# twice as many) once per width, dtype and variant, and keeps the fastest in Triton's cache (and in checkpoints,
+# as the attention's tiles); with GLM_KERNELS_AUTOTUNE=0 it runs the heuristic's choice alone. The fused
+# backward also tunes its programs per SM (each program owns a run of rows and writes one row of partial sums):
+# two per SM keep the partial sums small, more keep more rows' loads in flight. The heuristic's choice comes
+# first, with two programs per SM. The interpreter has one config of its own.
 _WARPS = (1, 2, 4, 8, 16, 32)
+
+
+def _programs_per_sm(block_n: int) -> tuple[int, ...]:
+    """The fused backward's candidate programs per SM at this width (its partial sums grow with them)."""
+    return (2, 4, 8) if block_n <= 2048 else (2, 4)
 
 
 def _warps_candidates(backward: bool):
     def prune(configs: list, named_args: dict, **kwargs) -> list:
         if len(configs) == 1:
             return configs
-        preferred = _num_warps(kwargs["BLOCK_N"], backward)
+        block_n = kwargs["BLOCK_N"]
+        preferred = _num_warps(block_n, backward)
         window = {preferred // 2, preferred, preferred * 2} if AUTOTUNE else {preferred}
-        return sorted((c for c in configs if c.num_warps in window), key=lambda c: c.num_warps != preferred)
+        programs = set(_programs_per_sm(block_n)) if AUTOTUNE else {2}
+        chosen = [
+            c for c in configs if c.num_warps in window and c.kwargs.get("PROGRAMS_PER_SM", 2) in programs
+        ]
+        return sorted(chosen, key=lambda c: (c.num_warps != preferred, c.kwargs.get("PROGRAMS_PER_SM", 2)))
 
     return {"early_config_prune": prune}
 
 
 _CONFIGS = [triton.Config({}, num_warps=4)] if INTERPRET else [triton.Config({}, num_warps=w) for w in _WARPS]
+_BACKWARD_CONFIGS = (
+    [triton.Config({"PROGRAMS_PER_SM": 2}, num_warps=4)]
+    if INTERPRET
+    else [triton.Config({"PROGRAMS_PER_SM": p}, num_warps=w) for w in _WARPS for p in (2, 4, 8)]
+)
 
 
 @triton.autotune(
@@ -121,7 +138,7 @@ def _store_dx_row(
 
 
 @triton.autotune(
-    configs=_CONFIGS,
+    configs=_BACKWARD_CONFIGS,
     key=["BLOCK_N", "HAS_DSUMMED"],
     prune_configs_by=_warps_candidates(backward=True),
     cache_results=True,
@@ -129,19 +146,19 @@ def _store_dx_row(
 @triton.jit
 def layer_norm_backward_kernel(
     X, W, DY, DSummed, DX, Mean, Rstd, PartialDW, PartialDB,
-    stride_x, stride_dy, stride_ds, stride_dx, rows, width, rows_per_program,
-    HAS_DSUMMED: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_x, stride_dy, stride_ds, stride_dx, rows, width,
+    HAS_DSUMMED: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
 ):  # fmt: skip
+    # The grid is min(rows, PROGRAMS_PER_SM x SMs) programs (see LayerNormFunction.backward); program p takes rows
+    # p, p + programs, p + 2 programs, ... (a stride, not a division: the 8K-wide backward has no register to spare).
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < width
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_N], dtype=tl.float32)
-    # int64 bounds make the row index (and row * stride) 64-bit inside the loop.
-    first_row = program.to(tl.int64) * rows_per_program
-    last_row = tl.minimum(first_row + rows_per_program, rows)
-    for row in range(first_row, last_row):
+    # An int64 start makes the row index (and row * stride) 64-bit inside the loop.
+    for row in range(program.to(tl.int64), rows, tl.num_programs(0)):
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         x_hat = _store_dx_row(
@@ -284,18 +301,26 @@ class LayerNormFunction(torch.autograd.Function):
         if block_n > FUSED_BACKWARD_MAX_WIDTH:
             partials = _split_backward(summed, weight, dy, dsummed, dx, mean, rstd, has_dsummed, flags)
         else:
-            # About two programs per SM; every program owns at least one row and writes its whole partial row.
-            rows_per_program = max(1, cdiv(rows, 2 * multiprocessor_count(summed.device)))
-            programs = cdiv(rows, rows_per_program)
-            # dweight's and dbias's partial sums in one buffer, so that one reduction (and one cast) finishes both.
-            partials = torch.empty((2, programs, width), device=summed.device, dtype=torch.float32)
+            # PROGRAMS_PER_SM x SMs programs (the autotuner's choice); program p takes rows p, p + programs, ...
+            # and writes one row of partial sums. The buffer has room for the most any candidate launches.
+            # dweight's and dbias's partial sums sit in one buffer: one reduction (and one cast) finishes both.
+            sms = multiprocessor_count(summed.device)
+            most = max(1, min(rows, max(_programs_per_sm(block_n)) * sms))
+            partials = torch.empty((2, most, width), device=summed.device, dtype=torch.float32)
+            programs = 0
             if rows > 0:
+
+                def grid(meta):
+                    return (min(rows, meta["PROGRAMS_PER_SM"] * sms),)
+
                 with device_guard(summed.device):
-                    _backward(
-                        (programs,), summed, weight, dy, dsummed, dx, mean, rstd, partials[0], partials[1],
-                        summed.stride(0), dy.stride(0), dsummed.stride(0), dx.stride(0), rows, width, rows_per_program,
+                    meta = _backward(
+                        grid, summed, weight, dy, dsummed, dx, mean, rstd, partials[0], partials[1],
+                        summed.stride(0), dy.stride(0), dsummed.stride(0), dx.stride(0), rows, width,
                         HAS_DSUMMED=has_dsummed, **flags,
                     )  # fmt: skip
+                programs = grid(meta)[0]
+            partials = partials[:, :programs]
         sums = partials.sum(1)
         if weight.dtype == ctx.bias_dtype:
             dweight, dbias = sums.to(weight.dtype).unbind(0)

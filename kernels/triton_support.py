@@ -157,11 +157,12 @@ class Launcher:
 
             install(kernel)  # compile the autotuner's candidates in parallel (kernels/precompile.py)
 
-    def __call__(self, grid, *args, **constexprs) -> None:
+    def __call__(self, grid, *args, **constexprs) -> dict:
+        """Launch; returns the launch's constexprs with the autotuner's tile (what a grid function sees)."""
         tensors = args[: self.tensor_args]
         if not DIRECT_LAUNCH or INTERPRET or any(t.data_ptr() & 15 for t in tensors):
             self.kernel[grid](*args, **constexprs)
-            return
+            return self._meta(constexprs)
         device = tensors[0].device.index
         key = (device, *(t.dtype for t in tensors), *args[self.tensor_args :], *constexprs.values())
         try:
@@ -170,10 +171,10 @@ class Launcher:
             if len(self._variants) >= _MAX_VARIANTS:  # float arguments are in the key: keep it bounded
                 self._variants.clear()
             self._variants[key] = self._first_launch(grid, args, constexprs)
-            return
+            return self._meta(constexprs)
         if variant is None:
             self.kernel[grid](*args, **constexprs)
-            return
+            return self._meta(constexprs)
         compiled, trailing, meta = variant
         grid_spec, grid = grid, grid(meta) if callable(grid) else grid
         stream = self._stream_of(device)
@@ -207,14 +208,20 @@ class Launcher:
                 stacklevel=2,
             )
             self.kernel[grid_spec](*args, **constexprs)
+            return self._meta(constexprs)
+        return meta
+
+    def _meta(self, constexprs: dict) -> dict:
+        """``constexprs`` with the tile the autotuner ran last (the one of this call)."""
+        config = getattr(self.kernel, "best_config", None)
+        return {**constexprs, **(config.kwargs if config is not None else {})}
 
     def _first_launch(self, grid, args: tuple, constexprs: dict) -> tuple | None:
         """Launch through Triton; return what later direct launches need, or None where they cannot be made."""
         compiled = self.kernel[grid](*args, **constexprs)
         if hasattr(compiled, "result"):  # a Triton that compiles asynchronously may hand back a future
             compiled = compiled.result()
-        config = getattr(self.kernel, "best_config", None)
-        meta = {**constexprs, **(config.kwargs if config is not None else {})}
+        meta = self._meta(constexprs)
         names = self.arg_names[len(args) :]
         if compiled is None or not hasattr(compiled, "packed_metadata") or any(n not in meta for n in names):
             return None

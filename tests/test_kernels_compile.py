@@ -65,7 +65,10 @@ def compile_kernels() -> None:
         forward_warps = layer_norm._num_warps(width, False)
         kernels = [(layer_norm.layer_norm_forward_kernel, {"HAS_RESIDUAL": True, **flags}, forward_warps)]
         if width <= layer_norm.FUSED_BACKWARD_MAX_WIDTH:
-            backward = (layer_norm.layer_norm_backward_kernel, {"HAS_DSUMMED": True, **flags})
+            backward = (
+                layer_norm.layer_norm_backward_kernel,
+                {"HAS_DSUMMED": True, "PROGRAMS_PER_SM": 2, **flags},
+            )
             kernels.append((*backward, layer_norm._num_warps(width, True)))
         else:
             kernels.append(

@@ -119,26 +119,56 @@ def test_unservable_calls_raise_kernel_error():
 
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 def test_autotuner_times_the_width_heuristic_and_its_neighbours(monkeypatch, backward):
-    # On GPUs each LayerNorm kernel times the warps the width heuristic picks and half and twice as many, the
-    # heuristic's first; with GLM_KERNELS_AUTOTUNE=0 (the GPU tests) the heuristic's alone, as before tuning.
+    # On GPUs each LayerNorm kernel times the warps the width heuristic picks and half and twice as many (the
+    # fused backward each with 2, 4 or 8 programs per SM, 2 or 4 past width 2048), the heuristic's choice
+    # first with 2 programs per SM; with GLM_KERNELS_AUTOTUNE=0 (the GPU tests) that choice alone.
     import triton
 
     from kernels import triton_layer_norm as ln
 
-    configs = [triton.Config({}, num_warps=w) for w in ln._WARPS]
+    programs = (2, 4, 8) if backward else (None,)
+    configs = [
+        triton.Config({} if p is None else {"PROGRAMS_PER_SM": p}, num_warps=w)
+        for w in ln._WARPS
+        for p in programs
+    ]
     prune = ln._warps_candidates(backward)["early_config_prune"]
-    for width in (256, 1024, 4096, 16384):
+
+    def tiles(width):
+        return [(c.num_warps, c.kwargs.get("PROGRAMS_PER_SM")) for c in prune(configs, {}, BLOCK_N=width)]
+
+    for width in (256, 1024, 4096, 8192):
         preferred = ln._num_warps(width, backward)
+        per_sm = ((2, 4, 8) if width <= 2048 else (2, 4)) if backward else (None,)
         monkeypatch.setattr(ln, "AUTOTUNE", True)
-        timed = [c.num_warps for c in prune(configs, {}, BLOCK_N=width)]
-        assert timed[0] == preferred
-        assert sorted(timed) == sorted(
-            {w for w in (preferred // 2, preferred, preferred * 2) if w in ln._WARPS}
-        )
+        timed = tiles(width)
+        assert timed[0] == (preferred, per_sm[0])
+        warps = {w for w in (preferred // 2, preferred, preferred * 2) if w in ln._WARPS}
+        assert sorted(timed) == sorted((w, p) for w in warps for p in per_sm)
         monkeypatch.setattr(ln, "AUTOTUNE", False)
-        assert [c.num_warps for c in prune(configs, {}, BLOCK_N=width)] == [preferred]
+        assert tiles(width) == [(preferred, per_sm[0])]
     # The interpreter's single config is left alone.
     assert prune(configs[:1], {}, BLOCK_N=4096) == configs[:1]
+
+
+def test_backward_on_more_programs_per_sm_matches_torch(monkeypatch):
+    # The fused backward's grid follows the tile the autotuner ran (programs per SM): the host must add up the
+    # partial sums of exactly the programs that ran. Here a tile of 3 programs per SM (6 on the interpreter's
+    # stand-in of 2 SMs) over 111 rows: runs of 19 rows, the last one shorter.
+    import triton
+
+    from kernels import triton_layer_norm as ln
+
+    monkeypatch.setattr(
+        ln.layer_norm_backward_kernel, "configs", [triton.Config({"PROGRAMS_PER_SM": 3}, num_warps=4)]
+    )
+    shape, dtype = (3, 37, 96), torch.float32
+    x, residual, weight, bias = _inputs(shape, dtype, True, seed=7)
+    grads = [_randn(*shape, seed=8), _randn(*shape, seed=9)]
+    expected = _forward_backward(_torch_ln, x, residual, weight, bias, grads)
+    got = _forward_backward(_triton_ln, x, residual, weight, bias, grads)
+    for want, have in zip(expected, got):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
