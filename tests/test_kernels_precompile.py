@@ -176,6 +176,23 @@ def test_worker_count_follows_the_environment(monkeypatch):
     assert precompile.default_workers() == 1
 
 
-def test_precompile_is_off_with_fewer_than_two_workers():
-    # With one worker there is nothing to gain: the autotuner compiles in-process (and nothing is captured).
-    assert precompile.precompile(tuner=None, args=(), meta={}, workers=1) == 0
+def test_workers_start_only_for_two_or_more_new_candidates(monkeypatch):
+    # One worker, or fewer than two candidates not yet handed out, gain nothing over compiling in-process:
+    # nothing is captured, or no worker starts.
+    captured, compiled = [], []
+    monkeypatch.setattr(precompile, "_jit_function", lambda tuner: tuner)
+    monkeypatch.setattr(precompile, "capture", lambda tuner, args, meta: captured.append(1) or list(tuner))
+    monkeypatch.setattr(
+        precompile, "compile_in_workers", lambda fn, specs, workers: compiled.append(list(specs)) or []
+    )
+    monkeypatch.setattr(precompile, "_submitted", set())
+    assert precompile.precompile(["a", "b"], (), {}, workers=1) == 0
+    assert captured == [] and compiled == []
+    assert precompile.precompile(["a"], (), {}, workers=4) == 0
+    assert compiled == []
+    assert precompile.precompile(["a", "b", "c"], (), {}, workers=4) == 3
+    assert compiled == [["a", "b", "c"]]
+    # Handed out once: the autotuner's later timing calls of the same key start nothing.
+    assert precompile.precompile(["a", "b", "c"], (), {}, workers=4) == 0
+    assert compiled == [["a", "b", "c"]]
+    assert precompile._disabled_reason is None
