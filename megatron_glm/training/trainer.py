@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sys
 import time
 import traceback
@@ -159,6 +160,15 @@ def _setup(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> TrainingRu
         device.type,
         cfg.model.kernels,
     )
+    if backend == "triton" and device.type == "cuda":
+        from kernels.precompile import default_workers
+
+        logger.info(
+            "the first steps compile the Triton kernels and time their tiles (%d compile worker processes); "
+            "Triton's cache at %s keeps both for later runs on this node",
+            default_workers(),
+            os.environ.get("TRITON_CACHE_DIR", "~/.triton/cache"),
+        )
 
     manager = CheckpointManager(cfg.checkpoint.save_dir, cfg.checkpoint.keep_last, cfg.checkpoint.interval)
     state = TrainingState()
