@@ -131,6 +131,7 @@ def capture(tuner, args: tuple, meta: dict) -> list[str]:
 def compile_in_workers(fn, specs: list[str], workers: int) -> list[str]:
     """Compile ``specs`` (serialized specializations of the JIT function ``fn``) in up to ``workers``
     processes; returns the errors of the ones that failed."""
+    from triton import knobs
     from triton.runtime import driver
 
     target = driver.active.get_current_target()
@@ -138,6 +139,8 @@ def compile_in_workers(fn, specs: list[str], workers: int) -> list[str]:
         "module": fn.module,
         "name": fn.fn.__qualname__,
         "target": [target.backend, target.arch, target.warp_size],
+        # This process's cache, also where it was set in code rather than by TRITON_CACHE_DIR.
+        "cache_dir": knobs.cache.dir,
     }
     # Ranks of one node compile the same candidates into one cache: start each at another place in the list.
     ranks_on_node = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1), 1)
@@ -257,11 +260,13 @@ def _worker() -> None:
     specialization."""
     import importlib
 
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
 
     for line in sys.stdin:
         job = json.loads(line)
+        knobs.cache.dir = job["cache_dir"]
         driver.set_active(_TargetDriver(GPUTarget(*job["target"])))
         fn = _jit_function(getattr(importlib.import_module(job["module"]), job["name"]))
         errors = []

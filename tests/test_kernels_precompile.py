@@ -77,6 +77,7 @@ def precompile_through_the_autotuner(sequential_cache: str) -> None:
     """Run in a subprocess (interpreter off, GLM_KERNELS_AUTOTUNE=1, TRITON_CACHE_DIR fresh)."""
     import warnings
 
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
 
@@ -112,11 +113,17 @@ def precompile_through_the_autotuner(sequential_cache: str) -> None:
     assert len({kernel.hash for kernel in compiled}) == len(configs)
 
     # And it is what an in-process compile of the same candidate gives, byte for byte.
-    os.environ["TRITON_CACHE_DIR"] = sequential_cache
+    knobs.cache.dir = sequential_cache
     tuner.fn.device_caches.clear()  # forget the in-memory kernels: compile again
     for config, kernel in list(zip(configs, compiled))[:2]:
         again = tuner.fn.run(*args, **{**meta, **config.all_kwargs(), "warmup": True})
         assert again.asm["cubin"] == kernel.asm["cubin"], f"{config}: another binary than in-process"
+
+    # The workers keep running between batches; a batch goes to the cache this process uses at the time.
+    moved = sequential_cache + "-moved"
+    knobs.cache.dir = moved
+    assert precompile.compile_in_workers(tuner.fn, precompile.capture(tuner, args, meta), workers=2) == []
+    assert _cache_files(moved), "the workers wrote to another cache than this process's"
 
     # A specialization a worker cannot compile is reported, not raised; the autotuner then compiles it itself.
     errors = precompile.compile_in_workers(tuner.fn, ['{"name": "not a kernel"}', "not json"], workers=2)
