@@ -297,7 +297,7 @@ def main() -> int:
     shutil.rmtree(work / "reference", ignore_errors=True)
     shutil.rmtree(work / "killed", ignore_errors=True)
     (work / "corpus").mkdir(parents=True, exist_ok=True)
-    report = Report(args.out / "gpu-check.md", 3600 if args.smoke else args.budget)
+    report = Report(args.out / "gpu-check.md", 3600 if args.smoke else args.budget, work)
     report.add(
         f"# GPU check{' (smoke, toy sizes)' if args.smoke else ''}: {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
     )

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -17,14 +18,31 @@ CORPUS = ROOT / "run" / "demo" / "corpus" / "austen-chapters.jsonl"
 class Report:
     """Prints each stage as it runs and keeps the markdown report."""
 
-    def __init__(self, path: Path, budget: float):
+    def __init__(self, path: Path, budget: float, work: Path | None = None):
         self.path = path
         self.budget = budget
         self.lines: list[str] = []
         self.failures: list[str] = []
         self.start = time.perf_counter()
+        # The report is meant to be shared (docs/gpu-check/): this machine's paths in it become portable names,
+        # the longest first (the work folder and the packages may lie inside the repository).
+        names = {
+            sys.executable: "python3",
+            sysconfig.get_paths()["purelib"] + os.sep: "<site-packages>/",
+            str(ROOT) + os.sep: "",
+        }
+        if work is not None:
+            names[str(Path(work).resolve())] = "$WORK"
+        self._names = sorted(names.items(), key=lambda item: -len(item[0]))
+
+    def portable(self, text: str) -> str:
+        """``text`` with this machine's interpreter, site-packages, repository and work folder paths named."""
+        for path, name in self._names:
+            text = text.replace(path, name)
+        return text
 
     def add(self, text: str = "") -> None:
+        text = self.portable(text)
         print(text, flush=True)
         self.lines.append(text)
         tmp = self.path.with_suffix(".tmp")
