@@ -34,12 +34,20 @@ def _outputs(tmp_path):
     return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out"))
 
 
+def _size(path) -> int:
+    """A shard's size, 0 if it was renamed (its temporary name finished) between the listing and now."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
 def _wait_for_tokens(tmp_path, process, timeout=120.0):
     """Wait until a shard has tokens on disk: the run is in the middle of its work."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert process.poll() is None, process.communicate()
-        if any(f.stat().st_size for d in tmp_path.glob("out.tmp-*") for f in d.glob("unit-*.bin*")):
+        if any(_size(f) for d in tmp_path.glob("out.tmp-*") for f in d.glob("unit-*.bin*")):
             return
         time.sleep(0.05)
     raise AssertionError("the run never started writing")
