@@ -86,6 +86,35 @@ def glm_attention(
     )
 
 
+def glm_attention_qkv(
+    qkv: torch.Tensor,
+    sep: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    lengths: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``glm_attention`` on the packed output of a fused query-key-value projection, ``qkv`` [B, T, 3, H, D]:
+    returns [B, H, T, D] as ``glm_attention`` does, and ``qkv``'s gradient comes back as one tensor (the Triton
+    kernels write dq, dk and dv into it; on the torch path autograd stacks them), not as three zero-padded
+    parts that autograd adds."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise KernelError(f"glm_attention_qkv: dropout_p={dropout_p} must be in [0, 1)")
+    if resolve_backend(backend, qkv.device) == "triton":
+        from kernels.triton_attention import glm_attention_qkv_triton
+
+        return glm_attention_qkv_triton(
+            qkv, sep, softmax_scale=softmax_scale, dropout_p=dropout_p, lengths=lengths
+        )
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise KernelError(f"glm_attention_qkv: qkv must be [B, T, 3, H, D]; got {tuple(qkv.shape)}")
+    q, k, v = (part.transpose(1, 2) for part in qkv.unbind(2))
+    return glm_attention_torch(
+        q, k, v, sep, softmax_scale=softmax_scale, dropout_p=dropout_p, lengths=lengths
+    )
+
+
 def layer_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -133,6 +162,7 @@ __all__ = [
     "KernelError",
     "dropout",
     "glm_attention",
+    "glm_attention_qkv",
     "glm_attention_mask",
     "glm_attention_torch",
     "keep_mask",

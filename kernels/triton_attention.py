@@ -85,75 +85,125 @@ def _kernel_flags(q: torch.Tensor, lengths: torch.Tensor | None, dropout_p: floa
     }
 
 
+def _attention_forward(q, k, v, sep, lengths, softmax_scale: float, dropout_p: float):
+    """Launch the forward; returns ``(out, lse, seed, lengths_arg)``, what the backward needs besides q, k, v."""
+    batch, heads, query_length, _ = q.shape
+    key_length = k.shape[2]
+    out = _empty_in_layout_of(q)
+    lse = torch.empty((batch, heads, query_length), device=q.device, dtype=torch.float32)
+    # The seed is a device tensor drawn from torch's generator of the device: no host sync, and whatever
+    # controls that generator (manual_seed, the tensor-parallel RNG tracker) controls the dropout.
+    # (Without dropout the kernels never read it; sep stands in for the pointer.)
+    seed = torch.randint(0, 2**62, (1,), device=q.device, dtype=torch.int64) if dropout_p > 0.0 else sep
+    lengths_arg = sep if lengths is None else lengths
+    flags = _kernel_flags(q, lengths, dropout_p)
+
+    # Query blocks vary fastest, so the programs running together share one head's K and V in L2. Heads
+    # and samples take the other two grid axes (each allows 65535).
+    def grid(meta):
+        return (cdiv(query_length, meta["BLOCK_M"]), heads, batch)
+
+    with device_guard(q.device):
+        _forward(
+            grid, q, k, v, out, lse, sep, lengths_arg, seed,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(out),
+            heads, query_length, key_length, softmax_scale, *_dropout_arguments(dropout_p),
+            length_bucket(query_length), length_bucket(key_length),
+            **flags,
+        )  # fmt: skip
+    return out, lse, seed, lengths_arg
+
+
+def _attention_backward(
+    q, k, v, out, lse, sep, lengths_arg, seed, has_lengths: bool, softmax_scale: float, dropout_p: float,
+    grad_out, dq, dk, dv,
+) -> None:  # fmt: skip
+    """Launch the backward, writing the gradients into ``dq``, ``dk``, ``dv`` (any strides, unit last stride)."""
+    grad_out = _unit_last_stride(grad_out)
+    batch, heads, query_length, head_dim = q.shape
+    key_length = k.shape[2]
+    flags = _kernel_flags(q, lengths_arg if has_lengths else None, dropout_p)
+    delta = torch.empty_like(lse)
+    buckets = (length_bucket(query_length), length_bucket(key_length))
+    scalars = (heads, query_length, key_length, softmax_scale, *_dropout_arguments(dropout_p))
+
+    def query_grid(meta):
+        return (cdiv(query_length, meta["BLOCK_M"]), heads, batch)
+
+    def key_grid(meta):
+        return (cdiv(key_length, meta["BLOCK_N"]), heads, batch)
+
+    with device_guard(q.device):
+        _backward_preprocess(
+            (cdiv(query_length, _PREPROCESS_BLOCK_M), heads, batch),
+            out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, query_length,
+            HEAD_DIM=head_dim, BLOCK_D=flags["BLOCK_D"], BLOCK_M=_PREPROCESS_BLOCK_M,
+        )  # fmt: skip
+        _backward_dkdv(
+            key_grid, q, k, v, grad_out, dk, dv, lse, delta, sep, lengths_arg, seed,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+            *scalars, *buckets, **flags,
+        )  # fmt: skip
+        _backward_dq(
+            query_grid, q, k, v, grad_out, dq, lse, delta, sep, lengths_arg, seed,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+            *scalars, *buckets, **flags,
+        )  # fmt: skip
+
+
 class GLMAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sep, lengths, softmax_scale, dropout_p):
-        batch, heads, query_length, _ = q.shape
-        key_length = k.shape[2]
-        out = _empty_in_layout_of(q)
-        lse = torch.empty((batch, heads, query_length), device=q.device, dtype=torch.float32)
-        # The seed is a device tensor drawn from torch's generator of the device: no host sync, and whatever
-        # controls that generator (manual_seed, the tensor-parallel RNG tracker) controls the dropout.
-        # (Without dropout the kernels never read it; sep stands in for the pointer.)
-        seed = torch.randint(0, 2**62, (1,), device=q.device, dtype=torch.int64) if dropout_p > 0.0 else sep
-        lengths_arg = sep if lengths is None else lengths
-        flags = _kernel_flags(q, lengths, dropout_p)
-
-        # Query blocks vary fastest, so the programs running together share one head's K and V in L2. Heads
-        # and samples take the other two grid axes (each allows 65535).
-        def grid(meta):
-            return (cdiv(query_length, meta["BLOCK_M"]), heads, batch)
-
-        with device_guard(q.device):
-            _forward(
-                grid, q, k, v, out, lse, sep, lengths_arg, seed,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-                heads, query_length, key_length, softmax_scale, *_dropout_arguments(dropout_p),
-                length_bucket(query_length), length_bucket(key_length),
-                **flags,
-            )  # fmt: skip
+        out, lse, seed, lengths_arg = _attention_forward(q, k, v, sep, lengths, softmax_scale, dropout_p)
         ctx.save_for_backward(q, k, v, out, lse, sep, lengths_arg, seed)
-        ctx.softmax_scale = softmax_scale
-        ctx.dropout_p = dropout_p
-        ctx.has_lengths = lengths is not None
+        ctx.softmax_scale, ctx.dropout_p, ctx.has_lengths = softmax_scale, dropout_p, lengths is not None
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         q, k, v, out, lse, sep, lengths_arg, seed = ctx.saved_tensors
-        grad_out = _unit_last_stride(grad_out)
-        batch, heads, query_length, head_dim = q.shape
-        key_length = k.shape[2]
-        flags = _kernel_flags(q, lengths_arg if ctx.has_lengths else None, ctx.dropout_p)
-        delta = torch.empty_like(lse)
         dq, dk, dv = _empty_in_layout_of(q), _empty_in_layout_of(k), _empty_in_layout_of(v)
-        buckets = (length_bucket(query_length), length_bucket(key_length))
-        scalars = (heads, query_length, key_length, ctx.softmax_scale, *_dropout_arguments(ctx.dropout_p))
-
-        def query_grid(meta):
-            return (cdiv(query_length, meta["BLOCK_M"]), heads, batch)
-
-        def key_grid(meta):
-            return (cdiv(key_length, meta["BLOCK_N"]), heads, batch)
-
-        with device_guard(q.device):
-            _backward_preprocess(
-                (cdiv(query_length, _PREPROCESS_BLOCK_M), heads, batch),
-                out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, query_length,
-                HEAD_DIM=head_dim, BLOCK_D=flags["BLOCK_D"], BLOCK_M=_PREPROCESS_BLOCK_M,
-            )  # fmt: skip
-            _backward_dkdv(
-                key_grid, q, k, v, grad_out, dk, dv, lse, delta, sep, lengths_arg, seed,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-                *scalars, *buckets, **flags,
-            )  # fmt: skip
-            _backward_dq(
-                query_grid, q, k, v, grad_out, dq, lse, delta, sep, lengths_arg, seed,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
-                *scalars, *buckets, **flags,
-            )  # fmt: skip
+        _attention_backward(
+            q, k, v, out, lse, sep, lengths_arg, seed, ctx.has_lengths, ctx.softmax_scale, ctx.dropout_p,
+            grad_out, dq, dk, dv,
+        )  # fmt: skip
         return dq, dk, dv, None, None, None, None
+
+
+def _heads_of(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v as [B, H, T, D] views of a packed [B, T, 3, H, D] tensor."""
+    q, k, v = qkv.unbind(2)
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+
+class GLMPackedAttentionFunction(torch.autograd.Function):
+    """Attention on the packed output of the fused query-key-value projection, [B, T, 3, H, D].
+
+    The backward writes dq, dk and dv into their places of one [B, T, 3, H, D] gradient, which is the
+    projection's output gradient as it is: split into q, k and v by autograd instead, each part's backward
+    would zero a tensor of the packed size and copy its part in, and autograd would add the three (about
+    10 memory passes over the packed tensor per layer and step, and 8 more launches).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, sep, lengths, softmax_scale, dropout_p):
+        q, k, v = _heads_of(qkv)
+        out, lse, seed, lengths_arg = _attention_forward(q, k, v, sep, lengths, softmax_scale, dropout_p)
+        ctx.save_for_backward(qkv, out, lse, sep, lengths_arg, seed)
+        ctx.softmax_scale, ctx.dropout_p, ctx.has_lengths = softmax_scale, dropout_p, lengths is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        qkv, out, lse, sep, lengths_arg, seed = ctx.saved_tensors
+        dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
+        _attention_backward(
+            *_heads_of(qkv), out, lse, sep, lengths_arg, seed, ctx.has_lengths, ctx.softmax_scale,
+            ctx.dropout_p, grad_out, *_heads_of(dqkv),
+        )  # fmt: skip
+        return dqkv, None, None, None, None
 
 
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sep: torch.Tensor, lengths) -> None:
@@ -202,3 +252,31 @@ def glm_attention_triton(
         lengths = lengths.to(device=q.device, dtype=torch.int32)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     return GLMAttentionFunction.apply(q, k, v, sep, lengths, softmax_scale, float(dropout_p))
+
+
+def _check_packed(qkv: torch.Tensor) -> None:
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise KernelError(
+            f"kernels.glm_attention_qkv(backend='triton'): qkv must be [B, T, 3, H, D]; got {tuple(qkv.shape)}"
+        )
+
+
+def glm_attention_qkv_triton(
+    qkv: torch.Tensor,
+    sep: torch.Tensor,
+    *,
+    softmax_scale: float | None = None,
+    dropout_p: float = 0.0,
+    lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``glm_attention_triton`` on a packed [B, T, 3, H, D] ``qkv``; the result is [B, H, T, D] (in memory
+    [B, T, H, D]), its gradient one [B, T, 3, H, D] tensor."""
+    _check_packed(qkv)
+    q, k, v = _heads_of(qkv)
+    _check_inputs(q, k, v, sep, lengths)
+    softmax_scale = 1.0 / math.sqrt(qkv.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    sep = sep.to(device=qkv.device, dtype=torch.int32)
+    if lengths is not None:
+        lengths = lengths.to(device=qkv.device, dtype=torch.int32)
+    qkv = _unit_last_stride(qkv)
+    return GLMPackedAttentionFunction.apply(qkv, sep, lengths, softmax_scale, float(dropout_p))

@@ -49,6 +49,9 @@ def _train(graphs: bool, dropout: float, kernels: str, accumulation: int = 2, st
         hidden_dropout=dropout, attention_dropout=dropout, kernels=kernels,
     )  # fmt: skip
     model = GLMModel(config, VOCAB, device=DEVICE).train()
+    # Hold every parameter's AccumulateGrad node, made here on the default stream, as DeepSpeed's gradient hooks
+    # do: the captured backward must not sync with the stream such a node was made on.
+    accumulators = [p.view_as(p).grad_fn.next_functions[0][0] for p in model.parameters()]
     if graphs:
         enable_layer_graphs(model.transformer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -69,6 +72,7 @@ def _train(graphs: bool, dropout: float, kernels: str, accumulation: int = 2, st
         evaluated = glm_loss(model, model(batch["tokens"], batch["position_ids"], batch["sep"]),
                              batch["targets"], batch["loss_mask"], batch["loss_index"])  # fmt: skip
     captured = sum(len(g._captures) for g in model.transformer.layer_graphs or [])
+    del accumulators
     return torch.stack(losses), [p.detach().clone() for p in model.parameters()], evaluated, captured
 
 

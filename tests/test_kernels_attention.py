@@ -294,3 +294,38 @@ def test_outputs_take_the_memory_layout_of_their_inputs(storage_order):
     out = _empty_in_layout_of(t)
     assert out.shape == t.shape and out.dtype == t.dtype
     assert out.stride() == t.stride()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2], ids=["no-dropout", "dropout"])
+def test_packed_qkv_gives_the_results_and_gradients_of_separate_q_k_v(backend, dropout_p):
+    """The model's path: attention on the fused projection's [B, T, 3, H, D] output. Its result and its one
+    gradient are bitwise those of q, k, v passed separately (the gradient is dq, dk, dv in their places)."""
+    batch, length, heads, head_dim = 2, 40, 2, 16
+    qkv = _randn(batch, length, 3, heads, head_dim, seed=3).to(torch.bfloat16)
+    sep, lengths = _ints([7, 33]), _ints([40, 35])
+    grad_out = _randn(batch, heads, length, head_dim, seed=4).to(torch.bfloat16)
+
+    def packed(qkv):
+        torch.manual_seed(5)
+        return kernels.glm_attention_qkv(qkv, sep, dropout_p=dropout_p, lengths=lengths, backend=backend)
+
+    def separate(q, k, v):
+        torch.manual_seed(5)
+        return glm_attention(q, k, v, sep, dropout_p=dropout_p, lengths=lengths, backend=backend)
+
+    out, dqkv = _forward_backward(packed, [qkv], grad_out)
+    want_out, dq, dk, dv = _forward_backward(separate, [part.transpose(1, 2) for part in qkv.unbind(2)], grad_out)
+    assert torch.equal(out, want_out)
+    assert dqkv.shape == qkv.shape
+    for i, want in enumerate((dq, dk, dv)):
+        assert torch.equal(dqkv[:, :, i].transpose(1, 2), want), "dq dk dv"[3 * i : 3 * i + 2]
+    if backend == "triton":  # the model merges the heads of the result without a copy
+        assert out.transpose(1, 2).is_contiguous()
+
+
+def test_packed_qkv_must_be_packed():
+    with pytest.raises(KernelError, match=r"\[B, T, 3, H, D\]"):
+        kernels.glm_attention_qkv(torch.zeros(1, 4, 2, 1, 8, device=DEVICE), _ints([1]), backend="triton")
+    with pytest.raises(KernelError, match=r"\[B, T, 3, H, D\]"):
+        kernels.glm_attention_qkv(torch.zeros(1, 4, 2, 1, 8, device=DEVICE), _ints([1]), backend="torch")

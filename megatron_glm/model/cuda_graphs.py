@@ -44,6 +44,9 @@ class _Capture:
     hidden: torch.Tensor
     sep: torch.Tensor
     params: tuple[nn.Parameter, ...]
+    # Leaf aliases of ``params`` (same storage) that the captured forward uses and the captured backward
+    # differentiates: see ``LayerGraphs._run``.
+    aliases: dict[str, torch.Tensor]
     forward_graph: torch.cuda.CUDAGraph
     output: torch.Tensor | None = None
     output_grad: torch.Tensor | None = None
@@ -87,17 +90,30 @@ class LayerGraphs:
         return torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local")
 
     def _capture_forward(self, hidden: torch.Tensor, sep: torch.Tensor) -> _Capture:
-        params = tuple(p for p in self.layer.parameters() if p.requires_grad)
+        named = [(name, p) for name, p in self.layer.named_parameters() if p.requires_grad]
         capture = _Capture(
             hidden=hidden.detach().clone().requires_grad_(True),
             sep=sep.detach().clone(),
-            params=params,
+            params=tuple(p for _, p in named),
+            aliases={name: p.detach().requires_grad_(True) for name, p in named},
             forward_graph=self._new_graph(),
         )
         self._warm_up_capture_stream(capture)
         with torch.enable_grad(), self._graph(capture.forward_graph):
-            capture.output = self.layer(capture.hidden, capture.sep)
+            capture.output = self._run(capture)
         return capture
+
+    def _run(self, capture: _Capture) -> torch.Tensor:
+        """The layer's forward on the static input, with the parameters' leaf aliases in place of the parameters.
+
+        Autograd hands a leaf's gradient to its AccumulateGrad node on the stream that node was created on. A
+        parameter's node outlives an iteration wherever something holds the graph (the previous micro-batch's
+        output or loss, DeepSpeed's gradient hooks), so it may date from an eager step on the default stream,
+        and a captured backward that syncs with the default (legacy) stream fails with
+        cudaErrorStreamCaptureImplicit. The aliases share the parameters' storage (the graph reads the current
+        weights) and get their own AccumulateGrad nodes, made on the capture stream.
+        """
+        return torch.func.functional_call(self.layer, capture.aliases, (capture.hidden, capture.sep))
 
     def _warm_up_capture_stream(self, capture: _Capture) -> None:
         """One forward and backward on the capture stream before its first capture (libraries set up their
@@ -106,10 +122,11 @@ class LayerGraphs:
         default_state, streams = torch.cuda.get_rng_state(), tracker.get_states()
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream), torch.enable_grad():
-            output = self.layer(capture.hidden, capture.sep)
+            output = self._run(capture)
             torch.autograd.grad(
-                output, (capture.hidden, *capture.params), torch.ones_like(output), allow_unused=True
+                output, (capture.hidden, *capture.aliases.values()), torch.ones_like(output), allow_unused=True
             )
+            del output
         torch.cuda.current_stream().wait_stream(self.stream)
         torch.cuda.set_rng_state(default_state)
         tracker.set_states(streams)
@@ -121,7 +138,10 @@ class LayerGraphs:
         capture.backward_graph = self._new_graph()
         with self._graph(capture.backward_graph):
             capture.grads = torch.autograd.grad(
-                capture.output, (capture.hidden, *capture.params), capture.output_grad, allow_unused=True
+                capture.output,
+                (capture.hidden, *capture.aliases.values()),
+                capture.output_grad,
+                allow_unused=True,
             )
 
 

@@ -119,29 +119,29 @@ class GLMSelfAttention(nn.Module):
         self, x: torch.Tensor, sep: torch.Tensor, cache: KVCache | None = None, layer: int = 0
     ) -> torch.Tensor:
         batch, length, _ = x.shape
+        # [B, T, 3, heads, d_head]: the attention takes it packed, and hands back its gradient in one piece.
         qkv = self.query_key_value(x).view(batch, length, 3, self.local_heads, self.head_dim)
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # [B, heads, T, d_head] views
         if cache is not None:
             # Decoding: the new tokens attend to the cached keys under the cache's mask (GLM's sep mask
             # over rows of different lengths), see kv_cache.py.
+            q, k, v = (part.transpose(1, 2) for part in qkv.unbind(2))  # [B, heads, T, d_head] views
             k, v = cache.store(layer, k, v)
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, scale=self.head_dim**-0.5)
         elif self.recompute_core and torch.is_grad_enabled():
-            context = recompute(self.core_attention, q, k, v, sep)
+            context = recompute(self.core_attention, qkv, sep)
         else:
-            context = self.core_attention(q, k, v, sep)
+            context = self.core_attention(qkv, sep)
         return self.dense(context.transpose(1, 2).reshape(batch, length, self.local_heads * self.head_dim))
 
-    def core_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sep: torch.Tensor
-    ) -> torch.Tensor:
+    def core_attention(self, qkv: torch.Tensor, sep: torch.Tensor) -> torch.Tensor:
+        """Attention over the packed ``qkv`` [B, T, 3, heads, d_head]; returns [B, heads, T, d_head]."""
         scale = 1.0 / math.sqrt(self.head_dim)
         if not (self.training and self.dropout_p > 0):
-            return kernels.glm_attention(q, k, v, sep, softmax_scale=scale, backend=self.kernel_backend)
+            return kernels.glm_attention_qkv(qkv, sep, softmax_scale=scale, backend=self.kernel_backend)
         # The heads are split over the tensor ranks: each rank drops from its own stream.
         with get_rng_tracker().fork():
-            return kernels.glm_attention(
-                q, k, v, sep, softmax_scale=scale, dropout_p=self.dropout_p, backend=self.kernel_backend
+            return kernels.glm_attention_qkv(
+                qkv, sep, softmax_scale=scale, dropout_p=self.dropout_p, backend=self.kernel_backend
             )
 
 
