@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print("No CUDA GPU: run with --stub to time the wrappers alone.", file=sys.stderr)
         return 2
     torch.set_num_threads(1)
-    from kernels.triton_attention import glm_attention_triton
+    from kernels.triton_attention import glm_attention_qkv_triton
     from kernels.triton_layer_norm import layer_norm_triton
 
     def leaf(*shape):
@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     weight, bias = leaf(width), leaf(width)
     grad = torch.randn(rows, width, device=device, dtype=dtype)
     q, k, v = (leaf(batch, heads, length, head_dim) for _ in range(3))
+    qkv = leaf(batch, length, 3, heads, head_dim)  # the model's packed projection output
     grad_out = torch.randn(batch, heads, length, head_dim, device=device, dtype=dtype)
     sep = torch.full((batch,), length // 2, device=device, dtype=torch.int32)
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.autograd.backward([y, summed], [grad, grad])
 
     def ours_attention() -> None:
-        glm_attention_triton(q, k, v, sep, dropout_p=0.1).backward(grad_out)
+        glm_attention_qkv_triton(qkv, sep, dropout_p=0.1).backward(grad_out)
 
     def torch_attention() -> None:
         F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1).backward(grad_out)
@@ -174,9 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             through_triton_dispatch(ours_layer_norm),
         ),
         ("torch: add + F.layer_norm", torch_layer_norm),
-        ("ours: GLM attention, dropout 0.1 (Triton, direct launches)", ours_attention),
+        ("ours: GLM attention on packed qkv, dropout 0.1 (Triton, direct launches)", ours_attention),
         (
-            "ours: GLM attention, dropout 0.1 (Triton, through Triton's dispatch)",
+            "ours: GLM attention on packed qkv, dropout 0.1 (Triton, through Triton's dispatch)",
             through_triton_dispatch(ours_attention),
         ),
         ("torch: SDPA causal, dropout 0.1", torch_attention),

@@ -160,7 +160,8 @@ class Launcher:
     def __call__(self, grid, *args, **constexprs) -> dict:
         """Launch; returns the launch's constexprs with the autotuner's tile (what a grid function sees)."""
         tensors = args[: self.tensor_args]
-        if not DIRECT_LAUNCH or INTERPRET or any(t.data_ptr() & 15 for t in tensors):
+        pointers = [t.data_ptr() for t in tensors]
+        if not DIRECT_LAUNCH or INTERPRET or any(pointer & 15 for pointer in pointers):
             self.kernel[grid](*args, **constexprs)
             return self._meta(constexprs)
         device = tensors[0].device.index
@@ -175,7 +176,7 @@ class Launcher:
         if variant is None:
             self.kernel[grid](*args, **constexprs)
             return self._meta(constexprs)
-        compiled, trailing, meta = variant
+        compiled, trailing, meta, c_launch = variant
         grid_spec, grid = grid, grid(meta) if callable(grid) else grid
         stream = self._stream_of(device)
         enter_hook, exit_hook = (
@@ -183,20 +184,23 @@ class Launcher:
             _active_hook(_RUNTIME.launch_exit_hook),
         )
         metadata = None if enter_hook is None else compiled.launch_metadata(grid, stream, *args, *trailing)
+        grid_x, grid_y, grid_z = grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
         try:
-            compiled.run(
-                grid[0],
-                grid[1] if len(grid) > 1 else 1,
-                grid[2] if len(grid) > 2 else 1,
-                stream,
-                compiled.function,
-                compiled.packed_metadata,
-                metadata,
-                enter_hook,
-                exit_hook,
-                *args,
-                *trailing,
-            )
+            if c_launch is not None:
+                # The compiled launcher's C entry point, as its Python wrapper calls it (no scratch buffers),
+                # with the tensors' addresses: an int skips the launcher's data_ptr() call and its
+                # cuPointerGetAttribute check per tensor.
+                launch, cooperative, pdl = c_launch
+                launch(
+                    grid_x, grid_y, grid_z, stream, compiled.function, cooperative, pdl, None, None,
+                    compiled.packed_metadata, metadata, enter_hook, exit_hook,
+                    *pointers, *args[self.tensor_args :], *trailing,
+                )  # fmt: skip
+            else:
+                compiled.run(
+                    grid_x, grid_y, grid_z, stream, compiled.function, compiled.packed_metadata, metadata,
+                    enter_hook, exit_hook, *args, *trailing,
+                )  # fmt: skip
         except (TypeError, ValueError, SystemError) as error:
             # The compiled kernel's launcher refused the arguments (a Triton whose launcher takes them
             # differently): launch this variant through Triton from now on, and say so once.
@@ -229,7 +233,30 @@ class Launcher:
             from triton.runtime import driver
 
             self._stream_of = driver.active.get_current_stream
-        return compiled, tuple(meta[name] for name in names), meta
+        return compiled, tuple(meta[name] for name in names), meta, _c_launch_of(compiled.run)
+
+
+# The Triton releases whose CUDA launcher (``CudaLauncher``: a Python wrapper around a C ``launch``) ``_c_launch_of``
+# calls the way the wrapper does. Elsewhere launches go through ``compiled.run``; and if the C function ever
+# refuses the arguments, the launcher's fallback sends that variant back to Triton's dispatch.
+C_LAUNCH_TRITON = ("3.6.",)
+
+
+def _c_launch_of(run) -> tuple | None:
+    """``(launch, cooperative, pdl)`` of a compiled kernel's CUDA launcher that needs no scratch buffers, for a
+    Triton in ``C_LAUNCH_TRITON``; None otherwise."""
+    if not triton.__version__.startswith(C_LAUNCH_TRITON):
+        return None
+    launch = getattr(run, "launch", None)
+    if (
+        launch is None
+        or getattr(run, "global_scratch_size", None) != 0
+        or getattr(run, "profile_scratch_size", None) != 0
+        or not hasattr(run, "launch_cooperative_grid")
+        or not hasattr(run, "launch_pdl")
+    ):
+        return None
+    return launch, run.launch_cooperative_grid, run.launch_pdl
 
 
 _RUNTIME = triton.knobs.runtime

@@ -315,7 +315,9 @@ def test_packed_qkv_gives_the_results_and_gradients_of_separate_q_k_v(backend, d
         return glm_attention(q, k, v, sep, dropout_p=dropout_p, lengths=lengths, backend=backend)
 
     out, dqkv = _forward_backward(packed, [qkv], grad_out)
-    want_out, dq, dk, dv = _forward_backward(separate, [part.transpose(1, 2) for part in qkv.unbind(2)], grad_out)
+    want_out, dq, dk, dv = _forward_backward(
+        separate, [part.transpose(1, 2) for part in qkv.unbind(2)], grad_out
+    )
     assert torch.equal(out, want_out)
     assert dqkv.shape == qkv.shape
     for i, want in enumerate((dq, dk, dv)):

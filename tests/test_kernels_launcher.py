@@ -155,6 +155,68 @@ def test_a_launcher_that_refuses_the_arguments_falls_back_to_triton(compiled_mod
     assert len(kernel.dispatched) == 3  # every call launched, through Triton
 
 
+class FakeCudaLauncher:
+    """Triton 3.6's ``CudaLauncher`` as the launcher sees it: a C ``launch`` behind a Python ``__call__``."""
+
+    launch_cooperative_grid, launch_pdl = False, True
+
+    def __init__(self, scratch: int = 0) -> None:
+        self.global_scratch_size = scratch
+        self.profile_scratch_size = 0
+        self.c_launches: list[tuple] = []
+        self.wrapper_calls: list[tuple] = []
+
+    def launch(self, *args) -> None:
+        self.c_launches.append(args)
+
+    def __call__(self, *args) -> None:
+        self.wrapper_calls.append(args)
+
+
+@pytest.mark.parametrize(
+    "version,scratch,direct_c", [("3.6.0", 0, True), ("3.6.0", 256, False), ("3.7.1", 0, False)]
+)
+def test_triton_3_6_launches_go_to_the_c_entry_point_with_addresses(
+    compiled_mode, monkeypatch, version, scratch, direct_c
+):
+    """With Triton 3.6 the launcher calls the compiled launcher's C function itself, as the Python wrapper would,
+    with the tensors' addresses as ints (the C function then skips its data_ptr() call and pointer check per
+    tensor); a kernel that needs a scratch buffer, or another Triton, goes through the wrapper."""
+    monkeypatch.setattr(triton, "__version__", version)
+    compiled = FakeCompiled()
+    compiled.run = FakeCudaLauncher(scratch)
+    kernel = FakeKernel(compiled)
+    launcher = _launcher(kernel)
+    x, y = torch.zeros(8), torch.zeros(8)
+    launcher(_grid, x, y, 100, 0.5, FLAG=True)
+    x2, y2 = torch.ones(8), torch.ones(8)
+    launcher(_grid, x2, y2, 100, 0.5, FLAG=True)
+    if direct_c:
+        assert compiled.run.wrapper_calls == []
+        (launch,) = compiled.run.c_launches
+        # grid, stream, function, cooperative, pdl, no scratch buffers, metadata, no hooks, then the arguments
+        assert launch[:13] == (
+            4,
+            3,
+            1,
+            77,
+            "cu-function",
+            False,
+            True,
+            None,
+            None,
+            "packed",
+            None,
+            None,
+            None,
+        )
+        assert launch[13:] == (x2.data_ptr(), y2.data_ptr(), 100, 0.5, True, 32)
+    else:
+        assert compiled.run.c_launches == []
+        (call,) = compiled.run.wrapper_calls
+        assert call[9] is x2 and call[10] is y2
+
+
 def test_launch_hooks_get_their_metadata(compiled_mode, monkeypatch):
     def hook(metadata) -> None:
         pass

@@ -81,3 +81,26 @@ def test_profile_steps_must_be_first_and_last():
     with pytest.raises(ConfigError, match="logging.profile_steps"):
         validate_config(load_config(None, ["logging.profile_steps=[5, 2]"]))
     validate_config(load_config(None, ["logging.profile_steps=[2, 5]"]))
+
+
+def test_gpu_kernel_time_counts_kernels_not_the_spans_of_annotated_regions():
+    """The profile's "GPU kernels per step" line: the kernels' own time; the GPU-side span of a region named with
+    record_function (the engine's glm.forward, glm.backward) covers those kernels and must not be added again."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from megatron_glm.training.metrics import gpu_kernel_ms
+
+    def event(device_type, microseconds, annotation=False):
+        return SimpleNamespace(
+            device_type=device_type, self_device_time_total=microseconds, is_user_annotation=annotation
+        )
+
+    averages = [
+        event(DeviceType.CUDA, 3000.0),  # a kernel
+        event(DeviceType.CUDA, 2000.0),  # another
+        event(DeviceType.CUDA, 5000.0, annotation=True),  # glm.backward's span over both
+        event(DeviceType.CPU, 0.0),  # the op that launched them
+    ]
+    assert gpu_kernel_ms(averages) == 5.0

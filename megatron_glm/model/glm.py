@@ -134,6 +134,8 @@ class GLMTransformer(PositionEmbeddings):
                 hidden = layer(hidden, sep, cache)
             cache.commit()
             return self.final_layernorm(hidden)
+        # The kernels take sep as int32 on the device: convert it once here, not in each layer.
+        sep = sep.to(device=hidden.device, dtype=torch.int32)
         for layer in self.layer_graphs or self.layers:
             if self.recompute_layers and torch.is_grad_enabled():
                 hidden = recompute(layer, hidden, sep)

@@ -159,10 +159,18 @@ class MetricsReporter:
 
 def gpu_kernel_ms(averages) -> float:
     """Milliseconds of GPU kernels in a profile's ``key_averages()`` (the kernels' own events: the ops that
-    launched them would count the same time twice)."""
+    launched them would count the same time twice; and not the GPU-side spans of ``record_function`` regions,
+    such as the engine's ``glm.forward``, which cover the kernels they enclose)."""
     from torch.autograd import DeviceType
 
-    return sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA) / 1e3
+    return (
+        sum(
+            e.self_device_time_total
+            for e in averages
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        )
+        / 1e3
+    )
 
 
 class StepProfiler:

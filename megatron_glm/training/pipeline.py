@@ -81,6 +81,8 @@ class PositionEmbeddingPipe(PositionEmbeddings):
 
     def forward(self, inputs: PipelineActivations) -> PipelineActivations:
         hidden, position_ids, sep = inputs
+        # The kernels take sep as int32 on the device: the stages pass it on converted, once.
+        sep = sep.to(device=hidden.device, dtype=torch.int32)
         return self.embed_positions(hidden, position_ids), position_ids, sep
 
 
