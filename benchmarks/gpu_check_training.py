@@ -137,6 +137,9 @@ def stage_pretrain(
         report.add(
             f"\n### Where glm-pretrain's steps go (torch.profiler)\n\n```\n{profile.read_text().strip()}\n```"
         )
+        trace = reference / "logs" / "trace-rank0.json.gz"
+        if trace.is_file():  # the profiled steps' timeline, beside the report
+            shutil.copy(trace, report.path.parent / "trace-pretrain.json.gz")
     else:
         report.fail("glm-pretrain", "no profile written")
 

@@ -1,5 +1,8 @@
 """The engine's DeepSpeed configuration, the run's counters and the checkpoint cadence (no process group)."""
 
+import gzip
+import json
+
 import pytest
 import torch
 
@@ -17,6 +20,17 @@ def test_bf16_accumulates_and_reduces_gradients_in_fp32_and_overlap_follows_the_
     assert on_gpu["communication_data_type"] == "fp32"
     assert on_gpu["zero_optimization"]["overlap_comm"] is True
     assert deepspeed_config(cfg, layout, cuda=False)["zero_optimization"]["overlap_comm"] is False
+
+
+def test_deepspeed_throughput_timer_is_off_so_no_step_waits_for_the_device():
+    """DeepSpeed's throughput timer synchronizes the device at each forward's start and each step's end (its
+    default); glm-pretrain turns it off in the configuration, as DeepSpeed reads it."""
+    from deepspeed.utils.config import get_timers_config
+
+    cfg = load_config(None, [])
+    timers = get_timers_config(deepspeed_config(cfg, parallel_layout(cfg, 1), cuda=True))
+    assert timers.enabled is False and timers.synchronized is False
+    assert get_timers_config({}).synchronized is True  # what it would be without the key
 
 
 def test_overlap_comm_is_a_config_key_and_fp32_needs_no_accumulation_dtype():
@@ -72,6 +86,10 @@ def test_step_profiler_writes_the_ops_then_the_host_functions_of_the_profiled_st
     host = text[text.index("steps 4-5 under cProfile") :]
     # Python functions with their own time, ours among them.
     assert "_matmul_twice" in host and "tottime" in host
+    # The profiled steps' timeline, for chrome://tracing or Perfetto.
+    with gzip.open(tmp_path / "trace-rank0.json.gz", "rt") as trace:
+        names = {event.get("name") for event in json.load(trace)["traceEvents"]}
+    assert "aten::mm" in names
     assert StepProfiler([], tmp_path, 0, torch.device("cpu")).first == 0  # empty: never starts
 
 

@@ -115,6 +115,11 @@ def deepspeed_config(cfg: GLMConfig, layout: Layout, cuda: bool | None = None) -
         },
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronizes the device at the start of every micro-batch's forward and
+        # at the end of every step, for a samples/s figure it prints every steps_per_print steps (never,
+        # here): the host then cannot queue the next step while the GPU finishes this one. glm-pretrain
+        # measures its own throughput.
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
         "dump_state": False,
     }
     if t.precision == "bf16":

@@ -229,10 +229,36 @@ class StepProfiler:
                 f"\nsteps {self.first}-{self.last}, sorted by cpu_time_total (host time, children included)\n"
             )
             text += averages.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=70) + "\n"
+        idle = self._export_trace(self.last - self.first + 1)
+        if self.device.type == "cuda":
+            text += f"\nsteps {self.first}-{self.last}, {idle}"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(text)
         logger.info("profile of steps %d-%d written to %s", self.first, self.last, self.path)
         self._profile = None
+
+    def _export_trace(self, steps: int) -> str:
+        """Write the profiled steps' trace (``trace-rank<r>.json.gz``, for chrome://tracing or Perfetto) and
+        return where the GPU sat idle in them (``training.timeline``)."""
+        import gzip
+        import os
+        import tempfile
+
+        from megatron_glm.training.timeline import idle_report, load_trace
+
+        trace = self.path.with_name(self.path.name.replace("profile-", "trace-")).with_suffix(".json.gz")
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        handle, raw = tempfile.mkstemp(suffix=".json", dir=trace.parent)
+        os.close(handle)
+        try:
+            self._profile.export_chrome_trace(raw)
+            report = idle_report(load_trace(raw), steps)
+            with open(raw, "rb") as source, gzip.open(f"{trace}.tmp", "wb") as target:
+                target.write(source.read())
+            os.replace(f"{trace}.tmp", trace)
+        finally:
+            os.unlink(raw)
+        return report + f"(trace: {trace.name})\n"
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
