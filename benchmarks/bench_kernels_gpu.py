@@ -20,7 +20,10 @@ pair backward (five matmuls), so forward+backward = 14*D*pairs*B*H. Pairs for se
 LayerNorm: bf16, rows x width = 64M elements (larger than L2), forward+backward. GB/s counts the minimum traffic:
 plain LN reads x and writes y, then reads x, dy and writes dx (5 tensors); with the fused residual add it reads
 x, residual and writes y, x + residual, then reads x + residual, dy, d(x + residual) and writes dx (8 tensors).
-torch's residual variant is `F.layer_norm(x + residual)`, credited with the same bytes. The yardstick is the GPU's
+torch's residual variant is `F.layer_norm(x + residual)`, credited with the same bytes. The "+dropout" rows are
+the post-attention LayerNorm in training, `LN(residual + dropout(x, 0.1))`: ours drops in the kernel (and
+again in the backward, writing x's gradient through the mask: 9 tensors), torch runs `F.dropout` first;
+both are credited with 9 tensors. The yardstick is the GPU's
 device-to-device copy bandwidth, measured in the same run (`dst.copy_(src)` of one such tensor: its bytes read
 plus written over the time); the LayerNorm summary gives Triton over torch and Triton's GB/s as a share of it.
 
@@ -265,10 +268,10 @@ def layer_norm_summary(norm_speeds: dict, copy_gbps: float) -> list[str]:
     rows = []
     for width in sorted({w for w, _ in norm_speeds}):
         parts = []
-        for suffix in ("", " +residual"):
+        for suffix in ("", " +residual", " +residual +dropout"):
             ours, theirs = cell(width, "triton" + suffix), cell(width, "torch" + suffix)
             parts.append(f"{ours / theirs:.2f}x" if ours and theirs else "-")
-        for suffix in ("", " +residual"):
+        for suffix in ("", " +residual", " +residual +dropout"):
             ours = cell(width, "triton" + suffix)
             parts.append(f"{100 * ours / copy_gbps:.0f}%" if ours and copy_gbps else "-")
         rows.append(f"| {width} | " + " | ".join(parts) + " |")
@@ -291,6 +294,16 @@ def layer_norm_rows(
         ("torch", False, lambda: layer_norm_torch(x, weight, bias, 1e-5)),
         ("triton +residual", True, lambda: layer_norm(x, weight, bias, 1e-5, residual, backend="triton")),
         ("torch +residual", True, lambda: layer_norm_torch(x, weight, bias, 1e-5, residual)),
+        (
+            "triton +residual +dropout",
+            True,
+            lambda: layer_norm(x, weight, bias, 1e-5, residual, backend="triton", dropout_p=0.1),
+        ),
+        (
+            "torch +residual +dropout",
+            True,
+            lambda: layer_norm_torch(torch.nn.functional.dropout(x, 0.1), weight, bias, 1e-5, residual),
+        ),
     ]
     skipped = [f"| {width} | {count} | {name} | skipped: time budget | | | | |" for name, _, _ in variants]
     if time.monotonic() > deadline:
@@ -312,12 +325,15 @@ def layer_norm_rows(
 
         forward_ms, total_ms = _time_pair(forward, forward_backward, args, device)
         forward_tensors, total_tensors = (4, 8) if fused else (2, 5)
+        if name.endswith("+dropout"):
+            total_tensors = 9
         if norm_speeds is not None:
             norm_speeds[(width, name)] = total_tensors * tensor_bytes / total_ms / 1e6
         rows.append(
             f"| {width} | {count} | {name} | {forward_ms:.3f} | {forward_tensors * tensor_bytes / forward_ms / 1e6:.0f} | "
             f"{total_ms:.3f} | {total_tensors * tensor_bytes / total_ms / 1e6:.0f} | "
-            f"{f'{differences[index // 2]:.1e}' if index % 2 == 0 else ''} |"
+            # (The dropout pair draws different masks: no difference to report.)
+            f"{f'{differences[index // 2]:.1e}' if index % 2 == 0 and index < 4 else ''} |"
         )
     return rows
 
@@ -422,7 +438,10 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|")
     print("\n".join(summary_rows(speeds)))
     print(f"\n## LayerNorm: {args.elements} elements per tensor\n")
-    print("GB/s over the minimum traffic: plain 2 tensors fwd, 5 fwd+bwd; with residual 4 fwd, 8 fwd+bwd.")
+    print(
+        "GB/s over the minimum traffic: plain 2 tensors fwd, 5 fwd+bwd; with residual 4 fwd, 8 fwd+bwd; "
+        "with residual and dropout 4 fwd, 9 fwd+bwd."
+    )
     print("rel diff: largest max|triton - torch| / max|torch| over outputs and gradients (both bf16).\n")
     print("| width | rows | implementation | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | rel diff |")
     print("|---|---|---|---|---|---|---|---|")
@@ -431,9 +450,10 @@ def main(argv: list[str] | None = None) -> int:
         f"\nDevice-to-device copy of one such tensor (`copy_`, read + written bytes): {copy_gbps:.0f} GB/s.\n"
     )
     print(
-        "| width | triton speed / torch, fwd+bwd | +residual | triton fwd+bwd GB/s, % of copy | +residual |"
+        "| width | triton speed / torch, fwd+bwd | +residual | +residual +dropout | triton fwd+bwd GB/s, % of copy "
+        "| +residual | +residual +dropout |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     print("\n".join(layer_norm_summary(norm_speeds, copy_gbps)))
     print(
         "\n## Tiles and warps the autotuner chose (attention key: length buckets, head dim, flags, dtypes; "

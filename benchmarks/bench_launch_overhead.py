@@ -2,11 +2,11 @@
 
 A step whose GPU finishes its kernels sooner than the host can launch them runs at the host's pace
 (`docs/benchmarks.md`: GLM-Large's step with Triton kernels on an H200). This measures the host side of one
-forward+backward of GLM attention (dropout 0.1) and of the LayerNorm with the fused residual, next to torch's
+forward+backward of GLM attention on the packed projection (dropout 0.1), of the LayerNorm with the residual
+add and the dropout before it, and of the dropout-add after the MLP, next to torch's `F.dropout`,
 `F.layer_norm` and `F.scaled_dot_product_attention` (causal) on the same tensors, and of the tensor-parallel
-RNG fork that each layer's attention dropout runs in, as the mean wall time of
-many calls issued back to back without synchronizing: on a GPU that is the time the host spends per call
-while the GPU runs behind it.
+RNG fork that each layer's attention dropout runs in, as the mean wall time of many calls issued back to back
+without synchronizing: on a GPU that is the time the host spends per call while the GPU runs behind it.
 
     python benchmarks/bench_launch_overhead.py            # a GPU: the real launches
     python benchmarks/bench_launch_overhead.py --stub     # any machine: our wrappers alone, launches stubbed
@@ -59,6 +59,8 @@ def _stub_kernels() -> None:
     for launcher in (
         layer_norm._forward,
         layer_norm._backward,
+        layer_norm._dropout_add,
+        layer_norm._dropout_backward,
         attention._forward,
         attention._backward_preprocess,
         attention._backward_dkdv,
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     torch.set_num_threads(1)
     from kernels.triton_attention import glm_attention_qkv_triton
-    from kernels.triton_layer_norm import layer_norm_triton
+    from kernels.triton_layer_norm import dropout_add_triton, layer_norm_triton
 
     def leaf(*shape):
         return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
@@ -119,13 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     sep = torch.full((batch,), length // 2, device=device, dtype=torch.int32)
 
     def ours_layer_norm() -> None:
-        y, summed = layer_norm_triton(x, weight, bias, 1e-5, residual)
+        # The post-attention LayerNorm in training: LN(residual + dropout(x)) and the residual stream.
+        y, summed = layer_norm_triton(x, weight, bias, 1e-5, residual, dropout_p=0.1)
         torch.autograd.backward([y, summed], [grad, grad])
 
     def torch_layer_norm() -> None:
-        summed = x + residual
+        summed = residual + F.dropout(x, 0.1)
         y = F.layer_norm(summed, (width,), weight, bias, 1e-5)
         torch.autograd.backward([y, summed], [grad, grad])
+
+    def ours_dropout_add() -> None:
+        dropout_add_triton(x, residual, 0.1).backward(grad)
+
+    def torch_dropout_add() -> None:
+        (residual + F.dropout(x, 0.1)).backward(grad)
 
     def ours_attention() -> None:
         glm_attention_qkv_triton(qkv, sep, dropout_p=0.1).backward(grad_out)
@@ -169,12 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         return call
 
     for label, fn in (
-        ("ours: LayerNorm + residual (Triton, direct launches)", ours_layer_norm),
+        ("ours: LayerNorm + residual + dropout 0.1 (Triton, direct launches)", ours_layer_norm),
         (
-            "ours: LayerNorm + residual (Triton, through Triton's dispatch)",
+            "ours: LayerNorm + residual + dropout 0.1 (Triton, through Triton's dispatch)",
             through_triton_dispatch(ours_layer_norm),
         ),
-        ("torch: add + F.layer_norm", torch_layer_norm),
+        ("torch: F.dropout + add + F.layer_norm", torch_layer_norm),
+        ("ours: dropout 0.1 + add (Triton, direct launches)", ours_dropout_add),
+        ("torch: F.dropout + add", torch_dropout_add),
         ("ours: GLM attention on packed qkv, dropout 0.1 (Triton, direct launches)", ours_attention),
         (
             "ours: GLM attention on packed qkv, dropout 0.1 (Triton, through Triton's dispatch)",

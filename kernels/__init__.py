@@ -122,13 +122,37 @@ def layer_norm(
     eps: float,
     residual: torch.Tensor | None = None,
     backend: str = "auto",
+    dropout_p: float = 0.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """LayerNorm over the last dim; with ``residual`` returns ``(LN(x + residual), x + residual)``."""
+    """LayerNorm over the last dim; with ``residual`` returns ``(LN(x + residual), x + residual)``.
+
+    ``dropout_p`` (with a residual) drops x first: ``s = residual + dropout(x)``, returns ``(LN(s), s)``. The
+    torch path draws the mask with ``kernels.dropout``; the Triton kernels draw it in the kernel from a seed of
+    torch's generator of the device, and again in the backward (no mask is stored)."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise KernelError(f"layer_norm: dropout_p={dropout_p} must be in [0, 1)")
+    if dropout_p > 0.0 and residual is None:
+        raise KernelError("layer_norm: dropout_p needs a residual (it computes LN(residual + dropout(x)))")
     if resolve_backend(backend, x.device) == "triton":
         from kernels.triton_layer_norm import layer_norm_triton
 
-        return layer_norm_triton(x, weight, bias, eps, residual)
-    return layer_norm_torch(x, weight, bias, eps, residual)
+        return layer_norm_triton(x, weight, bias, eps, residual, dropout_p)
+    return layer_norm_torch(dropout(x, dropout_p), weight, bias, eps, residual)
+
+
+def dropout_add(
+    x: torch.Tensor, residual: torch.Tensor, dropout_p: float, backend: str = "auto"
+) -> torch.Tensor:
+    """``residual + dropout(x, dropout_p)``: on the Triton path one kernel each way, the mask drawn in the kernel
+    (and again in the backward) from a seed of torch's generator of the device; on the torch path
+    ``kernels.dropout`` and an add. ``dropout_p = 0`` is the plain sum."""
+    if not 0.0 <= dropout_p < 1.0:
+        raise KernelError(f"dropout_add: dropout_p={dropout_p} must be in [0, 1)")
+    if dropout_p > 0.0 and resolve_backend(backend, x.device) == "triton":
+        from kernels.triton_layer_norm import dropout_add_triton
+
+        return dropout_add_triton(x, residual, dropout_p)
+    return residual + dropout(x, dropout_p)
 
 
 def tile_choices() -> dict[str, list[dict]]:
@@ -161,6 +185,7 @@ __all__ = [
     "Dropout",
     "KernelError",
     "dropout",
+    "dropout_add",
     "glm_attention",
     "glm_attention_qkv",
     "glm_attention_mask",

@@ -85,22 +85,51 @@ _BACKWARD_CONFIGS = (
 )
 
 
+DROPOUT_GROUP = tl.constexpr(8)  # columns per Philox call: four 32-bit outputs, two 16-bit uniforms each
+
+
+@triton.jit
+def _keep_row(Seed, row, threshold, BLOCK_N: tl.constexpr):
+    """Keep decisions of the dropout before the residual add, for row ``row``'s ``BLOCK_N`` columns: one Philox
+    call (7 rounds, keyed by the call's seed) per row and group of 8 columns, counter (column group, row, 0, 0),
+    its outputs split into eight 16-bit uniforms; an element is kept iff its uniform is ``>= threshold``
+    (``round(p * 65536)``), as in the attention's dropout. The backward regenerates the same decisions."""
+    groups = tl.arange(0, BLOCK_N // DROPOUT_GROUP)
+    r0, r1, r2, r3 = tl.philox(tl.load(Seed), groups, tl.cast(row, tl.int32), 0, 0, 7)
+    low = 0xFFFF
+    pairs01 = tl.join(tl.join(r0 & low, r0 >> 16), tl.join(r1 & low, r1 >> 16))
+    pairs23 = tl.join(tl.join(r2 & low, r2 >> 16), tl.join(r3 & low, r3 >> 16))
+    uniforms = tl.reshape(tl.join(pairs01, pairs23), [BLOCK_N])
+    return uniforms.to(tl.int32, bitcast=True) >= threshold
+
+
+@triton.jit
+def _dropped(x, keep, scale, DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """``dropout(x)`` rounded to ``DTYPE`` (as torch's dropout stores it), back in fp32."""
+    return to_dtype(tl.where(keep, x * scale, 0.0), DTYPE, EMULATE_BF16).to(tl.float32)
+
+
 @triton.autotune(
     configs=_CONFIGS,
-    key=["BLOCK_N", "HAS_RESIDUAL"],
+    key=["BLOCK_N", "HAS_RESIDUAL", "HAS_DROPOUT"],
     prune_configs_by=_warps_candidates(backward=False),
     cache_results=True,
 )
 @triton.jit
 def layer_norm_forward_kernel(
-    X, Residual, Summed, Y, W, B, Mean, Rstd,
-    stride_x, stride_r, stride_s, stride_y, width, eps,
-    HAS_RESIDUAL: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
+    X, Residual, Summed, Y, W, B, Mean, Rstd, Seed,
+    stride_x, stride_r, stride_s, stride_y, width, eps, dropout_threshold, dropout_scale,
+    HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < width
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if (
+        HAS_DROPOUT
+    ):  # LN(residual + dropout(x)): the dropped x rounded to the dtype, as torch's dropout stores it
+        keep = _keep_row(Seed, row, dropout_threshold, BLOCK_N)
+        x = _dropped(x, keep, dropout_scale, Summed.dtype.element_ty, EMULATE_BF16)
     if HAS_RESIDUAL:
         residual = tl.load(Residual + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         # Round the sum to the stored dtype before normalising it, exactly as LN(x + residual) does in torch.
@@ -123,10 +152,12 @@ def layer_norm_forward_kernel(
 
 @triton.jit
 def _store_dx_row(
-    x, dy, w, Mean, Rstd, DSummed, DX, row, cols, mask, stride_ds, stride_dx, width,
-    HAS_DSUMMED: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    x, dy, w, Mean, Rstd, DSummed, DX, DXD, Seed, row, cols, mask, stride_ds, stride_dx, width,
+    dropout_threshold, dropout_scale,
+    HAS_DSUMMED: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Store row ``row`` of dx (plus dsummed's row); return the row's x_hat for dweight."""
+    """Store row ``row`` of dx (plus dsummed's row), and with dropout dx through the forward's dropout mask
+    (into DXD, same strides); return the row's x_hat for dweight."""
     mean = tl.load(Mean + row)
     rstd = tl.load(Rstd + row)
     x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
@@ -137,21 +168,27 @@ def _store_dx_row(
     dx = (w_dy - (x_hat * c_hat + c_dy)) * rstd
     if HAS_DSUMMED:
         dx += tl.load(DSummed + row * stride_ds + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DX + row * stride_dx + cols, to_dtype(dx, DX.dtype.element_ty, EMULATE_BF16), mask=mask)
+    dx = to_dtype(dx, DX.dtype.element_ty, EMULATE_BF16)
+    tl.store(DX + row * stride_dx + cols, dx, mask=mask)
+    if HAS_DROPOUT:  # torch's dropout backward: the stored gradient times the mask and the scale, rounded
+        keep = _keep_row(Seed, row, dropout_threshold, BLOCK_N)
+        dxd = _dropped(dx.to(tl.float32), keep, dropout_scale, DXD.dtype.element_ty, EMULATE_BF16)
+        tl.store(DXD + row * stride_dx + cols, dxd.to(DXD.dtype.element_ty), mask=mask)
     return x_hat
 
 
 @triton.autotune(
     configs=_BACKWARD_CONFIGS,
-    key=["BLOCK_N", "HAS_DSUMMED"],
+    key=["BLOCK_N", "HAS_DSUMMED", "HAS_DROPOUT"],
     prune_configs_by=_warps_candidates(backward=True),
     cache_results=True,
 )
 @triton.jit
 def layer_norm_backward_kernel(
-    X, W, DY, DSummed, DX, Mean, Rstd, PartialDW, PartialDB,
-    stride_x, stride_dy, stride_ds, stride_dx, rows, width,
-    HAS_DSUMMED: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
+    X, W, DY, DSummed, DX, DXD, Mean, Rstd, PartialDW, PartialDB, Seed,
+    stride_x, stride_dy, stride_ds, stride_dx, rows, width, dropout_threshold, dropout_scale,
+    HAS_DSUMMED: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
+    PROGRAMS_PER_SM: tl.constexpr,
 ):  # fmt: skip
     # The grid is min(rows, PROGRAMS_PER_SM x SMs) programs (see LayerNormFunction.backward), each a contiguous run
     # of rows. (Program p taking rows p, p + programs, ... instead ran 4K- and 8K-wide rows at ~60% of the speed
@@ -170,8 +207,8 @@ def layer_norm_backward_kernel(
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         x_hat = _store_dx_row(
-            x, dy, w, Mean, Rstd, DSummed, DX, row, cols, mask, stride_ds, stride_dx, width,
-            HAS_DSUMMED, EMULATE_BF16,
+            x, dy, w, Mean, Rstd, DSummed, DX, DXD, Seed, row, cols, mask, stride_ds, stride_dx, width,
+            dropout_threshold, dropout_scale, HAS_DSUMMED, HAS_DROPOUT, EMULATE_BF16, BLOCK_N,
         )  # fmt: skip
         dw += dy * x_hat
         db += dy
@@ -191,16 +228,16 @@ _DWDB_PROGRAMS_PER_SM = 4
 
 @triton.autotune(
     configs=_CONFIGS,
-    key=["BLOCK_N", "HAS_DSUMMED"],
+    key=["BLOCK_N", "HAS_DSUMMED", "HAS_DROPOUT"],
     # x, dy and w per row, as the forward holds x, w and b: the forward's warps.
     prune_configs_by=_warps_candidates(backward=False),
     cache_results=True,
 )
 @triton.jit
 def layer_norm_backward_dx_kernel(
-    X, W, DY, DSummed, DX, Mean, Rstd,
-    stride_x, stride_dy, stride_ds, stride_dx, width,
-    HAS_DSUMMED: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
+    X, W, DY, DSummed, DX, DXD, Mean, Rstd, Seed,
+    stride_x, stride_dy, stride_ds, stride_dx, width, dropout_threshold, dropout_scale,
+    HAS_DSUMMED: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """dx of one row (the split backward's first kernel)."""
     row = tl.program_id(0).to(tl.int64)
@@ -210,8 +247,8 @@ def layer_norm_backward_dx_kernel(
     dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     _store_dx_row(
-        x, dy, w, Mean, Rstd, DSummed, DX, row, cols, mask, stride_ds, stride_dx, width,
-        HAS_DSUMMED, EMULATE_BF16,
+        x, dy, w, Mean, Rstd, DSummed, DX, DXD, Seed, row, cols, mask, stride_ds, stride_dx, width,
+        dropout_threshold, dropout_scale, HAS_DSUMMED, HAS_DROPOUT, EMULATE_BF16, BLOCK_N,
     )  # fmt: skip
 
 
@@ -244,12 +281,45 @@ def layer_norm_backward_dwdb_kernel(
     tl.store(PartialDB + group * width + cols, tl.sum(db, axis=0), mask=col_mask)
 
 
-# The tensor parameters come first: 8 in the forward (X ... Rstd), 9 in the backward (X ... PartialDB), 7 and 6
-# in the split backward's kernels.
-_forward = Launcher(layer_norm_forward_kernel, tensor_args=8)
-_backward = Launcher(layer_norm_backward_kernel, tensor_args=9)
-_backward_dx = Launcher(layer_norm_backward_dx_kernel, tensor_args=7)
+@triton.jit
+def dropout_add_kernel(
+    X, Residual, Out, Seed, stride_x, stride_r, stride_o, width, dropout_threshold, dropout_scale,
+    EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """``residual + dropout(x)`` for one row, the dropped x rounded to the dtype first (as torch computes it)."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < width
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    residual = tl.load(Residual + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    keep = _keep_row(Seed, row, dropout_threshold, BLOCK_N)
+    out = _dropped(x, keep, dropout_scale, Out.dtype.element_ty, EMULATE_BF16) + residual
+    tl.store(Out + row * stride_o + cols, to_dtype(out, Out.dtype.element_ty, EMULATE_BF16), mask=mask)
+
+
+@triton.jit
+def dropout_backward_kernel(
+    DOut, DX, Seed, stride_do, stride_dx, width, dropout_threshold, dropout_scale,
+    EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The gradient of ``dropout(x)`` for one row: the output gradient through the forward's mask and scale."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    mask = cols < width
+    dout = tl.load(DOut + row * stride_do + cols, mask=mask, other=0.0).to(tl.float32)
+    keep = _keep_row(Seed, row, dropout_threshold, BLOCK_N)
+    dx = _dropped(dout, keep, dropout_scale, DX.dtype.element_ty, EMULATE_BF16)
+    tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# The tensor parameters come first: 9 in the forward (X ... Seed), 11 in the backward (X ... Seed), 9 and 6
+# in the split backward's kernels, 4 and 3 in the dropout-add's.
+_forward = Launcher(layer_norm_forward_kernel, tensor_args=9)
+_backward = Launcher(layer_norm_backward_kernel, tensor_args=11)
+_backward_dx = Launcher(layer_norm_backward_dx_kernel, tensor_args=9)
 _backward_dwdb = Launcher(layer_norm_backward_dwdb_kernel, tensor_args=6)
+_dropout_add = Launcher(dropout_add_kernel, tensor_args=4)
+_dropout_backward = Launcher(dropout_backward_kernel, tensor_args=3)
 AUTOTUNED.update(
     {
         "layer_norm_forward": layer_norm_forward_kernel,
@@ -264,9 +334,26 @@ def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _dropout_arguments(dropout_p: float) -> tuple[int, float]:
+    """``(threshold, scale)``: keep where the 16-bit uniform is ``>= round(p * 65536)`` (p quantized to 1/65536,
+    as ``kernels.dropout`` does on CPUs); scale what is kept by ``1 / (1 - p)``."""
+    return min(round(dropout_p * 65536), 65536), 1.0 / (1.0 - dropout_p)
+
+
+def _seed(device: torch.device) -> torch.Tensor:
+    """A device tensor drawn from torch's generator of the device: no host sync, and whatever controls that
+    generator (manual_seed, a CUDA graph's registered generator state) controls the dropout."""
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+
+
+def _block_n(width: int, dropout: bool) -> int:
+    # Dropout draws 8 columns per Philox call: at least two calls' worth of columns per row block.
+    return max(next_power_of_2(width), 16) if dropout else next_power_of_2(width)
+
+
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, residual):
+    def forward(ctx, x, weight, bias, eps, residual, dropout_p):
         shape = x.shape
         width = shape[-1]
         x2 = _rows(x, width)
@@ -275,18 +362,22 @@ class LayerNormFunction(torch.autograd.Function):
         mean = torch.empty(rows, device=x.device, dtype=torch.float32)
         rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
         has_residual = residual is not None
+        has_dropout = dropout_p > 0.0
         residual2 = _rows(residual, width) if has_residual else x2
         summed = torch.empty((rows, width), device=x.device, dtype=x.dtype) if has_residual else x2
-        block_n = next_power_of_2(width)
+        seed = _seed(x.device) if has_dropout else mean  # without dropout the kernels never read it
         if rows > 0:
             with device_guard(x.device):
                 _forward(
-                    (rows,), x2, residual2, summed, y, weight, bias, mean, rstd,
+                    (rows,), x2, residual2, summed, y, weight, bias, mean, rstd, seed,
                     x2.stride(0), residual2.stride(0), summed.stride(0), y.stride(0), width, eps,
-                    HAS_RESIDUAL=has_residual, EMULATE_BF16=emulate_bf16(x.dtype), BLOCK_N=block_n,
+                    *_dropout_arguments(dropout_p),
+                    HAS_RESIDUAL=has_residual, HAS_DROPOUT=has_dropout, EMULATE_BF16=emulate_bf16(x.dtype),
+                    BLOCK_N=_block_n(width, has_dropout),
                 )  # fmt: skip
-        ctx.save_for_backward(summed, weight, mean, rstd)
+        ctx.save_for_backward(summed, weight, mean, rstd, seed)
         ctx.has_residual = has_residual
+        ctx.dropout_p = dropout_p
         ctx.bias_dtype = bias.dtype
         ctx.set_materialize_grads(False)
         if has_residual:
@@ -296,18 +387,28 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y, grad_summed=None):
-        summed, weight, mean, rstd = ctx.saved_tensors
+        summed, weight, mean, rstd, seed = ctx.saved_tensors
         width = summed.shape[-1]
         rows = summed.shape[0]
         shape = grad_y.shape if grad_y is not None else grad_summed.shape
         dy = _rows(grad_y, width) if grad_y is not None else torch.zeros_like(summed)
         has_dsummed = grad_summed is not None
+        has_dropout = ctx.dropout_p > 0.0
         dsummed = _rows(grad_summed, width) if has_dsummed else dy
         dx = torch.empty((rows, width), device=summed.device, dtype=summed.dtype)
-        block_n = next_power_of_2(width)
-        flags = {"EMULATE_BF16": emulate_bf16(summed.dtype), "BLOCK_N": block_n}
+        # x's gradient through the dropout, where there is one (else dx is x's gradient too).
+        dxd = torch.empty_like(dx) if has_dropout else dx
+        block_n = _block_n(width, has_dropout)
+        flags = {
+            "HAS_DROPOUT": has_dropout,
+            "EMULATE_BF16": emulate_bf16(summed.dtype),
+            "BLOCK_N": block_n,
+        }
+        dropout = (seed, *_dropout_arguments(ctx.dropout_p))
         if block_n > FUSED_BACKWARD_MAX_WIDTH:
-            partials = _split_backward(summed, weight, dy, dsummed, dx, mean, rstd, has_dsummed, flags)
+            partials = _split_backward(
+                summed, weight, dy, dsummed, dx, dxd, mean, rstd, has_dsummed, dropout, flags
+            )
         else:
             # PROGRAMS_PER_SM x SMs programs (the autotuner's choice), each owning a contiguous run of rows and
             # writing one row of partial sums. The buffer has room for the most any candidate launches.
@@ -323,9 +424,9 @@ class LayerNormFunction(torch.autograd.Function):
 
                 with device_guard(summed.device):
                     meta = _backward(
-                        grid, summed, weight, dy, dsummed, dx, mean, rstd, partials[0], partials[1],
-                        summed.stride(0), dy.stride(0), dsummed.stride(0), dx.stride(0), rows, width,
-                        HAS_DSUMMED=has_dsummed, **flags,
+                        grid, summed, weight, dy, dsummed, dx, dxd, mean, rstd, partials[0], partials[1],
+                        dropout[0], summed.stride(0), dy.stride(0), dsummed.stride(0), dx.stride(0), rows,
+                        width, *dropout[1:], HAS_DSUMMED=has_dsummed, **flags,
                     )  # fmt: skip
                 programs = grid(meta)[0]
             partials = partials[:, :programs]
@@ -335,12 +436,57 @@ class LayerNormFunction(torch.autograd.Function):
         else:
             dweight, dbias = sums[0].to(weight.dtype), sums[1].to(ctx.bias_dtype)
         dx = dx.view(shape)
-        # x and residual enter only through their sum, so they share one gradient, as with torch's add.
-        return dx, dweight, dbias, None, dx if ctx.has_residual else None
+        # x and residual enter only through their sum, so they share one gradient, as with torch's add (x's
+        # passes through the dropout first, where there is one).
+        return dxd.view(shape), dweight, dbias, None, dx if ctx.has_residual else None, None
+
+
+class DropoutAddFunction(torch.autograd.Function):
+    """``residual + dropout(x)``, the mask drawn in the kernel and drawn again in the backward (nothing stored)."""
+
+    @staticmethod
+    def forward(ctx, x, residual, dropout_p):
+        shape = x.shape
+        width = shape[-1]
+        x2, residual2 = _rows(x, width), _rows(residual, width)
+        rows = x2.shape[0]
+        out = torch.empty((rows, width), device=x.device, dtype=x.dtype)
+        seed = _seed(x.device)
+        block_n = _block_n(width, True)
+        if rows > 0:
+            with device_guard(x.device):
+                _dropout_add(
+                    (rows,), x2, residual2, out, seed, x2.stride(0), residual2.stride(0), out.stride(0), width,
+                    *_dropout_arguments(dropout_p), EMULATE_BF16=emulate_bf16(x.dtype), BLOCK_N=block_n,
+                    num_warps=_num_warps(block_n, backward=False),
+                )  # fmt: skip
+        ctx.save_for_backward(seed)
+        ctx.dropout_p = dropout_p
+        return out.view(shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (seed,) = ctx.saved_tensors
+        shape = grad_out.shape
+        width = shape[-1]
+        dout = _rows(grad_out, width)
+        rows = dout.shape[0]
+        dx = torch.empty((rows, width), device=dout.device, dtype=dout.dtype)
+        block_n = _block_n(width, True)
+        if rows > 0:
+            with device_guard(dout.device):
+                _dropout_backward(
+                    (rows,), dout, dx, seed, dout.stride(0), dx.stride(0), width,
+                    *_dropout_arguments(ctx.dropout_p), EMULATE_BF16=emulate_bf16(dout.dtype), BLOCK_N=block_n,
+                    num_warps=_num_warps(block_n, backward=False),
+                )  # fmt: skip
+        # The residual enters the sum as it is: its gradient is the output's.
+        return dx.view(shape), grad_out, None
 
 
 def _split_backward(
-    summed, weight, dy, dsummed, dx, mean, rstd, has_dsummed: bool, flags: dict
+    summed, weight, dy, dsummed, dx, dxd, mean, rstd, has_dsummed: bool, dropout: tuple, flags: dict
 ) -> torch.Tensor:
     """Rows wider than ``FUSED_BACKWARD_MAX_WIDTH``: dx one row per program, then the partial sums of dweight
     and dbias (``[2, groups, width]``) by column blocks over runs of rows."""
@@ -361,8 +507,8 @@ def _split_backward(
         return partials.zero_()
     with device_guard(summed.device):
         _backward_dx(
-            (rows,), summed, weight, dy, dsummed, dx, mean, rstd,
-            summed.stride(0), dy.stride(0), dsummed.stride(0), dx.stride(0), width,
+            (rows,), summed, weight, dy, dsummed, dx, dxd, mean, rstd, dropout[0],
+            summed.stride(0), dy.stride(0), dsummed.stride(0), dx.stride(0), width, *dropout[1:],
             HAS_DSUMMED=has_dsummed, **flags,
         )  # fmt: skip
         _backward_dwdb(
@@ -400,7 +546,28 @@ def layer_norm_triton(
     bias: torch.Tensor,
     eps: float,
     residual: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The Triton counterpart of ``kernels.reference.layer_norm_torch`` (same arguments, same result)."""
+    """The Triton counterpart of ``kernels.reference.layer_norm_torch`` (same arguments, same result); with
+    ``dropout_p`` x is dropped before the residual add, in the kernel (``residual`` is then required)."""
     _check_inputs(x, weight, bias, residual)
-    return LayerNormFunction.apply(x, weight.contiguous(), bias.contiguous(), float(eps), residual)
+    if dropout_p > 0.0 and residual is None:
+        raise KernelError(
+            "kernels.layer_norm(backend='triton'): dropout_p needs a residual (LN(residual + dropout(x)))"
+        )
+    return LayerNormFunction.apply(
+        x, weight.contiguous(), bias.contiguous(), float(eps), residual, float(dropout_p)
+    )
+
+
+def dropout_add_triton(x: torch.Tensor, residual: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """``residual + dropout(x)`` in one kernel, forward and backward; the mask is not stored."""
+    where = "kernels.dropout_add(backend='triton')"
+    if x.dtype not in _SUPPORTED_DTYPES or residual.dtype != x.dtype or residual.shape != x.shape:
+        raise KernelError(
+            f"{where}: x and residual must share one shape and one dtype of fp16, bf16, fp32; got "
+            f"{x.dtype} {tuple(x.shape)} and {residual.dtype} {tuple(residual.shape)}"
+        )
+    if x.dim() == 0 or not 0 < x.shape[-1] <= MAX_WIDTH:
+        raise KernelError(f"{where}: rows must be 1..{MAX_WIDTH} wide; got shape {tuple(x.shape)}")
+    return DropoutAddFunction.apply(x, residual, float(dropout_p))

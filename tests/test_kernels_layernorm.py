@@ -186,3 +186,106 @@ def test_split_backward_matches_torch(monkeypatch, with_residual):
     got = _forward_backward(_triton_ln, x, residual, weight, bias, grads)
     for want, have in zip(expected, got):
         torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+
+
+def _kernel_mask(fn, shape, dtype, seed):
+    """The keep mask a dropout kernel draws for ``torch.manual_seed(seed)``: dropping ones into zeros leaves the
+    kept elements (scaled) and zeros elsewhere."""
+    torch.manual_seed(seed)
+    summed = fn(torch.ones(shape, device=DEVICE, dtype=dtype), torch.zeros(shape, device=DEVICE, dtype=dtype))
+    return summed != 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("split", [False, True], ids=["fused_backward", "split_backward"])
+def test_dropout_before_the_residual_add_is_ln_of_residual_plus_the_masked_input(monkeypatch, split, dtype):
+    """LN(residual + dropout(x)) in one kernel: the same outputs and gradients as torch's LayerNorm of the residual
+    plus x masked by the kernel's own mask and scaled, and the backward replays the forward's mask."""
+    from kernels import triton_layer_norm as ln
+
+    if split:
+        monkeypatch.setattr(ln, "FUSED_BACKWARD_MAX_WIDTH", 64)
+    p, seed, shape = 0.25, 3, (3, 37, 200)
+    scale = 1.0 / (1.0 - p)
+    x, residual, weight, bias = _inputs(shape, dtype, True, seed=4)
+
+    def ours(x, weight, bias, residual):
+        torch.manual_seed(seed)
+        return layer_norm(x, weight, bias, EPS, residual, backend="triton", dropout_p=p)
+
+    keep = _kernel_mask(
+        lambda x, r: ours(x, torch.ones_like(weight), torch.zeros_like(bias), r)[1], shape, dtype, seed
+    )
+    assert 0.15 < 1 - keep.float().mean().item() < 0.35  # some dropped, most kept
+
+    def masked_in_torch(x, weight, bias, residual):
+        # The dropped x rounded to x's dtype, as torch's dropout stores it.
+        dropped = torch.where(keep, x.to(torch.promote_types(x.dtype, torch.float32)) * scale, 0.0).to(
+            x.dtype
+        )
+        return layer_norm_torch(dropped, weight, bias, EPS, residual)
+
+    grads = [_randn(*shape, seed=5), _randn(*shape, seed=6)]
+    # As test_triton_matches_torch: within twice torch's own error in the dtype (against float64) plus two units.
+    exact = _forward_backward(masked_in_torch, *(t.double() for t in (x, residual, weight, bias)), grads)
+    same_dtype = _forward_backward(masked_in_torch, x, residual, weight, bias, grads)
+    got = _forward_backward(ours, x, residual, weight, bias, grads)
+    for name, want, theirs, have in zip(
+        ["y", "summed", "dx", "dweight", "dbias", "dresidual"], exact, same_dtype, got
+    ):
+        torch_error = (theirs.double() - want).abs().max().item()
+        bound = 2 * torch_error + 2 * UNIT_ROUNDOFF[dtype] * want.abs().max().item()
+        error = (have.double() - want).abs().max().item()
+        assert have.dtype == dtype and error <= bound, f"{name}: max error {error:.3g} > {bound:.3g}"
+    assert torch.equal(got[1], same_dtype[1])  # the residual stream exactly torch's residual + dropout(x)
+    # The residual's gradient is dsummed; x's is that through the forward's mask and scale, rounded as torch's
+    # dropout backward rounds it: zero exactly where an element was dropped.
+    dx, dresidual = got[2], got[5]
+    assert torch.equal(dx, torch.where(keep, dresidual.float() * scale, 0.0).to(dtype))
+    assert torch.all(dresidual[~keep] != 0)
+
+
+def test_dropout_add_is_the_residual_plus_the_masked_input():
+    from kernels import dropout_add
+
+    p, seed, shape, dtype = 0.1, 11, (4, 33, 96), torch.float32
+    scale = 1.0 / (1.0 - p)
+
+    def ours(x, residual):
+        torch.manual_seed(seed)
+        return dropout_add(x, residual, p, backend="triton")
+
+    keep = _kernel_mask(ours, shape, dtype, seed)
+    x, residual = _randn(*shape, seed=1).requires_grad_(), _randn(*shape, seed=2).requires_grad_()
+    out = ours(x, residual)
+    assert torch.equal(out, residual + torch.where(keep, x * scale, 0.0))
+    grad = _randn(*shape, seed=3)
+    out.backward(grad)
+    assert torch.equal(x.grad, torch.where(keep, grad * scale, 0.0)) and torch.equal(residual.grad, grad)
+    # The torch path draws its own mask; without dropout both are the plain sum.
+    assert torch.equal(dropout_add(x, residual, 0.0, backend="triton"), x + residual)
+
+
+def test_in_kernel_dropout_drops_p_of_every_column_position_and_follows_the_seed():
+    """Each Philox call covers 8 columns (two 16-bit uniforms per 32-bit output): every one of the 8 positions,
+    and every row, must drop at the rate p; the same seed draws the same mask, another seed another."""
+    from kernels import dropout_add
+
+    p, shape = 0.1, (64, 1024)
+
+    def mask(seed):
+        return _kernel_mask(lambda x, r: dropout_add(x, r, p, backend="triton"), shape, torch.float32, seed)
+
+    dropped = ~mask(0)
+    assert abs(dropped.float().mean().item() - p) < 0.006  # 65536 elements: 5 standard deviations
+    by_position = dropped.view(64, 128, 8).float().mean(dim=(0, 1))
+    assert torch.all((by_position - p).abs() < 0.017), by_position  # 8192 each
+    assert not torch.equal(dropped[0], dropped[1])  # rows draw their own numbers
+    assert torch.equal(mask(0), ~dropped) and not torch.equal(mask(1), ~dropped)
+
+
+def test_dropout_needs_a_residual():
+    x, _, weight, bias = _inputs((2, 64), torch.float32, False)
+    for backend in ("triton", "torch"):
+        with pytest.raises(KernelError, match="needs a residual"):
+            layer_norm(x, weight, bias, EPS, backend=backend, dropout_p=0.1)

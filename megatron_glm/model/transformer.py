@@ -47,7 +47,9 @@ def init_generator(seed: int, key: str) -> torch.Generator:
 class LayerNorm(nn.Module):
     """LayerNorm over the hidden dimension through ``kernels.layer_norm``.
 
-    With ``residual`` it returns ``(LN(x + residual), x + residual)``, the fused residual-add form.
+    With ``residual`` it returns ``(LN(x + residual), x + residual)``, the fused residual-add form, and with
+    ``dropout_p`` as well ``(LN(residual + dropout(x)), residual + dropout(x))`` (the Triton kernels drop in
+    the kernel).
     """
 
     def __init__(
@@ -70,9 +72,15 @@ class LayerNorm(nn.Module):
         nn.init.ones_(self.weight)
         nn.init.zeros_(self.bias)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, dropout_p: float = 0.0):
         return kernels.layer_norm(
-            x, self.weight, self.bias, self.eps, residual=residual, backend=self.kernel_backend
+            x,
+            self.weight,
+            self.bias,
+            self.eps,
+            residual=residual,
+            backend=self.kernel_backend,
+            dropout_p=dropout_p,
         )
 
 
@@ -195,7 +203,8 @@ class GLMTransformerLayer(nn.Module):
             h, eps, kernel_backend=config.kernels, device=device, dtype=dtype
         )
         self.mlp = GLMMLP(config, device=device, dtype=dtype)
-        self.hidden_dropout = kernels.Dropout(config.hidden_dropout)
+        self.hidden_dropout = config.hidden_dropout
+        self.kernel_backend = config.kernels
         if not self.input_layernorm.weight.is_meta:
             self.reset_parameters(seed)
 
@@ -208,8 +217,10 @@ class GLMTransformerLayer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, sep: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         attention_output = self.attention(self.input_layernorm(hidden), sep, cache, self.layer_number)
-        # LN_2 of the new residual stream a = x + dropout(attention), and a itself.
+        dropout_p = self.hidden_dropout if self.training else 0.0
+        # LN_2 of the new residual stream a = x + dropout(attention), and a itself (the dropout, the add and the
+        # LayerNorm are one kernel each way on the Triton path).
         mlp_input, hidden = self.post_attention_layernorm(
-            self.hidden_dropout(attention_output), residual=hidden
+            attention_output, residual=hidden, dropout_p=dropout_p
         )
-        return hidden + self.hidden_dropout(self.mlp(mlp_input))
+        return kernels.dropout_add(self.mlp(mlp_input), hidden, dropout_p, backend=self.kernel_backend)
