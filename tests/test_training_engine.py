@@ -122,3 +122,12 @@ def test_gpu_kernel_time_counts_kernels_not_the_spans_of_annotated_regions():
         event(DeviceType.CPU, 0.0),  # the op that launched them
     ]
     assert gpu_kernel_ms(averages) == 5.0
+
+
+def test_host_scalars_give_the_values_as_floats():
+    from megatron_glm.training.metrics import HostScalars
+
+    scalars = HostScalars([torch.tensor(1.25, dtype=torch.float64), None, 3, torch.tensor([2.0])])
+    assert scalars.ready()
+    assert scalars.values() == [1.25, None, 3.0, 2.0]
+    assert scalars.values() == [1.25, None, 3.0, 2.0]  # read again: the same

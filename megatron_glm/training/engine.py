@@ -8,7 +8,6 @@ them per call.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from megatron_glm.parallel import (
 )
 from megatron_glm.training.fused_bf16 import fuse_bf16_optimizer, skip_single_rank_allreduce
 from megatron_glm.training.lr_schedule import AnnealingLR
+from megatron_glm.training.metrics import HostScalars
 from megatron_glm.training.optimizer import GuardedAdamW, build_optimizer
 from megatron_glm.training.pipeline import build_pipeline_module
 
@@ -139,12 +139,28 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-@dataclasses.dataclass
 class StepResult:
-    loss: float  # mean over micro-batches and data-parallel replicas
-    skipped: bool  # the update was not applied (non-finite loss / gradients, or fp16 overflow)
-    grad_norm: float | None
-    lr: float
+    """What one optimizer step reports. ``skipped`` (the update was not applied: a non-finite loss or gradients,
+    or an fp16 overflow) and ``lr`` are known when ``train_step`` returns; ``loss`` (the mean over the
+    micro-batches and data-parallel replicas) and ``grad_norm`` are on their way from the device
+    (``HostScalars``): reading them waits for the end of the step, and nothing launched after it."""
+
+    def __init__(self, scalars: HostScalars, skipped: bool, lr: float) -> None:
+        self._scalars = scalars
+        self.skipped = skipped
+        self.lr = lr
+
+    def ready(self) -> bool:
+        """Whether reading ``loss`` and ``grad_norm`` would return without waiting for the device."""
+        return self._scalars.ready()
+
+    @property
+    def loss(self) -> float:
+        return self._scalars.values()[0]
+
+    @property
+    def grad_norm(self) -> float | None:
+        return self._scalars.values()[1]
 
 
 class TrainingEngine:
@@ -234,7 +250,7 @@ class TrainingEngine:
         skipped_before = (self.optimizer.skipped_steps, self.deepspeed_engine.skipped_steps)
         if self.pipeline:
             loss = self.deepspeed_engine.train_batch(self._pipeline_iterator(batches)).float()
-            return self._result(loss.item(), skipped_before)
+            return self._result(loss, skipped_before)
         steps = self.layout.gradient_accumulation_steps
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for micro in range(steps):
@@ -252,17 +268,20 @@ class TrainingEngine:
                 self.deepspeed_engine.backward(loss)
             with record_function("glm.optimizer_step"):
                 self.deepspeed_engine.step()
-        mean = (total[0] / (steps * dist.get_world_size())).item()
+        # No .item(): the loop reads the loss once the next step is queued (StepResult, HostScalars).
+        mean = total[0] / (steps * dist.get_world_size())
         return self._result(mean, skipped_before)
 
-    def _result(self, loss: float, skipped_before: tuple[int, int]) -> StepResult:
+    def _result(self, loss: torch.Tensor, skipped_before: tuple[int, int]) -> StepResult:
         guard_skipped = self.optimizer.skipped_steps != skipped_before[0]
         if guard_skipped:
             # DeepSpeed advanced the schedule although our guard applied no update; THUDM/GLM steps the
             # schedule only with an update, so take the step back.
             self.scheduler.step(-1)
         skipped = guard_skipped or self.deepspeed_engine.skipped_steps != skipped_before[1]
-        return StepResult(loss, skipped, self._grad_norm(), self.scheduler.get_lr())
+        # The gradient norm: a device tensor, a number (inf after an overflow) or None.
+        norm = self.deepspeed_engine.get_global_grad_norm()
+        return StepResult(HostScalars([loss, norm]), skipped, self.scheduler.get_lr())
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         """The engine's forward on one micro-batch (``GLMForPretraining``: the loss)."""
@@ -293,12 +312,6 @@ class TrainingEngine:
                 (b["tokens"], b["position_ids"], b["sep"]),
                 (b["targets"], b["loss_mask"], b["objective"], b["loss_index"]),
             )
-
-    def _grad_norm(self) -> float | None:
-        norm = self.deepspeed_engine.get_global_grad_norm()
-        if norm is None:
-            return None
-        return float(norm.item() if torch.is_tensor(norm) else norm)
 
     # -- evaluation ---------------------------------------------------------------------------------
     @torch.no_grad()

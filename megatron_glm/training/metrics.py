@@ -25,6 +25,48 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+class HostScalars:
+    """Scalars of the device (tensors of one element, or host numbers) on their way to the host, without waiting.
+
+    ``.item()`` on a CUDA tensor copies on the current stream, so it waits for everything queued before it: read
+    after the next step has been launched, it would wait for that step too. Here the values are copied into
+    pinned host memory as soon as they are queued, behind the work that produces them and ahead of anything
+    launched later, and an event marks the copy; ``values()`` waits for that event alone. On CPUs the values
+    are read at once.
+    """
+
+    def __init__(self, values: list) -> None:
+        self._values = list(values)
+        self._event = None
+        positions = [i for i, v in enumerate(self._values) if torch.is_tensor(v)]
+        if not positions:
+            return
+        tensors = [self._values[i].detach().reshape(()).to(torch.float64) for i in positions]
+        if tensors[0].device.type == "cuda":
+            host = torch.empty(len(tensors), dtype=torch.float64, pin_memory=True)
+            host.copy_(torch.stack(tensors), non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            host = torch.stack(tensors)
+        self._host, self._positions = host, positions
+
+    def ready(self) -> bool:
+        """Whether ``values()`` would return without waiting for the device."""
+        return self._event is None or self._event.query()
+
+    def values(self) -> list:
+        """The values as Python floats (None stays None)."""
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        if hasattr(self, "_host"):
+            for position, value in zip(self._positions, self._host.tolist()):
+                self._values[position] = value
+            del self._host
+        return [v if v is None else float(v) for v in self._values]
+
+
 class MetricsReporter:
     """Collects per-step values and reports averages every ``log_interval`` steps."""
 

@@ -1,7 +1,9 @@
 """Preemption: SIGTERM or SIGUSR1 (SLURM's ``--signal``) asks for a checkpoint at the next step boundary.
 
 The handler only sets a flag; the training loop asks ``requested()`` once per step, which agrees on the
-flag across all ranks (one tiny all-reduce), so every rank saves the same step and exits 0 together.
+flag across all ranks (one tiny all-reduce), so every rank saves the same step and exits 0 together. On GPUs
+the agreed flag is read one step later (``HostScalars``): reading it at once would make the host wait for the
+GPU to finish the step before it could queue the next one.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class PreemptionHandler:
         self.device = device
         self.received: int | None = None
         self._previous = {}
+        self._pending = None  # the last call's agreed flag, on its way to the host (GPUs)
 
     def __enter__(self) -> PreemptionHandler:
         for sig in PREEMPTION_SIGNALS:
@@ -48,8 +51,15 @@ class PreemptionHandler:
             )
 
     def requested(self) -> bool:
-        """True on every rank as soon as any rank received a preemption signal."""
+        """True on every rank once any rank received a preemption signal: at once on CPUs, one call later on
+        GPUs (each call sends this step's flags and reads the last call's, long since reduced)."""
+        from megatron_glm.training.metrics import HostScalars
+
         flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        agreed = HostScalars([flag])
+        if self.device.type != "cuda":
+            return agreed.values()[0] > 0
+        previous, self._pending = self._pending, agreed
+        return previous is not None and previous.values()[0] > 0

@@ -37,7 +37,7 @@ from megatron_glm.parallel import (
 )
 from megatron_glm.training.checkpoint import CheckpointManager, TrainingState
 from megatron_glm.training.distributed import LaunchInfo, device_for, init_distributed
-from megatron_glm.training.engine import PRECISION_DTYPES, TrainingEngine
+from megatron_glm.training.engine import PRECISION_DTYPES, StepResult, TrainingEngine
 from megatron_glm.training.hardware import emulated_bf16_warning, fp32_matmul_warning, measure_matmul_peak
 from megatron_glm.training.metrics import MetricsReporter, StepProfiler, TimedIterator
 from megatron_glm.training.signals import PreemptionHandler
@@ -238,7 +238,13 @@ def _setup(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> TrainingRu
 
 
 def _train(run: TrainingRun) -> TrainingResult:
-    """Steps until ``training.train_steps`` or a preemption; evaluation and checkpoints on their cadence."""
+    """Steps until ``training.train_steps`` or a preemption; evaluation and checkpoints on their cadence.
+
+    A step's loss and gradient norm are reported once the next step is queued: reading them right away would
+    make the host wait for the GPU to finish the step (its optimizer update included) before it could queue
+    anything more, leaving the GPU idle while the host reports, fetches the next batch and launches its first
+    kernels. Before an evaluation, a checkpoint and at the end the step is reported first, in order.
+    """
     cfg, state, engine, reporter = run.cfg, run.state, run.engine, run.reporter
     losses: list[float] = []
     status = "completed"
@@ -249,6 +255,7 @@ def _train(run: TrainingRun) -> TrainingResult:
         f"{state.consumed_samples:,}",
     )
     profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.log_dir, dist.get_rank(), run.device)
+    pending: _PendingReport | None = None
     with PreemptionHandler(run.device) as preemption:
         while state.step < cfg.training.train_steps:
             profiler.before(state.step + 1)
@@ -258,35 +265,19 @@ def _train(run: TrainingRun) -> TrainingResult:
             step_time = time.perf_counter() - start
             state.advance(cfg.training.global_batch_size, skipped=result.skipped)
             profiler.after(state.step)
-            if not math.isfinite(result.loss):
-                if cfg.training.nonfinite_policy == "stop":
-                    where = run.manager.last_saved or "none saved yet"
-                    raise TrainingError(
-                        f"non-finite loss at step {state.step}; the update was not applied. Last good "
-                        f"checkpoint: {where}. Lower optimizer.lr, check the data, or set "
-                        "training.nonfinite_policy=skip"
-                    )
-                logger.warning(
-                    "non-finite loss at step %d: update skipped (%d skipped so far)",
-                    state.step,
-                    state.skipped_steps,
-                )
-            else:
-                losses.append(result.loss)
-            reporter.step(
-                state.step,
-                loss=result.loss,
-                lr=result.lr,
-                grad_norm=result.grad_norm,
-                step_time=step_time,
-                data_wait=timed.waited,
-                loss_fraction=timed.loss_fraction,
-                skipped_total=state.skipped_steps,
+            if pending is not None:
+                _report(run, pending, losses)  # the previous step: finished on the device by now
+            pending = _PendingReport(
+                state.step, result, step_time, timed.waited, timed.loss_fraction, state.skipped_steps
             )
-            if run.valid is not None and state.step % cfg.training.eval_interval == 0:
+            evaluate = run.valid is not None and state.step % cfg.training.eval_interval == 0
+            preempted = preemption.requested()
+            if evaluate or preempted or run.manager.due(state.step) or state.step >= cfg.training.train_steps:
+                _report(run, pending, losses)
+                pending = None
+            if evaluate:
                 sums = engine.evaluate(iter(run.valid), cfg.training.eval_steps)
                 reporter.evaluation(state.step, per_objective_means(sums.cpu()))
-            preempted = preemption.requested()
             run.save_if_due(preempted=preempted)
             if preempted:
                 status = "preempted"
@@ -299,3 +290,46 @@ def _train(run: TrainingRun) -> TrainingResult:
     reporter.close()
     last = run.manager.last_saved
     return TrainingResult(state.step, status, str(last) if last else None, losses)
+
+
+@dataclasses.dataclass
+class _PendingReport:
+    """An optimizer step whose loss and gradient norm may still be on their way from the device."""
+
+    step: int
+    result: StepResult
+    step_time: float
+    data_wait: float
+    loss_fraction: float
+    skipped_total: int
+
+
+def _report(run: TrainingRun, pending: _PendingReport, losses: list[float]) -> None:
+    """Report ``pending``'s step: stop on a non-finite loss (``training.nonfinite_policy=stop``) or warn, keep the
+    loss, and hand the step's numbers to the reporter."""
+    cfg, result = run.cfg, pending.result
+    if not math.isfinite(result.loss):
+        if cfg.training.nonfinite_policy == "stop":
+            where = run.manager.last_saved or "none saved yet"
+            raise TrainingError(
+                f"non-finite loss at step {pending.step}; the update was not applied. Last good "
+                f"checkpoint: {where}. Lower optimizer.lr, check the data, or set "
+                "training.nonfinite_policy=skip"
+            )
+        logger.warning(
+            "non-finite loss at step %d: update skipped (%d skipped so far)",
+            pending.step,
+            pending.skipped_total,
+        )
+    else:
+        losses.append(result.loss)
+    run.reporter.step(
+        pending.step,
+        loss=result.loss,
+        lr=result.lr,
+        grad_norm=result.grad_norm,
+        step_time=pending.step_time,
+        data_wait=pending.data_wait,
+        loss_fraction=pending.loss_fraction,
+        skipped_total=pending.skipped_total,
+    )
