@@ -36,19 +36,16 @@ class HostScalars:
     """
 
     def __init__(self, values: list) -> None:
-        self._values = list(values)
+        self._values = [float(v.item()) if torch.is_tensor(v) and not v.is_cuda else v for v in values]
         self._event = None
         positions = [i for i, v in enumerate(self._values) if torch.is_tensor(v)]
         if not positions:
             return
         tensors = [self._values[i].detach().reshape(()).to(torch.float64) for i in positions]
-        if tensors[0].device.type == "cuda":
-            host = torch.empty(len(tensors), dtype=torch.float64, pin_memory=True)
-            host.copy_(torch.stack(tensors), non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            host = torch.stack(tensors)
+        host = torch.empty(len(tensors), dtype=torch.float64, pin_memory=True)
+        host.copy_(torch.stack([t.to(tensors[0].device) for t in tensors]), non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
         self._host, self._positions = host, positions
 
     def ready(self) -> bool:
