@@ -57,6 +57,7 @@ CUDA_TESTS = [
     "tests/test_kernels_attention.py",
     "tests/test_kernels_layernorm.py",
     "tests/test_kernels_dropout.py",
+    "tests/test_kernels_cross_entropy.py",
     "tests/test_kernels_launcher.py",
     "tests/test_host_scalars_cuda.py",
     "tests/test_parallel_random.py",

@@ -1,7 +1,9 @@
-"""Fused kernels for GLM: attention with the prefix (``sep``) mask and LayerNorm (optionally fused with the residual add).
+"""Fused kernels for GLM: attention with the prefix (``sep``) mask, LayerNorm (optionally fused with the residual
+add and the dropout before it), the dropout-add, and the cross entropy over a whole vocabulary.
 
-``glm_attention`` and ``layer_norm`` are the interface the model calls. Each runs either the torch implementation
-in ``kernels.reference`` or the Triton kernels (``kernels.triton_attention``, ``kernels.triton_layer_norm``),
+``glm_attention(_qkv)``, ``layer_norm``, ``dropout_add`` and ``cross_entropy`` are the interface the model calls.
+Each runs either a torch implementation (``kernels.reference``, ``kernels.dropout``, ``F.cross_entropy``) or the
+Triton kernels (``kernels.triton_attention``, ``kernels.triton_layer_norm``, ``kernels.triton_cross_entropy``),
 chosen by ``resolve_backend``. The Triton modules are imported on first use, so ``import kernels`` needs neither a
 GPU nor triton.
 """
@@ -155,6 +157,21 @@ def dropout_add(
     return residual + dropout(x, dropout_p)
 
 
+def cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0, backend: str = "auto"
+) -> torch.Tensor:
+    """Per-row cross entropy (fp32) of ``logits [N, V]`` against ``targets [N]``, label smoothing as
+    ``F.cross_entropy``'s; the gradient comes back in the logits' dtype. The Triton kernels read the logits once
+    forward and once back (no fp32 copy, no stored softmax); the torch path is ``F.cross_entropy`` on fp32."""
+    if resolve_backend(backend, logits.device) == "triton":
+        from kernels.triton_cross_entropy import cross_entropy_triton
+
+        return cross_entropy_triton(logits, targets, label_smoothing)
+    return torch.nn.functional.cross_entropy(
+        logits.float(), targets, reduction="none", label_smoothing=label_smoothing
+    )
+
+
 def tile_choices() -> dict[str, list[dict]]:
     """The tiles the autotuned Triton kernels chose in this process, per tuning key (JSON-ready); empty where no
     Triton kernel has run. Saved with each checkpoint and put back on resume (``restore_tile_choices``): the
@@ -184,6 +201,7 @@ __all__ = [
     "BACKENDS",
     "Dropout",
     "KernelError",
+    "cross_entropy",
     "dropout",
     "dropout_add",
     "glm_attention",

@@ -33,8 +33,13 @@ POINTER_TYPES = {
     "Rstd": "*fp32",
     "PartialDW": "*fp32",
     "PartialDB": "*fp32",
+    "Targets": "*i64",
+    "Loss": "*fp32",
+    "RowMax": "*fp32",
+    "LogSum": "*fp32",
+    "DLoss": "*fp32",
 }
-FLOAT_ARGUMENTS = {"softmax_scale", "dropout_scale", "eps"}
+FLOAT_ARGUMENTS = {"softmax_scale", "dropout_scale", "eps", "smoothing"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,6 +60,17 @@ def compile_kernels() -> None:
     # LayerNorm on the heuristic's warps (the GPU tests' and the autotuner's first choice), with nothing spilled:
     # the fused backward up to FUSED_BACKWARD_MAX_WIDTH, the split one (dx per row, then dweight and dbias by
     # column blocks) beyond, where the fused one cannot hold its row and partial sums in registers.
+    # The cross entropy over GLM's vocabulary (bf16 logits), with and without label smoothing.
+    from kernels import triton_cross_entropy as ce
+
+    for smoothing in (False, True):
+        flags = {"HAS_SMOOTHING": smoothing, "BLOCK_V": 4096}
+        for kernel, constexprs in (
+            (ce.cross_entropy_forward_kernel, flags),
+            (ce.cross_entropy_backward_kernel, {**flags, "EMULATE_BF16": False}),
+        ):
+            spilled = registers(_compile(kernel, "bf16", constexprs, ce.NUM_WARPS, 3, 90), 90).spilled_bytes
+            assert spilled == 0, f"{kernel.fn.__name__}: {spilled} bytes of spill stores on sm_90"
     # The variants of the post-attention LayerNorm in training: the residual add, the dropout before it.
     for width in (4096, layer_norm.FUSED_BACKWARD_MAX_WIDTH, layer_norm.MAX_WIDTH):
         flags = {"EMULATE_BF16": False, "BLOCK_N": width, "HAS_DROPOUT": True}

@@ -38,16 +38,17 @@ def masked_token_mean(
     loss_mask: torch.Tensor,
     loss_index: torch.Tensor,
     label_smoothing: float = 0.0,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """``sum(CE * loss_mask) / sum(loss_mask)`` (fp32) from the logits of the ``loss_rows`` only.
 
     ``targets`` and ``loss_mask`` are the full ``[B, T]`` tensors; a micro-batch without any loss
-    position gives 0 (and zero gradients) rather than 0/0. ``label_smoothing`` (finetuning only) as in
-    ``vocab_parallel_cross_entropy``.
+    position gives 0 (and zero gradients) rather than 0/0. ``label_smoothing`` (finetuning only) and
+    ``backend`` (``model.kernels``) as in ``vocab_parallel_cross_entropy``.
     """
     weights = loss_mask.reshape(-1).float()
     losses = vocab_parallel_cross_entropy(
-        logits, targets.reshape(-1).index_select(0, loss_index), label_smoothing
+        logits, targets.reshape(-1).index_select(0, loss_index), label_smoothing, backend
     )
     return (losses * weights.index_select(0, loss_index)).sum() / weights.sum().clamp(min=1.0)
 
@@ -67,7 +68,8 @@ def glm_loss(
     """
     if loss_index is None:
         loss_index = loss_row_index(loss_mask)
-    return masked_token_mean(model.logits(loss_rows(hidden, loss_index)), targets, loss_mask, loss_index)
+    logits = model.logits(loss_rows(hidden, loss_index))
+    return masked_token_mean(logits, targets, loss_mask, loss_index, backend=model.config.kernels)
 
 
 class GLMLoss:
@@ -77,9 +79,10 @@ class GLMLoss:
     switches this one's mode for its duration). ``label_smoothing`` applies to the training loss only
     (seq2seq finetuning sets it on the engine's loss; pretraining leaves it 0, as THUDM/GLM does)."""
 
-    def __init__(self, label_smoothing: float = 0.0) -> None:
+    def __init__(self, label_smoothing: float = 0.0, kernels: str = "auto") -> None:
         self._per_objective = False
         self.label_smoothing = label_smoothing
+        self.kernels = kernels  # the cross entropy's backend (model.kernels)
 
     @contextlib.contextmanager
     def per_objective_sums(self) -> Iterator[None]:
@@ -93,11 +96,12 @@ class GLMLoss:
     def __call__(self, logits: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
         targets, loss_mask, objective, loss_index = labels
         if not self._per_objective:
-            return masked_token_mean(logits, targets, loss_mask, loss_index, self.label_smoothing)
+            return masked_token_mean(
+                logits, targets, loss_mask, loss_index, self.label_smoothing, self.kernels
+            )
         weights = loss_mask.reshape(-1).float().index_select(0, loss_index)
-        losses = (
-            vocab_parallel_cross_entropy(logits, targets.reshape(-1).index_select(0, loss_index)) * weights
-        )
+        wanted = targets.reshape(-1).index_select(0, loss_index)
+        losses = vocab_parallel_cross_entropy(logits, wanted, backend=self.kernels) * weights
         row_objective = objective.view(-1, 1).expand_as(loss_mask).reshape(-1).index_select(0, loss_index)
         sums = torch.zeros(2 * len(Objective), dtype=torch.float32, device=logits.device)
         sums[: len(Objective)].index_add_(0, row_objective, losses.detach())

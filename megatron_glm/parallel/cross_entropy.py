@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+import kernels
 from megatron_glm.parallel import state
 from megatron_glm.parallel.layers import vocab_range
 
@@ -82,11 +83,24 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0
+    logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0, backend: str = "auto"
 ) -> torch.Tensor:
     """Per-position cross entropy ``[...]`` (fp32) of vocab-parallel ``logits [..., V / tp]``.
 
     ``targets`` hold global token ids in ``[0, V)``; ``label_smoothing`` eps mixes in the mean over the
     vocabulary of ``-log softmax`` (see the module docstring). The gradient flows back in the logits' dtype.
+    With the whole vocabulary on this rank (tensor-parallel size 1) and ``backend`` resolving to Triton
+    (``kernels.resolve_backend``: CUDA tensors under ``"auto"``), the fused kernels of
+    ``kernels.cross_entropy`` compute it, which read the logits once each way instead of passing over an fp32
+    copy about ten times; otherwise the all-reduce form above, in torch.
     """
+    if (
+        state.get_tensor_parallel_world_size() == 1
+        and kernels.resolve_backend(backend, logits.device) == "triton"
+    ):
+        shape = logits.shape[:-1]
+        flat = kernels.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), label_smoothing, backend="triton"
+        )
+        return flat.view(shape)
     return _VocabParallelCrossEntropy.apply(logits, targets, label_smoothing)

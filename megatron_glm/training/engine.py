@@ -174,7 +174,7 @@ class TrainingEngine:
         self.cfg = cfg
         self.layout = layout
         self.pipeline = layout.pipeline_parallel_size > 1
-        self.loss = GLMLoss()
+        self.loss = GLMLoss(kernels=cfg.model.kernels)
         seed = cfg.training.seed
         # Built in the training dtype, as DeepSpeed would cast it (see build_pretraining_model); a checkpoint
         # loaded into it (init_from) rounds once from its stored values, as a load then the cast would.
