@@ -23,8 +23,10 @@ graph); no pipeline parallelism (a layer's static buffers hold one micro-batch, 
 several in flight); ZeRO stage 0-2 (ZeRO-3 gathers and frees each layer's parameters around it). One capture
 per input shape: a run whose micro-batches change shape captures once per shape.
 
-Not yet run on a GPU: ``tests/test_cuda_graphs_cuda.py`` (collected where CUDA is present; the GPU check runs
-it) compares graphed with eager training.
+``tests/test_cuda_graphs_cuda.py`` (collected where CUDA is present; the GPU check runs it) compares graphed with
+eager training. On the H200 (2026-11-27) it passed with torch's kernels and failed to capture the backward with
+the Triton kernels (a parameter's AccumulateGrad node from an eager step, see ``LayerGraphs._run``); fixed
+since, not yet run again on a GPU.
 """
 
 from __future__ import annotations
