@@ -7,9 +7,8 @@ within about 8 minutes:
 1. the kernel tests on CUDA (attention, LayerNorm, dropout), each kernel on one fixed tile shape
    (``GLM_KERNELS_AUTOTUNE=0``, set by tests/conftest.py), spread over processes with pytest-xdist, and the
    RNG tracker's tests (its fork captured in a CUDA graph);
-2. ``benchmarks/bench_model.py --preset glm-large --dropout 0.1,0 --profile --layer-graphs``: GLM with Triton
-   and with torch kernels, eager and with per-layer CUDA graphs, next to HF BertForMaskedLM (SDPA), steps
-   interleaved, the matmul peak measured in the same run,
+2. ``benchmarks/bench_model.py --preset glm-large --dropout 0.1,0 --profile``: GLM with Triton and with torch
+   kernels next to HF BertForMaskedLM (SDPA), steps interleaved, the matmul peak measured in the same run,
    and where each step's GPU and host time goes; its autotuned tile choices stay in Triton's on-disk cache,
    where the training runs find them;
 3. ``benchmarks/bench_launch_overhead.py``: the host time per forward+backward call of our LayerNorm and
@@ -241,10 +240,6 @@ def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool) ->
         "0.1,0",
         "--profile",
     ]
-    if not smoke:
-        # Per-layer CUDA graphs (training.cuda_graphs) in the same interleaved run as BERT: the step with the
-        # layers' launch overhead gone.
-        command.append("--layer-graphs")
     if smoke:
         command += ["--layers", "2", "--hidden", "64", "--heads", "4", "--seq", "64", "--batch", "2"]
         # Torch kernels only: Triton's interpreter takes half a minute per step (the kernel tests cover it).
