@@ -24,6 +24,8 @@ from kernels.triton_support import (
     cdiv,
     device_guard,
     dot_precision,
+    dropout_arguments,
+    dropout_seed,
     emulate_bf16,
     length_bucket,
     next_power_of_2,
@@ -67,12 +69,6 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _dropout_arguments(dropout_p: float) -> tuple[int, float]:
-    """``(threshold, scale)``: keep where the 16-bit uniform is ``>= round(p * 65536)`` (p quantized to 1/65536,
-    as ``kernels.dropout`` does on CPUs); scale what is kept by ``1 / (1 - p)``."""
-    return min(round(dropout_p * 65536), 65536), 1.0 / (1.0 - dropout_p)
-
-
 def _kernel_flags(q: torch.Tensor, lengths: torch.Tensor | None, dropout_p: float) -> dict:
     head_dim = q.shape[-1]
     return {
@@ -91,10 +87,8 @@ def _attention_forward(q, k, v, sep, lengths, softmax_scale: float, dropout_p: f
     key_length = k.shape[2]
     out = _empty_in_layout_of(q)
     lse = torch.empty((batch, heads, query_length), device=q.device, dtype=torch.float32)
-    # The seed is a device tensor drawn from torch's generator of the device: no host sync, and whatever
-    # controls that generator (manual_seed, the tensor-parallel RNG tracker) controls the dropout.
-    # (Without dropout the kernels never read it; sep stands in for the pointer.)
-    seed = torch.randint(0, 2**62, (1,), device=q.device, dtype=torch.int64) if dropout_p > 0.0 else sep
+    # (Without dropout the kernels never read the seed; sep stands in for the pointer.)
+    seed = dropout_seed(q.device) if dropout_p > 0.0 else sep
     lengths_arg = sep if lengths is None else lengths
     flags = _kernel_flags(q, lengths, dropout_p)
 
@@ -107,7 +101,7 @@ def _attention_forward(q, k, v, sep, lengths, softmax_scale: float, dropout_p: f
         _forward(
             grid, q, k, v, out, lse, sep, lengths_arg, seed,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-            heads, query_length, key_length, softmax_scale, *_dropout_arguments(dropout_p),
+            heads, query_length, key_length, softmax_scale, *dropout_arguments(dropout_p),
             length_bucket(query_length), length_bucket(key_length),
             **flags,
         )  # fmt: skip
@@ -125,7 +119,7 @@ def _attention_backward(
     flags = _kernel_flags(q, lengths_arg if has_lengths else None, dropout_p)
     delta = torch.empty_like(lse)
     buckets = (length_bucket(query_length), length_bucket(key_length))
-    scalars = (heads, query_length, key_length, softmax_scale, *_dropout_arguments(dropout_p))
+    scalars = (heads, query_length, key_length, softmax_scale, *dropout_arguments(dropout_p))
 
     def query_grid(meta):
         return (cdiv(query_length, meta["BLOCK_M"]), heads, batch)

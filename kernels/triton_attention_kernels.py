@@ -24,7 +24,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_support import AUTOTUNED, autotune_configs, dot_operand, to_dtype
+from kernels.triton_support import (
+    AUTOTUNED,
+    DROPOUT_GROUP,
+    autotune_configs,
+    dot_operand,
+    philox_uniforms16,
+    to_dtype,
+)
 
 LOG2_E = tl.constexpr(1.4426950408889634)
 
@@ -140,10 +147,6 @@ def _load_rows(
     return tile
 
 
-DROPOUT_GROUP = tl.constexpr(8)  # keys per Philox call: four 32-bit outputs, two 16-bit uniforms each
-PHILOX_ROUNDS = tl.constexpr(7)
-
-
 @triton.jit
 def _dropout_keep(seed, query_index, start_n, bh, threshold, BLOCK_N: tl.constexpr):
     """Keep decisions ``[len(query_index), BLOCK_N]`` of queries ``query_index`` against keys ``start_n ..
@@ -151,12 +154,8 @@ def _dropout_keep(seed, query_index, start_n, bh, threshold, BLOCK_N: tl.constex
     counter (key group, query, b * H + h, 0), its outputs split into eight 16-bit uniforms; a key is kept
     iff its uniform is ``>= threshold`` (``round(p * 65536)``)."""
     groups = start_n // DROPOUT_GROUP + tl.arange(0, BLOCK_N // DROPOUT_GROUP)
-    r0, r1, r2, r3 = tl.philox(seed, groups[None, :], query_index[:, None], bh, 0, PHILOX_ROUNDS)
-    low = 0xFFFF
-    pairs01 = tl.join(tl.join(r0 & low, r0 >> 16), tl.join(r1 & low, r1 >> 16))
-    pairs23 = tl.join(tl.join(r2 & low, r2 >> 16), tl.join(r3 & low, r3 >> 16))
-    uniforms = tl.reshape(tl.join(pairs01, pairs23), [query_index.shape[0], BLOCK_N])
-    return uniforms.to(tl.int32, bitcast=True) >= threshold
+    uniforms = philox_uniforms16(seed, groups[None, :], query_index[:, None], bh)
+    return tl.reshape(uniforms, [query_index.shape[0], BLOCK_N]) >= threshold
 
 
 @triton.jit

@@ -20,13 +20,17 @@ from kernels.errors import KernelError
 from kernels.triton_support import (
     AUTOTUNE,
     AUTOTUNED,
+    DROPOUT_GROUP,
     INTERPRET,
     Launcher,
     cdiv,
     device_guard,
+    dropout_arguments,
+    dropout_seed,
     emulate_bf16,
     multiprocessor_count,
     next_power_of_2,
+    philox_uniforms16,
     to_dtype,
 )
 
@@ -85,22 +89,15 @@ _BACKWARD_CONFIGS = (
 )
 
 
-DROPOUT_GROUP = tl.constexpr(8)  # columns per Philox call: four 32-bit outputs, two 16-bit uniforms each
-
-
 @triton.jit
 def _keep_row(Seed, row, threshold, BLOCK_N: tl.constexpr):
     """Keep decisions of the dropout before the residual add, for row ``row``'s ``BLOCK_N`` columns: one Philox
-    call (7 rounds, keyed by the call's seed) per row and group of 8 columns, counter (column group, row, 0, 0),
-    its outputs split into eight 16-bit uniforms; an element is kept iff its uniform is ``>= threshold``
-    (``round(p * 65536)``), as in the attention's dropout. The backward regenerates the same decisions."""
+    call per row and group of 8 columns, counter (column group, row, 0, 0), as the attention's dropout draws
+    its own; an element is kept iff its uniform is ``>= threshold`` (``round(p * 65536)``). The backward
+    regenerates the same decisions."""
     groups = tl.arange(0, BLOCK_N // DROPOUT_GROUP)
-    r0, r1, r2, r3 = tl.philox(tl.load(Seed), groups, tl.cast(row, tl.int32), 0, 0, 7)
-    low = 0xFFFF
-    pairs01 = tl.join(tl.join(r0 & low, r0 >> 16), tl.join(r1 & low, r1 >> 16))
-    pairs23 = tl.join(tl.join(r2 & low, r2 >> 16), tl.join(r3 & low, r3 >> 16))
-    uniforms = tl.reshape(tl.join(pairs01, pairs23), [BLOCK_N])
-    return uniforms.to(tl.int32, bitcast=True) >= threshold
+    uniforms = philox_uniforms16(tl.load(Seed), groups, tl.cast(row, tl.int32), 0)
+    return tl.reshape(uniforms, [BLOCK_N]) >= threshold
 
 
 @triton.jit
@@ -334,18 +331,6 @@ def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _dropout_arguments(dropout_p: float) -> tuple[int, float]:
-    """``(threshold, scale)``: keep where the 16-bit uniform is ``>= round(p * 65536)`` (p quantized to 1/65536,
-    as ``kernels.dropout`` does on CPUs); scale what is kept by ``1 / (1 - p)``."""
-    return min(round(dropout_p * 65536), 65536), 1.0 / (1.0 - dropout_p)
-
-
-def _seed(device: torch.device) -> torch.Tensor:
-    """A device tensor drawn from torch's generator of the device: no host sync, and whatever controls that
-    generator (manual_seed, a CUDA graph's registered generator state) controls the dropout."""
-    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
-
-
 def _block_n(width: int, dropout: bool) -> int:
     # Dropout draws 8 columns per Philox call: at least two calls' worth of columns per row block.
     return max(next_power_of_2(width), 16) if dropout else next_power_of_2(width)
@@ -365,13 +350,13 @@ class LayerNormFunction(torch.autograd.Function):
         has_dropout = dropout_p > 0.0
         residual2 = _rows(residual, width) if has_residual else x2
         summed = torch.empty((rows, width), device=x.device, dtype=x.dtype) if has_residual else x2
-        seed = _seed(x.device) if has_dropout else mean  # without dropout the kernels never read it
+        seed = dropout_seed(x.device) if has_dropout else mean  # without dropout the kernels never read it
         if rows > 0:
             with device_guard(x.device):
                 _forward(
                     (rows,), x2, residual2, summed, y, weight, bias, mean, rstd, seed,
                     x2.stride(0), residual2.stride(0), summed.stride(0), y.stride(0), width, eps,
-                    *_dropout_arguments(dropout_p),
+                    *dropout_arguments(dropout_p),
                     HAS_RESIDUAL=has_residual, HAS_DROPOUT=has_dropout, EMULATE_BF16=emulate_bf16(x.dtype),
                     BLOCK_N=_block_n(width, has_dropout),
                 )  # fmt: skip
@@ -404,7 +389,7 @@ class LayerNormFunction(torch.autograd.Function):
             "EMULATE_BF16": emulate_bf16(summed.dtype),
             "BLOCK_N": block_n,
         }
-        dropout = (seed, *_dropout_arguments(ctx.dropout_p))
+        dropout = (seed, *dropout_arguments(ctx.dropout_p))
         if block_n > FUSED_BACKWARD_MAX_WIDTH:
             partials = _split_backward(
                 summed, weight, dy, dsummed, dx, dxd, mean, rstd, has_dsummed, dropout, flags
@@ -451,13 +436,13 @@ class DropoutAddFunction(torch.autograd.Function):
         x2, residual2 = _rows(x, width), _rows(residual, width)
         rows = x2.shape[0]
         out = torch.empty((rows, width), device=x.device, dtype=x.dtype)
-        seed = _seed(x.device)
+        seed = dropout_seed(x.device)
         block_n = _block_n(width, True)
         if rows > 0:
             with device_guard(x.device):
                 _dropout_add(
                     (rows,), x2, residual2, out, seed, x2.stride(0), residual2.stride(0), out.stride(0), width,
-                    *_dropout_arguments(dropout_p), EMULATE_BF16=emulate_bf16(x.dtype), BLOCK_N=block_n,
+                    *dropout_arguments(dropout_p), EMULATE_BF16=emulate_bf16(x.dtype), BLOCK_N=block_n,
                     num_warps=_num_warps(block_n, backward=False),
                 )  # fmt: skip
         ctx.save_for_backward(seed)
@@ -478,7 +463,7 @@ class DropoutAddFunction(torch.autograd.Function):
             with device_guard(dout.device):
                 _dropout_backward(
                     (rows,), dout, dx, seed, dout.stride(0), dx.stride(0), width,
-                    *_dropout_arguments(ctx.dropout_p), EMULATE_BF16=emulate_bf16(dout.dtype), BLOCK_N=block_n,
+                    *dropout_arguments(ctx.dropout_p), EMULATE_BF16=emulate_bf16(dout.dtype), BLOCK_N=block_n,
                     num_warps=_num_warps(block_n, backward=False),
                 )  # fmt: skip
         # The residual enters the sum as it is: its gradient is the output's.

@@ -108,6 +108,38 @@ def dot_operand(x, DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
     return x.to(DTYPE)
 
 
+# In-kernel dropout (the attention's probabilities, the LayerNorm's input, the dropout-add): keep decisions
+# drawn from Philox keyed by a seed tensor, p quantized to 1/65536 as in ``kernels.dropout`` on CPUs.
+DROPOUT_GROUP = tl.constexpr(8)  # elements per Philox call: four 32-bit outputs, two 16-bit uniforms each
+# Philox4x32-7: the fewest rounds Salmon et al. 2011 found to pass BigCrush, as FlashAttention uses.
+PHILOX_ROUNDS = tl.constexpr(7)
+
+
+@triton.jit
+def philox_uniforms16(seed, c0, c1, c2):
+    """Eight 16-bit uniforms (as int32 bit patterns) per counter ``(c0, c1, c2, 0)`` of one Philox call keyed by
+    ``seed``: a tensor of the counters' broadcast shape with two more minor dimensions of 2, and one of 2 more,
+    which a reshape folds into 8 consecutive elements."""
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, 0, PHILOX_ROUNDS)
+    low = 0xFFFF
+    pairs01 = tl.join(tl.join(r0 & low, r0 >> 16), tl.join(r1 & low, r1 >> 16))
+    pairs23 = tl.join(tl.join(r2 & low, r2 >> 16), tl.join(r3 & low, r3 >> 16))
+    return tl.join(pairs01, pairs23).to(tl.int32, bitcast=True)
+
+
+def dropout_arguments(dropout_p: float) -> tuple[int, float]:
+    """``(threshold, scale)`` of the kernels' dropout: keep where the 16-bit uniform is ``>= round(p * 65536)``;
+    scale what is kept by ``1 / (1 - p)``."""
+    return min(round(dropout_p * 65536), 65536), 1.0 / (1.0 - dropout_p)
+
+
+def dropout_seed(device: torch.device) -> torch.Tensor:
+    """A dropout seed as a device tensor drawn from torch's generator of the device: no host sync, and whatever
+    controls that generator (manual_seed, the tensor-parallel RNG tracker, a CUDA graph's registered generator
+    state) controls the masks."""
+    return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
+
+
 # GLM_KERNELS_DIRECT_LAUNCH=0 sends every launch through Triton's own dispatch (the reference behaviour, kept
 # for comparison: benchmarks/bench_launch_overhead.py times both).
 DIRECT_LAUNCH: bool = _switched_on("GLM_KERNELS_DIRECT_LAUNCH")
