@@ -128,6 +128,5 @@ def test_host_scalars_give_the_values_as_floats():
     from megatron_glm.training.metrics import HostScalars
 
     scalars = HostScalars([torch.tensor(1.25, dtype=torch.float64), None, 3, torch.tensor([2.0])])
-    assert scalars.ready()
     assert scalars.values() == [1.25, None, 3.0, 2.0]
     assert scalars.values() == [1.25, None, 3.0, 2.0]  # read again: the same

@@ -150,10 +150,6 @@ class StepResult:
         self.skipped = skipped
         self.lr = lr
 
-    def ready(self) -> bool:
-        """Whether reading ``loss`` and ``grad_norm`` would return without waiting for the device."""
-        return self._scalars.ready()
-
     @property
     def loss(self) -> float:
         return self._scalars.values()[0]

@@ -37,30 +37,25 @@ class HostScalars:
 
     def __init__(self, values: list) -> None:
         self._values = [float(v.item()) if torch.is_tensor(v) and not v.is_cuda else v for v in values]
-        self._event = None
-        positions = [i for i, v in enumerate(self._values) if torch.is_tensor(v)]
-        if not positions:
-            return
-        tensors = [self._values[i].detach().reshape(()).to(torch.float64) for i in positions]
-        host = torch.empty(len(tensors), dtype=torch.float64, pin_memory=True)
-        host.copy_(torch.stack([t.to(tensors[0].device) for t in tensors]), non_blocking=True)
-        self._event = torch.cuda.Event()
-        self._event.record()
-        self._host, self._positions = host, positions
-
-    def ready(self) -> bool:
-        """Whether ``values()`` would return without waiting for the device."""
-        return self._event is None or self._event.query()
+        self._positions = [i for i, v in enumerate(self._values) if torch.is_tensor(v)]
+        self._host = self._event = None
+        if self._positions:
+            device = self._values[self._positions[0]].device
+            stacked = torch.stack(
+                [self._values[i].detach().reshape(()).to(device, torch.float64) for i in self._positions]
+            )
+            self._host = torch.empty(len(self._positions), dtype=torch.float64, pin_memory=True)
+            self._host.copy_(stacked, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
 
     def values(self) -> list:
         """The values as Python floats (None stays None)."""
-        if self._event is not None:
+        if self._host is not None:
             self._event.synchronize()
-            self._event = None
-        if hasattr(self, "_host"):
             for position, value in zip(self._positions, self._host.tolist()):
                 self._values[position] = value
-            del self._host
+            self._host = self._event = None
         return [v if v is None else float(v) for v in self._values]
 
 
