@@ -36,6 +36,7 @@ from megatron_glm.model import GLMModel, glm_loss, loss_row_index
 from megatron_glm.model.cuda_graphs import enable_layer_graphs
 from megatron_glm.training.hardware import measure_matmul_peak
 from megatron_glm.training.metrics import gpu_kernel_ms
+from megatron_glm.training.timeline import idle_report, profile_events
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # THUDM/GLM's GLM-Large recipe on one GPU: micro batch 16, bf16, dropout 0.1, Triton and torch kernels.
@@ -294,26 +295,11 @@ def profile_steps(steps: dict[str, Callable[[], None]], device: torch.device, ro
             out.append(
                 f"# {label}: wall {wall * 1e3:.1f} ms per step under the profiler, GPU kernels {busy:.1f} ms"
             )
-            out.append("# " + idle_of(prof).rstrip().replace("\n", "\n# "))
+            idle = idle_report(profile_events(prof), steps=3)
+            out.append("# " + idle.rstrip().replace("\n", "\n# "))
         out.append(averages.table(sort_by=key, row_limit=rows, max_name_column_width=60))
         out.append(host_profile(label, step, device, rows))
     return "\n".join(out)
-
-
-def idle_of(prof) -> str:
-    """Where the GPU sat idle in the profiled steps (``megatron_glm.training.timeline``), from their trace."""
-    import os
-    import tempfile
-
-    from megatron_glm.training.timeline import idle_report, load_trace
-
-    handle, path = tempfile.mkstemp(suffix=".json")
-    os.close(handle)
-    try:
-        prof.export_chrome_trace(path)
-        return idle_report(load_trace(path), steps=3)
-    finally:
-        os.unlink(path)
 
 
 def host_profile(label: str, step: Callable[[], None], device: torch.device, rows: int) -> str:

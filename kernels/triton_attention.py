@@ -200,6 +200,23 @@ class GLMPackedAttentionFunction(torch.autograd.Function):
         return dqkv, None, None, None, None
 
 
+def _check_common(
+    where: str, dtype: torch.dtype, batch: int, head_dim: int, sep: torch.Tensor, lengths
+) -> None:
+    """The checks both entry points share: dtype, head dim, sep and lengths."""
+    if dtype not in _SUPPORTED_DTYPES:
+        raise KernelError(f"{where}: inputs must be fp16, bf16 or fp32; got {dtype}")
+    if head_dim > MAX_HEAD_DIM:
+        raise KernelError(
+            f"{where}: head dim {head_dim} > {MAX_HEAD_DIM}; use backend='torch' for wider heads"
+        )
+    for name, ints in (("sep", sep), ("lengths", lengths)):
+        if ints is not None and (ints.dim() != 1 or ints.shape[0] != batch or ints.is_floating_point()):
+            raise KernelError(
+                f"{where}: {name} must be an integer tensor [B={batch}]; got {ints.dtype} {tuple(ints.shape)}"
+            )
+
+
 def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sep: torch.Tensor, lengths) -> None:
     where = "kernels.glm_attention(backend='triton')"
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -213,19 +230,19 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sep: torch.
         )
     if q.shape[2] > k.shape[2]:
         raise KernelError(f"{where}: more queries ({q.shape[2]}) than keys ({k.shape[2]}); pass Tq <= Tk")
-    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        raise KernelError(
-            f"{where}: q, k, v must share one dtype of fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}"
-        )
-    if q.shape[3] > MAX_HEAD_DIM:
-        raise KernelError(
-            f"{where}: head dim {q.shape[3]} > {MAX_HEAD_DIM}; use backend='torch' for wider heads"
-        )
-    for name, ints in (("sep", sep), ("lengths", lengths)):
-        if ints is not None and (ints.dim() != 1 or ints.shape[0] != q.shape[0] or ints.is_floating_point()):
-            raise KernelError(
-                f"{where}: {name} must be an integer tensor [B={q.shape[0]}]; got {ints.dtype} {tuple(ints.shape)}"
-            )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise KernelError(f"{where}: q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_common(where, q.dtype, q.shape[0], q.shape[3], sep, lengths)
+
+
+def _prepared(head_dim: int, device: torch.device, softmax_scale, sep: torch.Tensor, lengths):
+    """``(softmax_scale, sep, lengths)`` as the autograd functions take them: the default scale, int32 on the
+    inputs' device."""
+    softmax_scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+    sep = sep.to(device=device, dtype=torch.int32)
+    if lengths is not None:
+        lengths = lengths.to(device=device, dtype=torch.int32)
+    return softmax_scale, sep, lengths
 
 
 def glm_attention_triton(
@@ -240,31 +257,9 @@ def glm_attention_triton(
 ) -> torch.Tensor:
     """The Triton counterpart of ``kernels.reference.glm_attention_torch`` (same arguments, same result)."""
     _check_inputs(q, k, v, sep, lengths)
-    softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    sep = sep.to(device=q.device, dtype=torch.int32)
-    if lengths is not None:
-        lengths = lengths.to(device=q.device, dtype=torch.int32)
+    softmax_scale, sep, lengths = _prepared(q.shape[-1], q.device, softmax_scale, sep, lengths)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     return GLMAttentionFunction.apply(q, k, v, sep, lengths, softmax_scale, float(dropout_p))
-
-
-def _check_packed(qkv: torch.Tensor, sep: torch.Tensor, lengths) -> None:
-    where = "kernels.glm_attention_qkv(backend='triton')"
-    if qkv.dim() != 5 or qkv.shape[2] != 3:
-        raise KernelError(f"{where}: qkv must be [B, T, 3, H, D]; got {tuple(qkv.shape)}")
-    if qkv.dtype not in _SUPPORTED_DTYPES:
-        raise KernelError(f"{where}: qkv must be fp16, bf16 or fp32; got {qkv.dtype}")
-    if qkv.shape[4] > MAX_HEAD_DIM:
-        raise KernelError(
-            f"{where}: head dim {qkv.shape[4]} > {MAX_HEAD_DIM}; use backend='torch' for wider heads"
-        )
-    for name, ints in (("sep", sep), ("lengths", lengths)):
-        if ints is not None and (
-            ints.dim() != 1 or ints.shape[0] != qkv.shape[0] or ints.is_floating_point()
-        ):
-            raise KernelError(
-                f"{where}: {name} must be an integer tensor [B={qkv.shape[0]}]; got {ints.dtype} {tuple(ints.shape)}"
-            )
 
 
 def glm_attention_qkv_triton(
@@ -277,10 +272,11 @@ def glm_attention_qkv_triton(
 ) -> torch.Tensor:
     """``glm_attention_triton`` on a packed [B, T, 3, H, D] ``qkv``; the result is [B, H, T, D] (in memory
     [B, T, H, D]), its gradient one [B, T, 3, H, D] tensor."""
-    _check_packed(qkv, sep, lengths)
-    softmax_scale = 1.0 / math.sqrt(qkv.shape[-1]) if softmax_scale is None else float(softmax_scale)
-    sep = sep.to(device=qkv.device, dtype=torch.int32)
-    if lengths is not None:
-        lengths = lengths.to(device=qkv.device, dtype=torch.int32)
-    qkv = _unit_last_stride(qkv)
-    return GLMPackedAttentionFunction.apply(qkv, sep, lengths, softmax_scale, float(dropout_p))
+    where = "kernels.glm_attention_qkv(backend='triton')"
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise KernelError(f"{where}: qkv must be [B, T, 3, H, D]; got {tuple(qkv.shape)}")
+    _check_common(where, qkv.dtype, qkv.shape[0], qkv.shape[4], sep, lengths)
+    softmax_scale, sep, lengths = _prepared(qkv.shape[-1], qkv.device, softmax_scale, sep, lengths)
+    return GLMPackedAttentionFunction.apply(
+        _unit_last_stride(qkv), sep, lengths, softmax_scale, float(dropout_p)
+    )

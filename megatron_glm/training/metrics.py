@@ -274,24 +274,11 @@ class StepProfiler:
     def _export_trace(self, steps: int) -> str:
         """Write the profiled steps' trace (``trace-rank<r>.json.gz``, for chrome://tracing or Perfetto) and
         return where the GPU sat idle in them (``training.timeline``)."""
-        import gzip
-        import os
-        import tempfile
-
-        from megatron_glm.training.timeline import idle_report, load_trace
+        from megatron_glm.training.timeline import idle_report, profile_events
 
         trace = self.path.with_name(self.path.name.replace("profile-", "trace-")).with_suffix(".json.gz")
         trace.parent.mkdir(parents=True, exist_ok=True)
-        handle, raw = tempfile.mkstemp(suffix=".json", dir=trace.parent)
-        os.close(handle)
-        try:
-            self._profile.export_chrome_trace(raw)
-            report = idle_report(load_trace(raw), steps)
-            with open(raw, "rb") as source, gzip.open(f"{trace}.tmp", "wb") as target:
-                target.write(source.read())
-            os.replace(f"{trace}.tmp", trace)
-        finally:
-            os.unlink(raw)
+        report = idle_report(profile_events(self._profile, keep=trace), steps)
         return report + f"(trace: {trace.name})\n"
 
     def _synchronize(self) -> None:

@@ -43,6 +43,27 @@ def load_trace(path: str | Path) -> list[dict]:
     return [e for e in events if e.get("ph") == "X" and "ts" in e and "dur" in e]
 
 
+def profile_events(profile, keep: str | Path | None = None) -> list[dict]:
+    """The complete events of a finished ``torch.profiler.profile``'s trace; with ``keep`` (a ``.json.gz`` path)
+    the trace is also kept there, gzipped, for chrome://tracing or Perfetto (written under a temporary name,
+    then renamed)."""
+    import os
+    import shutil
+    import tempfile
+
+    handle, raw = tempfile.mkstemp(suffix=".json", dir=None if keep is None else Path(keep).parent)
+    os.close(handle)
+    try:
+        profile.export_chrome_trace(raw)
+        if keep is not None:
+            with open(raw, "rb") as source, gzip.open(f"{keep}.tmp", "wb") as target:
+                shutil.copyfileobj(source, target)
+            os.replace(f"{keep}.tmp", keep)
+        return load_trace(raw)
+    finally:
+        os.unlink(raw)
+
+
 def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
     merged: list[list[float]] = []
     for start, end in sorted(intervals):
