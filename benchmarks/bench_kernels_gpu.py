@@ -20,10 +20,11 @@ pair backward (five matmuls), so forward+backward = 14*D*pairs*B*H. Pairs for se
 LayerNorm: bf16, rows x width = 64M elements (larger than L2), forward+backward. GB/s counts the minimum traffic:
 plain LN reads x and writes y, then reads x, dy and writes dx (5 tensors); with the fused residual add it reads
 x, residual and writes y, x + residual, then reads x + residual, dy, d(x + residual) and writes dx (8 tensors).
-torch's residual variant is `F.layer_norm(x + residual)`, credited with the same bytes. The "+dropout" rows are
-the post-attention LayerNorm in training, `LN(residual + dropout(x, 0.1))`: ours drops in the kernel (and
-again in the backward, writing x's gradient through the mask: 9 tensors), torch runs `F.dropout` first;
-both are credited with 9 tensors. The yardstick is the GPU's
+torch's residual variant is `F.layer_norm(x + residual)`, credited with the same bytes. The "+bias +residual
++dropout" rows are the post-attention LayerNorm in training, `LN(residual + dropout(x + bias, 0.1))` with the
+attention's dense bias (`skip_bias_add`): ours adds the bias and drops in the kernel (and again in the backward,
+writing x's gradient through the mask and summing the bias's: 9 tensors), torch adds the bias and runs `F.dropout`
+first, and sums the bias's gradient; both are credited with 9 tensors. The yardstick is the GPU's
 device-to-device copy bandwidth, measured in the same run (`dst.copy_(src)` of one such tensor: its bytes read
 plus written over the time); the LayerNorm summary gives Triton over torch and Triton's GB/s as a share of it.
 
@@ -259,6 +260,9 @@ def copy_bandwidth(args, device: torch.device) -> float:
     return 2 * source.numel() * source.element_size() / milliseconds / 1e6
 
 
+SUFFIXES = ("", " +residual", " +bias +residual +dropout")
+
+
 def layer_norm_summary(norm_speeds: dict, copy_gbps: float) -> list[str]:
     """Per width: Triton over torch in fwd+bwd time, and Triton's fwd+bwd GB/s as a share of the copy's."""
 
@@ -268,10 +272,10 @@ def layer_norm_summary(norm_speeds: dict, copy_gbps: float) -> list[str]:
     rows = []
     for width in sorted({w for w, _ in norm_speeds}):
         parts = []
-        for suffix in ("", " +residual", " +residual +dropout"):
+        for suffix in SUFFIXES:
             ours, theirs = cell(width, "triton" + suffix), cell(width, "torch" + suffix)
             parts.append(f"{ours / theirs:.2f}x" if ours and theirs else "-")
-        for suffix in ("", " +residual", " +residual +dropout"):
+        for suffix in SUFFIXES:
             ours = cell(width, "triton" + suffix)
             parts.append(f"{100 * ours / copy_gbps:.0f}%" if ours and copy_gbps else "-")
         rows.append(f"| {width} | " + " | ".join(parts) + " |")
@@ -288,21 +292,26 @@ def layer_norm_rows(
     )
     weight = 1 + 0.1 * torch.randn(width, device=device, dtype=args.dtype, generator=generator)
     bias = 0.1 * torch.randn(width, device=device, dtype=args.dtype, generator=generator)
-    inputs = [t.requires_grad_() for t in (x, residual, weight, bias)]
+    x_bias = 0.1 * torch.randn(width, device=device, dtype=args.dtype, generator=generator)
+    inputs = [t.requires_grad_() for t in (x, residual, weight, bias, x_bias)]
     variants = [
         ("triton", False, lambda: layer_norm(x, weight, bias, 1e-5, backend="triton")),
         ("torch", False, lambda: layer_norm_torch(x, weight, bias, 1e-5)),
         ("triton +residual", True, lambda: layer_norm(x, weight, bias, 1e-5, residual, backend="triton")),
         ("torch +residual", True, lambda: layer_norm_torch(x, weight, bias, 1e-5, residual)),
         (
-            "triton +residual +dropout",
+            "triton +bias +residual +dropout",
             True,
-            lambda: layer_norm(x, weight, bias, 1e-5, residual, backend="triton", dropout_p=0.1),
+            lambda: layer_norm(
+                x, weight, bias, 1e-5, residual, backend="triton", dropout_p=0.1, x_bias=x_bias
+            ),
         ),
         (
-            "torch +residual +dropout",
+            "torch +bias +residual +dropout",
             True,
-            lambda: layer_norm_torch(torch.nn.functional.dropout(x, 0.1), weight, bias, 1e-5, residual),
+            lambda: layer_norm_torch(
+                torch.nn.functional.dropout(x + x_bias, 0.1), weight, bias, 1e-5, residual
+            ),
         ),
     ]
     skipped = [f"| {width} | {count} | {name} | skipped: time budget | | | | |" for name, _, _ in variants]
@@ -450,8 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         f"\nDevice-to-device copy of one such tensor (`copy_`, read + written bytes): {copy_gbps:.0f} GB/s.\n"
     )
     print(
-        "| width | triton speed / torch, fwd+bwd | +residual | +residual +dropout | triton fwd+bwd GB/s, % of copy "
-        "| +residual | +residual +dropout |"
+        "| width | triton speed / torch, fwd+bwd | +residual | +bias +residual +dropout | triton fwd+bwd GB/s, % of copy "
+        "| +residual | +bias +residual +dropout |"
     )
     print("|---|---|---|---|---|---|---|")
     print("\n".join(layer_norm_summary(norm_speeds, copy_gbps)))

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
 
     x, residual = leaf(rows, width), leaf(rows, width)
-    weight, bias = leaf(width), leaf(width)
+    weight, bias, x_bias = leaf(width), leaf(width), leaf(width)
     grad = torch.randn(rows, width, device=device, dtype=dtype)
     q, k, v = (leaf(batch, heads, length, head_dim) for _ in range(3))
     qkv = leaf(batch, length, 3, heads, head_dim)  # the model's packed projection output
@@ -121,20 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     sep = torch.full((batch,), length // 2, device=device, dtype=torch.int32)
 
     def ours_layer_norm() -> None:
-        # The post-attention LayerNorm in training: LN(residual + dropout(x)) and the residual stream.
-        y, summed = layer_norm_triton(x, weight, bias, 1e-5, residual, dropout_p=0.1)
+        # The post-attention LayerNorm in training: LN(residual + dropout(x + the dense layer's bias)) and the
+        # residual stream.
+        y, summed = layer_norm_triton(x, weight, bias, 1e-5, residual, dropout_p=0.1, x_bias=x_bias)
         torch.autograd.backward([y, summed], [grad, grad])
 
     def torch_layer_norm() -> None:
-        summed = residual + F.dropout(x, 0.1)
+        summed = residual + F.dropout(x + x_bias, 0.1)
         y = F.layer_norm(summed, (width,), weight, bias, 1e-5)
         torch.autograd.backward([y, summed], [grad, grad])
 
     def ours_dropout_add() -> None:
-        dropout_add_triton(x, residual, 0.1).backward(grad)
+        dropout_add_triton(x, residual, 0.1, x_bias).backward(grad)
 
     def torch_dropout_add() -> None:
-        (residual + F.dropout(x, 0.1)).backward(grad)
+        (residual + F.dropout(x + x_bias, 0.1)).backward(grad)
 
     def ours_attention() -> None:
         glm_attention_qkv_triton(qkv, sep, dropout_p=0.1).backward(grad_out)
@@ -178,14 +179,14 @@ def main(argv: list[str] | None = None) -> int:
         return call
 
     for label, fn in (
-        ("ours: LayerNorm + residual + dropout 0.1 (Triton, direct launches)", ours_layer_norm),
+        ("ours: bias + dropout 0.1 + residual + LayerNorm (Triton, direct launches)", ours_layer_norm),
         (
-            "ours: LayerNorm + residual + dropout 0.1 (Triton, through Triton's dispatch)",
+            "ours: bias + dropout 0.1 + residual + LayerNorm (Triton, through Triton's dispatch)",
             through_triton_dispatch(ours_layer_norm),
         ),
-        ("torch: F.dropout + add + F.layer_norm", torch_layer_norm),
-        ("ours: dropout 0.1 + add (Triton, direct launches)", ours_dropout_add),
-        ("torch: F.dropout + add", torch_dropout_add),
+        ("torch: bias add + F.dropout + add + F.layer_norm", torch_layer_norm),
+        ("ours: bias + dropout 0.1 + add (Triton, direct launches)", ours_dropout_add),
+        ("torch: bias add + F.dropout + add", torch_dropout_add),
         ("ours: GLM attention on packed qkv, dropout 0.1 (Triton, direct launches)", ours_attention),
         (
             "ours: GLM attention on packed qkv, dropout 0.1 (Triton, through Triton's dispatch)",

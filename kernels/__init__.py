@@ -125,35 +125,49 @@ def layer_norm(
     residual: torch.Tensor | None = None,
     backend: str = "auto",
     dropout_p: float = 0.0,
+    x_bias: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm over the last dim; with ``residual`` returns ``(LN(x + residual), x + residual)``.
 
-    ``dropout_p`` (with a residual) drops x first: ``s = residual + dropout(x)``, returns ``(LN(s), s)``. The
-    torch path draws the mask with ``kernels.dropout``; the Triton kernels draw it in the kernel from a seed of
-    torch's generator of the device, and again in the backward (no mask is stored)."""
+    ``dropout_p`` and ``x_bias`` (with a residual) bias and drop x first: ``s = residual + dropout(x + x_bias)``,
+    returns ``(LN(s), s)``; ``x_bias`` is the bias a linear layer left out (``RowParallelLinear``'s
+    ``skip_bias_add``), so that the bias add, the dropout, the residual add and the LayerNorm are one kernel each
+    way. The torch path draws the mask with ``kernels.dropout``; the Triton kernels draw it in the kernel from a
+    seed of torch's generator of the device, and again in the backward (no mask is stored)."""
     if not 0.0 <= dropout_p < 1.0:
         raise KernelError(f"layer_norm: dropout_p={dropout_p} must be in [0, 1)")
-    if dropout_p > 0.0 and residual is None:
-        raise KernelError("layer_norm: dropout_p needs a residual (it computes LN(residual + dropout(x)))")
+    if (dropout_p > 0.0 or x_bias is not None) and residual is None:
+        raise KernelError(
+            "layer_norm: dropout_p (as x_bias) needs a residual: it computes LN(residual + dropout(x + x_bias))"
+        )
     if resolve_backend(backend, x.device) == "triton":
         from kernels.triton_layer_norm import layer_norm_triton
 
-        return layer_norm_triton(x, weight, bias, eps, residual, dropout_p)
+        return layer_norm_triton(x, weight, bias, eps, residual, dropout_p, x_bias)
+    if x_bias is not None:
+        x = x + x_bias
     return layer_norm_torch(dropout(x, dropout_p), weight, bias, eps, residual)
 
 
 def dropout_add(
-    x: torch.Tensor, residual: torch.Tensor, dropout_p: float, backend: str = "auto"
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    dropout_p: float,
+    backend: str = "auto",
+    x_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``residual + dropout(x, dropout_p)``: on the Triton path one kernel each way, the mask drawn in the kernel
-    (and again in the backward) from a seed of torch's generator of the device; on the torch path
-    ``kernels.dropout`` and an add. ``dropout_p = 0`` is the plain sum."""
+    """``residual + dropout(x + x_bias, dropout_p)`` (``x_bias`` optional: the bias a linear layer left out): on
+    the Triton path one kernel each way, the mask drawn in the kernel (and again in the backward) from a seed of
+    torch's generator of the device; on the torch path ``kernels.dropout`` and the adds. ``dropout_p = 0`` is
+    the plain sum."""
     if not 0.0 <= dropout_p < 1.0:
         raise KernelError(f"dropout_add: dropout_p={dropout_p} must be in [0, 1)")
     if dropout_p > 0.0 and resolve_backend(backend, x.device) == "triton":
         from kernels.triton_layer_norm import dropout_add_triton
 
-        return dropout_add_triton(x, residual, dropout_p)
+        return dropout_add_triton(x, residual, dropout_p, x_bias)
+    if x_bias is not None:
+        x = x + x_bias
     return residual + dropout(x, dropout_p)
 
 

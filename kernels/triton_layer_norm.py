@@ -108,20 +108,24 @@ def _dropped(x, keep, scale, DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
 
 @triton.autotune(
     configs=_CONFIGS,
-    key=["BLOCK_N", "HAS_RESIDUAL", "HAS_DROPOUT"],
+    key=["BLOCK_N", "HAS_X_BIAS", "HAS_RESIDUAL", "HAS_DROPOUT"],
     prune_configs_by=_warps_candidates(backward=False),
     cache_results=True,
 )
 @triton.jit
 def layer_norm_forward_kernel(
-    X, Residual, Summed, Y, W, B, Mean, Rstd, Seed,
+    X, XBias, Residual, Summed, Y, W, B, Mean, Rstd, Seed,
     stride_x, stride_r, stride_s, stride_y, width, eps, dropout_threshold, dropout_scale,
-    HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_X_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < width
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_X_BIAS:  # the bias a linear layer left out, added and rounded to the dtype as torch's add does
+        x_bias = tl.load(XBias + cols, mask=mask, other=0.0).to(tl.float32)
+        x = to_dtype(x + x_bias, Summed.dtype.element_ty, EMULATE_BF16).to(tl.float32)
     if (
         HAS_DROPOUT
     ):  # LN(residual + dropout(x)): the dropped x rounded to the dtype, as torch's dropout stores it
@@ -154,7 +158,8 @@ def _store_dx_row(
     HAS_DSUMMED: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Store row ``row`` of dx (plus dsummed's row), and with dropout dx through the forward's dropout mask
-    (into DXD, same strides); return the row's x_hat for dweight."""
+    (into DXD, same strides); return the row's x_hat for dweight and x's gradient as stored (for the sums of an
+    input bias's gradient)."""
     mean = tl.load(Mean + row)
     rstd = tl.load(Rstd + row)
     x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
@@ -171,21 +176,24 @@ def _store_dx_row(
         keep = _keep_row(Seed, row, dropout_threshold, BLOCK_N)
         dxd = _dropped(dx.to(tl.float32), keep, dropout_scale, DXD.dtype.element_ty, EMULATE_BF16)
         tl.store(DXD + row * stride_dx + cols, dxd.to(DXD.dtype.element_ty), mask=mask)
-    return x_hat
+        x_grad = dxd
+    else:
+        x_grad = dx.to(tl.float32)
+    return x_hat, x_grad
 
 
 @triton.autotune(
     configs=_BACKWARD_CONFIGS,
-    key=["BLOCK_N", "HAS_DSUMMED", "HAS_DROPOUT"],
+    key=["BLOCK_N", "HAS_DSUMMED", "HAS_DROPOUT", "HAS_X_BIAS"],
     prune_configs_by=_warps_candidates(backward=True),
     cache_results=True,
 )
 @triton.jit
 def layer_norm_backward_kernel(
-    X, W, DY, DSummed, DX, DXD, Mean, Rstd, PartialDW, PartialDB, Seed,
+    X, W, DY, DSummed, DX, DXD, Mean, Rstd, PartialDW, PartialDB, PartialDXB, Seed,
     stride_x, stride_dy, stride_ds, stride_dx, rows, width, dropout_threshold, dropout_scale,
-    HAS_DSUMMED: tl.constexpr, HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
-    PROGRAMS_PER_SM: tl.constexpr,
+    HAS_DSUMMED: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_X_BIAS: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    BLOCK_N: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
 ):  # fmt: skip
     # The grid is min(rows, PROGRAMS_PER_SM x SMs) programs (see LayerNormFunction.backward), each a contiguous run
     # of rows. (Program p taking rows p, p + programs, ... instead ran 4K- and 8K-wide rows at ~60% of the speed
@@ -197,20 +205,25 @@ def layer_norm_backward_kernel(
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_N], dtype=tl.float32)
     db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dxb = tl.zeros([BLOCK_N], dtype=tl.float32)
     # int64 bounds make the row index (and row * stride) 64-bit inside the loop.
     first_row = program.to(tl.int64) * rows_per_program
     last_row = tl.minimum(first_row + rows_per_program, rows)
     for row in range(first_row, last_row):
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        x_hat = _store_dx_row(
+        x_hat, x_grad = _store_dx_row(
             x, dy, w, Mean, Rstd, DSummed, DX, DXD, Seed, row, cols, mask, stride_ds, stride_dx, width,
             dropout_threshold, dropout_scale, HAS_DSUMMED, HAS_DROPOUT, EMULATE_BF16, BLOCK_N,
         )  # fmt: skip
         dw += dy * x_hat
         db += dy
+        if HAS_X_BIAS:
+            dxb += x_grad
     tl.store(PartialDW + program * width + cols, dw, mask=mask)
     tl.store(PartialDB + program * width + cols, db, mask=mask)
+    if HAS_X_BIAS:
+        tl.store(PartialDXB + program * width + cols, dxb, mask=mask)
 
 
 # Rows wider than this get the split backward: one row per program for dx, then dweight and dbias by column
@@ -251,12 +264,12 @@ def layer_norm_backward_dx_kernel(
 
 @triton.jit
 def layer_norm_backward_dwdb_kernel(
-    X, DY, Mean, Rstd, PartialDW, PartialDB,
-    stride_x, stride_dy, rows, width, rows_per_program,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    X, DY, DXD, Mean, Rstd, PartialDW, PartialDB, PartialDXB,
+    stride_x, stride_dy, stride_dxd, rows, width, rows_per_program,
+    HAS_X_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """The split backward's second kernel: dweight's and dbias's sums over one run of rows, for one block of
-    columns, in a fixed order (deterministic)."""
+    columns, in a fixed order (deterministic); with an input bias also the sums of x's gradient (DXD)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < width
     group = tl.program_id(1)
@@ -264,6 +277,7 @@ def layer_norm_backward_dwdb_kernel(
     last_row = tl.minimum(first_row + rows_per_program, rows)
     dw = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     db = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+    dxb = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     for start in range(first_row, last_row, BLOCK_R):
         rows_here = start + tl.arange(0, BLOCK_R)
         row_mask = rows_here < last_row
@@ -274,20 +288,29 @@ def layer_norm_backward_dwdb_kernel(
         rstd = tl.load(Rstd + rows_here, mask=row_mask, other=0.0)
         dw += dy * ((x - mean[:, None]) * rstd[:, None])
         db += dy
+        if HAS_X_BIAS:
+            dxd_ptrs = DXD + rows_here[:, None] * stride_dxd + cols[None, :]
+            dxb += tl.load(dxd_ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(PartialDW + group * width + cols, tl.sum(dw, axis=0), mask=col_mask)
     tl.store(PartialDB + group * width + cols, tl.sum(db, axis=0), mask=col_mask)
+    if HAS_X_BIAS:
+        tl.store(PartialDXB + group * width + cols, tl.sum(dxb, axis=0), mask=col_mask)
 
 
 @triton.jit
 def dropout_add_kernel(
-    X, Residual, Out, Seed, stride_x, stride_r, stride_o, width, dropout_threshold, dropout_scale,
-    EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
+    X, XBias, Residual, Out, Seed, stride_x, stride_r, stride_o, width, dropout_threshold, dropout_scale,
+    HAS_X_BIAS: tl.constexpr, EMULATE_BF16: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """``residual + dropout(x)`` for one row, the dropped x rounded to the dtype first (as torch computes it)."""
+    """``residual + dropout(x + x_bias)`` for one row, the biased and the dropped x each rounded to the dtype (as
+    torch computes them)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < width
     x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_X_BIAS:
+        x_bias = tl.load(XBias + cols, mask=mask, other=0.0).to(tl.float32)
+        x = to_dtype(x + x_bias, Out.dtype.element_ty, EMULATE_BF16).to(tl.float32)
     residual = tl.load(Residual + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
     keep = _keep_row(Seed, row, dropout_threshold, BLOCK_N)
     out = _dropped(x, keep, dropout_scale, Out.dtype.element_ty, EMULATE_BF16) + residual
@@ -309,13 +332,13 @@ def dropout_backward_kernel(
     tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-# The tensor parameters come first: 9 in the forward (X ... Seed), 11 in the backward (X ... Seed), 9 and 6
-# in the split backward's kernels, 4 and 3 in the dropout-add's.
-_forward = Launcher(layer_norm_forward_kernel, tensor_args=9)
-_backward = Launcher(layer_norm_backward_kernel, tensor_args=11)
+# The tensor parameters come first: 10 in the forward (X ... Seed), 12 in the backward (X ... Seed), 9 and 8
+# in the split backward's kernels, 5 and 3 in the dropout-add's.
+_forward = Launcher(layer_norm_forward_kernel, tensor_args=10)
+_backward = Launcher(layer_norm_backward_kernel, tensor_args=12)
 _backward_dx = Launcher(layer_norm_backward_dx_kernel, tensor_args=9)
-_backward_dwdb = Launcher(layer_norm_backward_dwdb_kernel, tensor_args=6)
-_dropout_add = Launcher(dropout_add_kernel, tensor_args=4)
+_backward_dwdb = Launcher(layer_norm_backward_dwdb_kernel, tensor_args=8)
+_dropout_add = Launcher(dropout_add_kernel, tensor_args=5)
 _dropout_backward = Launcher(dropout_backward_kernel, tensor_args=3)
 AUTOTUNED.update(
     {
@@ -338,7 +361,7 @@ def _block_n(width: int, dropout: bool) -> int:
 
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, residual, dropout_p):
+    def forward(ctx, x, weight, bias, eps, residual, dropout_p, x_bias):
         shape = x.shape
         width = shape[-1]
         x2 = _rows(x, width)
@@ -348,22 +371,24 @@ class LayerNormFunction(torch.autograd.Function):
         rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
         has_residual = residual is not None
         has_dropout = dropout_p > 0.0
+        has_x_bias = x_bias is not None
         residual2 = _rows(residual, width) if has_residual else x2
         summed = torch.empty((rows, width), device=x.device, dtype=x.dtype) if has_residual else x2
         seed = dropout_seed(x.device) if has_dropout else mean  # without dropout the kernels never read it
         if rows > 0:
             with device_guard(x.device):
                 _forward(
-                    (rows,), x2, residual2, summed, y, weight, bias, mean, rstd, seed,
-                    x2.stride(0), residual2.stride(0), summed.stride(0), y.stride(0), width, eps,
+                    (rows,), x2, x_bias if has_x_bias else weight, residual2, summed, y, weight, bias, mean,
+                    rstd, seed, x2.stride(0), residual2.stride(0), summed.stride(0), y.stride(0), width, eps,
                     *dropout_arguments(dropout_p),
-                    HAS_RESIDUAL=has_residual, HAS_DROPOUT=has_dropout, EMULATE_BF16=emulate_bf16(x.dtype),
-                    BLOCK_N=_block_n(width, has_dropout),
+                    HAS_X_BIAS=has_x_bias, HAS_RESIDUAL=has_residual, HAS_DROPOUT=has_dropout,
+                    EMULATE_BF16=emulate_bf16(x.dtype), BLOCK_N=_block_n(width, has_dropout),
                 )  # fmt: skip
         ctx.save_for_backward(summed, weight, mean, rstd, seed)
         ctx.has_residual = has_residual
         ctx.dropout_p = dropout_p
         ctx.bias_dtype = bias.dtype
+        ctx.x_bias_dtype = x_bias.dtype if has_x_bias else None
         ctx.set_materialize_grads(False)
         if has_residual:
             return y.view(shape), summed.view(shape)
@@ -379,6 +404,7 @@ class LayerNormFunction(torch.autograd.Function):
         dy = _rows(grad_y, width) if grad_y is not None else torch.zeros_like(summed)
         has_dsummed = grad_summed is not None
         has_dropout = ctx.dropout_p > 0.0
+        has_x_bias = ctx.x_bias_dtype is not None
         dsummed = _rows(grad_summed, width) if has_dsummed else dy
         dx = torch.empty((rows, width), device=summed.device, dtype=summed.dtype)
         # x's gradient through the dropout, where there is one (else dx is x's gradient too).
@@ -390,17 +416,19 @@ class LayerNormFunction(torch.autograd.Function):
             "BLOCK_N": block_n,
         }
         dropout = (seed, *dropout_arguments(ctx.dropout_p))
+        # Partial sums of dweight, dbias and (with an input bias) x's gradient: one buffer, so that one
+        # reduction (and one cast) finishes all of them.
+        sums_of = 3 if has_x_bias else 2
         if block_n > FUSED_BACKWARD_MAX_WIDTH:
             partials = _split_backward(
-                summed, weight, dy, dsummed, dx, dxd, mean, rstd, has_dsummed, dropout, flags
+                summed, weight, dy, dsummed, dx, dxd, mean, rstd, has_dsummed, dropout, flags, sums_of
             )
         else:
             # PROGRAMS_PER_SM x SMs programs (the autotuner's choice), each owning a contiguous run of rows and
             # writing one row of partial sums. The buffer has room for the most any candidate launches.
-            # dweight's and dbias's partial sums sit in one buffer: one reduction (and one cast) finishes both.
             sms = multiprocessor_count(summed.device)
             most = max(1, min(rows, max(_programs_per_sm(block_n)) * sms))
-            partials = torch.empty((2, most, width), device=summed.device, dtype=torch.float32)
+            partials = torch.empty((sums_of, most, width), device=summed.device, dtype=torch.float32)
             programs = 0
             if rows > 0:
 
@@ -410,27 +438,32 @@ class LayerNormFunction(torch.autograd.Function):
                 with device_guard(summed.device):
                     meta = _backward(
                         grid, summed, weight, dy, dsummed, dx, dxd, mean, rstd, partials[0], partials[1],
-                        dropout[0], summed.stride(0), dy.stride(0), dsummed.stride(0), dx.stride(0), rows,
-                        width, *dropout[1:], HAS_DSUMMED=has_dsummed, **flags,
+                        partials[sums_of - 1], dropout[0], summed.stride(0), dy.stride(0), dsummed.stride(0),
+                        dx.stride(0), rows, width, *dropout[1:], HAS_DSUMMED=has_dsummed, HAS_X_BIAS=has_x_bias,
+                        **flags,
                     )  # fmt: skip
                 programs = grid(meta)[0]
             partials = partials[:, :programs]
         sums = partials.sum(1)
-        if weight.dtype == ctx.bias_dtype:
-            dweight, dbias = sums.to(weight.dtype).unbind(0)
+        dtypes = (weight.dtype, ctx.bias_dtype, ctx.x_bias_dtype)[:sums_of]
+        if all(dtype == weight.dtype for dtype in dtypes):
+            grads = sums.to(weight.dtype).unbind(0)
         else:
-            dweight, dbias = sums[0].to(weight.dtype), sums[1].to(ctx.bias_dtype)
+            grads = tuple(part.to(dtype) for part, dtype in zip(sums.unbind(0), dtypes))
+        dweight, dbias = grads[0], grads[1]
+        dx_bias = grads[2] if has_x_bias else None
         dx = dx.view(shape)
         # x and residual enter only through their sum, so they share one gradient, as with torch's add (x's
         # passes through the dropout first, where there is one).
-        return dxd.view(shape), dweight, dbias, None, dx if ctx.has_residual else None, None
+        return dxd.view(shape), dweight, dbias, None, dx if ctx.has_residual else None, None, dx_bias
 
 
 class DropoutAddFunction(torch.autograd.Function):
-    """``residual + dropout(x)``, the mask drawn in the kernel and drawn again in the backward (nothing stored)."""
+    """``residual + dropout(x + x_bias)``, the mask drawn in the kernel and drawn again in the backward (nothing
+    stored)."""
 
     @staticmethod
-    def forward(ctx, x, residual, dropout_p):
+    def forward(ctx, x, residual, dropout_p, x_bias):
         shape = x.shape
         width = shape[-1]
         x2, residual2 = _rows(x, width), _rows(residual, width)
@@ -438,15 +471,18 @@ class DropoutAddFunction(torch.autograd.Function):
         out = torch.empty((rows, width), device=x.device, dtype=x.dtype)
         seed = dropout_seed(x.device)
         block_n = _block_n(width, True)
+        has_x_bias = x_bias is not None
         if rows > 0:
             with device_guard(x.device):
                 _dropout_add(
-                    (rows,), x2, residual2, out, seed, x2.stride(0), residual2.stride(0), out.stride(0), width,
-                    *dropout_arguments(dropout_p), EMULATE_BF16=emulate_bf16(x.dtype), BLOCK_N=block_n,
+                    (rows,), x2, x_bias if has_x_bias else x2, residual2, out, seed, x2.stride(0),
+                    residual2.stride(0), out.stride(0), width, *dropout_arguments(dropout_p),
+                    HAS_X_BIAS=has_x_bias, EMULATE_BF16=emulate_bf16(x.dtype), BLOCK_N=block_n,
                     num_warps=_num_warps(block_n, backward=False),
                 )  # fmt: skip
         ctx.save_for_backward(seed)
         ctx.dropout_p = dropout_p
+        ctx.has_x_bias = has_x_bias
         return out.view(shape)
 
     @staticmethod
@@ -466,15 +502,28 @@ class DropoutAddFunction(torch.autograd.Function):
                     *dropout_arguments(ctx.dropout_p), EMULATE_BF16=emulate_bf16(dout.dtype), BLOCK_N=block_n,
                     num_warps=_num_warps(block_n, backward=False),
                 )  # fmt: skip
+        # The bias's gradient is x's summed over the rows, as autograd sums a broadcast add's.
+        dx_bias = dx.sum(0) if ctx.has_x_bias else None
         # The residual enters the sum as it is: its gradient is the output's.
-        return dx.view(shape), grad_out, None
+        return dx.view(shape), grad_out, None, dx_bias
 
 
 def _split_backward(
-    summed, weight, dy, dsummed, dx, dxd, mean, rstd, has_dsummed: bool, dropout: tuple, flags: dict
+    summed,
+    weight,
+    dy,
+    dsummed,
+    dx,
+    dxd,
+    mean,
+    rstd,
+    has_dsummed: bool,
+    dropout: tuple,
+    flags: dict,
+    sums_of: int,
 ) -> torch.Tensor:
-    """Rows wider than ``FUSED_BACKWARD_MAX_WIDTH``: dx one row per program, then the partial sums of dweight
-    and dbias (``[2, groups, width]``) by column blocks over runs of rows."""
+    """Rows wider than ``FUSED_BACKWARD_MAX_WIDTH``: dx one row per program, then the partial sums of dweight,
+    dbias and (``sums_of`` 3) x's gradient (``[sums_of, groups, width]``) by column blocks over runs of rows."""
     rows, width = summed.shape
     block_r, block_c, warps = _DWDB_TILE
     column_blocks = cdiv(width, block_c)
@@ -487,7 +536,7 @@ def _split_backward(
     )
     rows_per_group = max(1, cdiv(rows, groups))
     groups = max(1, cdiv(rows, rows_per_group))
-    partials = torch.empty((2, groups, width), device=summed.device, dtype=torch.float32)
+    partials = torch.empty((sums_of, groups, width), device=summed.device, dtype=torch.float32)
     if rows == 0:
         return partials.zero_()
     with device_guard(summed.device):
@@ -497,15 +546,19 @@ def _split_backward(
             HAS_DSUMMED=has_dsummed, **flags,
         )  # fmt: skip
         _backward_dwdb(
-            (column_blocks, groups), summed, dy, mean, rstd, partials[0], partials[1],
-            summed.stride(0), dy.stride(0), rows, width, rows_per_group,
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+            (column_blocks, groups), summed, dy, dxd, mean, rstd, partials[0], partials[1], partials[sums_of - 1],
+            summed.stride(0), dy.stride(0), dxd.stride(0), rows, width, rows_per_group,
+            HAS_X_BIAS=sums_of == 3, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
         )  # fmt: skip
     return partials
 
 
 def _check_inputs(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor | None,
+    x_bias: torch.Tensor | None,
 ) -> None:
     where = "kernels.layer_norm(backend='triton')"
     width = x.shape[-1] if x.dim() else 0
@@ -523,6 +576,15 @@ def _check_inputs(
         raise KernelError(
             f"{where}: residual must match x ({x.dtype} {tuple(x.shape)}); got {residual.dtype} {tuple(residual.shape)}"
         )
+    _check_x_bias(where, x, x_bias)
+
+
+def _check_x_bias(where: str, x: torch.Tensor, x_bias: torch.Tensor | None) -> None:
+    if x_bias is not None and (x_bias.shape != x.shape[-1:] or x_bias.dtype != x.dtype):
+        raise KernelError(
+            f"{where}: x_bias must be [{x.shape[-1]}] in x's dtype {x.dtype}; got {x_bias.dtype} "
+            f"{tuple(x_bias.shape)}"
+        )
 
 
 def layer_norm_triton(
@@ -532,21 +594,32 @@ def layer_norm_triton(
     eps: float,
     residual: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    x_bias: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The Triton counterpart of ``kernels.reference.layer_norm_torch`` (same arguments, same result); with
-    ``dropout_p`` x is dropped before the residual add, in the kernel (``residual`` is then required)."""
-    _check_inputs(x, weight, bias, residual)
-    if dropout_p > 0.0 and residual is None:
+    """The Triton counterpart of ``kernels.layer_norm``'s torch path (same arguments, same result): with
+    ``x_bias`` and ``dropout_p`` x is biased and dropped before the residual add, in the kernel (both need
+    ``residual``)."""
+    _check_inputs(x, weight, bias, residual, x_bias)
+    if (dropout_p > 0.0 or x_bias is not None) and residual is None:
         raise KernelError(
-            "kernels.layer_norm(backend='triton'): dropout_p needs a residual (LN(residual + dropout(x)))"
+            "kernels.layer_norm(backend='triton'): dropout_p (as x_bias) needs a residual: "
+            "LN(residual + dropout(x + x_bias))"
         )
     return LayerNormFunction.apply(
-        x, weight.contiguous(), bias.contiguous(), float(eps), residual, float(dropout_p)
+        x,
+        weight.contiguous(),
+        bias.contiguous(),
+        float(eps),
+        residual,
+        float(dropout_p),
+        None if x_bias is None else x_bias.contiguous(),
     )
 
 
-def dropout_add_triton(x: torch.Tensor, residual: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    """``residual + dropout(x)`` in one kernel, forward and backward; the mask is not stored."""
+def dropout_add_triton(
+    x: torch.Tensor, residual: torch.Tensor, dropout_p: float, x_bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``residual + dropout(x + x_bias)`` in one kernel, forward and backward; the mask is not stored."""
     where = "kernels.dropout_add(backend='triton')"
     if x.dtype not in _SUPPORTED_DTYPES or residual.dtype != x.dtype or residual.shape != x.shape:
         raise KernelError(
@@ -555,4 +628,7 @@ def dropout_add_triton(x: torch.Tensor, residual: torch.Tensor, dropout_p: float
         )
     if x.dim() == 0 or not 0 < x.shape[-1] <= MAX_WIDTH:
         raise KernelError(f"{where}: rows must be 1..{MAX_WIDTH} wide; got shape {tuple(x.shape)}")
-    return DropoutAddFunction.apply(x, residual, float(dropout_p))
+    _check_x_bias(where, x, x_bias)
+    return DropoutAddFunction.apply(
+        x, residual, float(dropout_p), None if x_bias is None else x_bias.contiguous()
+    )

@@ -39,6 +39,6 @@ def test_launch_overhead_benchmark_runs_with_stubbed_launches():
     ]
     result = subprocess.run(command, cwd=REPOSITORY, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| ours: LayerNorm + residual + dropout 0.1 (Triton, direct launches) |" in result.stdout
-    assert "| ours: dropout 0.1 + add (Triton, direct launches) |" in result.stdout
+    assert "| ours: bias + dropout 0.1 + residual + LayerNorm (Triton, direct launches) |" in result.stdout
+    assert "| ours: bias + dropout 0.1 + add (Triton, direct launches) |" in result.stdout
     assert "| ours: GLM attention" in result.stdout

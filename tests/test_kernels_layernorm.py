@@ -289,3 +289,100 @@ def test_dropout_needs_a_residual():
     for backend in ("triton", "torch"):
         with pytest.raises(KernelError, match="needs a residual"):
             layer_norm(x, weight, bias, EPS, backend=backend, dropout_p=0.1)
+
+
+def _biased_forward_backward(fn, x, residual, weight, bias, x_bias, grads):
+    """Outputs of ``fn(x, weight, bias, residual, x_bias)``, then the gradients of x, weight, bias, residual, x_bias."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x, weight, bias, residual, x_bias)]
+    outputs = fn(leaves[0], leaves[1], leaves[2], leaves[3], leaves[4])
+    torch.autograd.backward(list(outputs), [g.to(o.dtype) for o, g in zip(outputs, grads)])
+    return [o.detach() for o in outputs] + [leaf.grad for leaf in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("split", [False, True], ids=["fused_backward", "split_backward"])
+@pytest.mark.parametrize("p", [0.0, 0.25], ids=["no_dropout", "dropout"])
+def test_input_bias_is_added_before_the_dropout_and_gets_the_summed_gradient(monkeypatch, p, split, dtype):
+    """LN(residual + dropout(x + x_bias)), the bias a row-parallel linear layer leaves out (skip_bias_add): the
+    same outputs and gradients as torch's add, dropout and LayerNorm in turn, and the bias's gradient is x's
+    summed over the rows (the kernel's partial sums, or the split backward's column sums)."""
+    from kernels import triton_layer_norm as ln
+
+    if split:
+        monkeypatch.setattr(ln, "FUSED_BACKWARD_MAX_WIDTH", 64)
+    seed, shape = 3, (3, 37, 200)
+    scale = 1.0 / (1.0 - p)
+    x, residual, weight, bias = _inputs(shape, dtype, True, seed=4)
+    x_bias = (0.5 * _randn(shape[-1], seed=7)).to(dtype)
+
+    def ours(x, weight, bias, residual, x_bias):
+        torch.manual_seed(seed)
+        return layer_norm(x, weight, bias, EPS, residual, backend="triton", dropout_p=p, x_bias=x_bias)
+
+    # The kernel's mask: ones biased by zero, dropped into a zero residual.
+    ones, zeros = (
+        torch.ones(shape, device=DEVICE, dtype=dtype),
+        torch.zeros(shape, device=DEVICE, dtype=dtype),
+    )
+    keep = (
+        ours(ones, torch.ones_like(weight), torch.zeros_like(bias), zeros, torch.zeros_like(x_bias))[1] != 0
+    )
+    assert keep.all() if p == 0 else 0.15 < 1 - keep.float().mean().item() < 0.35
+
+    def in_torch(x, weight, bias, residual, x_bias):
+        biased = x + x_bias  # rounded to the dtype, as torch's add of the left-out bias
+        dropped = torch.where(keep, biased.to(torch.promote_types(x.dtype, torch.float32)) * scale, 0.0)
+        return layer_norm_torch(dropped.to(x.dtype), weight, bias, EPS, residual)
+
+    grads = [_randn(*shape, seed=5), _randn(*shape, seed=6)]
+    inputs = (x, residual, weight, bias, x_bias)
+    exact = _biased_forward_backward(in_torch, *(t.double() for t in inputs), grads)
+    same_dtype = _biased_forward_backward(in_torch, *inputs, grads)
+    got = _biased_forward_backward(ours, *inputs, grads)
+    names = ["y", "summed", "dx", "dweight", "dbias", "dresidual", "dx_bias"]
+    for name, want, theirs, have in zip(names, exact, same_dtype, got):
+        torch_error = (theirs.double() - want).abs().max().item()
+        bound = 2 * torch_error + 2 * UNIT_ROUNDOFF[dtype] * want.abs().max().item()
+        error = (have.double() - want).abs().max().item()
+        assert have.dtype == dtype and error <= bound, f"{name}: max error {error:.3g} > {bound:.3g}"
+    assert torch.equal(got[1], same_dtype[1])  # the residual stream exactly torch's
+    # The bias's gradient is x's gradient summed over the rows (in fp32, rounded once to the dtype).
+    dx, dx_bias = got[2], got[6]
+    rounding = UNIT_ROUNDOFF[dtype] if dtype != torch.float32 else 1e-6
+    torch.testing.assert_close(dx_bias.double(), dx.double().sum(dim=(0, 1)), rtol=rounding, atol=1e-5)
+
+
+def test_dropout_add_adds_the_input_bias_before_the_dropout():
+    from kernels import dropout_add
+
+    p, seed, shape, dtype = 0.1, 11, (4, 33, 96), torch.float32
+    scale = 1.0 / (1.0 - p)
+
+    def ours(x, residual, x_bias):
+        torch.manual_seed(seed)
+        return dropout_add(x, residual, p, backend="triton", x_bias=x_bias)
+
+    keep = _kernel_mask(lambda x, r: ours(x, r, torch.zeros(shape[-1], device=DEVICE)), shape, dtype, seed)
+    x, residual = _randn(*shape, seed=1).requires_grad_(), _randn(*shape, seed=2).requires_grad_()
+    x_bias = _randn(shape[-1], seed=4).requires_grad_()
+    out = ours(x, residual, x_bias)
+    assert torch.equal(out, residual + torch.where(keep, (x + x_bias) * scale, 0.0))
+    grad = _randn(*shape, seed=3)
+    out.backward(grad)
+    assert torch.equal(x.grad, torch.where(keep, grad * scale, 0.0)) and torch.equal(residual.grad, grad)
+    assert torch.equal(x_bias.grad, x.grad.reshape(-1, shape[-1]).sum(0))
+    # Without dropout (evaluation) the torch path adds the bias too.
+    assert torch.equal(
+        dropout_add(x, residual, 0.0, backend="triton", x_bias=x_bias), residual + (x + x_bias)
+    )
+
+
+def test_input_bias_must_fit_x():
+    x, residual, weight, bias = _inputs((2, 64), torch.float32, True)
+    for backend in ("triton", "torch"):
+        with pytest.raises(KernelError, match="needs a residual"):
+            layer_norm(x, weight, bias, EPS, backend=backend, x_bias=bias)
+    with pytest.raises(KernelError, match="x_bias must be \\[64\\]"):
+        layer_norm(x, weight, bias, EPS, residual, backend="triton", x_bias=bias[:32])
+    with pytest.raises(KernelError, match="x_bias must be \\[64\\] in x's dtype"):
+        layer_norm(x, weight, bias, EPS, residual, backend="triton", x_bias=bias.double())

@@ -241,9 +241,12 @@ def test_no_weight_decay_on_biases_and_layernorms(single_rank):
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
 @pytest.mark.parametrize("mode", ["full", "selective"])
-def test_activation_checkpointing_keeps_gradients_with_dropout(single_rank, mode):
-    config = dataclasses.replace(TINY, hidden_dropout=0.2, attention_dropout=0.2)
+def test_activation_checkpointing_keeps_gradients_with_dropout(single_rank, mode, kernels):
+    # The Triton kernels (the interpreter on CPUs) draw their dropout seeds from torch's generator in the kernel
+    # calls: the recomputation must draw the same ones.
+    config = dataclasses.replace(TINY, hidden_dropout=0.2, attention_dropout=0.2, kernels=kernels)
     batch = make_batch()
 
     def gradients(activation_checkpointing):
@@ -257,6 +260,31 @@ def test_activation_checkpointing_keeps_gradients_with_dropout(single_rank, mode
     expected, actual = gradients("none"), gradients(mode)
     for name, grad in expected.items():
         torch.testing.assert_close(actual[name], grad, rtol=0, atol=0, msg=name)
+
+
+def test_triton_kernels_compute_what_torch_kernels_compute(single_rank):
+    """``model.kernels=triton`` (the interpreter on CPUs) against ``torch``, without dropout: the packed attention,
+    the LayerNorms that add the dense layers' left-out biases with the residual, the dropout-add with the MLP's
+    bias, the loss's cross entropy. The hidden states, the loss and every parameter's gradient agree."""
+    batch = make_batch()
+    results = {}
+    for kernels in ("torch", "triton"):
+        model = GLMModel(dataclasses.replace(TINY, kernels=kernels), VOCAB, seed=3)
+        generator = torch.Generator().manual_seed(4)
+        with torch.no_grad():  # biases are zero at initialization: give them values whose adds show
+            for name, param in model.named_parameters():
+                if name.endswith(".bias"):
+                    param.copy_(0.3 * torch.randn(param.shape, generator=generator))
+        hidden, loss = forward_and_loss(model, batch)
+        loss.backward()
+        results[kernels] = hidden.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    (hidden, loss, grads), (want_hidden, want_loss, want_grads) = results["triton"], results["torch"]
+    torch.testing.assert_close(hidden, want_hidden, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == want_grads.keys()
+    for name, grad in grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_bf16_tracks_fp32(single_rank):

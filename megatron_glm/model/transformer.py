@@ -48,8 +48,8 @@ class LayerNorm(nn.Module):
     """LayerNorm over the hidden dimension through ``kernels.layer_norm``.
 
     With ``residual`` it returns ``(LN(x + residual), x + residual)``, the fused residual-add form, and with
-    ``dropout_p`` as well ``(LN(residual + dropout(x)), residual + dropout(x))`` (the Triton kernels drop in
-    the kernel).
+    ``dropout_p`` and ``x_bias`` as well ``(LN(s), s)`` for ``s = residual + dropout(x + x_bias)`` (the Triton
+    kernels add the bias and drop in the kernel).
     """
 
     def __init__(
@@ -72,7 +72,13 @@ class LayerNorm(nn.Module):
         nn.init.ones_(self.weight)
         nn.init.zeros_(self.bias)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, dropout_p: float = 0.0):
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        dropout_p: float = 0.0,
+        x_bias: torch.Tensor | None = None,
+    ):
         return kernels.layer_norm(
             x,
             self.weight,
@@ -81,6 +87,7 @@ class LayerNorm(nn.Module):
             residual=residual,
             backend=self.kernel_backend,
             dropout_p=dropout_p,
+            x_bias=x_bias,
         )
 
 
@@ -117,7 +124,10 @@ class GLMSelfAttention(nn.Module):
         self.query_key_value = ColumnParallelLinear(
             h, 3 * h, stride=3, init_method=normal_init(config.init_method_std), device=device, dtype=dtype
         )
-        self.dense = RowParallelLinear(h, h, init_method=normal_init(output_std), device=device, dtype=dtype)
+        # Its bias is added by the LayerNorm after it, with the dropout and the residual add (skip_bias_add).
+        self.dense = RowParallelLinear(
+            h, h, skip_bias_add=True, init_method=normal_init(output_std), device=device, dtype=dtype
+        )
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         self.query_key_value.reset_parameters(generator)
@@ -125,7 +135,8 @@ class GLMSelfAttention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, sep: torch.Tensor, cache: KVCache | None = None, layer: int = 0
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(output without the dense layer's bias, that bias)``: the layer adds it in the LayerNorm after."""
         batch, length, _ = x.shape
         # [B, T, 3, heads, d_head]: the attention takes it packed, and hands back its gradient in one piece.
         qkv = self.query_key_value(x).view(batch, length, 3, self.local_heads, self.head_dim)
@@ -154,7 +165,9 @@ class GLMSelfAttention(nn.Module):
 
 
 class GLMMLP(nn.Module):
-    """``dense_4h_to_h(gelu_tanh(dense_h_to_4h(x)))``; the 4h activations are split over the tensor ranks."""
+    """``dense_4h_to_h(gelu_tanh(dense_h_to_4h(x)))``; the 4h activations are split over the tensor ranks. The
+    forward returns the output without ``dense_4h_to_h``'s bias and that bias, which the layer adds in the
+    dropout-add after it."""
 
     def __init__(
         self,
@@ -170,14 +183,14 @@ class GLMMLP(nn.Module):
             h, 4 * h, init_method=normal_init(config.init_method_std), device=device, dtype=dtype
         )
         self.dense_4h_to_h = RowParallelLinear(
-            4 * h, h, init_method=normal_init(output_std), device=device, dtype=dtype
+            4 * h, h, skip_bias_add=True, init_method=normal_init(output_std), device=device, dtype=dtype
         )
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         self.dense_h_to_4h.reset_parameters(generator)
         self.dense_4h_to_h.reset_parameters(generator)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # The tanh approximation, as the released weights were trained with.
         return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
 
@@ -216,11 +229,16 @@ class GLMTransformerLayer(nn.Module):
         self.mlp.reset_parameters(generator)
 
     def forward(self, hidden: torch.Tensor, sep: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        attention_output = self.attention(self.input_layernorm(hidden), sep, cache, self.layer_number)
-        dropout_p = self.hidden_dropout if self.training else 0.0
-        # LN_2 of the new residual stream a = x + dropout(attention), and a itself (the dropout, the add and the
-        # LayerNorm are one kernel each way on the Triton path).
-        mlp_input, hidden = self.post_attention_layernorm(
-            attention_output, residual=hidden, dropout_p=dropout_p
+        attention_output, attention_bias = self.attention(
+            self.input_layernorm(hidden), sep, cache, self.layer_number
         )
-        return kernels.dropout_add(self.mlp(mlp_input), hidden, dropout_p, backend=self.kernel_backend)
+        dropout_p = self.hidden_dropout if self.training else 0.0
+        # LN_2 of the new residual stream a = x + dropout(attention), and a itself (the dense layer's bias, the
+        # dropout, the add and the LayerNorm are one kernel each way on the Triton path).
+        mlp_input, hidden = self.post_attention_layernorm(
+            attention_output, residual=hidden, dropout_p=dropout_p, x_bias=attention_bias
+        )
+        mlp_output, mlp_bias = self.mlp(mlp_input)
+        return kernels.dropout_add(
+            mlp_output, hidden, dropout_p, backend=self.kernel_backend, x_bias=mlp_bias
+        )

@@ -130,7 +130,9 @@ class RowParallelLinear(nn.Module):
     """``Y = X A^T + b`` with A split along the input dimension; the partial products are summed.
 
     The input is expected split along its last dimension (``input_is_parallel``, the output of a
-    column-parallel layer) or is split here. The bias is replicated and added once, after the sum.
+    column-parallel layer) or is split here. The bias is replicated and added once, after the sum; with
+    ``skip_bias_add`` (Megatron-LM's flag) the forward returns ``(sum, bias)`` and leaves the add to the caller,
+    which fuses it into what follows (``kernels.layer_norm``'s and ``kernels.dropout_add``'s ``x_bias``).
     """
 
     def __init__(
@@ -140,6 +142,7 @@ class RowParallelLinear(nn.Module):
         *,
         bias: bool = True,
         input_is_parallel: bool = True,
+        skip_bias_add: bool = False,
         init_method: InitMethod | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -147,7 +150,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         tp = state.get_tensor_parallel_world_size()
         self.in_features, self.out_features = in_features, out_features
-        self.input_is_parallel = input_is_parallel
+        self.input_is_parallel, self.skip_bias_add = input_is_parallel, skip_bias_add
         self.init_method = init_method or normal_init(0.02)
         local = divide(in_features, tp, "input features")
         self.weight = nn.Parameter(torch.empty(out_features, local, device=device, dtype=dtype))
@@ -164,10 +167,13 @@ class RowParallelLinear(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel(x)
         y = reduce_from_tensor_parallel(F.linear(x, self.weight))
+        if self.skip_bias_add:
+            # Returned, not only read by the caller: DeepSpeed's ZeRO-3 then keeps it gathered for the caller.
+            return y, self.bias
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
