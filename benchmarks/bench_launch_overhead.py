@@ -27,6 +27,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+STACK_LAYERS = 4
+
 
 class _NoCompiledKernel:
     """Stands in for a compiled Triton kernel: its launcher does nothing."""
@@ -155,6 +157,37 @@ def main(argv: list[str] | None = None) -> int:
         with tracker.fork():
             pass
 
+    # A stack of GLM layers on the Triton kernels, as training runs it (dropout 0.1): the host's cost per layer,
+    # with each layer's last add in the next LayerNorm and layer by layer. Stubbed, the tensors are CPU ones,
+    # which kernels.resolve_backend would send to the interpreter: point it at the Triton path.
+    import kernels
+    from megatron_glm.config import ModelConfig
+    from megatron_glm.model.glm import GLMTransformer
+
+    if args.stub:
+        kernels.resolve_backend = lambda requested, device: "torch" if requested == "torch" else "triton"
+    hidden_size, hidden_heads = (64, 4) if args.stub else (1024, 16)
+    config = ModelConfig(
+        num_layers=STACK_LAYERS,
+        hidden_size=hidden_size,
+        num_attention_heads=hidden_heads,
+        max_position_embeddings=length,
+        hidden_dropout=0.1,
+        attention_dropout=0.1,
+        kernels="triton",
+    )
+    stack = GLMTransformer(config, device=device, dtype=dtype).train()
+    embeddings = leaf(batch, length, hidden_size)
+    position_ids = torch.zeros(batch, 2, length, device=device, dtype=torch.long)
+    grad_stack = torch.randn(batch, length, hidden_size, device=device, dtype=dtype)
+
+    def layer_stack(defer: bool) -> Callable[[], None]:
+        def call() -> None:
+            stack.defer_residual_adds = defer
+            stack(embeddings, position_ids, sep).backward(grad_stack)
+
+        return call
+
     where = (
         "CPU, Triton launches stubbed (through Triton's dispatch: a no-op stand-in; direct: our launch path up "
         "to a no-op launcher)"
@@ -196,6 +229,14 @@ def main(argv: list[str] | None = None) -> int:
         ("ours: the attention dropout's RNG fork (no work inside)", rng_fork),
     ):
         print(f"| {label} | {host_microseconds(fn, args.calls, args.repeats, device):.0f} |")
+    for label, defer in (
+        ("each layer's last add in the next LayerNorm", True),
+        ("layer by layer", False),
+    ):
+        layer_us = host_microseconds(layer_stack(defer), args.calls, args.repeats, device) / STACK_LAYERS
+        print(
+            f"| ours: a GLM layer in a stack of {STACK_LAYERS}, dropout 0.1, {label} (per layer) | {layer_us:.0f} |"
+        )
     parallel.destroy_parallel()
     return 0
 

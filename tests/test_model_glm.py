@@ -253,6 +253,7 @@ def test_activation_checkpointing_keeps_gradients_with_dropout(single_rank, mode
         model = GLMModel(
             dataclasses.replace(config, activation_checkpointing=activation_checkpointing), VOCAB
         )
+        model.transformer.defer_residual_adds = False  # layer by layer, as the recomputation runs them
         parallel.seed_parallel_rng(9)
         forward_and_loss(model, batch)[1].backward()
         return {n: p.grad for n, p in model.named_parameters()}
@@ -260,6 +261,33 @@ def test_activation_checkpointing_keeps_gradients_with_dropout(single_rank, mode
     expected, actual = gradients("none"), gradients(mode)
     for name, grad in expected.items():
         torch.testing.assert_close(actual[name], grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_each_layers_last_add_in_the_next_layernorm_is_the_layer_by_layer_result(single_rank, kernels):
+    """The stack forms each layer's output stream in the next LayerNorm (the final one's for the last layer):
+    with dropout, the same hidden states and gradients as running the layers one by one, which draws the same
+    masks in the same order. On the Triton path the MLP output biases' gradients come from the LayerNorm
+    kernel's partial sums instead of torch's sum over the rows: equal up to the order of the fp32 additions."""
+    config = dataclasses.replace(
+        TINY, num_layers=3, hidden_dropout=0.2, attention_dropout=0.2, kernels=kernels
+    )
+    batch = make_batch()
+    results = {}
+    for defer in (True, False):
+        model = GLMModel(config, VOCAB, seed=5)
+        model.transformer.defer_residual_adds = defer
+        parallel.seed_parallel_rng(9)
+        hidden, loss = forward_and_loss(model, batch)
+        loss.backward()
+        results[defer] = hidden.detach(), {n: p.grad for n, p in model.named_parameters()}
+    (hidden, grads), (want_hidden, want_grads) = results[True], results[False]
+    assert torch.equal(hidden, want_hidden)
+    for name, grad in grads.items():
+        if kernels == "triton" and name.endswith("mlp.dense_4h_to_h.bias"):
+            torch.testing.assert_close(grad, want_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+        else:
+            assert torch.equal(grad, want_grads[name]), name
 
 
 def test_triton_kernels_compute_what_torch_kernels_compute(single_rank):

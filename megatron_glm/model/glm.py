@@ -112,6 +112,9 @@ class GLMTransformer(PositionEmbeddings):
         )
         # Per-layer CUDA graphs in training (model.cuda_graphs.enable_layer_graphs), else None.
         self.layer_graphs: list | None = None
+        # Each layer's last add in the next LayerNorm (GLMTransformerLayer.forward's ``defer``); False runs the
+        # layers one by one, as recomputation and CUDA graphs do.
+        self.defer_residual_adds = True
 
     def reset_parameters(self, seed: int) -> None:
         self.reset_position_embeddings(seed)
@@ -136,12 +139,25 @@ class GLMTransformer(PositionEmbeddings):
             return self.final_layernorm(hidden)
         # The kernels take sep as int32 on the device: convert it once here, not in each layer.
         sep = sep.to(device=hidden.device, dtype=torch.int32)
-        for layer in self.layer_graphs or self.layers:
-            if self.recompute_layers and torch.is_grad_enabled():
-                hidden = recompute(layer, hidden, sep)
-            else:
-                hidden = layer(hidden, sep)
-        return self.final_layernorm(hidden)
+        recomputed = self.recompute_layers and torch.is_grad_enabled()
+        if self.layer_graphs or recomputed or not self.defer_residual_adds:
+            # Layer by layer: a recomputed or graphed layer takes and returns one stream.
+            for layer in self.layer_graphs or self.layers:
+                if recomputed:
+                    hidden = recompute(layer, hidden, sep)
+                else:
+                    hidden = layer(hidden, sep)
+            return self.final_layernorm(hidden)
+        # Each layer's last add (its MLP output's bias, dropout and residual add) happens in the next LayerNorm,
+        # the final one's for the last layer: see GLMTransformerLayer.forward.
+        incoming = None
+        for layer in self.layers:
+            hidden, *incoming = layer(hidden, sep, incoming=incoming, defer=True)
+        if incoming is None:
+            return self.final_layernorm(hidden)
+        dropout_p = self.layers[-1].hidden_dropout if self.training else 0.0
+        output, bias = incoming
+        return self.final_layernorm(output, residual=hidden, dropout_p=dropout_p, x_bias=bias)[0]
 
 
 class GLMModel(nn.Module):

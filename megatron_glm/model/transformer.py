@@ -228,17 +228,42 @@ class GLMTransformerLayer(nn.Module):
         self.post_attention_layernorm.reset_parameters()
         self.mlp.reset_parameters(generator)
 
-    def forward(self, hidden: torch.Tensor, sep: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        attention_output, attention_bias = self.attention(
-            self.input_layernorm(hidden), sep, cache, self.layer_number
-        )
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        sep: torch.Tensor,
+        cache: KVCache | None = None,
+        *,
+        incoming: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        defer: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The layer's output stream ``y = a + dropout(mlp + b)``.
+
+        The last add can move into the next LayerNorm, the stack's way on one device (``GLMTransformer``): with
+        ``defer`` the layer returns ``(a, mlp, b)`` instead of ``y``, and the next layer, given them as
+        ``incoming = (mlp, b)`` with ``a`` as ``hidden``, forms ``y`` in its first LayerNorm, whose kernel then
+        adds the bias, drops, adds the residual and normalizes in one pass each way. Same numbers, same random
+        draws in the same order: bitwise the layer-by-layer result, one kernel, its backward and the residual
+        gradient's add fewer per layer.
+        """
         dropout_p = self.hidden_dropout if self.training else 0.0
+        if incoming is None:
+            attention_input = self.input_layernorm(hidden)
+        else:
+            # The previous layer's output, formed here: LN_1(a + dropout(mlp + b)) and the stream itself.
+            attention_input, hidden = self.input_layernorm(
+                incoming[0], residual=hidden, dropout_p=dropout_p, x_bias=incoming[1]
+            )
+        attention_output, attention_bias = self.attention(attention_input, sep, cache, self.layer_number)
         # LN_2 of the new residual stream a = x + dropout(attention), and a itself (the dense layer's bias, the
         # dropout, the add and the LayerNorm are one kernel each way on the Triton path).
         mlp_input, hidden = self.post_attention_layernorm(
             attention_output, residual=hidden, dropout_p=dropout_p, x_bias=attention_bias
         )
         mlp_output, mlp_bias = self.mlp(mlp_input)
+        if defer:
+            # Flat, so that DeepSpeed's ZeRO-3 sees the bias among the outputs and keeps it gathered.
+            return hidden, mlp_output, mlp_bias
         return kernels.dropout_add(
             mlp_output, hidden, dropout_p, backend=self.kernel_backend, x_bias=mlp_bias
         )
