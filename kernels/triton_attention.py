@@ -20,6 +20,7 @@ from kernels.triton_attention_kernels import (
     attention_forward_kernel,
 )
 from kernels.triton_support import (
+    INTERPRET,
     Launcher,
     cdiv,
     device_guard,
@@ -27,6 +28,7 @@ from kernels.triton_support import (
     dropout_arguments,
     dropout_seed,
     emulate_bf16,
+    ensure_scratch_allocator,
     length_bucket,
     next_power_of_2,
 )
@@ -81,6 +83,31 @@ def _kernel_flags(q: torch.Tensor, lengths: torch.Tensor | None, dropout_p: floa
     }
 
 
+_TMA_CAPABLE: dict[int, bool] = {}
+
+
+def _tma_possible(*tiled: torch.Tensor) -> bool:
+    """Whether the tensors a kernel loads by tiles (``[B, H, T, D]``, unit last stride) can be read through TMA
+    descriptors: a GPU of compute capability 9+ (or the interpreter), 16-bit values, every [T, D] matrix 16-byte
+    aligned and its rows 16-byte multiples apart. Otherwise the TMA autotuning candidates are pruned."""
+    first = tiled[0]
+    if first.element_size() != 2:
+        return False
+    if not INTERPRET:
+        index = first.get_device()
+        capable = _TMA_CAPABLE.get(index)
+        if capable is None:
+            capable = _TMA_CAPABLE[index] = index >= 0 and torch.cuda.get_device_capability(index)[0] >= 9
+        if not capable:
+            return False
+    for t in tiled:
+        size = t.element_size()
+        b, h, s, _ = t.stride()
+        if t.data_ptr() % 16 or (b * size) % 16 or (h * size) % 16 or (s * size) % 16:
+            return False
+    return True
+
+
 def _attention_forward(q, k, v, sep, lengths, softmax_scale: float, dropout_p: float):
     """Launch the forward; returns ``(out, lse, seed, lengths_arg)``, what the backward needs besides q, k, v."""
     batch, heads, query_length, _ = q.shape
@@ -91,6 +118,9 @@ def _attention_forward(q, k, v, sep, lengths, softmax_scale: float, dropout_p: f
     seed = dropout_seed(q.device) if dropout_p > 0.0 else sep
     lengths_arg = sep if lengths is None else lengths
     flags = _kernel_flags(q, lengths, dropout_p)
+    flags["TMA_POSSIBLE"] = tma = _tma_possible(k, v)
+    if tma:
+        ensure_scratch_allocator()  # the descriptors are made on the device, in scratch memory
 
     # Query blocks vary fastest, so the programs running together share one head's K and V in L2. Heads
     # and samples take the other two grid axes (each allows 65535).
@@ -127,6 +157,10 @@ def _attention_backward(
     def key_grid(meta):
         return (cdiv(key_length, meta["BLOCK_N"]), heads, batch)
 
+    key_flags = {**flags, "TMA_POSSIBLE": _tma_possible(q, grad_out)}  # dK/dV loads q and dO by tiles
+    flags["TMA_POSSIBLE"] = _tma_possible(k, v)  # dQ (as the forward) k and v
+    if key_flags["TMA_POSSIBLE"] or flags["TMA_POSSIBLE"]:
+        ensure_scratch_allocator()
     with device_guard(q.device):
         _backward_preprocess(
             (cdiv(query_length, _PREPROCESS_BLOCK_M), heads, batch),
@@ -136,7 +170,7 @@ def _attention_backward(
         _backward_dkdv(
             key_grid, q, k, v, grad_out, dk, dv, lse, delta, sep, lengths_arg, seed,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-            *scalars, *buckets, **flags,
+            *scalars, *buckets, **key_flags,
         )  # fmt: skip
         _backward_dq(
             query_grid, q, k, v, grad_out, dq, lse, delta, sep, lengths_arg, seed,

@@ -74,15 +74,26 @@ DKDV_SHAPES = [
     (64, 32, 4, 4),
     (32, 64, 4, 3),
 ]
+# Hopper's tensor memory accelerator (TMA): the tiles a program loads in its loop (K and V in the forward and dQ,
+# Q and dO in dK/dV) also come through tensor descriptors (``tl.make_tensor_descriptor``: one bulk copy per tile
+# into shared memory, bounds handled by the hardware, no address arithmetic in the threads) in these shapes. They
+# are extra autotuning candidates, timed beside the pointer loads, on GPUs of compute capability 9+ and 16-byte
+# aligned inputs only (``TMA_POSSIBLE``, in the tuning key); the first, untuned tile stays a pointer-load one.
+FORWARD_TMA_SHAPES = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)]
+DQ_TMA_SHAPES = [(128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3)]
+DKDV_TMA_SHAPES = [(128, 32, 4, 3), (128, 32, 4, 5), (64, 64, 4, 3)]
 # fp32 tiles take twice the registers of 16-bit ones, and the "ieee" dot holds its operands in registers: for
 # fp32 inputs only tiles of at most this many elements per warp are timed.
 FP32_TILE_ELEMENTS_PER_WARP = 256
 
 
 def _fitting_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """The autotuner's early pruning: every config for 16-bit inputs; for fp32 inputs the small tiles, which
-    compile in seconds (the 128-row ones spill tens of kilobytes and take up to a minute each)."""
+    """The autotuner's early pruning: the TMA candidates only where the inputs allow them (``TMA_POSSIBLE``) and
+    are 16-bit; every other config for 16-bit inputs; for fp32 inputs the small tiles, which compile in seconds
+    (the 128-row ones spill tens of kilobytes and take up to a minute each)."""
     q = named_args.get("Q")
+    if not kwargs.get("TMA_POSSIBLE", False) or (q is not None and q.element_size() >= 4):
+        configs = [c for c in configs if not c.kwargs.get("USE_TMA", False)] or configs[:1]
     if q is None or q.element_size() < 4:
         return configs
 
@@ -93,18 +104,39 @@ def _fitting_configs(configs: list, named_args: dict, **kwargs) -> list:
     return [c for c in configs if elements_per_warp(c) <= FP32_TILE_ELEMENTS_PER_WARP] or configs[:1]
 
 
-def _configs(owned: str, inner: str, shapes: list[tuple[int, int, int, int]], interpreter: tuple[int, int]):
-    gpu = [triton.Config({owned: a, inner: b}, num_warps=w, num_stages=s) for a, b, w, s in shapes]
-    return autotune_configs(gpu, triton.Config({owned: interpreter[0], inner: interpreter[1]}, num_warps=4))
+def _configs(
+    owned: str,
+    inner: str,
+    shapes: list[tuple[int, int, int, int]],
+    tma_shapes: list[tuple[int, int, int, int]],
+    interpreter: tuple[int, int],
+):
+    gpu = [
+        triton.Config({owned: a, inner: b, "USE_TMA": tma}, num_warps=w, num_stages=s)
+        for tma, listed in ((False, shapes), (True, tma_shapes))
+        for a, b, w, s in listed
+    ]
+    # The interpreter runs pointer loads; the tests switch its one config to TMA to check that path too.
+    interpreter_config = triton.Config(
+        {owned: interpreter[0], inner: interpreter[1], "USE_TMA": False}, num_warps=4
+    )
+    return autotune_configs(gpu, interpreter_config)
 
 
 # The interpreter blocks differ between the kernels on purpose: the block-skipping bounds must not depend on
 # the forward and backward sharing a tiling.
-_FORWARD_CONFIGS = _configs("BLOCK_M", "BLOCK_N", FORWARD_SHAPES, interpreter=(64, 32))
-_DQ_CONFIGS = _configs("BLOCK_M", "BLOCK_N", DQ_SHAPES, interpreter=(32, 64))
-_DKDV_CONFIGS = _configs("BLOCK_N", "BLOCK_M", DKDV_SHAPES, interpreter=(64, 32))
+_FORWARD_CONFIGS = _configs("BLOCK_M", "BLOCK_N", FORWARD_SHAPES, FORWARD_TMA_SHAPES, interpreter=(64, 32))
+_DQ_CONFIGS = _configs("BLOCK_M", "BLOCK_N", DQ_SHAPES, DQ_TMA_SHAPES, interpreter=(32, 64))
+_DKDV_CONFIGS = _configs("BLOCK_N", "BLOCK_M", DKDV_SHAPES, DKDV_TMA_SHAPES, interpreter=(64, 32))
 _PRUNING = {"early_config_prune": _fitting_configs}
-_TUNING_KEY = ["query_length_bucket", "key_length_bucket", "HEAD_DIM", "HAS_DROPOUT", "HAS_LENGTHS"]
+_TUNING_KEY = [
+    "query_length_bucket",
+    "key_length_bucket",
+    "HEAD_DIM",
+    "HAS_DROPOUT",
+    "HAS_LENGTHS",
+    "TMA_POSSIBLE",
+]
 
 
 @triton.jit
@@ -152,6 +184,38 @@ def _load_rows(
 
 
 @triton.jit
+def _tile_source(
+    Base, length, stride, HEAD_DIM: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr
+):  # fmt: skip
+    """Where a loop's tiles of ``[length, HEAD_DIM]`` rows at ``Base`` come from: a TMA tensor descriptor of
+    ``[BLOCK_ROWS, BLOCK_D]`` blocks, or the pointer itself."""
+    if TMA:
+        source = tl.make_tensor_descriptor(
+            Base, shape=[length, HEAD_DIM], strides=[stride, 1], block_shape=[BLOCK_ROWS, BLOCK_D]
+        )
+    else:
+        source = Base
+    return source
+
+
+@triton.jit
+def _load_tile(
+    Source, start, rows, stride, row_limit,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr, EMULATE_BF16: tl.constexpr,
+    TMA: tl.constexpr,
+):  # fmt: skip
+    """Rows ``rows`` (= ``start + arange``) of a ``_tile_source``: by the descriptor (rows past the tensor and columns
+    past HEAD_DIM read as zeros, as the masked pointer load reads them) or by ``_load_rows``."""
+    if TMA:
+        tile = Source.load([start, 0])
+        if EMULATE_BF16:
+            tile = tile.to(tl.float32)
+    else:
+        tile = _load_rows(Source, rows, stride, row_limit, HEAD_DIM, BLOCK_D, CHECK_ROWS, EMULATE_BF16)
+    return tile
+
+
+@triton.jit
 def _dropout_keep(seed, query_index, start_n, bh, threshold, BLOCK_N: tl.constexpr):
     """Keep decisions ``[len(query_index), BLOCK_N]`` of queries ``query_index`` against keys ``start_n ..
     start_n + BLOCK_N - 1`` (``start_n`` a multiple of 8): one Philox call per query and group of 8 keys,
@@ -167,11 +231,12 @@ def _forward_block(
     acc, l_i, m_i, q, query_index, query_position, K, V, start_n, stride_kt, stride_vt,
     sep, key_limit, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    DTYPE: tl.constexpr,
 ):  # fmt: skip
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(K, offs_n, stride_kt, key_length, HEAD_DIM, BLOCK_D, MASKED, EMULATE_BF16)
-    v = _load_rows(V, offs_n, stride_vt, key_length, HEAD_DIM, BLOCK_D, MASKED, EMULATE_BF16)
+    k = _load_tile(K, start_n, offs_n, stride_kt, key_length, HEAD_DIM, BLOCK_D, MASKED, EMULATE_BF16, TMA)
+    v = _load_tile(V, start_n, offs_n, stride_vt, key_length, HEAD_DIM, BLOCK_D, MASKED, EMULATE_BF16, TMA)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         visible = _visible(query_position[:, None], offs_n[None, :], sep, key_limit)
@@ -186,7 +251,7 @@ def _forward_block(
     if HAS_DROPOUT:
         keep = _dropout_keep(seed, query_index, start_n, bh, dropout_threshold, BLOCK_N)
         p = tl.where(keep, p * dropout_scale, 0.0)
-    acc = tl.dot(dot_operand(p, V.dtype.element_ty, EMULATE_BF16), v, acc, input_precision=DOT_PRECISION)
+    acc = tl.dot(dot_operand(p, DTYPE, EMULATE_BF16), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
 
@@ -199,7 +264,8 @@ def attention_forward_kernel(
     num_heads, query_length, key_length, softmax_scale, dropout_threshold, dropout_scale,
     query_length_bucket, key_length_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA_POSSIBLE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     # Later query blocks see more keys: launch them first so the short blocks fill the tail of the grid.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -216,6 +282,10 @@ def attention_forward_kernel(
     K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     q = _load_rows(Q, offs_m, stride_qt, query_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
+    DTYPE: tl.constexpr = Q.dtype.element_ty  # q's, k's and v's
+    TMA: tl.constexpr = USE_TMA and TMA_POSSIBLE
+    K = _tile_source(K, key_length, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    V = _tile_source(V, key_length, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
     qk_scale = softmax_scale * LOG2_E
     seed = 0
     if HAS_DROPOUT:
@@ -235,14 +305,14 @@ def attention_forward_kernel(
         acc, l_i, m_i = _forward_block(
             acc, l_i, m_i, q, offs_m, query_position, K, V, start_n, stride_kt, stride_vt,
             sep, key_limit, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE,
         )  # fmt: skip
     for start_n in range(full_end, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         acc, l_i, m_i = _forward_block(
             acc, l_i, m_i, q, offs_m, query_position, K, V, start_n, stride_kt, stride_vt,
             sep, key_limit, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE,
         )  # fmt: skip
 
     row_real = offs_m < query_limit
@@ -286,11 +356,12 @@ def _dq_block(
     dq, q, do, lse, delta, query_index, query_position, K, V, start_n, stride_kt, stride_vt,
     sep, key_limit, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    DTYPE: tl.constexpr,
 ):  # fmt: skip
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_rows(K, offs_n, stride_kt, key_length, HEAD_DIM, BLOCK_D, MASKED, EMULATE_BF16)
-    v = _load_rows(V, offs_n, stride_vt, key_length, HEAD_DIM, BLOCK_D, MASKED, EMULATE_BF16)
+    k = _load_tile(K, start_n, offs_n, stride_kt, key_length, HEAD_DIM, BLOCK_D, MASKED, EMULATE_BF16, TMA)
+    v = _load_tile(V, start_n, offs_n, stride_vt, key_length, HEAD_DIM, BLOCK_D, MASKED, EMULATE_BF16, TMA)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     if MASKED:
         visible = _visible(query_position[:, None], offs_n[None, :], sep, key_limit)
@@ -301,7 +372,7 @@ def _dq_block(
         keep = _dropout_keep(seed, query_index, start_n, bh, dropout_threshold, BLOCK_N)
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     ds = p * (dp - delta[:, None])
-    return tl.dot(dot_operand(ds, K.dtype.element_ty, EMULATE_BF16), k, dq, input_precision=DOT_PRECISION)
+    return tl.dot(dot_operand(ds, DTYPE, EMULATE_BF16), k, dq, input_precision=DOT_PRECISION)
 
 
 @triton.autotune(configs=_DQ_CONFIGS, key=_TUNING_KEY, prune_configs_by=_PRUNING, cache_results=True)
@@ -313,7 +384,8 @@ def attention_backward_dq_kernel(
     num_heads, query_length, key_length, softmax_scale, dropout_threshold, dropout_scale,
     query_length_bucket, key_length_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA_POSSIBLE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """dQ of one query block, visiting the same key blocks as the forward: no atomics, deterministic."""
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -332,6 +404,10 @@ def attention_backward_dq_kernel(
     DOut += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     q = _load_rows(Q, offs_m, stride_qt, query_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
     do = _load_rows(DOut, offs_m, stride_dot, query_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
+    DTYPE: tl.constexpr = Q.dtype.element_ty  # q's, k's, v's and dO's
+    TMA: tl.constexpr = USE_TMA and TMA_POSSIBLE
+    K = _tile_source(K, key_length, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    V = _tile_source(V, key_length, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
     row_mask = offs_m < query_length
     lse = tl.load(Lse + bh.to(tl.int64) * query_length + offs_m, mask=row_mask, other=float("inf"))
     delta = tl.load(Delta + bh.to(tl.int64) * query_length + offs_m, mask=row_mask, other=0.0)
@@ -351,14 +427,14 @@ def attention_backward_dq_kernel(
         dq = _dq_block(
             dq, q, do, lse, delta, offs_m, query_position, K, V, start_n, stride_kt, stride_vt,
             sep, key_limit, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE,
         )  # fmt: skip
     for start_n in range(full_end, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         dq = _dq_block(
             dq, q, do, lse, delta, offs_m, query_position, K, V, start_n, stride_kt, stride_vt,
             sep, key_limit, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE,
         )  # fmt: skip
     DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
     dq_mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -374,12 +450,15 @@ def _dkdv_block(
     dk, dv, k, v, start_n, key_position, Q, DOut, Lse, Delta, start_m, stride_qt, stride_dot,
     sep, key_limit, query_length, offset, qk_scale, seed, bh, dropout_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    DTYPE: tl.constexpr,
 ):  # fmt: skip
     # Transposed tiles ([keys, queries]) so dK and dV accumulate without transposing the probabilities.
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load_rows(Q, offs_m, stride_qt, query_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
-    do = _load_rows(DOut, offs_m, stride_dot, query_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
+    q = _load_tile(Q, start_m, offs_m, stride_qt, query_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16, TMA)
+    do = _load_tile(
+        DOut, start_m, offs_m, stride_dot, query_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16, TMA
+    )
     row_mask = offs_m < query_length
     lse = tl.load(Lse + offs_m, mask=row_mask, other=float("inf"))
     delta = tl.load(Delta + offs_m, mask=row_mask, other=0.0)
@@ -393,18 +472,16 @@ def _dkdv_block(
         # Drawn as [queries, keys], as the other kernels draw it, then transposed to this tile's layout.
         keep = tl.trans(_dropout_keep(seed, offs_m, start_n, bh, dropout_threshold, BLOCK_N))
         dv = tl.dot(
-            dot_operand(tl.where(keep, p_t * dropout_scale, 0.0), DOut.dtype.element_ty, EMULATE_BF16),
+            dot_operand(tl.where(keep, p_t * dropout_scale, 0.0), DTYPE, EMULATE_BF16),
             do,
             dv,
             input_precision=DOT_PRECISION,
         )
         dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
     else:
-        dv = tl.dot(
-            dot_operand(p_t, DOut.dtype.element_ty, EMULATE_BF16), do, dv, input_precision=DOT_PRECISION
-        )
+        dv = tl.dot(dot_operand(p_t, DTYPE, EMULATE_BF16), do, dv, input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk = tl.dot(dot_operand(ds_t, Q.dtype.element_ty, EMULATE_BF16), q, dk, input_precision=DOT_PRECISION)
+    dk = tl.dot(dot_operand(ds_t, DTYPE, EMULATE_BF16), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -417,7 +494,8 @@ def attention_backward_dkdv_kernel(
     num_heads, query_length, key_length, softmax_scale, dropout_threshold, dropout_scale,
     query_length_bucket, key_length_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA_POSSIBLE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """dK and dV of one key block, visiting only the query blocks that can see it."""
     start_n = tl.program_id(0) * BLOCK_N
@@ -435,6 +513,10 @@ def attention_backward_dkdv_kernel(
     v = _load_rows(V, offs_n, stride_vt, key_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     DOut += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    DTYPE: tl.constexpr = Q.dtype.element_ty  # q's, k's, v's and dO's
+    TMA: tl.constexpr = USE_TMA and TMA_POSSIBLE
+    Q = _tile_source(Q, query_length, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
+    DOut = _tile_source(DOut, query_length, stride_dot, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
     Lse += bh.to(tl.int64) * query_length
     Delta += bh.to(tl.int64) * query_length
     qk_scale = softmax_scale * LOG2_E
@@ -459,14 +541,14 @@ def attention_backward_dkdv_kernel(
         dk, dv = _dkdv_block(
             dk, dv, k, v, start_n, offs_n, Q, DOut, Lse, Delta, start_m, stride_qt, stride_dot,
             sep, key_limit, query_length, offset, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE,
         )  # fmt: skip
     for start_m in range(masked_end, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         dk, dv = _dkdv_block(
             dk, dv, k, v, start_n, offs_n, Q, DOut, Lse, Delta, start_m, stride_qt, stride_dot,
             sep, key_limit, query_length, offset, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
+            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE,
         )  # fmt: skip
     mask = (offs_n < key_length)[:, None] & (offs_d < HEAD_DIM)[None, :]
     DK += b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh

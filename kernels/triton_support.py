@@ -127,6 +127,26 @@ def philox_uniforms16(seed, c0, c1, c2):
     return tl.join(pairs01, pairs23).to(tl.int32, bitcast=True)
 
 
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch memory for a kernel launch (TMA descriptors made on the device), from torch's allocator."""
+    device = "cpu" if INTERPRET else "cuda"
+    return torch.empty(size, dtype=torch.int8, device=device)
+
+
+def ensure_scratch_allocator() -> None:
+    """Give Triton an allocator for kernels that need scratch memory, unless one is set. Triton keeps it per
+    thread (a ContextVar), and autograd runs the backward on threads of its own: call this where the launch
+    happens."""
+    from triton.runtime import _allocation
+
+    try:
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except AttributeError:  # a Triton that keeps it otherwise: set ours
+        unset = True
+    if unset:
+        triton.set_allocator(_scratch)
+
+
 def dropout_arguments(dropout_p: float) -> tuple[int, float]:
     """``(threshold, scale)`` of the kernels' dropout: keep where the 16-bit uniform is ``>= round(p * 65536)``;
     scale what is kept by ``1 / (1 - p)``."""
@@ -146,6 +166,38 @@ DIRECT_LAUNCH: bool = _switched_on("GLM_KERNELS_DIRECT_LAUNCH")
 
 
 _MAX_VARIANTS = 256
+
+# Autotuning candidates that may fail on a GPU or Triton that lacks what they use (Hopper's TMA descriptors:
+# ``USE_TMA``): such a candidate that fails to compile or launch while the autotuner times it counts as
+# infinitely slow, as Triton counts one that runs out of shared memory, instead of ending the run.
+OPTIONAL_FEATURES = ("USE_TMA",)
+_optional_failures: set[str] = set()
+
+
+def tolerate_optional_candidates(tuner) -> bool:
+    """Wrap ``tuner``'s (a ``triton.autotune`` object's) timing of one candidate so that a candidate with an
+    ``OPTIONAL_FEATURES`` switch on that raises is timed as infinitely slow (one warning per kernel and
+    error). Returns whether it was wrapped (not for a Triton without ``_bench``)."""
+    if not hasattr(tuner, "_bench"):
+        return False
+    original = tuner._bench
+    name = getattr(getattr(tuner, "base_fn", tuner), "__name__", "a Triton kernel")
+
+    def bench(*args, config, **meta):
+        try:
+            return original(*args, config=config, **meta)
+        except Exception as error:  # noqa: BLE001 - only for the optional candidates, re-raised otherwise
+            if not any(config.kwargs.get(feature) for feature in OPTIONAL_FEATURES):
+                raise
+            message = f"{name}: autotuning candidate {config} failed ({type(error).__name__}: {error})"
+            if message not in _optional_failures:
+                _optional_failures.add(message)
+                warnings.warn(message[:1000] + "; timing it as infinitely slow", RuntimeWarning, stacklevel=2)
+            return [float("inf")] * 3
+
+    tuner._bench = bench
+    return True
+
 
 # The autotuned kernels by name (each kernel module adds its own): their tile choices go into checkpoints
 # (``kernels.tile_choices``), so that a job resumed on another node, whose Triton cache does not have them, runs
@@ -187,6 +239,7 @@ class Launcher:
         if AUTOTUNE and not INTERPRET:
             from kernels.precompile import install
 
+            tolerate_optional_candidates(kernel)
             install(kernel)  # compile the autotuner's candidates in parallel (kernels/precompile.py)
 
     def __call__(self, grid, *args, **constexprs) -> dict:

@@ -18,8 +18,11 @@ from kernels import KernelError, glm_attention, glm_attention_torch, resolve_bac
 from kernels.reference import glm_attention_mask
 from kernels.triton_attention_kernels import (
     DKDV_SHAPES,
+    DKDV_TMA_SHAPES,
     DQ_SHAPES,
+    DQ_TMA_SHAPES,
     FORWARD_SHAPES,
+    FORWARD_TMA_SHAPES,
     FP32_TILE_ELEMENTS_PER_WARP,
     _fitting_configs,
     attention_backward_dkdv_kernel,
@@ -127,7 +130,9 @@ def test_gpu_tilings_match_torch(shape, monkeypatch):
 
     def use(kernel, owned, inner, shapes):
         first, second, _, _ = shapes[shape % len(shapes)]
-        monkeypatch.setattr(kernel, "configs", [triton.Config({owned: first, inner: second})])
+        monkeypatch.setattr(
+            kernel, "configs", [triton.Config({owned: first, inner: second, "USE_TMA": False})]
+        )
 
     use(attention_forward_kernel, "BLOCK_M", "BLOCK_N", FORWARD_SHAPES)
     use(attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", DQ_SHAPES)
@@ -331,3 +336,97 @@ def test_packed_qkv_must_be_packed():
         kernels.glm_attention_qkv(torch.zeros(1, 4, 2, 1, 8, device=DEVICE), _ints([1]), backend="triton")
     with pytest.raises(KernelError, match=r"\[B, T, 3, H, D\]"):
         kernels.glm_attention_qkv(torch.zeros(1, 4, 2, 1, 8, device=DEVICE), _ints([1]), backend="torch")
+
+
+def _use_tiles(monkeypatch, index: int, tma: bool) -> None:
+    """Run each attention kernel on one GPU tile shape (the interpreter's own one otherwise), through TMA
+    descriptors or pointer loads. The direct launcher's cached variants are dropped: USE_TMA is no key of
+    theirs, as the autotuner picks it."""
+    from kernels import triton_attention
+
+    kernels_and_shapes = (
+        (attention_forward_kernel, "BLOCK_M", "BLOCK_N", FORWARD_TMA_SHAPES),
+        (attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", DQ_TMA_SHAPES),
+        (attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", DKDV_TMA_SHAPES),
+    )
+    for kernel, owned, inner, shapes in kernels_and_shapes:
+        first, second, warps, stages = shapes[index % len(shapes)]
+        config = triton.Config(
+            {owned: first, inner: second, "USE_TMA": tma}, num_warps=warps, num_stages=stages
+        )
+        monkeypatch.setattr(kernel, "configs", [config])
+        monkeypatch.setattr(kernel, "cache", {})
+    for launcher in (
+        triton_attention._forward,
+        triton_attention._backward_dq,
+        triton_attention._backward_dkdv,
+    ):
+        monkeypatch.setattr(launcher, "_variants", {})
+
+
+HOPPER_OR_INTERPRETER = not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.skipif(not HOPPER_OR_INTERPRETER, reason="TMA descriptors need a GPU of compute capability 9+")
+@pytest.mark.parametrize("index", range(3))
+def test_tma_descriptors_load_what_the_pointer_loads_load(monkeypatch, index):
+    """Hopper's TMA candidates (K and V by descriptors in the forward and dQ, q and dO in dK/dV): bitwise the
+    results of the same tiles loaded by pointers, for packed 16-bit inputs with dropout, padding rows, a ragged
+    length and a head dim short of its power of two (the descriptors' zero fill stands in for the masks)."""
+    from kernels import triton_attention
+
+    batch, length, heads, head_dim = 3, 150, 2, 80
+    qkv = (0.5 * _randn(batch, length, 3, heads, head_dim, seed=index)).to(torch.bfloat16)
+    sep, lengths = _ints([0, 70, 129]), _ints([150, 131, 140])
+    grad_out = _randn(batch, heads, length, head_dim, seed=7)
+    assert triton_attention._tma_possible(*triton_attention._heads_of(qkv))
+
+    def run(tma: bool):
+        _use_tiles(monkeypatch, index, tma)
+        torch.manual_seed(5)
+        return _forward_backward(
+            lambda qkv: kernels.glm_attention_qkv(qkv, sep, dropout_p=0.2, lengths=lengths, backend="triton"),
+            [qkv],
+            grad_out,
+        )
+
+    pointers, descriptors = run(False), run(True)
+    for name, a, b in zip(["out", "dqkv"], descriptors, pointers):
+        assert torch.equal(a, b), name
+    assert descriptors[1].abs().max() > 0
+
+
+def test_tma_needs_16_bit_values_in_16_byte_aligned_rows():
+    from kernels import triton_attention
+
+    def heads(head_dim, dtype):
+        return triton_attention._heads_of(torch.zeros(1, 8, 3, 2, head_dim, device=DEVICE, dtype=dtype))
+
+    assert triton_attention._tma_possible(*heads(64, torch.bfloat16)) == HOPPER_OR_INTERPRETER
+    assert not triton_attention._tma_possible(*heads(64, torch.float32))  # fp32: pointer loads only
+    assert not triton_attention._tma_possible(*heads(4, torch.float16))  # rows 8 bytes apart within a head
+    # The pruning keeps the TMA candidates only where the launch says they can run.
+    q = torch.zeros(1, 1, 8, 64, device=DEVICE, dtype=torch.bfloat16)
+    configs = [
+        triton.Config({"USE_TMA": False, "BLOCK_M": 64, "BLOCK_N": 32}),
+        triton.Config({"USE_TMA": True, "BLOCK_M": 64, "BLOCK_N": 32}),
+    ]
+    assert _fitting_configs(configs, {"Q": q}, TMA_POSSIBLE=False) == configs[:1]
+    assert _fitting_configs(configs, {"Q": q}, TMA_POSSIBLE=True) == configs
+
+
+def test_a_tma_candidate_that_fails_is_timed_as_infinitely_slow():
+    """On a Triton or GPU without TMA descriptors the TMA candidates must not end a training run: the autotuner
+    times a failing one as infinitely slow (and warns); a failing ordinary candidate still raises."""
+    from kernels.triton_support import tolerate_optional_candidates
+
+    class Tuner:
+        def _bench(self, *args, config, **meta):
+            raise RuntimeError("no TMA here")
+
+    tuner = Tuner()
+    assert tolerate_optional_candidates(tuner)
+    with pytest.warns(RuntimeWarning, match="no TMA here"):
+        assert tuner._bench(config=triton.Config({"USE_TMA": True})) == [float("inf")] * 3
+    with pytest.raises(RuntimeError, match="no TMA here"):
+        tuner._bench(config=triton.Config({"USE_TMA": False}))

@@ -35,7 +35,14 @@ def compile_kernels() -> None:
     from kernels import triton_layer_norm as layer_norm
     from kernels.aot import registers
 
-    features = {"HAS_LENGTHS": True, "HAS_DROPOUT": True, "EMULATE_BF16": False, "DOT_PRECISION": None}
+    features = {
+        "HAS_LENGTHS": True,
+        "HAS_DROPOUT": True,
+        "EMULATE_BF16": False,
+        "DOT_PRECISION": None,
+        "TMA_POSSIBLE": False,
+        "USE_TMA": False,
+    }
     head_64 = {"HEAD_DIM": 64, "BLOCK_D": 64, **features}
     forward = (attention.attention_forward_kernel, "BLOCK_M", "BLOCK_N", attention.FORWARD_SHAPES[0])
     dq = (attention.attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", attention.DQ_SHAPES[0])
@@ -52,6 +59,20 @@ def compile_kernels() -> None:
         assert spilled == 0, (
             f"{kernel.fn.__name__} {first}x{second}: {spilled} bytes of spill stores on sm_90"
         )
+    # Hopper's TMA candidates: the loop's tiles through tensor descriptors, at head dims 64 and 128 (the
+    # autotuner drops a candidate that fails to compile, but one that compiles to something ptxas rejects, or
+    # spills heavily, is better found here).
+    tma = {"TMA_POSSIBLE": True, "USE_TMA": True}
+    for kernel, owned, inner, shapes in (
+        (attention.attention_forward_kernel, "BLOCK_M", "BLOCK_N", attention.FORWARD_TMA_SHAPES),
+        (attention.attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", attention.DQ_TMA_SHAPES),
+        (attention.attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", attention.DKDV_TMA_SHAPES),
+    ):
+        first, second, warps, stages = shapes[0]
+        for head in (head_64, head_128):
+            constexprs = {**head, **tma, owned: first, inner: second}
+            compiled = _compile(kernel, "bf16", constexprs, warps, stages, 90)
+            assert "tensormap" in compiled.asm["ptx"], f"{kernel.fn.__name__}: no TMA descriptor in the PTX"
     # fp32 inputs without TF32, and a head dim padded to a power of two.
     fp32 = {**features, "HAS_DROPOUT": False, "HEAD_DIM": 80, "BLOCK_D": 128, "DOT_PRECISION": "ieee"}
     _compile(attention.attention_forward_kernel, "fp32", {**fp32, "BLOCK_M": 64, "BLOCK_N": 32}, 4, 3, 90)

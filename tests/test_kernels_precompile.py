@@ -67,6 +67,7 @@ def _forward_launch():
         "HAS_DROPOUT": True,
         "EMULATE_BF16": False,
         "DOT_PRECISION": None,
+        "TMA_POSSIBLE": True,  # the TMA candidates too
         "grid": (1,),
         "warmup": False,
     }
