@@ -192,3 +192,24 @@ def test_gathering_strided_outputs_is_refused():
 def test_uneven_split_is_refused():
     with pytest.raises(ValueError, match="equal chunks"):
         shard(torch.zeros(10, 2), 0, 0, 4)
+
+
+def test_skip_bias_add_leaves_the_bias_to_the_caller_except_under_zero3():
+    """Megatron's skip_bias_add: the sum and the bias, whose add the caller fuses into the next kernel; under
+    DeepSpeed's ZeRO-3 (parameters with a ds_id) the layer adds it itself and hands back None."""
+    parallel.initialize_parallel(1, 1)
+    try:
+        plain = RowParallelLinear(IN, OUT, init_method=normal_init(0.5))
+        skipping = RowParallelLinear(IN, OUT, skip_bias_add=True, init_method=normal_init(0.5))
+        for layer in (plain, skipping):
+            layer.reset_parameters(torch.Generator().manual_seed(2))
+            with torch.no_grad():
+                layer.bias.fill_(0.25)
+        x = _inputs()["x"]
+        y, bias = skipping(x)
+        assert bias is skipping.bias and torch.equal(y + bias, plain(x))
+        skipping.bias.ds_id = 7  # as ZeRO-3 marks its partitioned parameters
+        y, bias = skipping(x)
+        assert bias is None and torch.equal(y, plain(x))
+    finally:
+        parallel.destroy_parallel()

@@ -132,7 +132,8 @@ class RowParallelLinear(nn.Module):
     The input is expected split along its last dimension (``input_is_parallel``, the output of a
     column-parallel layer) or is split here. The bias is replicated and added once, after the sum; with
     ``skip_bias_add`` (Megatron-LM's flag) the forward returns ``(sum, bias)`` and leaves the add to the caller,
-    which fuses it into what follows (``kernels.layer_norm``'s and ``kernels.dropout_add``'s ``x_bias``).
+    which fuses it into what follows (``kernels.layer_norm``'s and ``kernels.dropout_add``'s ``x_bias``); under
+    ZeRO-3 it returns ``(sum + bias, None)``.
     """
 
     def __init__(
@@ -171,10 +172,13 @@ class RowParallelLinear(nn.Module):
         if not self.input_is_parallel:
             x = scatter_to_tensor_parallel(x)
         y = reduce_from_tensor_parallel(F.linear(x, self.weight))
-        if self.skip_bias_add:
-            # Returned, not only read by the caller: DeepSpeed's ZeRO-3 then keeps it gathered for the caller.
-            return y, self.bias
-        return y if self.bias is None else y + self.bias
+        if not self.skip_bias_add:
+            return y if self.bias is None else y + self.bias
+        if self.bias is None or hasattr(self.bias, "ds_id"):
+            # Under DeepSpeed's ZeRO-3 (partitioned parameters carry a ds_id) the bias is added here: handed to
+            # the caller, it would become an "external" parameter that ZeRO-3 gathers outside its own module.
+            return y if self.bias is None else y + self.bias, None
+        return y, self.bias
 
     def extra_repr(self) -> str:
         return f"in={self.in_features} (local {self.weight.shape[1]}), out={self.out_features}"
