@@ -40,6 +40,12 @@ KERNELS = [
     ("dQ", "attention_backward_dq_kernel", "BLOCK_M", "BLOCK_N", "DQ_SHAPES"),
     ("dK/dV", "attention_backward_dkdv_kernel", "BLOCK_N", "BLOCK_M", "DKDV_SHAPES"),
 ]
+# Hopper's TMA candidates of the same kernels (shape list attributes), for 16-bit inputs on sm_90.
+TMA_SHAPES = {
+    "FORWARD_SHAPES": "FORWARD_TMA_SHAPES",
+    "DQ_SHAPES": "DQ_TMA_SHAPES",
+    "DKDV_SHAPES": "DKDV_TMA_SHAPES",
+}
 
 
 def _module(path: Path | None):
@@ -53,8 +59,8 @@ def _module(path: Path | None):
     return module
 
 
-def _flags(dtype: str, head_dim: int, lengths: bool, dropout: bool) -> dict:
-    return {
+def _flags(dtype: str, head_dim: int, lengths: bool, dropout: bool, module=None, tma: bool = False) -> dict:
+    flags = {
         "HEAD_DIM": head_dim,
         "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()),
         "HAS_LENGTHS": lengths,
@@ -62,6 +68,11 @@ def _flags(dtype: str, head_dim: int, lengths: bool, dropout: bool) -> dict:
         "EMULATE_BF16": False,
         "DOT_PRECISION": "ieee" if dtype == "fp32" else None,
     }
+    if module is None or hasattr(
+        module, "FORWARD_TMA_SHAPES"
+    ):  # kernels from before the TMA candidates lack them
+        flags.update({"TMA_POSSIBLE": tma, "USE_TMA": tma})
+    return flags
 
 
 def _compile(module, kernel: str, owned: str, inner: str, shape, dtype, flags, arch):
@@ -86,10 +97,16 @@ def tile_table(args) -> None:
         for head_dim in args.head_dims:
             for dropout in (False, True):
                 for name, kernel, owned, inner, shapes in KERNELS:
-                    for index, shape in enumerate(getattr(module, shapes)):
-                        flags = _flags(dtype, head_dim, False, dropout)
+                    tma_shapes = getattr(module, TMA_SHAPES[shapes], [])
+                    if dtype == "fp32" or args.arch < 90:
+                        tma_shapes = []
+                    candidates = [(shape, False) for shape in getattr(module, shapes)]
+                    for index, (shape, tma) in enumerate(
+                        candidates + [(shape, True) for shape in tma_shapes]
+                    ):
+                        flags = _flags(dtype, head_dim, False, dropout, module, tma)
                         tile = f"{shape[0]} x {shape[1]}, {shape[2]}, {shape[3]}" + (
-                            " (default)" if index == 0 else ""
+                            " (default)" if index == 0 else " TMA" if tma else ""
                         )
                         try:
                             report, seconds = _compile(
@@ -128,7 +145,7 @@ def test_selection(args) -> None:
                 inner,
                 shape,
                 dtype,
-                _flags(dtype, head_dim, lengths, dropout),
+                _flags(dtype, head_dim, lengths, dropout, module),
                 args.arch,
             )
             total += seconds
