@@ -22,7 +22,7 @@ within about 8 minutes:
    CUDA graphs and with torch's kernels, side by side), ``graphs``
    (the model step also captured in one CUDA graph: its speed without the host's launch overhead), ``kbench``
    (``benchmarks/bench_kernels_gpu.py``: attention against SDPA and FlexAttention, LayerNorm against torch),
-   ``glm2b`` (glm-2b on one GPU with ZeRO-2 at T 1024: tokens/s, MFU and peak memory) and ``compile``
+   ``glm2b`` (glm-2b on one GPU with ZeRO-1 at T 1024: tokens/s, MFU and peak memory) and ``compile``
    (``benchmarks/bench_compile.py``: the attention kernels' autotuning candidates compiled one by one, as
    Triton's autotuner does, against ``kernels/precompile.py``'s worker processes).
 
@@ -90,7 +90,7 @@ def parse_args() -> argparse.Namespace:
         "kernel call, direct launches vs Triton's dispatch vs torch), pretrain (100 steps, evaluation, checkpoint, kill -9, "
         "exact resume), throughput (glm-pretrain ZeRO-1 vs ZeRO-2 vs CUDA graphs vs torch kernels, profiled), graphs (bench_model.py with each "
         "step also captured in a CUDA graph), kbench (bench_kernels_gpu.py), "
-        "glm2b (glm-2b on one GPU, ZeRO-2, T 1024, 12 steps: tokens/s, MFU, peak "
+        "glm2b (glm-2b on one GPU, ZeRO-1, T 1024, 12 steps: tokens/s, MFU, peak "
         "memory), compile (bench_compile.py: the autotuning candidates compiled one by one vs in worker "
         "processes); the default set stays under 8 minutes",
     )
