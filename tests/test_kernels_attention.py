@@ -338,19 +338,19 @@ def test_packed_qkv_must_be_packed():
         kernels.glm_attention_qkv(torch.zeros(1, 4, 2, 1, 8, device=DEVICE), _ints([1]), backend="torch")
 
 
-def _use_tiles(monkeypatch, index: int, tma: bool) -> None:
-    """Run each attention kernel on one GPU tile shape (the interpreter's own one otherwise), through TMA
-    descriptors or pointer loads. The direct launcher's cached variants are dropped: USE_TMA is no key of
-    theirs, as the autotuner picks it."""
+def _use_tiles(monkeypatch, index: int | None, tma: bool) -> None:
+    """Run each attention kernel on one tile shape, through TMA descriptors or pointer loads: TMA candidate
+    ``index``'s, or (None) the untuned default's. The direct launcher's cached variants are dropped: USE_TMA is
+    no key of theirs, as the autotuner picks it."""
     from kernels import triton_attention
 
     kernels_and_shapes = (
-        (attention_forward_kernel, "BLOCK_M", "BLOCK_N", FORWARD_TMA_SHAPES),
-        (attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", DQ_TMA_SHAPES),
-        (attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", DKDV_TMA_SHAPES),
+        (attention_forward_kernel, "BLOCK_M", "BLOCK_N", FORWARD_TMA_SHAPES, FORWARD_SHAPES),
+        (attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", DQ_TMA_SHAPES, DQ_SHAPES),
+        (attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", DKDV_TMA_SHAPES, DKDV_SHAPES),
     )
-    for kernel, owned, inner, shapes in kernels_and_shapes:
-        first, second, warps, stages = shapes[index % len(shapes)]
+    for kernel, owned, inner, shapes, defaults in kernels_and_shapes:
+        first, second, warps, stages = defaults[0] if index is None else shapes[index % len(shapes)]
         config = triton.Config(
             {owned: first, inner: second, "USE_TMA": tma}, num_warps=warps, num_stages=stages
         )
@@ -367,8 +367,14 @@ def _use_tiles(monkeypatch, index: int, tma: bool) -> None:
 HOPPER_OR_INTERPRETER = not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] >= 9
 
 
+# Each TMA candidate's tiles in the interpreter, where compiling costs nothing; on a GPU, where one 128-row tile
+# with dropout compiles for up to 20 s, the default tiles through descriptors (the GPU test selection stays under
+# its 2 minutes; tests/test_kernels_compile.py compiles the candidates' own tiles for sm_90).
+TMA_TILES = [None] if torch.cuda.is_available() else list(range(3))
+
+
 @pytest.mark.skipif(not HOPPER_OR_INTERPRETER, reason="TMA descriptors need a GPU of compute capability 9+")
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", TMA_TILES)
 def test_tma_descriptors_load_what_the_pointer_loads_load(monkeypatch, index):
     """Hopper's TMA candidates (K and V by descriptors in the forward and dQ, q and dO in dK/dV): bitwise the
     results of the same tiles loaded by pointers, for packed 16-bit inputs with dropout, padding rows, a ragged
@@ -376,7 +382,7 @@ def test_tma_descriptors_load_what_the_pointer_loads_load(monkeypatch, index):
     from kernels import triton_attention
 
     batch, length, heads, head_dim = 3, 150, 2, 80
-    qkv = (0.5 * _randn(batch, length, 3, heads, head_dim, seed=index)).to(torch.bfloat16)
+    qkv = (0.5 * _randn(batch, length, 3, heads, head_dim, seed=index or 0)).to(torch.bfloat16)
     sep, lengths = _ints([0, 70, 129]), _ints([150, 131, 140])
     grad_out = _randn(batch, heads, length, head_dim, seed=7)
     assert triton_attention._tma_possible(*triton_attention._heads_of(qkv))
