@@ -8,6 +8,7 @@ gradients are deterministic (bit-identical reruns) and no fp32 dQ buffer is need
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -83,7 +84,10 @@ def _kernel_flags(q: torch.Tensor, lengths: torch.Tensor | None, dropout_p: floa
     }
 
 
-_TMA_CAPABLE: dict[int, bool] = {}
+@functools.cache
+def _tma_capable(device_index: int) -> bool:
+    """Whether CUDA device ``device_index`` has the tensor memory accelerator (compute capability 9+)."""
+    return device_index >= 0 and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def _tma_possible(*tiled: torch.Tensor) -> bool:
@@ -93,13 +97,8 @@ def _tma_possible(*tiled: torch.Tensor) -> bool:
     first = tiled[0]
     if first.element_size() != 2:
         return False
-    if not INTERPRET:
-        index = first.get_device()
-        capable = _TMA_CAPABLE.get(index)
-        if capable is None:
-            capable = _TMA_CAPABLE[index] = index >= 0 and torch.cuda.get_device_capability(index)[0] >= 9
-        if not capable:
-            return False
+    if not INTERPRET and not _tma_capable(first.get_device()):
+        return False
     for t in tiled:
         size = t.element_size()
         b, h, s, _ = t.stride()
