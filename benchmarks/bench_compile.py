@@ -28,7 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ["attention_forward_kernel", "attention_backward_dq_kernel", "attention_backward_dkdv_kernel"]
-POINTER_DTYPES = {"Lse": "float32", "Delta": "float32", "Sep": "int32", "Lengths": "int32", "Seed": "int64"}
+POINTER_DTYPES = {"Lse": "float32", "Delta": "float32", "Sep": "int32", "Lengths": "int32", "Seed": "int64",
+                  "KeepBits": "uint8"}  # fmt: skip
 
 
 def _arguments(fn, dtype, head_dim: int, dropout: bool):
@@ -61,6 +62,8 @@ def _arguments(fn, dtype, head_dim: int, dropout: bool):
         "HAS_DROPOUT": dropout,
         "EMULATE_BF16": False,
         "DOT_PRECISION": None if dtype != torch.float32 else "tf32",
+        "TMA_POSSIBLE": dtype != torch.float32,  # the TMA candidates too (pruned for fp32)
+        "KEEP_BITS": dropout,
         "grid": (1,),
         "warmup": False,
     }

@@ -5,14 +5,17 @@
 
 Attention: 16 heads (8 at head dim 128), bf16, about 16K tokens per step (batch = 16384 / T), forward and
 forward+backward, at T 512-8192 and head dims 64 and 128 (``--lengths``, ``--head-dims``):
-  ours        kernels.glm_attention (Triton) with sep = 0 (causal) and sep = T/2 (GLM), and with dropout 0.1
+  ours        kernels.glm_attention (Triton) with sep = 0 (causal) and sep = T/2 (GLM), and with dropout 0.1:
+              the backward reading the keep bits the forward stored (the default), and ("replayed") drawing
+              the mask again from Philox in both backward kernels (GLM_KERNELS_STORE_DROPOUT_MASK=0)
   sdpa-mask   torch scaled_dot_product_attention with the equivalent dense boolean mask (our torch path),
               without and with dropout 0.1 (up to T 4096: the mask is B x T x T)
   sdpa-causal torch scaled_dot_product_attention(is_causal=True): the flash path, the speed to match; also
               with dropout 0.1 (torch's flash kernel has dropout)
   flex        torch FlexAttention with the prefix-LM BlockMask ``(kv <= q) | (kv < sep[b])``, torch.compile'd,
               the block mask built once per batch shape (FlexAttention has no dropout)
-The summary table gives ours (sep = T/2) over sdpa-causal and over flex, and ours with dropout over ours without.
+The summary table gives ours (sep = T/2) over sdpa-causal and over flex, and ours with dropout (both ways) over
+ours without.
 FLOPs count only the visible (query, key) pairs, for every row: 4*D per pair forward (QK^T and PV), 10*D per
 pair backward (five matmuls), so forward+backward = 14*D*pairs*B*H. Pairs for sep s: s^2 + (T(T+1) - s(s+1))/2
 (T(T+1)/2 when causal). The masked SDPA computes all T^2 pairs; it is credited with the visible ones only.
@@ -50,7 +53,7 @@ import triton
 
 import kernels.triton_attention_kernels
 import kernels.triton_layer_norm  # noqa: F401 - both register their autotuned kernels in AUTOTUNED
-from kernels import glm_attention, glm_attention_torch, layer_norm, layer_norm_torch
+from kernels import glm_attention, glm_attention_torch, layer_norm, layer_norm_torch, triton_support
 from kernels.triton_support import AUTOTUNED
 
 
@@ -157,6 +160,17 @@ def _attention_variants(
     def ours(sep: torch.Tensor, dropout_p: float = 0.0) -> Callable:
         return lambda q, k, v: glm_attention(q, k, v, sep, dropout_p=dropout_p, backend="triton")
 
+    def replayed(sep: torch.Tensor) -> Callable:
+        def attention(q, k, v):
+            stored = triton_support.STORE_DROPOUT_MASK
+            triton_support.STORE_DROPOUT_MASK = False  # read by the forward; the backward does what it did
+            try:
+                return glm_attention(q, k, v, sep, dropout_p=0.1, backend="triton")
+            finally:
+                triton_support.STORE_DROPOUT_MASK = stored
+
+        return attention
+
     def masked(dropout_p: float) -> Callable | None:
         if length > 4096:
             return None
@@ -174,6 +188,7 @@ def _attention_variants(
         ("sdpa-causal", causal(0.0), 0),
         ("sdpa-causal dropout 0.1", causal(0.1), 0),
         ("flex prefix-LM sep=T/2", _flex_prefix_lm(length, batch, heads, device), length // 2),
+        ("ours sep=T/2 dropout 0.1 replayed", replayed(half), length // 2),
     ]
 
 
@@ -246,6 +261,7 @@ def summary_rows(speeds: dict) -> list[str]:
             f"| {length} | {head_dim} | {ratio(cell, 'ours sep=T/2', 'sdpa-causal')} | "
             f"{ratio(cell, 'ours sep=T/2', 'flex prefix-LM sep=T/2')} | "
             f"{ratio(cell, 'ours sep=T/2 dropout 0.1', 'ours sep=T/2')} | "
+            f"{ratio(cell, 'ours sep=T/2 dropout 0.1 replayed', 'ours sep=T/2')} | "
             f"{ratio(cell, 'sdpa-causal dropout 0.1', 'sdpa-causal')} | "
             f"{ratio(cell, 'ours sep=T/2 dropout 0.1', 'sdpa-mask sep=T/2 dropout 0.1')} |"
         )
@@ -441,10 +457,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(attention))
     print("\n### Ratios of fwd+bwd TFLOP/s\n")
     print(
-        "| T | D | ours / sdpa-causal | ours / flex | ours dropout / ours | sdpa-causal dropout / sdpa-causal "
-        "| ours dropout / sdpa-mask dropout |"
+        "| T | D | ours / sdpa-causal | ours / flex | ours dropout / ours | ours dropout replayed / ours "
+        "| sdpa-causal dropout / sdpa-causal | ours dropout / sdpa-mask dropout |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     print("\n".join(summary_rows(speeds)))
     print(f"\n## LayerNorm: {args.elements} elements per tensor\n")
     print(

@@ -59,7 +59,15 @@ def _module(path: Path | None):
     return module
 
 
-def _flags(dtype: str, head_dim: int, lengths: bool, dropout: bool, module=None, tma: bool = False) -> dict:
+def _flags(
+    dtype: str,
+    head_dim: int,
+    lengths: bool,
+    dropout: bool,
+    module=None,
+    tma: bool = False,
+    keep_bits: bool = True,
+) -> dict:
     flags = {
         "HEAD_DIM": head_dim,
         "BLOCK_D": max(16, 1 << (head_dim - 1).bit_length()),
@@ -72,6 +80,10 @@ def _flags(dtype: str, head_dim: int, lengths: bool, dropout: bool, module=None,
         module, "FORWARD_TMA_SHAPES"
     ):  # kernels from before the TMA candidates lack them
         flags.update({"TMA_POSSIBLE": tma, "USE_TMA": tma})
+    if module is None or hasattr(
+        module, "_stored_keep"
+    ):  # kernels from before the stored dropout mask lack it
+        flags["KEEP_BITS"] = dropout and keep_bits
     return flags
 
 
@@ -95,7 +107,10 @@ def tile_table(args) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for dtype in args.dtypes:
         for head_dim in args.head_dims:
-            for dropout in (False, True):
+            # Without dropout; with it, the backward reading the forward's keep bits or drawing them again.
+            for dropout, keep_bits in ((False, False), (True, True), (True, False)):
+                if keep_bits and not hasattr(module, "_stored_keep"):
+                    continue
                 for name, kernel, owned, inner, shapes in KERNELS:
                     tma_shapes = getattr(module, TMA_SHAPES[shapes], [])
                     if dtype == "fp32" or args.arch < 90:
@@ -104,7 +119,8 @@ def tile_table(args) -> None:
                     for index, (shape, tma) in enumerate(
                         candidates + [(shape, True) for shape in tma_shapes]
                     ):
-                        flags = _flags(dtype, head_dim, False, dropout, module, tma)
+                        flags = _flags(dtype, head_dim, False, dropout, module, tma, keep_bits)
+                        mode = "0.1, stored bits" if keep_bits else "0.1, replayed" if dropout else "-"
                         tile = f"{shape[0]} x {shape[1]}, {shape[2]}, {shape[3]}" + (
                             " (default)" if index == 0 else " TMA" if tma else ""
                         )
@@ -113,11 +129,11 @@ def tile_table(args) -> None:
                                 module, kernel, owned, inner, shape, dtype, flags, args.arch
                             )
                         except Exception as error:  # noqa: BLE001 (a tile that does not compile is a row)
-                            print(f"| {name} | {tile} | {dtype} | {head_dim} | {dropout} | failed: "
+                            print(f"| {name} | {tile} | {dtype} | {head_dim} | {mode} | failed: "
                                   f"{type(error).__name__} | | | |")  # fmt: skip
                             continue
                         print(
-                            f"| {name} | {tile} | {dtype} | {head_dim} | {'0.1' if dropout else '-'} | "
+                            f"| {name} | {tile} | {dtype} | {head_dim} | {mode} | "
                             f"{report.per_thread} | {report.spilled_bytes} | {report.shared_bytes / 1024:.0f} | "
                             f"{seconds:.1f} |",
                             flush=True,
@@ -131,11 +147,16 @@ def test_selection(args) -> None:
     variants = set()
     for name, (_, _, _, _, head_dim, _, lengths) in CASES.items():
         for dtype in ("fp32", "bf16") + (("fp16",) if name in FP16_CASES else ()):
-            variants.add((dtype, head_dim, lengths is not None, False))
-    # The dropout tests: fp32 at head dim 16, and the bf16 statistics test.
-    variants |= {("fp32", 16, False, True), ("bf16", 64, False, True)}
+            variants.add((dtype, head_dim, lengths is not None, False, False))
+    # The dropout tests (the forward's keep bits read back): fp32 at head dim 16, the bf16 statistics test; the
+    # mask drawn again in the backward, with lengths (the stored-against-replayed test).
+    variants |= {
+        ("fp32", 16, False, True, True),
+        ("bf16", 64, False, True, True),
+        ("fp32", 16, True, True, False),
+    }
     total, slowest = 0.0, []
-    for dtype, head_dim, lengths, dropout in sorted(variants):
+    for dtype, head_dim, lengths, dropout, keep_bits in sorted(variants):
         for name, kernel, owned, inner, shapes in KERNELS:
             shape = getattr(module, shapes)[0]
             report, seconds = _compile(
@@ -145,7 +166,7 @@ def test_selection(args) -> None:
                 inner,
                 shape,
                 dtype,
-                _flags(dtype, head_dim, lengths, dropout, module),
+                _flags(dtype, head_dim, lengths, dropout, module, keep_bits=keep_bits),
                 args.arch,
             )
             total += seconds

@@ -29,6 +29,7 @@ POINTER_TYPES = {
     "Sep": "*i32",
     "Lengths": "*i32",
     "Seed": "*i64",
+    "KeepBits": "*u8",
     "Mean": "*fp32",
     "Rstd": "*fp32",
     "PartialDW": "*fp32",

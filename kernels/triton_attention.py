@@ -3,7 +3,8 @@
 Backward, in three launches: ``delta = rowsum(dO * O)`` once per query row; dK and dV per key block, looping over
 the query blocks that can see it; dQ per query block, looping over the key blocks it sees. Splitting dQ from
 dK/dV recomputes the scores once more than an atomic-add dQ would, but writes every gradient exactly once, so
-gradients are deterministic (bit-identical reruns) and no fp32 dQ buffer is needed.
+gradients are deterministic (bit-identical reruns) and no fp32 dQ buffer is needed. With dropout the forward
+stores its keep decisions as bits and both backward kernels read them (``triton_support.STORE_DROPOUT_MASK``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 
 import torch
 
+from kernels import triton_support
 from kernels.errors import KernelError
 from kernels.triton_attention_kernels import (
     attention_backward_dkdv_kernel,
@@ -21,6 +23,7 @@ from kernels.triton_attention_kernels import (
     attention_forward_kernel,
 )
 from kernels.triton_support import (
+    DROPOUT_GROUP,
     INTERPRET,
     Launcher,
     cdiv,
@@ -38,11 +41,11 @@ MAX_HEAD_DIM = 128
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PREPROCESS_BLOCK_M = 64
 
-# The kernels' tensor parameters come first: Q, K, V, Out, Lse, Sep, Lengths, Seed in the forward.
-_forward = Launcher(attention_forward_kernel, tensor_args=8)
+# The kernels' tensor parameters come first: Q, K, V, Out, Lse, Sep, Lengths, Seed, KeepBits in the forward.
+_forward = Launcher(attention_forward_kernel, tensor_args=9)
 _backward_preprocess = Launcher(attention_backward_preprocess_kernel, tensor_args=3)
-_backward_dkdv = Launcher(attention_backward_dkdv_kernel, tensor_args=11)
-_backward_dq = Launcher(attention_backward_dq_kernel, tensor_args=10)
+_backward_dkdv = Launcher(attention_backward_dkdv_kernel, tensor_args=12)
+_backward_dq = Launcher(attention_backward_dq_kernel, tensor_args=11)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
@@ -107,16 +110,25 @@ def _tma_possible(*tiled: torch.Tensor) -> bool:
     return True
 
 
-def _attention_forward(q, k, v, sep, lengths, softmax_scale: float, dropout_p: float):
-    """Launch the forward; returns ``(out, lse, seed, lengths_arg)``, what the backward needs besides q, k, v."""
+def _attention_forward(q, k, v, sep, lengths, softmax_scale: float, dropout_p: float, for_backward: bool):
+    """Launch the forward; returns ``(out, lse, seed, keep_bits, lengths_arg)``, what the backward needs besides
+    q, k, v. ``keep_bits`` holds the dropout's keep decisions where the forward stored them (with dropout, for a
+    backward, ``triton_support.STORE_DROPOUT_MASK``), else it is ``sep``."""
     batch, heads, query_length, _ = q.shape
     key_length = k.shape[2]
     out = _empty_in_layout_of(q)
     lse = torch.empty((batch, heads, query_length), device=q.device, dtype=torch.float32)
-    # (Without dropout the kernels never read the seed; sep stands in for the pointer.)
+    # (Without dropout the kernels never read the seed or the keep bits; sep stands in for the pointers.)
     seed = dropout_seed(q.device) if dropout_p > 0.0 else sep
+    store_mask = dropout_p > 0.0 and for_backward and triton_support.STORE_DROPOUT_MASK
+    keep_bits = sep
+    if store_mask:
+        keep_bits = torch.empty(
+            (batch * heads, query_length, cdiv(key_length, DROPOUT_GROUP)), device=q.device, dtype=torch.uint8
+        )
     lengths_arg = sep if lengths is None else lengths
     flags = _kernel_flags(q, lengths, dropout_p)
+    flags["KEEP_BITS"] = store_mask
     flags["TMA_POSSIBLE"] = tma = _tma_possible(k, v)
     if tma:
         ensure_scratch_allocator()  # the descriptors are made on the device, in scratch memory
@@ -128,24 +140,25 @@ def _attention_forward(q, k, v, sep, lengths, softmax_scale: float, dropout_p: f
 
     with device_guard(q.device):
         _forward(
-            grid, q, k, v, out, lse, sep, lengths_arg, seed,
+            grid, q, k, v, out, lse, sep, lengths_arg, seed, keep_bits,
             *_strides(q), *_strides(k), *_strides(v), *_strides(out),
             heads, query_length, key_length, softmax_scale, *dropout_arguments(dropout_p),
             length_bucket(query_length), length_bucket(key_length),
             **flags,
         )  # fmt: skip
-    return out, lse, seed, lengths_arg
+    return out, lse, seed, keep_bits, lengths_arg
 
 
 def _attention_backward(
-    q, k, v, out, lse, sep, lengths_arg, seed, has_lengths: bool, softmax_scale: float, dropout_p: float,
-    grad_out, dq, dk, dv,
+    q, k, v, out, lse, sep, lengths_arg, seed, keep_bits, has_lengths: bool, softmax_scale: float,
+    dropout_p: float, grad_out, dq, dk, dv,
 ) -> None:  # fmt: skip
     """Launch the backward, writing the gradients into ``dq``, ``dk``, ``dv`` (any strides, unit last stride)."""
     grad_out = _unit_last_stride(grad_out)
     batch, heads, query_length, head_dim = q.shape
     key_length = k.shape[2]
     flags = _kernel_flags(q, lengths_arg if has_lengths else None, dropout_p)
+    flags["KEEP_BITS"] = keep_bits.dtype == torch.uint8
     delta = torch.empty_like(lse)
     buckets = (length_bucket(query_length), length_bucket(key_length))
     scalars = (heads, query_length, key_length, softmax_scale, *dropout_arguments(dropout_p))
@@ -167,12 +180,12 @@ def _attention_backward(
             HEAD_DIM=head_dim, BLOCK_D=flags["BLOCK_D"], BLOCK_M=_PREPROCESS_BLOCK_M,
         )  # fmt: skip
         _backward_dkdv(
-            key_grid, q, k, v, grad_out, dk, dv, lse, delta, sep, lengths_arg, seed,
+            key_grid, q, k, v, grad_out, dk, dv, lse, delta, sep, lengths_arg, seed, keep_bits,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
             *scalars, *buckets, **key_flags,
         )  # fmt: skip
         _backward_dq(
-            query_grid, q, k, v, grad_out, dq, lse, delta, sep, lengths_arg, seed,
+            query_grid, q, k, v, grad_out, dq, lse, delta, sep, lengths_arg, seed, keep_bits,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
             *scalars, *buckets, **flags,
         )  # fmt: skip
@@ -181,19 +194,22 @@ def _attention_backward(
 class GLMAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sep, lengths, softmax_scale, dropout_p):
-        out, lse, seed, lengths_arg = _attention_forward(q, k, v, sep, lengths, softmax_scale, dropout_p)
-        ctx.save_for_backward(q, k, v, out, lse, sep, lengths_arg, seed)
+        # (needs_input_grad is all False under no_grad: a recomputation's first pass stores no dropout mask.)
+        out, lse, seed, keep_bits, lengths_arg = _attention_forward(
+            q, k, v, sep, lengths, softmax_scale, dropout_p, any(ctx.needs_input_grad[:3])
+        )
+        ctx.save_for_backward(q, k, v, out, lse, sep, lengths_arg, seed, keep_bits)
         ctx.softmax_scale, ctx.dropout_p, ctx.has_lengths = softmax_scale, dropout_p, lengths is not None
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, out, lse, sep, lengths_arg, seed = ctx.saved_tensors
+        q, k, v, out, lse, sep, lengths_arg, seed, keep_bits = ctx.saved_tensors
         dq, dk, dv = _empty_in_layout_of(q), _empty_in_layout_of(k), _empty_in_layout_of(v)
         _attention_backward(
-            q, k, v, out, lse, sep, lengths_arg, seed, ctx.has_lengths, ctx.softmax_scale, ctx.dropout_p,
-            grad_out, dq, dk, dv,
+            q, k, v, out, lse, sep, lengths_arg, seed, keep_bits, ctx.has_lengths, ctx.softmax_scale,
+            ctx.dropout_p, grad_out, dq, dk, dv,
         )  # fmt: skip
         return dq, dk, dv, None, None, None, None
 
@@ -216,18 +232,20 @@ class GLMPackedAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, sep, lengths, softmax_scale, dropout_p):
         q, k, v = _heads_of(qkv)
-        out, lse, seed, lengths_arg = _attention_forward(q, k, v, sep, lengths, softmax_scale, dropout_p)
-        ctx.save_for_backward(qkv, out, lse, sep, lengths_arg, seed)
+        out, lse, seed, keep_bits, lengths_arg = _attention_forward(
+            q, k, v, sep, lengths, softmax_scale, dropout_p, ctx.needs_input_grad[0]
+        )
+        ctx.save_for_backward(qkv, out, lse, sep, lengths_arg, seed, keep_bits)
         ctx.softmax_scale, ctx.dropout_p, ctx.has_lengths = softmax_scale, dropout_p, lengths is not None
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        qkv, out, lse, sep, lengths_arg, seed = ctx.saved_tensors
+        qkv, out, lse, sep, lengths_arg, seed, keep_bits = ctx.saved_tensors
         dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
         _attention_backward(
-            *_heads_of(qkv), out, lse, sep, lengths_arg, seed, ctx.has_lengths, ctx.softmax_scale,
+            *_heads_of(qkv), out, lse, sep, lengths_arg, seed, keep_bits, ctx.has_lengths, ctx.softmax_scale,
             ctx.dropout_p, grad_out, *_heads_of(dqkv),
         )  # fmt: skip
         return dqkv, None, None, None, None

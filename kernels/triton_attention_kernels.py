@@ -16,7 +16,14 @@ is quantized to 1/65536 as in ``kernels.dropout``). Philox is the costly part of
 call per element cost several times the tile's two matmuls); eight elements per call with 7 rounds (Philox4x32-7,
 the fewest rounds Salmon et al. 2011 found to pass BigCrush, as FlashAttention uses) cut it ~11x. The mask
 depends on nothing but the seed and the coordinates, and every tile starts at a multiple of 8 keys, so the
-backward kernels (other tilings, other loop orders) replay exactly the forward's mask.
+backward kernels (other tilings, other loop orders) can replay exactly the forward's mask.
+
+They do not by default (``KEEP_BITS``): the forward also stores each Philox call's eight keep decisions as one byte
+(bit ``j % 8`` for key j) in ``KeepBits`` (``[B * H, Tq, ceil(Tk / 8)]`` uint8, 1/16 of the bf16 score matrix),
+and dQ and dK/dV read them back instead of drawing them twice more. Philox on the CUDA cores is what in-kernel
+dropout costs, and the backward kernels would otherwise run it twice (dQ and dK/dV are separate kernels). The
+bits of a tile the forward never visits (invisible to all its rows) stay unwritten: the backward reads them
+only where the probabilities are exactly 0.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import triton.language as tl
 from kernels.triton_support import (
     AUTOTUNED,
     DROPOUT_GROUP,
+    PHILOX_ROUNDS,
     autotune_configs,
     dot_operand,
     philox_uniforms16,
@@ -136,6 +144,7 @@ _TUNING_KEY = [
     "HAS_DROPOUT",
     "HAS_LENGTHS",
     "TMA_POSSIBLE",
+    "KEEP_BITS",
 ]
 
 
@@ -216,6 +225,11 @@ def _load_tile(
 
 
 @triton.jit
+def _keep_bit(uniform, threshold, BIT: tl.constexpr):
+    return (uniform.to(tl.int32, bitcast=True) >= threshold).to(tl.int32) << BIT
+
+
+@triton.jit
 def _dropout_keep(seed, query_index, start_n, bh, threshold, BLOCK_N: tl.constexpr):
     """Keep decisions ``[len(query_index), BLOCK_N]`` of queries ``query_index`` against keys ``start_n ..
     start_n + BLOCK_N - 1`` (``start_n`` a multiple of 8): one Philox call per query and group of 8 keys,
@@ -227,12 +241,57 @@ def _dropout_keep(seed, query_index, start_n, bh, threshold, BLOCK_N: tl.constex
 
 
 @triton.jit
+def _keep_bit(uniform, threshold, BIT: tl.constexpr):
+    return (uniform.to(tl.int32, bitcast=True) >= threshold).to(tl.int32) << BIT
+
+
+@triton.jit
+def _dropout_bits(seed, query_index, start_n, bh, threshold, BLOCK_N: tl.constexpr):
+    """``_dropout_keep``'s decisions as bytes ``[len(query_index), BLOCK_N // 8]`` (int32): bit n of one is key
+    ``8 * group + n``, from uniform n of the group's Philox call."""
+    groups = start_n // DROPOUT_GROUP + tl.arange(0, BLOCK_N // DROPOUT_GROUP)
+    r0, r1, r2, r3 = tl.philox(seed, groups[None, :], query_index[:, None], bh, 0, PHILOX_ROUNDS)
+    low = 0xFFFF
+    bits = _keep_bit(r0 & low, threshold, 0) | _keep_bit(r0 >> 16, threshold, 1)
+    bits |= _keep_bit(r1 & low, threshold, 2) | _keep_bit(r1 >> 16, threshold, 3)
+    bits |= _keep_bit(r2 & low, threshold, 4) | _keep_bit(r2 >> 16, threshold, 5)
+    bits |= _keep_bit(r3 & low, threshold, 6) | _keep_bit(r3 >> 16, threshold, 7)
+    return bits
+
+
+@triton.jit
+def _keep_of_bits(b, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep decisions ``[ROWS, BLOCK_N]`` from their bytes ``[ROWS, BLOCK_N // 8]`` (int32): bit n of a byte is
+    key ``8 * group + n``, the join order of ``uniforms16``."""
+    low = tl.join(tl.join(b & 1, b & 2), tl.join(b & 4, b & 8))
+    high = tl.join(tl.join(b & 16, b & 32), tl.join(b & 64, b & 128))
+    return tl.reshape(tl.join(low, high), [ROWS, BLOCK_N]) != 0
+
+
+@triton.jit
+def _keep_bits_pointers(KeepBits, query_index, start_n, key_length, query_length, BLOCK_N: tl.constexpr):
+    """Addresses ``[len(query_index), BLOCK_N // 8]`` of the keep bytes of a tile in one head's ``[Tq, ceil(Tk / 8)]``
+    rows, and which of them exist."""
+    key_groups = (key_length + DROPOUT_GROUP - 1) // DROPOUT_GROUP
+    groups = start_n // DROPOUT_GROUP + tl.arange(0, BLOCK_N // DROPOUT_GROUP)
+    pointers = KeepBits + query_index[:, None] * key_groups + groups[None, :]
+    return pointers, (query_index < query_length)[:, None] & (groups < key_groups)[None, :]
+
+
+@triton.jit
+def _stored_keep(KeepBits, query_index, start_n, key_length, query_length, BLOCK_N: tl.constexpr):
+    """The forward's keep decisions ``[len(query_index), BLOCK_N]`` of a tile, read back from its bytes."""
+    pointers, exists = _keep_bits_pointers(KeepBits, query_index, start_n, key_length, query_length, BLOCK_N)
+    return _keep_of_bits(tl.load(pointers, mask=exists, other=0).to(tl.int32), query_index.shape[0], BLOCK_N)
+
+
+@triton.jit
 def _forward_block(
-    acc, l_i, m_i, q, query_index, query_position, K, V, start_n, stride_kt, stride_vt,
-    sep, key_limit, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+    acc, l_i, m_i, q, query_index, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
+    sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
-    DTYPE: tl.constexpr,
+    DTYPE: tl.constexpr, KEEP_BITS: tl.constexpr,
 ):  # fmt: skip
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_tile(K, start_n, offs_n, stride_kt, key_length, HEAD_DIM, BLOCK_D, MASKED, EMULATE_BF16, TMA)
@@ -249,22 +308,31 @@ def _forward_block(
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, query_index, start_n, bh, dropout_threshold, BLOCK_N)
+        if KEEP_BITS:
+            bits = _dropout_bits(seed, query_index, start_n, bh, dropout_threshold, BLOCK_N)
+            keep = _keep_of_bits(bits, query_index.shape[0], BLOCK_N)
+        else:
+            keep = _dropout_keep(seed, query_index, start_n, bh, dropout_threshold, BLOCK_N)
         p = tl.where(keep, p * dropout_scale, 0.0)
     acc = tl.dot(dot_operand(p, DTYPE, EMULATE_BF16), v, acc, input_precision=DOT_PRECISION)
+    if HAS_DROPOUT and KEEP_BITS:
+        pointers, exists = _keep_bits_pointers(
+            KeepBits, query_index, start_n, key_length, query_length, BLOCK_N
+        )
+        tl.store(pointers, bits.to(tl.uint8), mask=exists)
     return acc, l_i, m_new
 
 
 @triton.autotune(configs=_FORWARD_CONFIGS, key=_TUNING_KEY, prune_configs_by=_PRUNING, cache_results=True)
 @triton.jit
 def attention_forward_kernel(
-    Q, K, V, Out, Lse, Sep, Lengths, Seed,
+    Q, K, V, Out, Lse, Sep, Lengths, Seed, KeepBits,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
     num_heads, query_length, key_length, softmax_scale, dropout_threshold, dropout_scale,
     query_length_bucket, key_length_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA_POSSIBLE: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA_POSSIBLE: tl.constexpr, KEEP_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     # Later query blocks see more keys: launch them first so the short blocks fill the tail of the grid.
@@ -286,6 +354,7 @@ def attention_forward_kernel(
     TMA: tl.constexpr = USE_TMA and TMA_POSSIBLE
     K = _tile_source(K, key_length, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
     V = _tile_source(V, key_length, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
+    KeepBits += bh.to(tl.int64) * query_length * ((key_length + DROPOUT_GROUP - 1) // DROPOUT_GROUP)
     qk_scale = softmax_scale * LOG2_E
     seed = 0
     if HAS_DROPOUT:
@@ -303,16 +372,16 @@ def attention_forward_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _forward_block(
-            acc, l_i, m_i, q, offs_m, query_position, K, V, start_n, stride_kt, stride_vt,
-            sep, key_limit, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE,
+            acc, l_i, m_i, q, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
+            sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
         )  # fmt: skip
     for start_n in range(full_end, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         acc, l_i, m_i = _forward_block(
-            acc, l_i, m_i, q, offs_m, query_position, K, V, start_n, stride_kt, stride_vt,
-            sep, key_limit, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE,
+            acc, l_i, m_i, q, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
+            sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
         )  # fmt: skip
 
     row_real = offs_m < query_limit
@@ -353,11 +422,11 @@ def attention_backward_preprocess_kernel(
 
 @triton.jit
 def _dq_block(
-    dq, q, do, lse, delta, query_index, query_position, K, V, start_n, stride_kt, stride_vt,
-    sep, key_limit, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+    dq, q, do, lse, delta, query_index, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
+    sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
-    DTYPE: tl.constexpr,
+    DTYPE: tl.constexpr, KEEP_BITS: tl.constexpr,
 ):  # fmt: skip
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_tile(K, start_n, offs_n, stride_kt, key_length, HEAD_DIM, BLOCK_D, MASKED, EMULATE_BF16, TMA)
@@ -369,7 +438,10 @@ def _dq_block(
     p = tl.math.exp2(scores - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, query_index, start_n, bh, dropout_threshold, BLOCK_N)
+        if KEEP_BITS:
+            keep = _stored_keep(KeepBits, query_index, start_n, key_length, query_length, BLOCK_N)
+        else:
+            keep = _dropout_keep(seed, query_index, start_n, bh, dropout_threshold, BLOCK_N)
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     ds = p * (dp - delta[:, None])
     return tl.dot(dot_operand(ds, DTYPE, EMULATE_BF16), k, dq, input_precision=DOT_PRECISION)
@@ -378,13 +450,13 @@ def _dq_block(
 @triton.autotune(configs=_DQ_CONFIGS, key=_TUNING_KEY, prune_configs_by=_PRUNING, cache_results=True)
 @triton.jit
 def attention_backward_dq_kernel(
-    Q, K, V, DOut, DQ, Lse, Delta, Sep, Lengths, Seed,
+    Q, K, V, DOut, DQ, Lse, Delta, Sep, Lengths, Seed, KeepBits,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot, stride_dqb, stride_dqh, stride_dqt,
     num_heads, query_length, key_length, softmax_scale, dropout_threshold, dropout_scale,
     query_length_bucket, key_length_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA_POSSIBLE: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA_POSSIBLE: tl.constexpr, KEEP_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """dQ of one query block, visiting the same key blocks as the forward: no atomics, deterministic."""
@@ -411,6 +483,7 @@ def attention_backward_dq_kernel(
     row_mask = offs_m < query_length
     lse = tl.load(Lse + bh.to(tl.int64) * query_length + offs_m, mask=row_mask, other=float("inf"))
     delta = tl.load(Delta + bh.to(tl.int64) * query_length + offs_m, mask=row_mask, other=0.0)
+    KeepBits += bh.to(tl.int64) * query_length * ((key_length + DROPOUT_GROUP - 1) // DROPOUT_GROUP)
     qk_scale = softmax_scale * LOG2_E
     seed = 0
     if HAS_DROPOUT:
@@ -425,16 +498,16 @@ def attention_backward_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, full_end, BLOCK_N):
         dq = _dq_block(
-            dq, q, do, lse, delta, offs_m, query_position, K, V, start_n, stride_kt, stride_vt,
-            sep, key_limit, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE,
+            dq, q, do, lse, delta, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
+            sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
         )  # fmt: skip
     for start_n in range(full_end, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         dq = _dq_block(
-            dq, q, do, lse, delta, offs_m, query_position, K, V, start_n, stride_kt, stride_vt,
-            sep, key_limit, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE,
+            dq, q, do, lse, delta, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
+            sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
         )  # fmt: skip
     DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
     dq_mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -447,11 +520,11 @@ def attention_backward_dq_kernel(
 
 @triton.jit
 def _dkdv_block(
-    dk, dv, k, v, start_n, key_position, Q, DOut, Lse, Delta, start_m, stride_qt, stride_dot,
-    sep, key_limit, query_length, offset, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+    dk, dv, k, v, start_n, key_position, Q, DOut, Lse, Delta, KeepBits, start_m, stride_qt, stride_dot,
+    sep, key_limit, query_length, key_length, offset, qk_scale, seed, bh, dropout_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
-    DTYPE: tl.constexpr,
+    DTYPE: tl.constexpr, KEEP_BITS: tl.constexpr,
 ):  # fmt: skip
     # Transposed tiles ([keys, queries]) so dK and dV accumulate without transposing the probabilities.
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -469,8 +542,11 @@ def _dkdv_block(
     p_t = tl.math.exp2(scores_t - lse[None, :])
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
-        # Drawn as [queries, keys], as the other kernels draw it, then transposed to this tile's layout.
-        keep = tl.trans(_dropout_keep(seed, offs_m, start_n, bh, dropout_threshold, BLOCK_N))
+        # Drawn (or read) as [queries, keys], as the other kernels draw it, then transposed to this tile's layout.
+        if KEEP_BITS:
+            keep = tl.trans(_stored_keep(KeepBits, offs_m, start_n, key_length, query_length, BLOCK_N))
+        else:
+            keep = tl.trans(_dropout_keep(seed, offs_m, start_n, bh, dropout_threshold, BLOCK_N))
         dv = tl.dot(
             dot_operand(tl.where(keep, p_t * dropout_scale, 0.0), DTYPE, EMULATE_BF16),
             do,
@@ -488,13 +564,13 @@ def _dkdv_block(
 @triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY, prune_configs_by=_PRUNING, cache_results=True)
 @triton.jit
 def attention_backward_dkdv_kernel(
-    Q, K, V, DOut, DK, DV, Lse, Delta, Sep, Lengths, Seed,
+    Q, K, V, DOut, DK, DV, Lse, Delta, Sep, Lengths, Seed, KeepBits,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
     num_heads, query_length, key_length, softmax_scale, dropout_threshold, dropout_scale,
     query_length_bucket, key_length_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA_POSSIBLE: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA_POSSIBLE: tl.constexpr, KEEP_BITS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
     """dK and dV of one key block, visiting only the query blocks that can see it."""
@@ -519,6 +595,7 @@ def attention_backward_dkdv_kernel(
     DOut = _tile_source(DOut, query_length, stride_dot, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
     Lse += bh.to(tl.int64) * query_length
     Delta += bh.to(tl.int64) * query_length
+    KeepBits += bh.to(tl.int64) * query_length * ((key_length + DROPOUT_GROUP - 1) // DROPOUT_GROUP)
     qk_scale = softmax_scale * LOG2_E
     seed = 0
     if HAS_DROPOUT:
@@ -539,16 +616,18 @@ def attention_backward_dkdv_kernel(
     for start_m in range(lo, masked_end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         dk, dv = _dkdv_block(
-            dk, dv, k, v, start_n, offs_n, Q, DOut, Lse, Delta, start_m, stride_qt, stride_dot,
-            sep, key_limit, query_length, offset, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE,
+            dk, dv, k, v, start_n, offs_n, Q, DOut, Lse, Delta, KeepBits, start_m, stride_qt, stride_dot,
+            sep, key_limit, query_length, key_length, offset, qk_scale, seed, bh, dropout_threshold,
+            dropout_scale, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
+            TMA, DTYPE, KEEP_BITS,
         )  # fmt: skip
     for start_m in range(masked_end, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         dk, dv = _dkdv_block(
-            dk, dv, k, v, start_n, offs_n, Q, DOut, Lse, Delta, start_m, stride_qt, stride_dot,
-            sep, key_limit, query_length, offset, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE,
+            dk, dv, k, v, start_n, offs_n, Q, DOut, Lse, Delta, KeepBits, start_m, stride_qt, stride_dot,
+            sep, key_limit, query_length, key_length, offset, qk_scale, seed, bh, dropout_threshold,
+            dropout_scale, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
+            TMA, DTYPE, KEEP_BITS,
         )  # fmt: skip
     mask = (offs_n < key_length)[:, None] & (offs_d < HEAD_DIM)[None, :]
     DK += b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh

@@ -243,6 +243,61 @@ def test_backward_replays_the_forward_dropout_mask():
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=name)
 
 
+# Tilings whose forward and backward tiles differ (forward 128 x 64 against dQ's 128 x 32 and dK/dV's 32-query
+# tiles; forward 128 x 128 against 64 x 64): the stored bits are written by one tiling and read by others. On a
+# GPU the untuned default tiles only, as the other GPU tests run (the 128-row tiles compile for seconds each).
+KEEP_BITS_TILES = [None] if torch.cuda.is_available() else [1, 4]
+
+
+@pytest.mark.parametrize("index", KEEP_BITS_TILES)
+def test_the_stored_dropout_mask_gives_what_replaying_it_gives(monkeypatch, index):
+    """The forward's keep bits, read back by dQ and dK/dV, are the decisions the backward would draw again from
+    Philox: outputs and gradients bitwise equal with both, over padding rows, cached keys (Tq < Tk) and sep
+    at and off the tiles' edges. The bits take one byte per query and 8 keys, kept for the backward."""
+    from kernels import triton_attention_kernels, triton_support
+
+    for kernel, owned, inner, shapes in (
+        (attention_forward_kernel, "BLOCK_M", "BLOCK_N", FORWARD_SHAPES),
+        (attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", DQ_SHAPES),
+        (attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", DKDV_SHAPES),
+    ):
+        if index is not None:
+            first, second, _, _ = shapes[index]
+            config = triton.Config({owned: first, inner: second, "USE_TMA": False})
+            monkeypatch.setattr(kernel, "configs", [config])
+            monkeypatch.setattr(kernel, "cache", {})
+    assert "KEEP_BITS" in triton_attention_kernels._TUNING_KEY
+    batch, heads, query_length, key_length, head_dim = 4, 2, 130, 150, 16
+    q, _, _ = _qkv(batch, heads, query_length, query_length, head_dim, torch.float32, seed=3)
+    _, k, v = _qkv(batch, heads, key_length, key_length, head_dim, torch.float32, seed=4)
+    sep, lengths = _ints([0, 64, 100, 149]), _ints([150, 140, 129, 31])
+    grad_out = _randn(batch, heads, query_length, head_dim, seed=5)
+
+    def run(store: bool):
+        monkeypatch.setattr(triton_support, "STORE_DROPOUT_MASK", store)
+        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+        torch.manual_seed(9)
+        out = glm_attention(*leaves, sep, dropout_p=0.3, lengths=lengths, backend="triton")
+        saved = [t for t in out.grad_fn.saved_tensors if t.dtype == torch.uint8]
+        out.backward(grad_out)
+        return [out.detach()] + [leaf.grad for leaf in leaves], saved
+
+    (stored, bits), (replayed, none) = run(True), run(False)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], stored, replayed):
+        assert torch.equal(a, b), name
+    assert stored[2].abs().max() > 0
+    assert [tuple(t.shape) for t in bits] == [(batch * heads, query_length, -(-key_length // 8))]
+    assert none == []
+    # Without a backward to come (a recomputation's first pass runs under no_grad) nothing is stored, and the
+    # forward drops what it drops with the bits.
+    monkeypatch.setattr(triton_support, "STORE_DROPOUT_MASK", True)
+    torch.manual_seed(9)
+    with torch.no_grad():
+        assert torch.equal(
+            glm_attention(q, k, v, sep, dropout_p=0.3, lengths=lengths, backend="triton"), stored[0]
+        )
+
+
 def test_autotuning_times_only_small_tiles_for_fp32_inputs():
     for owned, inner, shapes in (("BLOCK_M", "BLOCK_N", FORWARD_SHAPES), ("BLOCK_N", "BLOCK_M", DKDV_SHAPES)):
         configs = [triton.Config({owned: a, inner: b}, num_warps=w, num_stages=s) for a, b, w, s in shapes]

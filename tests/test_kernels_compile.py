@@ -42,6 +42,7 @@ def compile_kernels() -> None:
         "DOT_PRECISION": None,
         "TMA_POSSIBLE": False,
         "USE_TMA": False,
+        "KEEP_BITS": True,
     }
     head_64 = {"HEAD_DIM": 64, "BLOCK_D": 64, **features}
     forward = (attention.attention_forward_kernel, "BLOCK_M", "BLOCK_N", attention.FORWARD_SHAPES[0])

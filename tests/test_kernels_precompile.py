@@ -50,6 +50,7 @@ def _forward_launch():
         sep,
         lengths,
         seed,
+        torch.zeros(batch * heads, length, length // 8, dtype=torch.uint8),  # the stored dropout mask
         *strides,
         heads,
         length,
@@ -68,6 +69,7 @@ def _forward_launch():
         "EMULATE_BF16": False,
         "DOT_PRECISION": None,
         "TMA_POSSIBLE": True,  # the TMA candidates too
+        "KEEP_BITS": True,
         "grid": (1,),
         "warmup": False,
     }
