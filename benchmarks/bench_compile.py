@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ["attention_forward_kernel", "attention_backward_dq_kernel", "attention_backward_dkdv_kernel"]
 POINTER_DTYPES = {"Lse": "float32", "Delta": "float32", "Sep": "int32", "Lengths": "int32", "Seed": "int64",
-                  "KeepBits": "uint8"}  # fmt: skip
+                  "KeepBits": "uint8", "DQAccum": "float32"}  # fmt: skip
 
 
 def _arguments(fn, dtype, head_dim: int, dropout: bool):
@@ -67,6 +67,8 @@ def _arguments(fn, dtype, head_dim: int, dropout: bool):
         "grid": (1,),
         "warmup": False,
     }
+    if "ATOMIC_DQ" in fn.arg_names:
+        meta["ATOMIC_DQ"] = False  # the default, deterministic backward
     return tuple(args), meta
 
 

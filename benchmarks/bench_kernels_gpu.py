@@ -7,7 +7,9 @@ Attention: 16 heads (8 at head dim 128), bf16, about 16K tokens per step (batch 
 forward+backward, at T 512-8192 and head dims 64 and 128 (``--lengths``, ``--head-dims``):
   ours        kernels.glm_attention (Triton) with sep = 0 (causal) and sep = T/2 (GLM), and with dropout 0.1:
               the backward reading the keep bits the forward stored (the default), and ("replayed") drawing
-              the mask again from Philox in both backward kernels (GLM_KERNELS_STORE_DROPOUT_MASK=0)
+              the mask again from Philox in both backward kernels (GLM_KERNELS_STORE_DROPOUT_MASK=0); and
+              ("atomic dQ") with dQ added by the dK/dV kernel with atomics (kernels.set_deterministic(False),
+              training.deterministic_kernels: false), without and with dropout
   sdpa-mask   torch scaled_dot_product_attention with the equivalent dense boolean mask (our torch path),
               without and with dropout 0.1 (up to T 4096: the mask is B x T x T)
   sdpa-causal torch scaled_dot_product_attention(is_causal=True): the flash path, the speed to match; also
@@ -51,6 +53,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+import kernels
 import kernels.triton_attention_kernels
 import kernels.triton_layer_norm  # noqa: F401 - both register their autotuned kernels in AUTOTUNED
 from kernels import glm_attention, glm_attention_torch, layer_norm, layer_norm_torch, triton_support
@@ -157,15 +160,20 @@ def _attention_variants(
     half = torch.full((batch,), length // 2, device=device, dtype=torch.int64)
     zero = torch.zeros(batch, device=device, dtype=torch.int64)
 
-    def ours(sep: torch.Tensor, dropout_p: float = 0.0) -> Callable:
-        return lambda q, k, v: glm_attention(q, k, v, sep, dropout_p=dropout_p, backend="triton")
+    def ours(sep: torch.Tensor, dropout_p: float = 0.0, deterministic: bool = True) -> Callable:
+        def attention(q, k, v):
+            # Read by the backward, which follows this call before any other variant's.
+            kernels.set_deterministic(deterministic)
+            return glm_attention(q, k, v, sep, dropout_p=dropout_p, backend="triton")
+
+        return attention
 
     def replayed(sep: torch.Tensor) -> Callable:
         def attention(q, k, v):
             stored = triton_support.STORE_DROPOUT_MASK
             triton_support.STORE_DROPOUT_MASK = False  # read by the forward; the backward does what it did
             try:
-                return glm_attention(q, k, v, sep, dropout_p=0.1, backend="triton")
+                return ours(sep, 0.1)(q, k, v)
             finally:
                 triton_support.STORE_DROPOUT_MASK = stored
 
@@ -189,6 +197,8 @@ def _attention_variants(
         ("sdpa-causal dropout 0.1", causal(0.1), 0),
         ("flex prefix-LM sep=T/2", _flex_prefix_lm(length, batch, heads, device), length // 2),
         ("ours sep=T/2 dropout 0.1 replayed", replayed(half), length // 2),
+        ("ours sep=T/2 atomic dQ", ours(half, deterministic=False), length // 2),
+        ("ours sep=T/2 dropout 0.1 atomic dQ", ours(half, 0.1, deterministic=False), length // 2),
     ]
 
 
@@ -260,6 +270,8 @@ def summary_rows(speeds: dict) -> list[str]:
         rows.append(
             f"| {length} | {head_dim} | {ratio(cell, 'ours sep=T/2', 'sdpa-causal')} | "
             f"{ratio(cell, 'ours sep=T/2', 'flex prefix-LM sep=T/2')} | "
+            f"{ratio(cell, 'ours sep=T/2 atomic dQ', 'sdpa-causal')} | "
+            f"{ratio(cell, 'ours sep=T/2 dropout 0.1 atomic dQ', 'ours sep=T/2 atomic dQ')} | "
             f"{ratio(cell, 'ours sep=T/2 dropout 0.1', 'ours sep=T/2')} | "
             f"{ratio(cell, 'ours sep=T/2 dropout 0.1 replayed', 'ours sep=T/2')} | "
             f"{ratio(cell, 'sdpa-causal dropout 0.1', 'sdpa-causal')} | "
@@ -457,10 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(attention))
     print("\n### Ratios of fwd+bwd TFLOP/s\n")
     print(
-        "| T | D | ours / sdpa-causal | ours / flex | ours dropout / ours | ours dropout replayed / ours "
-        "| sdpa-causal dropout / sdpa-causal | ours dropout / sdpa-mask dropout |"
+        "| T | D | ours / sdpa-causal | ours / flex | ours atomic dQ / sdpa-causal | ours atomic dQ: dropout / none "
+        "| ours dropout / ours | ours dropout replayed / ours | sdpa-causal dropout / sdpa-causal "
+        "| ours dropout / sdpa-mask dropout |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(summary_rows(speeds)))
     print(f"\n## LayerNorm: {args.elements} elements per tensor\n")
     print(

@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import torch
 
+from kernels import set_deterministic
 from megatron_glm import parallel
 from megatron_glm.config import ModelConfig, model_flops_per_token
 from megatron_glm.model import GLMModel, glm_loss, loss_row_index
@@ -64,7 +65,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--device", default="auto", help="cuda, cpu, or auto (a GPU when there is one)")
     parser.add_argument(
-        "--kernels", default=None, help="GLM rows: triton,torch (default: both on a GPU, torch on a CPU)"
+        "--kernels",
+        default=None,
+        help="GLM rows: triton, torch, triton-atomic (Triton with the attention's dQ added by atomics: "
+        "training.deterministic_kernels=false) (default: triton,torch on a GPU, torch on a CPU)",
     )
     parser.add_argument(
         "--dropout",
@@ -189,6 +193,14 @@ def glm_step(
     capturable: bool = False,
     layer_graphs: bool = False,
 ) -> tuple[Callable[[], None], float]:
+    backend, _, variant = kernels.partition("-")
+    if (
+        backend not in ("triton", "torch")
+        or variant not in ("", "atomic")
+        or (variant and backend != "triton")
+    ):
+        raise SystemExit(f"--kernels: {kernels!r} is not one of triton, torch, triton-atomic")
+    deterministic = variant != "atomic"
     config = ModelConfig(
         num_layers=args.layers,
         hidden_size=args.hidden,
@@ -197,7 +209,7 @@ def glm_step(
         vocab_size=args.vocab,
         hidden_dropout=dropout,
         attention_dropout=dropout,
-        kernels=kernels,
+        kernels=backend,
     )
     model = GLMModel(config, args.vocab, device="meta")
     model.to_empty(device=args.device)
@@ -210,6 +222,7 @@ def glm_step(
     forward = torch.compile(model) if args.compile else model
 
     def step() -> None:
+        set_deterministic(deterministic)  # the steps of the rows run in turns
         hidden = forward(batch["tokens"], batch["position_ids"], batch["sep"])
         glm_loss(model, hidden, batch["targets"], batch["loss_mask"], batch["loss_index"]).backward()
         optimizer.step()

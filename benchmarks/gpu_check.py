@@ -7,8 +7,9 @@ within about 8 minutes:
 1. the kernel tests on CUDA (attention, LayerNorm, dropout), each kernel on one fixed tile shape
    (``GLM_KERNELS_AUTOTUNE=0``, set by tests/conftest.py), spread over processes with pytest-xdist, and the
    RNG tracker's tests (its fork captured in a CUDA graph);
-2. ``benchmarks/bench_model.py --preset glm-large --dropout 0.1,0 --profile``: GLM with Triton and with torch
-   kernels next to HF BertForMaskedLM (SDPA), steps interleaved, the matmul peak measured in the same run,
+2. ``benchmarks/bench_model.py --preset glm-large --dropout 0.1,0 --profile --kernels triton,triton-atomic,torch``:
+   GLM with Triton (deterministic, and with the attention's dQ added by atomics) and with torch kernels next to
+   HF BertForMaskedLM (SDPA), steps interleaved, the matmul peak measured in the same run,
    and where each step's GPU and host time goes; its autotuned tile choices stay in Triton's on-disk cache,
    where the training runs find them;
 3. ``benchmarks/bench_launch_overhead.py``: the host time per forward+backward call of our LayerNorm and
@@ -229,7 +230,8 @@ def stage_compile(report: Report, env: dict[str, str], work: Path, smoke: bool) 
 
 def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:
     report.add(
-        "\n## Model step: GLM (Triton, torch kernels) vs HF BertForMaskedLM (SDPA), dropout 0.1 and 0\n"
+        "\n## Model step: GLM (Triton, Triton with atomic dQ, torch kernels) vs HF BertForMaskedLM (SDPA), "
+        "dropout 0.1 and 0\n"
     )
     command = [
         sys.executable,
@@ -240,6 +242,10 @@ def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool) ->
         "0.1,0",
         "--profile",
     ]
+    if (
+        not smoke
+    ):  # also the attention backward that adds dQ with atomics (training.deterministic_kernels=false)
+        command += ["--kernels", "triton,triton-atomic,torch"]
     if smoke:
         command += ["--layers", "2", "--hidden", "64", "--heads", "4", "--seq", "64", "--batch", "2"]
         # Torch kernels only: Triton's interpreter takes half a minute per step (the kernel tests cover it).

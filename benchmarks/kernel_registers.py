@@ -67,6 +67,7 @@ def _flags(
     module=None,
     tma: bool = False,
     keep_bits: bool = True,
+    atomic_dq: bool = False,
 ) -> dict:
     flags = {
         "HEAD_DIM": head_dim,
@@ -84,6 +85,8 @@ def _flags(
         module, "_stored_keep"
     ):  # kernels from before the stored dropout mask lack it
         flags["KEEP_BITS"] = dropout and keep_bits
+    if module is None or hasattr(module, "attention_backward_dq_convert_kernel"):  # and before atomic dQ
+        flags["ATOMIC_DQ"] = atomic_dq
     return flags
 
 
@@ -107,11 +110,18 @@ def tile_table(args) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for dtype in args.dtypes:
         for head_dim in args.head_dims:
-            # Without dropout; with it, the backward reading the forward's keep bits or drawing them again.
-            for dropout, keep_bits in ((False, False), (True, True), (True, False)):
+            # Without dropout; with it, the backward reading the forward's keep bits or drawing them again; dK/dV
+            # adding dQ with atomics (GLM_KERNELS_DETERMINISTIC=0), without dropout and with the stored bits.
+            modes = ((False, False, False), (True, True, False), (True, False, False), (False, False, True),
+                     (True, True, True))  # fmt: skip
+            for dropout, keep_bits, atomic in modes:
                 if keep_bits and not hasattr(module, "_stored_keep"):
                     continue
+                if atomic and not hasattr(module, "attention_backward_dq_convert_kernel"):
+                    continue
                 for name, kernel, owned, inner, shapes in KERNELS:
+                    if atomic and name != "dK/dV":
+                        continue
                     tma_shapes = getattr(module, TMA_SHAPES[shapes], [])
                     if dtype == "fp32" or args.arch < 90:
                         tma_shapes = []
@@ -119,8 +129,9 @@ def tile_table(args) -> None:
                     for index, (shape, tma) in enumerate(
                         candidates + [(shape, True) for shape in tma_shapes]
                     ):
-                        flags = _flags(dtype, head_dim, False, dropout, module, tma, keep_bits)
+                        flags = _flags(dtype, head_dim, False, dropout, module, tma, keep_bits, atomic)
                         mode = "0.1, stored bits" if keep_bits else "0.1, replayed" if dropout else "-"
+                        mode += ", atomic dQ" if atomic else ""
                         tile = f"{shape[0]} x {shape[1]}, {shape[2]}, {shape[3]}" + (
                             " (default)" if index == 0 else " TMA" if tma else ""
                         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import sys
 
 import torch
@@ -21,6 +22,33 @@ from kernels.errors import KernelError
 from kernels.reference import glm_attention_mask, glm_attention_torch, layer_norm_torch
 
 BACKENDS = ("auto", "triton", "torch")
+
+
+# Whether the Triton kernels must give bitwise reproducible results (see ``set_deterministic``).
+_DETERMINISTIC: bool = os.environ.get("GLM_KERNELS_DETERMINISTIC", "1").strip().lower() not in (
+    "0",
+    "false",
+    "no",
+    "off",
+)
+
+
+def set_deterministic(enabled: bool) -> None:
+    """Whether the Triton kernels must be bitwise reproducible (the default; ``GLM_KERNELS_DETERMINISTIC=0`` starts
+    a process with False, ``training.deterministic_kernels`` sets it for a training run).
+
+    Not deterministic, the attention's backward adds dQ from the dK/dV kernel into an fp32 buffer with atomics, as
+    FlashAttention-2 does: per query-key pair two matmuls and one exp fewer than the separate dQ kernel, and one
+    launch fewer; the atomics add in an order that varies between runs, so gradients differ in their last bits
+    from run to run and a resumed run is no longer bitwise the uninterrupted one.
+    ``torch.use_deterministic_algorithms(True)`` keeps the deterministic kernels either way."""
+    global _DETERMINISTIC
+    _DETERMINISTIC = bool(enabled)
+
+
+def deterministic() -> bool:
+    """Whether the Triton kernels run their bitwise reproducible variants now (``set_deterministic``)."""
+    return _DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
 
 
 @functools.cache

@@ -30,6 +30,7 @@ POINTER_TYPES = {
     "Lengths": "*i32",
     "Seed": "*i64",
     "KeepBits": "*u8",
+    "DQAccum": "*fp32",
     "Mean": "*fp32",
     "Rstd": "*fp32",
     "PartialDW": "*fp32",
@@ -55,8 +56,10 @@ class Registers:
 def compile_kernel(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int, capability: int):
     """``kernel`` (a ``@triton.jit`` function or its autotuner) compiled for ``sm_<capability>`` with ``dtype``
     (``"bf16"``, ``"fp16"``, ``"fp32"``) inputs and ``constexprs``; specialized as Triton specializes a launch in
-    the model: tensors 16-byte aligned, strides and lengths multiples of 16."""
+    the model: tensors 16-byte aligned, strides and lengths multiples of 16. Switches in ``constexprs`` that the
+    kernel does not take are left out, so one set of feature flags serves every kernel."""
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     signature, attributes = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:

@@ -3,7 +3,9 @@
 Backward, in three launches: ``delta = rowsum(dO * O)`` once per query row; dK and dV per key block, looping over
 the query blocks that can see it; dQ per query block, looping over the key blocks it sees. Splitting dQ from
 dK/dV recomputes the scores once more than an atomic-add dQ would, but writes every gradient exactly once, so
-gradients are deterministic (bit-identical reruns) and no fp32 dQ buffer is needed. With dropout the forward
+gradients are deterministic (bit-identical reruns) and no fp32 dQ buffer is needed. With
+``kernels.set_deterministic(False)`` the dK/dV kernel adds dQ into an fp32 buffer with atomics instead (zeroed by
+the first launch, converted by the last), as FlashAttention-2 does: less work, not bitwise reproducible. With dropout the forward
 stores its keep decisions as bits and both backward kernels read them (``triton_support.STORE_DROPOUT_MASK``).
 """
 
@@ -14,10 +16,12 @@ import math
 
 import torch
 
+import kernels
 from kernels import triton_support
 from kernels.errors import KernelError
 from kernels.triton_attention_kernels import (
     attention_backward_dkdv_kernel,
+    attention_backward_dq_convert_kernel,
     attention_backward_dq_kernel,
     attention_backward_preprocess_kernel,
     attention_forward_kernel,
@@ -43,9 +47,10 @@ _PREPROCESS_BLOCK_M = 64
 
 # The kernels' tensor parameters come first: Q, K, V, Out, Lse, Sep, Lengths, Seed, KeepBits in the forward.
 _forward = Launcher(attention_forward_kernel, tensor_args=9)
-_backward_preprocess = Launcher(attention_backward_preprocess_kernel, tensor_args=3)
-_backward_dkdv = Launcher(attention_backward_dkdv_kernel, tensor_args=12)
+_backward_preprocess = Launcher(attention_backward_preprocess_kernel, tensor_args=4)
+_backward_dkdv = Launcher(attention_backward_dkdv_kernel, tensor_args=13)
 _backward_dq = Launcher(attention_backward_dq_kernel, tensor_args=11)
+_backward_dq_convert = Launcher(attention_backward_dq_convert_kernel, tensor_args=2)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, ...]:
@@ -160,6 +165,13 @@ def _attention_backward(
     flags = _kernel_flags(q, lengths_arg if has_lengths else None, dropout_p)
     flags["KEEP_BITS"] = keep_bits.dtype == torch.uint8
     delta = torch.empty_like(lse)
+    atomic = not kernels.deterministic()
+    # fp32 dQ accumulator of the atomic backward, zeroed by the preprocess kernel (else delta stands in).
+    dq_accum = (
+        torch.empty((batch * heads, query_length, head_dim), device=q.device, dtype=torch.float32)
+        if atomic
+        else delta
+    )
     buckets = (length_bucket(query_length), length_bucket(key_length))
     scalars = (heads, query_length, key_length, softmax_scale, *dropout_arguments(dropout_p))
 
@@ -176,14 +188,22 @@ def _attention_backward(
     with device_guard(q.device):
         _backward_preprocess(
             (cdiv(query_length, _PREPROCESS_BLOCK_M), heads, batch),
-            out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, query_length,
-            HEAD_DIM=head_dim, BLOCK_D=flags["BLOCK_D"], BLOCK_M=_PREPROCESS_BLOCK_M,
+            out, grad_out, delta, dq_accum, *_strides(out), *_strides(grad_out), heads, query_length,
+            HEAD_DIM=head_dim, BLOCK_D=flags["BLOCK_D"], BLOCK_M=_PREPROCESS_BLOCK_M, ATOMIC_DQ=atomic,
         )  # fmt: skip
         _backward_dkdv(
-            key_grid, q, k, v, grad_out, dk, dv, lse, delta, sep, lengths_arg, seed, keep_bits,
+            key_grid, q, k, v, grad_out, dk, dv, lse, delta, sep, lengths_arg, seed, keep_bits, dq_accum,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
-            *scalars, *buckets, **key_flags,
+            *scalars, *buckets, **key_flags, ATOMIC_DQ=atomic,
         )  # fmt: skip
+        if atomic:
+            _backward_dq_convert(
+                (cdiv(query_length, _PREPROCESS_BLOCK_M), heads, batch),
+                dq_accum, dq, *_strides(dq), heads, query_length, softmax_scale,
+                HEAD_DIM=head_dim, BLOCK_D=flags["BLOCK_D"], BLOCK_M=_PREPROCESS_BLOCK_M,
+                EMULATE_BF16=flags["EMULATE_BF16"],
+            )  # fmt: skip
+            return
         _backward_dq(
             query_grid, q, k, v, grad_out, dq, lse, delta, sep, lengths_arg, seed, keep_bits,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),

@@ -146,6 +146,7 @@ _TUNING_KEY = [
     "TMA_POSSIBLE",
     "KEEP_BITS",
 ]
+_DKDV_TUNING_KEY = _TUNING_KEY + ["ATOMIC_DQ"]
 
 
 @triton.jit
@@ -400,11 +401,12 @@ def attention_forward_kernel(
 
 @triton.jit
 def attention_backward_preprocess_kernel(
-    Out, DOut, Delta, stride_ob, stride_oh, stride_ot, stride_db, stride_dh, stride_dt,
+    Out, DOut, Delta, DQAccum, stride_ob, stride_oh, stride_ot, stride_db, stride_dh, stride_dt,
     num_heads, query_length,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
-    """``delta[i] = sum_d dO[i, d] * O[i, d]``: the row term of the softmax gradient, one read of O and dO."""
+    """``delta[i] = sum_d dO[i, d] * O[i, d]``: the row term of the softmax gradient, one read of O and dO. With
+    ``ATOMIC_DQ`` it also zeroes the rows' fp32 dQ accumulator (``[B * H, Tq, HEAD_DIM]``)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -417,6 +419,31 @@ def attention_backward_preprocess_kernel(
     do = tl.load(do_ptrs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(
         Delta + bh.to(tl.int64) * query_length + offs_m, tl.sum(o * do, axis=1), mask=offs_m < query_length
+    )
+    if ATOMIC_DQ:
+        rows = DQAccum + bh.to(tl.int64) * query_length * HEAD_DIM + offs_m[:, None] * HEAD_DIM
+        tl.store(rows + offs_d[None, :], tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=mask)
+
+
+@triton.jit
+def attention_backward_dq_convert_kernel(
+    DQAccum, DQ, stride_dqb, stride_dqh, stride_dqt, num_heads, query_length, softmax_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, EMULATE_BF16: tl.constexpr,
+):  # fmt: skip
+    """dQ from the fp32 accumulator the dK/dV kernel added into (``ATOMIC_DQ``): scaled, rounded to dQ's dtype."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    bh = b * num_heads + h
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < query_length)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = DQAccum + bh.to(tl.int64) * query_length * HEAD_DIM + offs_m[:, None] * HEAD_DIM
+    dq = tl.load(rows + offs_d[None, :], mask=mask, other=0.0)
+    DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+    tl.store(
+        DQ + offs_m[:, None] * stride_dqt + offs_d[None, :],
+        to_dtype(dq * softmax_scale, DQ.dtype.element_ty, EMULATE_BF16),
+        mask=mask,
     )
 
 
@@ -520,11 +547,11 @@ def attention_backward_dq_kernel(
 
 @triton.jit
 def _dkdv_block(
-    dk, dv, k, v, start_n, key_position, Q, DOut, Lse, Delta, KeepBits, start_m, stride_qt, stride_dot,
+    dk, dv, k, v, start_n, key_position, Q, DOut, Lse, Delta, KeepBits, DQAccum, start_m, stride_qt, stride_dot,
     sep, key_limit, query_length, key_length, offset, qk_scale, seed, bh, dropout_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
-    DTYPE: tl.constexpr, KEEP_BITS: tl.constexpr,
+    DTYPE: tl.constexpr, KEEP_BITS: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):  # fmt: skip
     # Transposed tiles ([keys, queries]) so dK and dV accumulate without transposing the probabilities.
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -556,24 +583,37 @@ def _dkdv_block(
         dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
     else:
         dv = tl.dot(dot_operand(p_t, DTYPE, EMULATE_BF16), do, dv, input_precision=DOT_PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk = tl.dot(dot_operand(ds_t, DTYPE, EMULATE_BF16), q, dk, input_precision=DOT_PRECISION)
+    ds_t = dot_operand(p_t * (dp_t - delta[None, :]), DTYPE, EMULATE_BF16)
+    dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
+    if ATOMIC_DQ:
+        # This key block's share of dQ for these query rows, added into the fp32 accumulator (FlashAttention-2's
+        # way): two matmuls and one exp per pair fewer than the separate dQ kernel, in a summation order that
+        # varies from run to run.
+        offs_d = tl.arange(0, BLOCK_D)
+        dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
+        tl.atomic_add(
+            DQAccum + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+            dq,
+            mask=row_mask[:, None] & (offs_d < HEAD_DIM)[None, :],
+            sem="relaxed",
+        )
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_TUNING_KEY, prune_configs_by=_PRUNING, cache_results=True)
+@triton.autotune(configs=_DKDV_CONFIGS, key=_DKDV_TUNING_KEY, prune_configs_by=_PRUNING, cache_results=True)
 @triton.jit
 def attention_backward_dkdv_kernel(
-    Q, K, V, DOut, DK, DV, Lse, Delta, Sep, Lengths, Seed, KeepBits,
+    Q, K, V, DOut, DK, DV, Lse, Delta, Sep, Lengths, Seed, KeepBits, DQAccum,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_dob, stride_doh, stride_dot, stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
     num_heads, query_length, key_length, softmax_scale, dropout_threshold, dropout_scale,
     query_length_bucket, key_length_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA_POSSIBLE: tl.constexpr, KEEP_BITS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, USE_TMA: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, USE_TMA: tl.constexpr,
 ):  # fmt: skip
-    """dK and dV of one key block, visiting only the query blocks that can see it."""
+    """dK and dV of one key block, visiting only the query blocks that can see it (and with ``ATOMIC_DQ`` adding
+    its share of their dQ into ``DQAccum``)."""
     start_n = tl.program_id(0) * BLOCK_N
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -596,6 +636,7 @@ def attention_backward_dkdv_kernel(
     Lse += bh.to(tl.int64) * query_length
     Delta += bh.to(tl.int64) * query_length
     KeepBits += bh.to(tl.int64) * query_length * ((key_length + DROPOUT_GROUP - 1) // DROPOUT_GROUP)
+    DQAccum += bh.to(tl.int64) * query_length * HEAD_DIM
     qk_scale = softmax_scale * LOG2_E
     seed = 0
     if HAS_DROPOUT:
@@ -616,18 +657,18 @@ def attention_backward_dkdv_kernel(
     for start_m in range(lo, masked_end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         dk, dv = _dkdv_block(
-            dk, dv, k, v, start_n, offs_n, Q, DOut, Lse, Delta, KeepBits, start_m, stride_qt, stride_dot,
+            dk, dv, k, v, start_n, offs_n, Q, DOut, Lse, Delta, KeepBits, DQAccum, start_m, stride_qt, stride_dot,
             sep, key_limit, query_length, key_length, offset, qk_scale, seed, bh, dropout_threshold,
             dropout_scale, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
-            TMA, DTYPE, KEEP_BITS,
+            TMA, DTYPE, KEEP_BITS, ATOMIC_DQ,
         )  # fmt: skip
     for start_m in range(masked_end, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         dk, dv = _dkdv_block(
-            dk, dv, k, v, start_n, offs_n, Q, DOut, Lse, Delta, KeepBits, start_m, stride_qt, stride_dot,
+            dk, dv, k, v, start_n, offs_n, Q, DOut, Lse, Delta, KeepBits, DQAccum, start_m, stride_qt, stride_dot,
             sep, key_limit, query_length, key_length, offset, qk_scale, seed, bh, dropout_threshold,
             dropout_scale, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
-            TMA, DTYPE, KEEP_BITS,
+            TMA, DTYPE, KEEP_BITS, ATOMIC_DQ,
         )  # fmt: skip
     mask = (offs_n < key_length)[:, None] & (offs_d < HEAD_DIM)[None, :]
     DK += b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh

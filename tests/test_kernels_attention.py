@@ -298,6 +298,65 @@ def test_the_stored_dropout_mask_gives_what_replaying_it_gives(monkeypatch, inde
         )
 
 
+@pytest.mark.parametrize(
+    "case,dtype,dropout_p",
+    [
+        ("padding_rows", torch.float32, 0.0),
+        ("cached_keys_Tq_lt_Tk", torch.bfloat16, 0.2),
+        ("head_dim_48_unpadded", torch.float32, 0.2),
+    ],
+)
+def test_atomic_dq_gives_the_deterministic_backwards_gradients(monkeypatch, case, dtype, dropout_p):
+    """kernels.set_deterministic(False): dQ added with atomics by the dK/dV kernel is the separate dQ kernel's up to the
+    summation order (the output, dK and dV are bitwise the same), through padding rows, cached keys, a head dim
+    short of its power of two and dropout; torch.use_deterministic_algorithms(True) keeps the dQ kernel."""
+    from kernels import triton_attention
+
+    batch, heads, query_length, key_length, head_dim, sep, lengths = CASES[case]
+    sep = _ints(sep)
+    lengths = None if lengths is None else _ints(lengths)
+    q, k, v = _qkv(batch, heads, query_length, key_length, head_dim, dtype, seed=6)
+    grad_out = _randn(batch, heads, query_length, head_dim, seed=8)
+    monkeypatch.setattr(kernels, "_DETERMINISTIC", True)  # restored after the test
+    launched = []
+    for name in ("_backward_dq", "_backward_dq_convert"):
+        launcher = getattr(triton_attention, name)
+        monkeypatch.setattr(
+            triton_attention,
+            name,
+            lambda *args, launcher=launcher, name=name, **kwargs: (
+                launched.append(name),
+                launcher(*args, **kwargs),
+            )[1],
+        )
+
+    def run(deterministic: bool):
+        kernels.set_deterministic(deterministic)
+        launched.clear()
+        torch.manual_seed(4)
+        results = _forward_backward(
+            lambda q, k, v: glm_attention(
+                q, k, v, sep, dropout_p=dropout_p, lengths=lengths, backend="triton"
+            ),
+            [q, k, v],
+            grad_out,
+        )
+        return results, list(launched)
+
+    (split, split_launches), (atomic, atomic_launches) = run(True), run(False)
+    assert split_launches == ["_backward_dq"] and atomic_launches == ["_backward_dq_convert"]
+    for name, a, b in zip(["out", "dk", "dv"], [atomic[0], *atomic[2:]], [split[0], *split[2:]]):
+        assert torch.equal(a, b), name
+    assert atomic[1].dtype == dtype and atomic[1].abs().max() > 0
+    scale = split[1].abs().max().item()
+    torch.testing.assert_close(atomic[1], split[1], rtol=0, atol=4 * UNIT_ROUNDOFF[dtype] * scale)
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert run(False)[1] == ["_backward_dq"]
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def test_autotuning_times_only_small_tiles_for_fp32_inputs():
     for owned, inner, shapes in (("BLOCK_M", "BLOCK_N", FORWARD_SHAPES), ("BLOCK_N", "BLOCK_M", DKDV_SHAPES)):
         configs = [triton.Config({owned: a, inner: b}, num_warps=w, num_stages=s) for a, b, w, s in shapes]

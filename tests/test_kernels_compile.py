@@ -43,6 +43,7 @@ def compile_kernels() -> None:
         "TMA_POSSIBLE": False,
         "USE_TMA": False,
         "KEEP_BITS": True,
+        "ATOMIC_DQ": True,  # dK/dV's (the other kernels take no such switch)
     }
     head_64 = {"HEAD_DIM": 64, "BLOCK_D": 64, **features}
     forward = (attention.attention_forward_kernel, "BLOCK_M", "BLOCK_N", attention.FORWARD_SHAPES[0])
@@ -77,8 +78,9 @@ def compile_kernels() -> None:
     # fp32 inputs without TF32, and a head dim padded to a power of two.
     fp32 = {**features, "HAS_DROPOUT": False, "HEAD_DIM": 80, "BLOCK_D": 128, "DOT_PRECISION": "ieee"}
     _compile(attention.attention_forward_kernel, "fp32", {**fp32, "BLOCK_M": 64, "BLOCK_N": 32}, 4, 3, 90)
-    preprocess = {"HEAD_DIM": 80, "BLOCK_D": 128, "BLOCK_M": 64}
+    preprocess = {"HEAD_DIM": 80, "BLOCK_D": 128, "BLOCK_M": 64, "ATOMIC_DQ": True, "EMULATE_BF16": False}
     _compile(attention.attention_backward_preprocess_kernel, "bf16", preprocess, 4, 3, 90)
+    _compile(attention.attention_backward_dq_convert_kernel, "bf16", preprocess, 4, 3, 90)
     # LayerNorm on the heuristic's warps (the GPU tests' and the autotuner's first choice), with nothing spilled:
     # the fused backward up to FUSED_BACKWARD_MAX_WIDTH, the split one (dx per row, then dweight and dbias by
     # column blocks) beyond, where the fused one cannot hold its row and partial sums in registers.
