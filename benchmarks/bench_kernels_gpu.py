@@ -8,8 +8,8 @@ forward+backward, at T 512-8192 and head dims 64 and 128 (``--lengths``, ``--hea
   ours        kernels.glm_attention (Triton) with sep = 0 (causal) and sep = T/2 (GLM), and with dropout 0.1:
               the backward reading the keep bits the forward stored (the default), and ("replayed") drawing
               the mask again from Philox in both backward kernels (GLM_KERNELS_STORE_DROPOUT_MASK=0); and
-              ("atomic dQ") with dQ added by the dK/dV kernel with atomics (kernels.set_deterministic(False),
-              training.deterministic_kernels: false), without and with dropout
+              ("atomic dQ") with dQ added by the dK/dV kernel with atomics (deterministic=False,
+              model.deterministic_kernels: false), without and with dropout
   sdpa-mask   torch scaled_dot_product_attention with the equivalent dense boolean mask (our torch path),
               without and with dropout 0.1 (up to T 4096: the mask is B x T x T)
   sdpa-causal torch scaled_dot_product_attention(is_causal=True): the flash path, the speed to match; also
@@ -53,7 +53,6 @@ import torch
 import torch.nn.functional as F
 import triton
 
-import kernels
 import kernels.triton_attention_kernels
 import kernels.triton_layer_norm  # noqa: F401 - both register their autotuned kernels in AUTOTUNED
 from kernels import glm_attention, glm_attention_torch, layer_norm, layer_norm_torch, triton_support
@@ -162,9 +161,9 @@ def _attention_variants(
 
     def ours(sep: torch.Tensor, dropout_p: float = 0.0, deterministic: bool = True) -> Callable:
         def attention(q, k, v):
-            # Read by the backward, which follows this call before any other variant's.
-            kernels.set_deterministic(deterministic)
-            return glm_attention(q, k, v, sep, dropout_p=dropout_p, backend="triton")
+            return glm_attention(
+                q, k, v, sep, dropout_p=dropout_p, backend="triton", deterministic=deterministic
+            )
 
         return attention
 

@@ -30,7 +30,6 @@ from collections.abc import Callable
 
 import torch
 
-from kernels import set_deterministic
 from megatron_glm import parallel
 from megatron_glm.config import ModelConfig, model_flops_per_token
 from megatron_glm.model import GLMModel, glm_loss, loss_row_index
@@ -68,7 +67,7 @@ def parse_args() -> argparse.Namespace:
         "--kernels",
         default=None,
         help="GLM rows: triton, torch, triton-atomic (Triton with the attention's dQ added by atomics: "
-        "training.deterministic_kernels=false) (default: triton,torch on a GPU, torch on a CPU)",
+        "model.deterministic_kernels=false) (default: triton,torch on a GPU, torch on a CPU)",
     )
     parser.add_argument(
         "--dropout",
@@ -200,7 +199,6 @@ def glm_step(
         or (variant and backend != "triton")
     ):
         raise SystemExit(f"--kernels: {kernels!r} is not one of triton, torch, triton-atomic")
-    deterministic = variant != "atomic"
     config = ModelConfig(
         num_layers=args.layers,
         hidden_size=args.hidden,
@@ -210,6 +208,7 @@ def glm_step(
         hidden_dropout=dropout,
         attention_dropout=dropout,
         kernels=backend,
+        deterministic_kernels=variant != "atomic",
     )
     model = GLMModel(config, args.vocab, device="meta")
     model.to_empty(device=args.device)
@@ -222,7 +221,6 @@ def glm_step(
     forward = torch.compile(model) if args.compile else model
 
     def step() -> None:
-        set_deterministic(deterministic)  # the steps of the rows run in turns
         hidden = forward(batch["tokens"], batch["position_ids"], batch["sep"])
         glm_loss(model, hidden, batch["targets"], batch["loss_mask"], batch["loss_index"]).backward()
         optimizer.step()

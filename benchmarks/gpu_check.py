@@ -242,9 +242,7 @@ def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool) ->
         "0.1,0",
         "--profile",
     ]
-    if (
-        not smoke
-    ):  # also the attention backward that adds dQ with atomics (training.deterministic_kernels=false)
+    if not smoke:  # also the attention backward that adds dQ with atomics (model.deterministic_kernels=false)
         command += ["--kernels", "triton,triton-atomic,torch"]
     if smoke:
         command += ["--layers", "2", "--hidden", "64", "--heads", "4", "--seq", "64", "--batch", "2"]

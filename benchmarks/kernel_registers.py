@@ -111,7 +111,7 @@ def tile_table(args) -> None:
     for dtype in args.dtypes:
         for head_dim in args.head_dims:
             # Without dropout; with it, the backward reading the forward's keep bits or drawing them again; dK/dV
-            # adding dQ with atomics (GLM_KERNELS_DETERMINISTIC=0), without dropout and with the stored bits.
+            # adding dQ with atomics (model.deterministic_kernels: false), without dropout and with the stored bits.
             modes = ((False, False, False), (True, True, False), (True, False, False), (False, False, True),
                      (True, True, True))  # fmt: skip
             for dropout, keep_bits, atomic in modes:

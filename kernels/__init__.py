@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import sys
 
 import torch
@@ -22,33 +21,6 @@ from kernels.errors import KernelError
 from kernels.reference import glm_attention_mask, glm_attention_torch, layer_norm_torch
 
 BACKENDS = ("auto", "triton", "torch")
-
-
-# Whether the Triton kernels must give bitwise reproducible results (see ``set_deterministic``).
-_DETERMINISTIC: bool = os.environ.get("GLM_KERNELS_DETERMINISTIC", "1").strip().lower() not in (
-    "0",
-    "false",
-    "no",
-    "off",
-)
-
-
-def set_deterministic(enabled: bool) -> None:
-    """Whether the Triton kernels must be bitwise reproducible (the default; ``GLM_KERNELS_DETERMINISTIC=0`` starts
-    a process with False, ``training.deterministic_kernels`` sets it for a training run).
-
-    Not deterministic, the attention's backward adds dQ from the dK/dV kernel into an fp32 buffer with atomics, as
-    FlashAttention-2 does: per query-key pair two matmuls and one exp fewer than the separate dQ kernel, and one
-    launch fewer; the atomics add in an order that varies between runs, so gradients differ in their last bits
-    from run to run and a resumed run is no longer bitwise the uninterrupted one.
-    ``torch.use_deterministic_algorithms(True)`` keeps the deterministic kernels either way."""
-    global _DETERMINISTIC
-    _DETERMINISTIC = bool(enabled)
-
-
-def deterministic() -> bool:
-    """Whether the Triton kernels run their bitwise reproducible variants now (``set_deterministic``)."""
-    return _DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
 
 
 @functools.cache
@@ -96,12 +68,16 @@ def glm_attention(
     dropout_p: float = 0.0,
     lengths: torch.Tensor | None = None,
     backend: str = "auto",
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """Attention over ``[B, H, T, D]`` where key j is visible to query i iff ``j < sep[b]`` or ``j <= i``.
 
     ``softmax_scale`` defaults to ``1/sqrt(D)``. ``dropout_p`` drops attention probabilities (torch's RNG on the
     torch path; a seed drawn from torch's generator of the device on the Triton path). ``lengths`` ([B] ints)
     marks query rows at or past ``lengths[b]`` as padding (output 0, no gradient) and hides keys past it.
+    ``deterministic=False`` lets the Triton backward add dQ with atomics, as FlashAttention-2 does: less work,
+    but dQ then differs in its last bits from run to run (``torch.use_deterministic_algorithms(True)`` overrides
+    it; the torch path ignores it).
     """
     if not 0.0 <= dropout_p < 1.0:
         raise KernelError(f"glm_attention: dropout_p={dropout_p} must be in [0, 1)")
@@ -109,7 +85,14 @@ def glm_attention(
         from kernels.triton_attention import glm_attention_triton
 
         return glm_attention_triton(
-            q, k, v, sep, softmax_scale=softmax_scale, dropout_p=dropout_p, lengths=lengths
+            q,
+            k,
+            v,
+            sep,
+            softmax_scale=softmax_scale,
+            dropout_p=dropout_p,
+            lengths=lengths,
+            deterministic=deterministic,
         )
     return glm_attention_torch(
         q, k, v, sep, softmax_scale=softmax_scale, dropout_p=dropout_p, lengths=lengths
@@ -124,6 +107,7 @@ def glm_attention_qkv(
     dropout_p: float = 0.0,
     lengths: torch.Tensor | None = None,
     backend: str = "auto",
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """``glm_attention`` on the packed output of a fused query-key-value projection, ``qkv`` [B, T, 3, H, D]:
     returns [B, H, T, D] as ``glm_attention`` does, and ``qkv``'s gradient comes back as one tensor (the Triton
@@ -135,7 +119,12 @@ def glm_attention_qkv(
         from kernels.triton_attention import glm_attention_qkv_triton
 
         return glm_attention_qkv_triton(
-            qkv, sep, softmax_scale=softmax_scale, dropout_p=dropout_p, lengths=lengths
+            qkv,
+            sep,
+            softmax_scale=softmax_scale,
+            dropout_p=dropout_p,
+            lengths=lengths,
+            deterministic=deterministic,
         )
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise KernelError(f"glm_attention_qkv: qkv must be [B, T, 3, H, D]; got {tuple(qkv.shape)}")

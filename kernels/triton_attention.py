@@ -4,7 +4,7 @@ Backward, in three launches: ``delta = rowsum(dO * O)`` once per query row; dK a
 the query blocks that can see it; dQ per query block, looping over the key blocks it sees. Splitting dQ from
 dK/dV recomputes the scores once more than an atomic-add dQ would, but writes every gradient exactly once, so
 gradients are deterministic (bit-identical reruns) and no fp32 dQ buffer is needed. With
-``kernels.set_deterministic(False)`` the dK/dV kernel adds dQ into an fp32 buffer with atomics instead (zeroed by
+``deterministic=False`` the dK/dV kernel adds dQ into an fp32 buffer with atomics instead (zeroed by
 the first launch, converted by the last), as FlashAttention-2 does: less work, not bitwise reproducible. With dropout the forward
 stores its keep decisions as bits and both backward kernels read them (``triton_support.STORE_DROPOUT_MASK``).
 """
@@ -16,7 +16,6 @@ import math
 
 import torch
 
-import kernels
 from kernels import triton_support
 from kernels.errors import KernelError
 from kernels.triton_attention_kernels import (
@@ -156,16 +155,16 @@ def _attention_forward(q, k, v, sep, lengths, softmax_scale: float, dropout_p: f
 
 def _attention_backward(
     q, k, v, out, lse, sep, lengths_arg, seed, keep_bits, has_lengths: bool, softmax_scale: float,
-    dropout_p: float, grad_out, dq, dk, dv,
+    dropout_p: float, atomic: bool, grad_out, dq, dk, dv,
 ) -> None:  # fmt: skip
-    """Launch the backward, writing the gradients into ``dq``, ``dk``, ``dv`` (any strides, unit last stride)."""
+    """Launch the backward, writing the gradients into ``dq``, ``dk``, ``dv`` (any strides, unit last stride);
+    with ``atomic`` dQ by atomic adds from the dK/dV kernel."""
     grad_out = _unit_last_stride(grad_out)
     batch, heads, query_length, head_dim = q.shape
     key_length = k.shape[2]
     flags = _kernel_flags(q, lengths_arg if has_lengths else None, dropout_p)
     flags["KEEP_BITS"] = keep_bits.dtype == torch.uint8
     delta = torch.empty_like(lse)
-    atomic = not kernels.deterministic()
     # fp32 dQ accumulator of the atomic backward, zeroed by the preprocess kernel (else delta stands in).
     dq_accum = (
         torch.empty((batch * heads, query_length, head_dim), device=q.device, dtype=torch.float32)
@@ -211,15 +210,22 @@ def _attention_backward(
         )  # fmt: skip
 
 
+def _atomic_dq(deterministic: bool) -> bool:
+    """Whether the backward adds dQ with atomics: when the caller allows it and torch is not told to be
+    deterministic (``torch.use_deterministic_algorithms``)."""
+    return not deterministic and not torch.are_deterministic_algorithms_enabled()
+
+
 class GLMAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sep, lengths, softmax_scale, dropout_p):
+    def forward(ctx, q, k, v, sep, lengths, softmax_scale, dropout_p, deterministic):
         # (needs_input_grad is all False under no_grad: a recomputation's first pass stores no dropout mask.)
         out, lse, seed, keep_bits, lengths_arg = _attention_forward(
             q, k, v, sep, lengths, softmax_scale, dropout_p, any(ctx.needs_input_grad[:3])
         )
         ctx.save_for_backward(q, k, v, out, lse, sep, lengths_arg, seed, keep_bits)
         ctx.softmax_scale, ctx.dropout_p, ctx.has_lengths = softmax_scale, dropout_p, lengths is not None
+        ctx.atomic = _atomic_dq(deterministic)
         return out
 
     @staticmethod
@@ -229,9 +235,9 @@ class GLMAttentionFunction(torch.autograd.Function):
         dq, dk, dv = _empty_in_layout_of(q), _empty_in_layout_of(k), _empty_in_layout_of(v)
         _attention_backward(
             q, k, v, out, lse, sep, lengths_arg, seed, keep_bits, ctx.has_lengths, ctx.softmax_scale,
-            ctx.dropout_p, grad_out, dq, dk, dv,
+            ctx.dropout_p, ctx.atomic, grad_out, dq, dk, dv,
         )  # fmt: skip
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _heads_of(qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -250,13 +256,14 @@ class GLMPackedAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qkv, sep, lengths, softmax_scale, dropout_p):
+    def forward(ctx, qkv, sep, lengths, softmax_scale, dropout_p, deterministic):
         q, k, v = _heads_of(qkv)
         out, lse, seed, keep_bits, lengths_arg = _attention_forward(
             q, k, v, sep, lengths, softmax_scale, dropout_p, ctx.needs_input_grad[0]
         )
         ctx.save_for_backward(qkv, out, lse, sep, lengths_arg, seed, keep_bits)
         ctx.softmax_scale, ctx.dropout_p, ctx.has_lengths = softmax_scale, dropout_p, lengths is not None
+        ctx.atomic = _atomic_dq(deterministic)
         return out
 
     @staticmethod
@@ -266,9 +273,9 @@ class GLMPackedAttentionFunction(torch.autograd.Function):
         dqkv = torch.empty(qkv.shape, device=qkv.device, dtype=qkv.dtype)
         _attention_backward(
             *_heads_of(qkv), out, lse, sep, lengths_arg, seed, keep_bits, ctx.has_lengths, ctx.softmax_scale,
-            ctx.dropout_p, grad_out, *_heads_of(dqkv),
+            ctx.dropout_p, ctx.atomic, grad_out, *_heads_of(dqkv),
         )  # fmt: skip
-        return dqkv, None, None, None, None
+        return dqkv, None, None, None, None, None
 
 
 def _check_common(
@@ -325,12 +332,14 @@ def glm_attention_triton(
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
     lengths: torch.Tensor | None = None,
+    deterministic: bool = True,
 ) -> torch.Tensor:
-    """The Triton counterpart of ``kernels.reference.glm_attention_torch`` (same arguments, same result)."""
+    """The Triton counterpart of ``kernels.reference.glm_attention_torch`` (same arguments, same result);
+    ``deterministic=False`` adds dQ with atomics in the backward."""
     _check_inputs(q, k, v, sep, lengths)
     softmax_scale, sep, lengths = _prepared(q.shape[-1], q.device, softmax_scale, sep, lengths)
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-    return GLMAttentionFunction.apply(q, k, v, sep, lengths, softmax_scale, float(dropout_p))
+    return GLMAttentionFunction.apply(q, k, v, sep, lengths, softmax_scale, float(dropout_p), deterministic)
 
 
 def glm_attention_qkv_triton(
@@ -340,6 +349,7 @@ def glm_attention_qkv_triton(
     softmax_scale: float | None = None,
     dropout_p: float = 0.0,
     lengths: torch.Tensor | None = None,
+    deterministic: bool = True,
 ) -> torch.Tensor:
     """``glm_attention_triton`` on a packed [B, T, 3, H, D] ``qkv``; the result is [B, H, T, D] (in memory
     [B, T, H, D]), its gradient one [B, T, 3, H, D] tensor."""
@@ -349,5 +359,5 @@ def glm_attention_qkv_triton(
     _check_common(where, qkv.dtype, qkv.shape[0], qkv.shape[4], sep, lengths)
     softmax_scale, sep, lengths = _prepared(qkv.shape[-1], qkv.device, softmax_scale, sep, lengths)
     return GLMPackedAttentionFunction.apply(
-        _unit_last_stride(qkv), sep, lengths, softmax_scale, float(dropout_p)
+        _unit_last_stride(qkv), sep, lengths, softmax_scale, float(dropout_p), deterministic
     )

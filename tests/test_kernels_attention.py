@@ -307,7 +307,7 @@ def test_the_stored_dropout_mask_gives_what_replaying_it_gives(monkeypatch, inde
     ],
 )
 def test_atomic_dq_gives_the_deterministic_backwards_gradients(monkeypatch, case, dtype, dropout_p):
-    """kernels.set_deterministic(False): dQ added with atomics by the dK/dV kernel is the separate dQ kernel's up to
+    """deterministic=False: dQ added with atomics by the dK/dV kernel is the separate dQ kernel's up to
     the summation order (the output, dK and dV are bitwise the same), through padding rows, cached keys, a head dim
     short of its power of two and dropout; torch.use_deterministic_algorithms(True) keeps the dQ kernel."""
     from kernels import triton_attention
@@ -317,7 +317,6 @@ def test_atomic_dq_gives_the_deterministic_backwards_gradients(monkeypatch, case
     lengths = None if lengths is None else _ints(lengths)
     q, k, v = _qkv(batch, heads, query_length, key_length, head_dim, dtype, seed=6)
     grad_out = _randn(batch, heads, query_length, head_dim, seed=8)
-    monkeypatch.setattr(kernels, "_DETERMINISTIC", True)  # restored after the test
     launched = []
     for name in ("_backward_dq", "_backward_dq_convert"):
         launcher = getattr(triton_attention, name)
@@ -331,12 +330,18 @@ def test_atomic_dq_gives_the_deterministic_backwards_gradients(monkeypatch, case
         )
 
     def run(deterministic: bool):
-        kernels.set_deterministic(deterministic)
         launched.clear()
         torch.manual_seed(4)
         results = _forward_backward(
             lambda q, k, v: glm_attention(
-                q, k, v, sep, dropout_p=dropout_p, lengths=lengths, backend="triton"
+                q,
+                k,
+                v,
+                sep,
+                dropout_p=dropout_p,
+                lengths=lengths,
+                backend="triton",
+                deterministic=deterministic,
             ),
             [q, k, v],
             grad_out,

@@ -315,6 +315,42 @@ def test_triton_kernels_compute_what_torch_kernels_compute(single_rank):
         torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_non_deterministic_kernels_train_as_the_deterministic_ones(single_rank, monkeypatch):
+    """``model.deterministic_kernels: false`` reaches the attention: its backward adds dQ with atomics (the dQ
+    conversion kernel runs, the dQ kernel does not) and, with dropout, the loss is the same and every gradient
+    agrees with the deterministic model's up to the order of the fp32 additions."""
+    from kernels import triton_attention
+
+    launched = []
+    for name in ("_backward_dq", "_backward_dq_convert"):
+        launcher = getattr(triton_attention, name)
+
+        def spy(*args, launcher=launcher, name=name, **kwargs):
+            launched.append(name)
+            return launcher(*args, **kwargs)
+
+        monkeypatch.setattr(triton_attention, name, spy)
+    config = dataclasses.replace(TINY, hidden_dropout=0.2, attention_dropout=0.2, kernels="triton")
+    batch = make_batch()
+    results = {}
+    for deterministic in (True, False):
+        launched.clear()
+        model = GLMModel(dataclasses.replace(config, deterministic_kernels=deterministic), VOCAB, seed=5)
+        parallel.seed_parallel_rng(9)
+        hidden, loss = forward_and_loss(model, batch)
+        loss.backward()
+        results[deterministic] = (
+            loss.detach(),
+            {n: p.grad for n, p in model.named_parameters()},
+            set(launched),
+        )
+    (loss, grads, kernels_run), (want_loss, want_grads, want_kernels) = results[False], results[True]
+    assert (kernels_run, want_kernels) == ({"_backward_dq_convert"}, {"_backward_dq"})
+    assert torch.equal(loss, want_loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_bf16_tracks_fp32(single_rank):
     batch = make_batch()
     model = GLMModel(TINY, VOCAB, seed=5)

@@ -53,6 +53,10 @@ class ModelConfig:
     core."""
     kernels: Literal["auto", "triton", "torch"] = "auto"
     """"auto": Triton kernels on CUDA when available, torch elsewhere; "triton" or "torch" to force."""
+    deterministic_kernels: bool = True
+    """Bitwise reproducible Triton kernels, so that a resumed run is bitwise the uninterrupted one. false lets the
+    attention's backward add dQ with atomics, as FlashAttention-2 does (less work per step; gradients then
+    differ in their last bits from run to run, and so does a resumed run from the uninterrupted one)."""
 
     def problems(self) -> Problems:
         found = _positive(
@@ -219,10 +223,6 @@ class TrainingConfig:
     """Replay each transformer layer's forward and backward from CUDA graphs once warmed up (fewer kernel
     launches from the host); needs CUDA, no activation checkpointing, no pipeline parallelism, ZeRO 0-2.
     Experimental: not yet run on a GPU."""
-    deterministic_kernels: bool = True
-    """Bitwise reproducible Triton kernels, so that a resumed run is bitwise the uninterrupted one. false lets the
-    attention's backward add dQ with atomics, as FlashAttention-2 does (less work per step; gradients then
-    differ in their last bits from run to run, and so does a resumed run from the uninterrupted one)."""
 
     def problems(self) -> Problems:
         found = _positive(self, "training", "micro_batch_size", "global_batch_size", "train_steps")

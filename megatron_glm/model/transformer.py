@@ -120,6 +120,7 @@ class GLMSelfAttention(nn.Module):
         self.dropout_p = config.attention_dropout
         self.recompute_core = config.activation_checkpointing == "selective"
         self.kernel_backend = config.kernels
+        self.deterministic = config.deterministic_kernels
         output_std = config.init_method_std / math.sqrt(2.0 * config.num_layers)
         self.query_key_value = ColumnParallelLinear(
             h, 3 * h, stride=3, init_method=normal_init(config.init_method_std), device=device, dtype=dtype
@@ -155,13 +156,16 @@ class GLMSelfAttention(nn.Module):
     def core_attention(self, qkv: torch.Tensor, sep: torch.Tensor) -> torch.Tensor:
         """Attention over the packed ``qkv`` [B, T, 3, heads, d_head]; returns [B, heads, T, d_head]."""
         scale = 1.0 / math.sqrt(self.head_dim)
+        options = {
+            "softmax_scale": scale,
+            "backend": self.kernel_backend,
+            "deterministic": self.deterministic,
+        }
         if not (self.training and self.dropout_p > 0):
-            return kernels.glm_attention_qkv(qkv, sep, softmax_scale=scale, backend=self.kernel_backend)
+            return kernels.glm_attention_qkv(qkv, sep, **options)
         # The heads are split over the tensor ranks: each rank drops from its own stream.
         with get_rng_tracker().fork():
-            return kernels.glm_attention_qkv(
-                qkv, sep, softmax_scale=scale, dropout_p=self.dropout_p, backend=self.kernel_backend
-            )
+            return kernels.glm_attention_qkv(qkv, sep, dropout_p=self.dropout_p, **options)
 
 
 class GLMMLP(nn.Module):

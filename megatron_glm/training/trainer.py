@@ -154,15 +154,14 @@ def _setup(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> TrainingRu
     vocab_size = padded_vocab_size(cfg.model, layout.tensor_parallel_size)
     engine = TrainingEngine(cfg, layout, vocab_size, device)
     backend = kernels.resolve_backend(cfg.model.kernels, device)
-    kernels.set_deterministic(cfg.training.deterministic_kernels)
     logger.info(
         "kernels: %s attention and LayerNorm on %s (model.kernels=%s)%s",
         backend,
         device.type,
         cfg.model.kernels,
         ""
-        if kernels.deterministic()
-        else "; not bitwise reproducible (training.deterministic_kernels=false)",
+        if cfg.model.deterministic_kernels or backend != "triton"
+        else "; attention backward with atomic dQ, not bitwise reproducible (model.deterministic_kernels=false)",
     )
     if backend == "triton" and device.type == "cuda":
         from kernels.precompile import default_workers
