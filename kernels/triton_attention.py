@@ -3,10 +3,10 @@
 Backward, in three launches: ``delta = rowsum(dO * O)`` once per query row; dK and dV per key block, looping over
 the query blocks that can see it; dQ per query block, looping over the key blocks it sees. Splitting dQ from
 dK/dV recomputes the scores once more than an atomic-add dQ would, but writes every gradient exactly once, so
-gradients are deterministic (bit-identical reruns) and no fp32 dQ buffer is needed. With
-``deterministic=False`` the dK/dV kernel adds dQ into an fp32 buffer with atomics instead (zeroed by
-the first launch, converted by the last), as FlashAttention-2 does: less work, not bitwise reproducible. With dropout the forward
-stores its keep decisions as bits and both backward kernels read them (``triton_support.STORE_DROPOUT_MASK``).
+gradients are deterministic (bit-identical reruns) and no fp32 dQ buffer is needed. With ``deterministic=False``
+the dK/dV kernel adds dQ into an fp32 buffer with atomics instead (zeroed by the first launch, converted by the
+last), as FlashAttention-2 does: less work, not bitwise reproducible. With dropout the forward stores its keep
+decisions as bits and both backward kernels read them (``triton_support.STORE_DROPOUT_MASK``).
 """
 
 from __future__ import annotations

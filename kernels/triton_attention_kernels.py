@@ -226,11 +226,6 @@ def _load_tile(
 
 
 @triton.jit
-def _keep_bit(uniform, threshold, BIT: tl.constexpr):
-    return (uniform.to(tl.int32, bitcast=True) >= threshold).to(tl.int32) << BIT
-
-
-@triton.jit
 def _dropout_keep(seed, query_index, start_n, bh, threshold, BLOCK_N: tl.constexpr):
     """Keep decisions ``[len(query_index), BLOCK_N]`` of queries ``query_index`` against keys ``start_n ..
     start_n + BLOCK_N - 1`` (``start_n`` a multiple of 8): one Philox call per query and group of 8 keys,
