@@ -7,7 +7,8 @@ Attention: 16 heads (8 at head dim 128), bf16, about 16K tokens per step (batch 
 forward+backward, at T 512-8192 and head dims 64 and 128 (``--lengths``, ``--head-dims``):
   ours        kernels.glm_attention (Triton) with sep = 0 (causal) and sep = T/2 (GLM), and with dropout 0.1:
               the backward reading the keep bits the forward stored (the default), and ("replayed") drawing
-              the mask again from Philox in both backward kernels (GLM_KERNELS_STORE_DROPOUT_MASK=0); and
+              the mask again from Philox in both backward kernels (what GLM_KERNELS_DROPOUT_MASK_MAX_MIB makes
+              the default past its size: 64 MiB per call, here from T 4096 at D 64); and
               ("atomic dQ") with dQ added by the dK/dV kernel with atomics (deterministic=False,
               model.deterministic_kernels: false), without and with dropout
   sdpa-mask   torch scaled_dot_product_attention with the equivalent dense boolean mask (our torch path),
@@ -159,22 +160,19 @@ def _attention_variants(
     half = torch.full((batch,), length // 2, device=device, dtype=torch.int64)
     zero = torch.zeros(batch, device=device, dtype=torch.int64)
 
-    def ours(sep: torch.Tensor, dropout_p: float = 0.0, deterministic: bool = True) -> Callable:
+    def ours(
+        sep: torch.Tensor, dropout_p: float = 0.0, deterministic: bool = True, store_mask: bool = True
+    ) -> Callable:
         def attention(q, k, v):
-            return glm_attention(
-                q, k, v, sep, dropout_p=dropout_p, backend="triton", deterministic=deterministic
-            )
-
-        return attention
-
-    def replayed(sep: torch.Tensor) -> Callable:
-        def attention(q, k, v):
-            stored = triton_support.STORE_DROPOUT_MASK
-            triton_support.STORE_DROPOUT_MASK = False  # read by the forward; the backward does what it did
+            # The forward decides whether to keep its dropout decisions; the backward does what it decided.
+            limit = triton_support.DROPOUT_MASK_MAX_BYTES
+            triton_support.DROPOUT_MASK_MAX_BYTES = 2**62 if store_mask else 0
             try:
-                return ours(sep, 0.1)(q, k, v)
+                return glm_attention(
+                    q, k, v, sep, dropout_p=dropout_p, backend="triton", deterministic=deterministic
+                )
             finally:
-                triton_support.STORE_DROPOUT_MASK = stored
+                triton_support.DROPOUT_MASK_MAX_BYTES = limit
 
         return attention
 
@@ -195,7 +193,7 @@ def _attention_variants(
         ("ours sep=T/2 dropout 0.1", ours(half, 0.1), length // 2),
         ("ours sep=T/2 dropout 0.1 atomic dQ", ours(half, 0.1, deterministic=False), length // 2),
         ("sdpa-causal dropout 0.1", causal(0.1), 0),
-        ("ours sep=T/2 dropout 0.1 replayed", replayed(half), length // 2),
+        ("ours sep=T/2 dropout 0.1 replayed", ours(half, 0.1, store_mask=False), length // 2),
         ("sdpa-mask sep=T/2 dropout 0.1", masked(0.1), length // 2),
         ("sdpa-mask sep=T/2", masked(0.0), length // 2),
         ("ours sep=0", ours(zero), 0),

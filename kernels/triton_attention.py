@@ -6,7 +6,7 @@ dK/dV recomputes the scores once more than an atomic-add dQ would, but writes ev
 gradients are deterministic (bit-identical reruns) and no fp32 dQ buffer is needed. With ``deterministic=False``
 the dK/dV kernel adds dQ into an fp32 buffer with atomics instead (zeroed by the first launch, converted by the
 last), as FlashAttention-2 does: less work, not bitwise reproducible. With dropout the forward stores its keep
-decisions as bits and both backward kernels read them (``triton_support.STORE_DROPOUT_MASK``).
+decisions as bits and both backward kernels read them (up to ``triton_support.DROPOUT_MASK_MAX_BYTES``).
 """
 
 from __future__ import annotations
@@ -117,19 +117,18 @@ def _tma_possible(*tiled: torch.Tensor) -> bool:
 def _attention_forward(q, k, v, sep, lengths, softmax_scale: float, dropout_p: float, for_backward: bool):
     """Launch the forward; returns ``(out, lse, seed, keep_bits, lengths_arg)``, what the backward needs besides
     q, k, v. ``keep_bits`` holds the dropout's keep decisions where the forward stored them (with dropout, for a
-    backward, ``triton_support.STORE_DROPOUT_MASK``), else it is ``sep``."""
+    backward, up to ``triton_support.DROPOUT_MASK_MAX_BYTES``), else it is ``sep``."""
     batch, heads, query_length, _ = q.shape
     key_length = k.shape[2]
     out = _empty_in_layout_of(q)
     lse = torch.empty((batch, heads, query_length), device=q.device, dtype=torch.float32)
     # (Without dropout the kernels never read the seed or the keep bits; sep stands in for the pointers.)
     seed = dropout_seed(q.device) if dropout_p > 0.0 else sep
-    store_mask = dropout_p > 0.0 and for_backward and triton_support.STORE_DROPOUT_MASK
-    keep_bits = sep
-    if store_mask:
-        keep_bits = torch.empty(
-            (batch * heads, query_length, cdiv(key_length, DROPOUT_GROUP)), device=q.device, dtype=torch.uint8
-        )
+    bits_shape = (batch * heads, query_length, cdiv(key_length, DROPOUT_GROUP))
+    store_mask = (
+        dropout_p > 0.0 and for_backward and math.prod(bits_shape) <= triton_support.DROPOUT_MASK_MAX_BYTES
+    )
+    keep_bits = torch.empty(bits_shape, device=q.device, dtype=torch.uint8) if store_mask else sep
     lengths_arg = sep if lengths is None else lengths
     flags = _kernel_flags(q, lengths, dropout_p)
     flags["KEEP_BITS"] = store_mask

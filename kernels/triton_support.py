@@ -167,10 +167,24 @@ def dropout_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64)
 
 
-# GLM_KERNELS_STORE_DROPOUT_MASK=0 makes the attention's backward draw its dropout mask again from Philox, as
-# the forward drew it, instead of reading the keep bits the forward stored (one bit per query-key pair, kept from
-# the forward to the backward: B * H * Tq * Tk / 8 bytes per attention call). Read at each forward.
-STORE_DROPOUT_MASK: bool = _switched_on("GLM_KERNELS_STORE_DROPOUT_MASK")
+def _mebibytes(name: str, default: int) -> int:
+    """Bytes from a size in MiB in the environment variable ``name``."""
+    value = os.environ.get(name, "").strip() or str(default)
+    try:
+        mebibytes = float(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected a size in MiB (0 turns it off)") from None
+    if mebibytes < 0:
+        raise ValueError(f"{name}={value!r}: expected a size in MiB >= 0 (0 turns it off)")
+    return int(mebibytes * 2**20)
+
+
+# The attention's forward keeps its dropout decisions for the backward (one bit per query-key pair: B * H * Tq *
+# Tk / 8 bytes per call, kept until the backward) when they take at most GLM_KERNELS_DROPOUT_MASK_MAX_MIB (64 MiB:
+# glm-large's T 512 at micro batch 16 takes 8); beyond, the backward draws them again from Philox as the forward
+# drew them. The bits grow with T^2 and a layer's activations with T: at long T without recomputation they would
+# outgrow the activations. 0 never stores them. Read at each forward.
+DROPOUT_MASK_MAX_BYTES: int = _mebibytes("GLM_KERNELS_DROPOUT_MASK_MAX_MIB", 64)
 
 # GLM_KERNELS_DIRECT_LAUNCH=0 sends every launch through Triton's own dispatch (the reference behaviour, kept
 # for comparison: benchmarks/bench_launch_overhead.py times both).

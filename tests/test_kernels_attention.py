@@ -253,7 +253,8 @@ KEEP_BITS_TILES = [None] if torch.cuda.is_available() else [1, 4]
 def test_the_stored_dropout_mask_gives_what_replaying_it_gives(monkeypatch, index):
     """The forward's keep bits, read back by dQ and dK/dV, are the decisions the backward would draw again from
     Philox: outputs and gradients bitwise equal with both, over padding rows, cached keys (Tq < Tk) and sep
-    at and off the tiles' edges. The bits take one byte per query and 8 keys, kept for the backward."""
+    at and off the tiles' edges. The bits take one byte per query and 8 keys, kept for the backward; past the
+    size limit (GLM_KERNELS_DROPOUT_MASK_MAX_MIB) the backward draws the decisions again instead."""
     from kernels import triton_attention_kernels, triton_support
 
     for kernel, owned, inner, shapes in (
@@ -272,9 +273,10 @@ def test_the_stored_dropout_mask_gives_what_replaying_it_gives(monkeypatch, inde
     _, k, v = _qkv(batch, heads, key_length, key_length, head_dim, torch.float32, seed=4)
     sep, lengths = _ints([0, 64, 100, 149]), _ints([150, 140, 129, 31])
     grad_out = _randn(batch, heads, query_length, head_dim, seed=5)
+    size = batch * heads * query_length * -(-key_length // 8)  # bytes of the bits: stored up to the limit
 
     def run(store: bool):
-        monkeypatch.setattr(triton_support, "STORE_DROPOUT_MASK", store)
+        monkeypatch.setattr(triton_support, "DROPOUT_MASK_MAX_BYTES", size if store else size - 1)
         leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
         torch.manual_seed(9)
         out = glm_attention(*leaves, sep, dropout_p=0.3, lengths=lengths, backend="triton")
@@ -286,11 +288,11 @@ def test_the_stored_dropout_mask_gives_what_replaying_it_gives(monkeypatch, inde
     for name, a, b in zip(["out", "dq", "dk", "dv"], stored, replayed):
         assert torch.equal(a, b), name
     assert stored[2].abs().max() > 0
-    assert [tuple(t.shape) for t in bits] == [(batch * heads, query_length, -(-key_length // 8))]
+    assert [t.numel() for t in bits] == [size]
     assert none == []
     # Without a backward to come (a recomputation's first pass runs under no_grad) nothing is stored, and the
     # forward drops what it drops with the bits.
-    monkeypatch.setattr(triton_support, "STORE_DROPOUT_MASK", True)
+    monkeypatch.setattr(triton_support, "DROPOUT_MASK_MAX_BYTES", size)
     torch.manual_seed(9)
     with torch.no_grad():
         assert torch.equal(
