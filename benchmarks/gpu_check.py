@@ -260,7 +260,7 @@ def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool) ->
             "torch",
         ]
     log = work / "bench-model.log"
-    status, text = run(report, command, env, 180 if not smoke else 400, log)
+    status, text = run(report, command, env, 240 if not smoke else 400, log)  # four models, two dropouts
     report.add("")
     tables, _, profiles = text.partition("# profile of")
     for line in tables.splitlines():
