@@ -19,8 +19,8 @@ within about 8 minutes:
    step-50 checkpoint is complete, resumed, and its losses of steps 51-100 compared with the first run's;
    the throughput table, and a profile of three steps (GPU kernels and the host's phases) and of three more
    under cProfile (the host's Python functions);
-5. on request (``--stages``): ``throughput`` (glm-pretrain under ZeRO-1 and ZeRO-2, and ZeRO-1 with per-layer
-   CUDA graphs and with torch's kernels, side by side), ``graphs``
+5. on request (``--stages``): ``throughput`` (glm-pretrain under ZeRO-1, and ZeRO-1 with the attention's
+   atomic-dQ backward, with per-layer CUDA graphs and with torch's kernels, side by side), ``graphs``
    (the model step also captured in one CUDA graph: its speed without the host's launch overhead), ``kbench``
    (``benchmarks/bench_kernels_gpu.py``: attention against SDPA and FlexAttention, LayerNorm against torch),
    ``glm2b`` (glm-2b on one GPU with ZeRO-1 at T 1024: tokens/s, MFU and peak memory) and ``compile``
@@ -89,7 +89,7 @@ def parse_args() -> argparse.Namespace:
         "(bench_model.py, dropout 0.1 and 0, profiled; it also leaves the autotuned tiles of the glm-large "
         "shapes in Triton's cache for the training runs), launch (bench_launch_overhead.py: host time per "
         "kernel call, direct launches vs Triton's dispatch vs torch), pretrain (100 steps, evaluation, checkpoint, kill -9, "
-        "exact resume), throughput (glm-pretrain ZeRO-1 vs ZeRO-2 vs CUDA graphs vs torch kernels, profiled), graphs (bench_model.py with each "
+        "exact resume), throughput (glm-pretrain ZeRO-1 vs atomic-dQ attention vs CUDA graphs vs torch kernels, profiled), graphs (bench_model.py with each "
         "step also captured in a CUDA graph), kbench (bench_kernels_gpu.py), "
         "glm2b (glm-2b on one GPU, ZeRO-1, T 1024, 12 steps: tokens/s, MFU, peak "
         "memory), compile (bench_compile.py: the autotuning candidates compiled one by one vs in worker "
