@@ -595,7 +595,15 @@ def _dkdv_block(
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=_DKDV_TUNING_KEY, prune_configs_by=_PRUNING, cache_results=True)
+# The autotuner runs each candidate several times on the real arguments: with ATOMIC_DQ each run adds into the dQ
+# accumulator, so its zeroed content is restored after every timing run (``restore_value``).
+@triton.autotune(
+    configs=_DKDV_CONFIGS,
+    key=_DKDV_TUNING_KEY,
+    prune_configs_by=_PRUNING,
+    cache_results=True,
+    restore_value=["DQAccum"],
+)
 @triton.jit
 def attention_backward_dkdv_kernel(
     Q, K, V, DOut, DK, DV, Lse, Delta, Sep, Lengths, Seed, KeepBits, DQAccum,

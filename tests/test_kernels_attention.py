@@ -368,6 +368,43 @@ def test_atomic_dq_gives_the_deterministic_backwards_gradients(monkeypatch, case
         torch.use_deterministic_algorithms(False)
 
 
+def test_autotuning_the_atomic_dq_backward_leaves_dq_as_one_run_adds_it(monkeypatch):
+    """The autotuner runs every dK/dV candidate several times on the real arguments before the launch that counts;
+    with atomic dQ each run adds into the accumulator, so the first backward of a new shape would return a
+    multiple of dQ unless the accumulator is restored after each timing run. Here two candidates are timed by a
+    stand-in that runs each three times (the interpreter cannot time kernels)."""
+    from kernels import triton_attention
+
+    def three_runs(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    qkv = (0.5 * _randn(2, 64, 3, 2, 32, seed=11)).to(torch.bfloat16)
+    sep, grad_out = _ints([20, 64]), _randn(2, 2, 64, 32, seed=12)
+
+    def backward(deterministic: bool):
+        return _forward_backward(
+            lambda qkv: kernels.glm_attention_qkv(qkv, sep, backend="triton", deterministic=deterministic),
+            [qkv],
+            grad_out,
+        )[1]
+
+    want = backward(True)
+    tiles = [triton.Config({"BLOCK_N": 64, "BLOCK_M": 32, "USE_TMA": False}),
+             triton.Config({"BLOCK_N": 32, "BLOCK_M": 64, "USE_TMA": False})]  # fmt: skip
+    monkeypatch.setattr(attention_backward_dkdv_kernel, "configs", tiles)
+    monkeypatch.setattr(attention_backward_dkdv_kernel, "cache", {})
+    # (do_bench is a cached property of the autotuner: set in its __dict__, as the property caches it.)
+    monkeypatch.setitem(attention_backward_dkdv_kernel.__dict__, "do_bench", three_runs)
+    monkeypatch.setattr(triton_attention._backward_dkdv, "_variants", {})
+    got = backward(False)
+    assert len(attention_backward_dkdv_kernel.cache) == 1  # the candidates were timed
+    torch.testing.assert_close(
+        got, want, rtol=0, atol=4 * UNIT_ROUNDOFF[torch.bfloat16] * want.abs().max().item()
+    )
+
+
 def test_autotuning_times_only_small_tiles_for_fp32_inputs():
     for owned, inner, shapes in (("BLOCK_M", "BLOCK_N", FORWARD_SHAPES), ("BLOCK_N", "BLOCK_M", DKDV_SHAPES)):
         configs = [triton.Config({owned: a, inner: b}, num_warps=w, num_stages=s) for a, b, w, s in shapes]
