@@ -395,6 +395,24 @@ def attention_forward_kernel(
 
 
 @triton.jit
+def _row_block(num_heads, query_length, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The (batch, head, query rows) of a program of the row-wise backward kernels: ``(b, h, b * H + h, rows,
+    columns, mask of the real [rows, HEAD_DIM])``."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < query_length)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    return b, h, b * num_heads + h, offs_m, offs_d, mask
+
+
+@triton.jit
+def _dq_accumulator_rows(DQAccum, bh, query_length, offs_m, HEAD_DIM: tl.constexpr):
+    """Row addresses of the fp32 dQ accumulator (``[B * H, Tq, HEAD_DIM]``) of the atomic backward."""
+    return DQAccum + bh.to(tl.int64) * query_length * HEAD_DIM + offs_m[:, None] * HEAD_DIM
+
+
+@triton.jit
 def attention_backward_preprocess_kernel(
     Out, DOut, Delta, DQAccum, stride_ob, stride_oh, stride_ot, stride_db, stride_dh, stride_dt,
     num_heads, query_length,
@@ -402,12 +420,7 @@ def attention_backward_preprocess_kernel(
 ):  # fmt: skip
     """``delta[i] = sum_d dO[i, d] * O[i, d]``: the row term of the softmax gradient, one read of O and dO. With
     ``ATOMIC_DQ`` it also zeroes the rows' fp32 dQ accumulator (``[B * H, Tq, HEAD_DIM]``)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    bh = b * num_heads + h
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < query_length)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    b, h, bh, offs_m, offs_d, mask = _row_block(num_heads, query_length, HEAD_DIM, BLOCK_D, BLOCK_M)
     o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_ot
     do_ptrs = DOut + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_m[:, None] * stride_dt
     o = tl.load(o_ptrs + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -416,7 +429,7 @@ def attention_backward_preprocess_kernel(
         Delta + bh.to(tl.int64) * query_length + offs_m, tl.sum(o * do, axis=1), mask=offs_m < query_length
     )
     if ATOMIC_DQ:
-        rows = DQAccum + bh.to(tl.int64) * query_length * HEAD_DIM + offs_m[:, None] * HEAD_DIM
+        rows = _dq_accumulator_rows(DQAccum, bh, query_length, offs_m, HEAD_DIM)
         tl.store(rows + offs_d[None, :], tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=mask)
 
 
@@ -426,13 +439,8 @@ def attention_backward_dq_convert_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, EMULATE_BF16: tl.constexpr,
 ):  # fmt: skip
     """dQ from the fp32 accumulator the dK/dV kernel added into (``ATOMIC_DQ``): scaled, rounded to dQ's dtype."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    bh = b * num_heads + h
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < query_length)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    rows = DQAccum + bh.to(tl.int64) * query_length * HEAD_DIM + offs_m[:, None] * HEAD_DIM
+    b, h, bh, offs_m, offs_d, mask = _row_block(num_heads, query_length, HEAD_DIM, BLOCK_D, BLOCK_M)
+    rows = _dq_accumulator_rows(DQAccum, bh, query_length, offs_m, HEAD_DIM)
     dq = tl.load(rows + offs_d[None, :], mask=mask, other=0.0)
     DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
     tl.store(
