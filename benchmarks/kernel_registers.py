@@ -158,17 +158,27 @@ def test_selection(args) -> None:
     variants = set()
     for name, (_, _, _, _, head_dim, _, lengths) in CASES.items():
         for dtype in ("fp32", "bf16") + (("fp16",) if name in FP16_CASES else ()):
-            variants.add((dtype, head_dim, lengths is not None, False, False))
+            variants.add((dtype, head_dim, lengths is not None, False, False, False))
     # The dropout tests (the forward's keep bits read back): fp32 at head dim 16, the bf16 statistics test; the
-    # mask drawn again in the backward, with lengths (the stored-against-replayed test).
+    # mask drawn again in the backward, with lengths (the stored-against-replayed test); the atomic-dQ tests,
+    # whose dK/dV kernels are variants of their own (their forwards are the ones above).
     variants |= {
-        ("fp32", 16, False, True, True),
-        ("bf16", 64, False, True, True),
-        ("fp32", 16, True, True, False),
+        ("fp32", 16, False, True, True, False),
+        ("bf16", 64, False, True, True, False),
+        ("fp32", 16, True, True, False, False),
     }
+    if hasattr(module, "attention_backward_dq_convert_kernel"):
+        variants |= {
+            ("fp32", 32, True, False, False, True),
+            ("bf16", 16, True, True, True, True),
+            ("fp32", 48, False, True, True, True),
+            ("bf16", 32, False, False, False, True),
+        }
     total, slowest = 0.0, []
-    for dtype, head_dim, lengths, dropout, keep_bits in sorted(variants):
+    for dtype, head_dim, lengths, dropout, keep_bits, atomic in sorted(variants):
         for name, kernel, owned, inner, shapes in KERNELS:
+            if atomic and name != "dK/dV":
+                continue
             shape = getattr(module, shapes)[0]
             report, seconds = _compile(
                 module,
@@ -177,14 +187,16 @@ def test_selection(args) -> None:
                 inner,
                 shape,
                 dtype,
-                _flags(dtype, head_dim, lengths, dropout, module, keep_bits=keep_bits),
+                _flags(dtype, head_dim, lengths, dropout, module, keep_bits=keep_bits, atomic_dq=atomic),
                 args.arch,
             )
             total += seconds
             slowest.append((seconds, name, dtype, head_dim, shape, report.spilled_bytes))
     source = args.old_kernels or "kernels/triton_attention_kernels.py"
     print(f"# The GPU tests' attention variants on their default tiles ({source}), sm_{args.arch}\n")
-    print(f"{len(variants)} variants x {len(KERNELS)} kernels compile in {total:.0f} s on this machine.\n")
+    print(
+        f"{len(slowest)} kernel variants ({len(variants)} flag sets) compile in {total:.0f} s on this machine.\n"
+    )
     print("| compile s | kernel | dtype | head dim | tile | spill bytes |")
     print("|---|---|---|---|---|---|")
     for seconds, name, dtype, head_dim, shape, spilled in sorted(slowest, reverse=True)[: args.top]:
