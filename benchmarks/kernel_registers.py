@@ -82,7 +82,7 @@ def _flags(
     ):  # kernels from before the TMA candidates lack them
         flags.update({"TMA_POSSIBLE": tma, "USE_TMA": tma})
     if module is None or hasattr(
-        module, "_stored_keep"
+        module, "stored_keep"
     ):  # kernels from before the stored dropout mask lack it
         flags["KEEP_BITS"] = dropout and keep_bits
     if module is None or hasattr(module, "attention_backward_dq_convert_kernel"):  # and before atomic dQ
@@ -115,7 +115,7 @@ def tile_table(args) -> None:
             modes = ((False, False, False), (True, True, False), (True, False, False), (False, False, True),
                      (True, True, True))  # fmt: skip
             for dropout, keep_bits, atomic in modes:
-                if keep_bits and not hasattr(module, "_stored_keep"):
+                if keep_bits and not hasattr(module, "stored_keep"):
                     continue
                 if atomic and not hasattr(module, "attention_backward_dq_convert_kernel"):
                     continue
