@@ -59,7 +59,7 @@ def dropout_bits(seed, query_index, start_n, bh, threshold, BLOCK_N: tl.constexp
 @triton.jit
 def keep_of_bits(b, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keep decisions ``[ROWS, BLOCK_N]`` from their bytes ``[ROWS, BLOCK_N // 8]`` (int32): bit n of a byte is
-    key ``8 * group + n``, the join order of ``uniforms16``."""
+    key ``8 * group + n``, the join order of ``triton_support.philox_uniforms16``."""
     low = tl.join(tl.join(b & 1, b & 2), tl.join(b & 4, b & 8))
     high = tl.join(tl.join(b & 16, b & 32), tl.join(b & 64, b & 128))
     return tl.reshape(tl.join(low, high), [ROWS, BLOCK_N]) != 0

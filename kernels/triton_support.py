@@ -121,13 +121,6 @@ def philox_uniforms16(seed, c0, c1, c2):
     ``seed``: a tensor of the counters' broadcast shape with two more minor dimensions of 2, and one of 2 more,
     which a reshape folds into 8 consecutive elements."""
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, 0, PHILOX_ROUNDS)
-    return uniforms16(r0, r1, r2, r3)
-
-
-@triton.jit
-def uniforms16(r0, r1, r2, r3):
-    """``philox_uniforms16`` of one Philox call's four outputs: uniform ``2 * n`` is the low half of ``r<n>``,
-    ``2 * n + 1`` its high half."""
     low = 0xFFFF
     pairs01 = tl.join(tl.join(r0 & low, r0 >> 16), tl.join(r1 & low, r1 >> 16))
     pairs23 = tl.join(tl.join(r2 & low, r2 >> 16), tl.join(r3 & low, r3 >> 16))
