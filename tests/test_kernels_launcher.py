@@ -280,3 +280,72 @@ def test_real_kernels_give_the_same_bits_launched_directly(monkeypatch):
     direct = [any(variant is not None for variant in launcher._variants.values()) for launcher in launchers]
     # Direct launches need compiled kernels: on a GPU every kernel has one, in the interpreter none.
     assert direct == [device.type == "cuda"] * 4
+
+
+def _launchers() -> dict[str, Launcher]:
+    import kernels.triton_attention as attention
+    import kernels.triton_cross_entropy as cross_entropy
+    import kernels.triton_layer_norm as layer_norm
+
+    return {
+        f"{module.__name__}.{name}": value
+        for module in (attention, layer_norm, cross_entropy)
+        for name, value in vars(module).items()
+        if isinstance(value, Launcher)
+    }
+
+
+def test_every_launch_passes_its_pointers_then_its_scalars(monkeypatch):
+    """A direct launch hands the first ``tensor_args`` arguments to the compiled kernel as addresses and the rest
+    as they are, in the kernel's parameter order. A launcher whose count disagrees with its kernel's pointer
+    parameters (say, after a new pointer parameter), or a call that passes a tensor among the scalars, would
+    launch with the wrong arguments on a GPU, and nothing on a CPU would notice: every kernel's calls are checked
+    here, in every mode (dropout with the stored and the replayed mask, atomic dQ, padding lengths, the packed
+    projection, the LayerNorm's fused and split backward, the dropout-add, the cross entropy)."""
+    import inspect
+
+    from kernels.triton_attention import glm_attention_qkv_triton, glm_attention_triton
+    from kernels.triton_cross_entropy import cross_entropy_triton
+    from kernels.triton_layer_norm import FUSED_BACKWARD_MAX_WIDTH, dropout_add_triton, layer_norm_triton
+
+    seen: set[str] = set()
+    names = {id(launcher): name for name, launcher in _launchers().items()}
+    real_call = Launcher.__call__
+
+    def checked_call(self, grid, *args, **constexprs):
+        name = names[id(self)]
+        seen.add(name)
+        kernel = getattr(self.kernel, "fn", self.kernel)
+        parameters = inspect.signature(getattr(kernel, "fn", kernel)).parameters.values()
+        runtime = [p.name for p in parameters if "constexpr" not in str(p.annotation)]
+        # Pointer parameters are capitalized (Q, Out, KeepBits), scalars not (stride_qb, softmax_scale).
+        assert [n[0].isupper() for n in runtime] == [i < self.tensor_args for i in range(len(runtime))], name
+        assert len(args) == len(runtime), (name, len(args), runtime)
+        assert all(isinstance(a, torch.Tensor) for a in args[: self.tensor_args]), name
+        assert not any(isinstance(a, torch.Tensor) for a in args[self.tensor_args :]), name
+        return real_call(self, grid, *args, **constexprs)
+
+    monkeypatch.setattr(Launcher, "__call__", checked_call)
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    def backward(out):
+        out.backward(torch.randn(out.shape, generator=g))
+
+    q, k, v = rand(1, 2, 24, 16), rand(1, 2, 24, 16), rand(1, 2, 24, 16)
+    sep, lengths = torch.tensor([8]), torch.tensor([20])
+    backward(glm_attention_triton(q, k, v, sep, dropout_p=0.1, lengths=lengths))
+    backward(glm_attention_triton(q, k, v, sep, dropout_p=0.1, deterministic=False))
+    monkeypatch.setattr(support, "DROPOUT_MASK_MAX_BYTES", 0)  # the mask drawn again in the backward
+    backward(glm_attention_qkv_triton(rand(1, 24, 3, 2, 16), sep, dropout_p=0.1))
+
+    x, residual, weight, bias = rand(3, 64), rand(3, 64), rand(64), rand(64)
+    y, summed = layer_norm_triton(x, weight, bias, 1e-5, residual, dropout_p=0.1, x_bias=rand(64))
+    backward(y + summed)
+    width = FUSED_BACKWARD_MAX_WIDTH + 16  # the split backward: dx per row, then dweight and dbias by columns
+    backward(layer_norm_triton(rand(2, width), rand(width), rand(width), 1e-5))
+    backward(dropout_add_triton(x, residual, 0.1, rand(64)))
+    backward(cross_entropy_triton(rand(4, 40), torch.tensor([0, 3, 39, 7])))
+    assert seen == set(names.values())
