@@ -218,7 +218,8 @@ def _atomic_dq(deterministic: bool) -> bool:
 class GLMAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sep, lengths, softmax_scale, dropout_p, deterministic):
-        # (needs_input_grad is all False under no_grad: a recomputation's first pass stores no dropout mask.)
+        # Nothing to keep the dropout mask for where no input needs a gradient (e.g. evaluation: under no_grad
+        # q, k and v need none). A recomputation's first pass does store it; its checkpoint drops it at once.
         out, lse, seed, keep_bits, lengths_arg = _attention_forward(
             q, k, v, sep, lengths, softmax_scale, dropout_p, any(ctx.needs_input_grad[:3])
         )

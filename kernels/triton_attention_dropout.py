@@ -3,19 +3,20 @@ from the bits the forward stored. Called by the kernels of ``triton_attention_ke
 
 Dropout: one Philox call (``tl.philox``, 7 rounds, keyed by the seed) with the counter ``(j // 8, i, b * H + h,
 0)`` yields four 32-bit numbers, i.e. eight 16-bit uniforms: the keep decisions of query i against keys
-``8 * (j // 8) .. 8 * (j // 8) + 7`` (key j takes uniform ``j % 8``; kept iff it is ``>= round(p * 65536)``, so p
-is quantized to 1/65536 as in ``kernels.dropout``). Philox is the costly part of in-kernel dropout (one 10-round
+``8 * (j // 8) .. 8 * (j // 8) + 7``. Key j takes uniform ``rev3(j % 8)``, its three bits reversed: the order in
+which ``tl.join`` interleaves the eight. A key is kept iff its uniform is ``>= round(p * 65536)``, so p is
+quantized to 1/65536 as in ``kernels.dropout``. Philox is the costly part of in-kernel dropout (one 10-round
 call per element cost several times the tile's two matmuls); eight elements per call with 7 rounds (Philox4x32-7,
 the fewest rounds Salmon et al. 2011 found to pass BigCrush, as FlashAttention uses) cut it ~11x. The mask
 depends on nothing but the seed and the coordinates, and every tile starts at a multiple of 8 keys, so the
 backward kernels (other tilings, other loop orders) can replay exactly the forward's mask.
 
-Up to a size they need not (``KEEP_BITS``, ``triton_support.DROPOUT_MASK_MAX_BYTES``): the forward also stores each Philox call's eight keep decisions as one byte
-(bit ``j % 8`` for key j) in ``KeepBits`` (``[B * H, Tq, ceil(Tk / 8)]`` uint8, 1/16 of the bf16 score matrix),
-and dQ and dK/dV read them back instead of drawing them twice more. Philox on the CUDA cores is what in-kernel
-dropout costs, and the backward kernels would otherwise run it twice (dQ and dK/dV are separate kernels). The
-bits of a tile the forward never visits (invisible to all its rows) stay unwritten: the backward reads them
-only where the probabilities are exactly 0.
+Up to a size they need not (``KEEP_BITS``, ``triton_support.DROPOUT_MASK_MAX_BYTES``): the forward also stores
+each Philox call's eight keep decisions as one byte (bit ``rev3(j % 8)`` for key j) in ``KeepBits`` (``[B * H,
+Tq, ceil(Tk / 8)]`` uint8, 1/16 of the bf16 score matrix), and dQ and dK/dV read them back instead of drawing
+them twice more. Philox on the CUDA cores is what in-kernel dropout costs, and the backward kernels would
+otherwise run it twice (dQ and dK/dV are separate kernels). The bits of a tile the forward never visits
+(invisible to all its rows) stay unwritten: the backward reads them only where the probabilities are exactly 0.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def _keep_bit(uniform, threshold, BIT: tl.constexpr):
 
 @triton.jit
 def dropout_bits(seed, query_index, start_n, bh, threshold, BLOCK_N: tl.constexpr):
-    """``dropout_keep``'s decisions as bytes ``[len(query_index), BLOCK_N // 8]`` (int32): bit n of one is key
-    ``8 * group + n``, from uniform n of the group's Philox call."""
+    """``dropout_keep``'s decisions as bytes ``[len(query_index), BLOCK_N // 8]`` (int32): bit n of one is the
+    decision from uniform n of the group's Philox call, which is key ``8 * group + rev3(n)``."""
     groups = start_n // DROPOUT_GROUP + tl.arange(0, BLOCK_N // DROPOUT_GROUP)
     r0, r1, r2, r3 = tl.philox(seed, groups[None, :], query_index[:, None], bh, 0, PHILOX_ROUNDS)
     low = 0xFFFF
@@ -59,7 +60,7 @@ def dropout_bits(seed, query_index, start_n, bh, threshold, BLOCK_N: tl.constexp
 @triton.jit
 def keep_of_bits(b, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keep decisions ``[ROWS, BLOCK_N]`` from their bytes ``[ROWS, BLOCK_N // 8]`` (int32): bit n of a byte is
-    key ``8 * group + n``, the join order of ``triton_support.philox_uniforms16``."""
+    key ``8 * group + rev3(n)``, in the join order of ``triton_support.philox_uniforms16``."""
     low = tl.join(tl.join(b & 1, b & 2), tl.join(b & 4, b & 8))
     high = tl.join(tl.join(b & 16, b & 32), tl.join(b & 64, b & 128))
     return tl.reshape(tl.join(low, high), [ROWS, BLOCK_N]) != 0

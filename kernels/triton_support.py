@@ -176,7 +176,7 @@ def _mebibytes(name: str, default: int) -> int:
 # Tk / 8 bytes per call, kept until the backward) when they take at most GLM_KERNELS_DROPOUT_MASK_MAX_MIB (64 MiB:
 # glm-large's T 512 at micro batch 16 takes 8); beyond, the backward draws them again from Philox as the forward
 # drew them. The bits grow with T^2 and a layer's activations with T: at long T without recomputation they would
-# outgrow the activations. 0 never stores them. Read at each forward.
+# outgrow the activations. 0 never stores them. The environment is read at import; each forward reads this value.
 DROPOUT_MASK_MAX_BYTES: int = _mebibytes("GLM_KERNELS_DROPOUT_MASK_MAX_MIB", 64)
 
 # GLM_KERNELS_DIRECT_LAUNCH=0 sends every launch through Triton's own dispatch (the reference behaviour, kept
