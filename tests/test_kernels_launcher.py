@@ -295,6 +295,9 @@ def _launchers() -> dict[str, Launcher]:
     }
 
 
+# The interpreter computes both branches of tl.where: the cross entropy's lanes past the vocabulary subtract -inf
+# from -inf in the branch it does not take.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
 def test_every_launch_passes_its_pointers_then_its_scalars(monkeypatch):
     """A direct launch hands the first ``tensor_args`` arguments to the compiled kernel as addresses and the rest
     as they are, in the kernel's parameter order. A launcher whose count disagrees with its kernel's pointer
