@@ -540,7 +540,9 @@ def _dkdv_block(
 
 
 # The autotuner runs each candidate several times on the real arguments: with ATOMIC_DQ each run adds into the dQ
-# accumulator, so its zeroed content is restored after every timing run (``restore_value``).
+# accumulator, so its zeroed content is restored after every timing run (``restore_value``; the copy is timed with
+# each run, the same for every candidate). Not ``reset_to_zero``: without ATOMIC_DQ, delta (which the kernel reads)
+# stands in for the accumulator.
 @triton.autotune(
     configs=_DKDV_CONFIGS,
     key=_DKDV_TUNING_KEY,
