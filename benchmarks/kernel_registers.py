@@ -123,17 +123,22 @@ def tile_table(args) -> None:
                     if atomic and name != "dK/dV":
                         continue
                     tma_shapes = getattr(module, TMA_SHAPES[shapes], [])
+                    # The forward's warp-specialized candidates (TMA ones), as the autotuner's pruning keeps them.
+                    ws_shapes = getattr(module, "FORWARD_WS_SHAPES", []) if name == "fwd" else []
+                    ws_shapes = [shape for shape in ws_shapes if not dropout or shape[0] <= 64]
                     if dtype == "fp32" or args.arch < 90:
-                        tma_shapes = []
-                    candidates = [(shape, False) for shape in getattr(module, shapes)]
-                    for index, (shape, tma) in enumerate(
-                        candidates + [(shape, True) for shape in tma_shapes]
-                    ):
+                        tma_shapes = ws_shapes = []
+                    candidates = [(shape, False, False) for shape in getattr(module, shapes)]
+                    candidates += [(shape, True, False) for shape in tma_shapes]
+                    candidates += [(shape, True, True) for shape in ws_shapes]
+                    for index, (shape, tma, ws) in enumerate(candidates):
                         flags = _flags(dtype, head_dim, False, dropout, module, tma, keep_bits, atomic)
+                        if ws:
+                            flags["WS"] = True
                         mode = "0.1, stored bits" if keep_bits else "0.1, replayed" if dropout else "-"
                         mode += ", atomic dQ" if atomic else ""
                         tile = f"{shape[0]} x {shape[1]}, {shape[2]}, {shape[3]}" + (
-                            " (default)" if index == 0 else " TMA" if tma else ""
+                            " (default)" if index == 0 else " TMA, WS" if ws else " TMA" if tma else ""
                         )
                         try:
                             report, seconds = _compile(

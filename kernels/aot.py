@@ -12,6 +12,7 @@ interpreter or compiler when the kernel modules are first imported.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import re
 import subprocess
@@ -59,7 +60,13 @@ def compile_kernel(kernel, dtype: str, constexprs: dict, num_warps: int, num_sta
     the model: tensors 16-byte aligned, strides and lengths multiples of 16. Switches in ``constexprs`` that the
     kernel does not take are left out, so one set of feature flags serves every kernel."""
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
-    constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
+    # Switches the kernel takes with a default (``WS: tl.constexpr = False``) keep it unless given.
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(fn.fn).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    constexprs = {**defaults, **{name: value for name, value in constexprs.items() if name in fn.arg_names}}
     signature, attributes = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:

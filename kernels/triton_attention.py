@@ -132,7 +132,7 @@ def _attention_forward(q, k, v, sep, lengths, softmax_scale: float, dropout_p: f
     lengths_arg = sep if lengths is None else lengths
     flags = _kernel_flags(q, lengths, dropout_p)
     flags["KEEP_BITS"] = store_mask
-    flags["TMA_POSSIBLE"] = tma = _tma_possible(k, v)
+    flags["TMA_POSSIBLE"] = tma = _tma_possible(q, k, v)  # K and V by tiles; q too when warp-specialized
     if tma:
         ensure_scratch_allocator()  # the descriptors are made on the device, in scratch memory
 

@@ -82,18 +82,30 @@ DKDV_SHAPES = [
 FORWARD_TMA_SHAPES = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)]
 DQ_TMA_SHAPES = [(128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3)]
 DKDV_TMA_SHAPES = [(128, 32, 4, 3), (128, 32, 4, 5), (64, 64, 4, 3)]
+# Hopper's warp specialization (``tl.range(warp_specialize=True)``): the forward's loop split by Triton into
+# partitions, one issuing the TMA copies and the others computing, with registers moved between them
+# (``setmaxnreg``). Triton 3.6-3.7 specialize a loop only with 4 warps, with
+# every tile (q too) read through descriptors, and with no second loop in the kernel: the warp-specialized
+# forward runs one loop over all its key blocks, each masked (the mask of a fully visible block is all true,
+# so the results are bitwise the two-loop kernel's). Autotuning candidates on the TMA conditions, as above.
+FORWARD_WS_SHAPES = [(128, 64, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3)]
 # fp32 tiles take twice the registers of 16-bit ones, and the "ieee" dot holds its operands in registers: for
 # fp32 inputs only tiles of at most this many elements per warp are timed.
 FP32_TILE_ELEMENTS_PER_WARP = 256
 
 
 def _fitting_configs(configs: list, named_args: dict, **kwargs) -> list:
-    """The autotuner's early pruning: the TMA candidates only where the inputs allow them (``TMA_POSSIBLE``) and
-    are 16-bit; every other config for 16-bit inputs; for fp32 inputs the small tiles, which compile in seconds
+    """The autotuner's early pruning: the TMA candidates (warp-specialized ones too) only where the inputs allow
+    them (``TMA_POSSIBLE``) and are 16-bit, with dropout only the warp-specialized tiles that compile; every other
+    config for 16-bit inputs; for fp32 inputs the small tiles, which compile in seconds
     (the 128-row ones spill tens of kilobytes and take up to a minute each)."""
     q = named_args.get("Q")
     if not kwargs.get("TMA_POSSIBLE", False) or (q is not None and q.element_size() >= 4):
         configs = [c for c in configs if not c.kwargs.get("USE_TMA", False)] or configs[:1]
+    if kwargs.get("HAS_DROPOUT", False):
+        # Triton 3.6's warp-specialization pass fails on the 128-row forward with dropout ("Unexpected op");
+        # the 64-row one compiles.
+        configs = [c for c in configs if not (c.kwargs.get("WS") and c.kwargs.get("BLOCK_M", 0) > 64)]
     if q is None or q.element_size() < 4:
         return configs
 
@@ -110,12 +122,22 @@ def _configs(
     shapes: list[tuple[int, int, int, int]],
     tma_shapes: list[tuple[int, int, int, int]],
     interpreter: tuple[int, int],
+    ws_shapes: list[tuple[int, int, int, int]] | None = None,
 ):
     gpu = [
         triton.Config({owned: a, inner: b, "USE_TMA": tma}, num_warps=w, num_stages=s)
         for tma, listed in ((False, shapes), (True, tma_shapes))
         for a, b, w, s in listed
     ]
+    if ws_shapes is not None:  # the kernel takes WS: every candidate says whether it is warp-specialized
+        gpu = [
+            triton.Config({**c.kwargs, "WS": False}, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in gpu
+        ]
+        gpu += [
+            triton.Config({owned: a, inner: b, "USE_TMA": True, "WS": True}, num_warps=w, num_stages=s)
+            for a, b, w, s in ws_shapes
+        ]
     # The interpreter runs pointer loads; the tests switch its one config to TMA to check that path too.
     interpreter_config = triton.Config(
         {owned: interpreter[0], inner: interpreter[1], "USE_TMA": False}, num_warps=4
@@ -125,7 +147,14 @@ def _configs(
 
 # The interpreter blocks differ between the kernels on purpose: the block-skipping bounds must not depend on
 # the forward and backward sharing a tiling.
-_FORWARD_CONFIGS = _configs("BLOCK_M", "BLOCK_N", FORWARD_SHAPES, FORWARD_TMA_SHAPES, interpreter=(64, 32))
+_FORWARD_CONFIGS = _configs(
+    "BLOCK_M",
+    "BLOCK_N",
+    FORWARD_SHAPES,
+    FORWARD_TMA_SHAPES,
+    interpreter=(64, 32),
+    ws_shapes=FORWARD_WS_SHAPES,
+)
 _DQ_CONFIGS = _configs("BLOCK_M", "BLOCK_N", DQ_SHAPES, DQ_TMA_SHAPES, interpreter=(32, 64))
 _DKDV_CONFIGS = _configs("BLOCK_N", "BLOCK_M", DKDV_SHAPES, DKDV_TMA_SHAPES, interpreter=(64, 32))
 _PRUNING = {"early_config_prune": _fitting_configs}
@@ -265,7 +294,7 @@ def attention_forward_kernel(
     query_length_bucket, key_length_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA_POSSIBLE: tl.constexpr, KEEP_BITS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, WS: tl.constexpr = False,
 ):  # fmt: skip
     # Later query blocks see more keys: launch them first so the short blocks fill the tail of the grid.
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -281,9 +310,14 @@ def attention_forward_kernel(
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    q = _load_rows(Q, offs_m, stride_qt, query_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
     DTYPE: tl.constexpr = Q.dtype.element_ty  # q's, k's and v's
     TMA: tl.constexpr = USE_TMA and TMA_POSSIBLE
+    SPECIALIZED: tl.constexpr = WS and TMA
+    if SPECIALIZED:  # q by a descriptor too: a pointer load before the loop keeps Triton from specializing it
+        Q = _tile_source(Q, query_length, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D, True)
+    q = _load_tile(
+        Q, start_m, offs_m, stride_qt, query_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16, SPECIALIZED
+    )
     K = _tile_source(K, key_length, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
     V = _tile_source(V, key_length, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
     KeepBits += bh.to(tl.int64) * query_length * ((key_length + DROPOUT_GROUP - 1) // DROPOUT_GROUP)
@@ -302,19 +336,27 @@ def attention_forward_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _forward_block(
-            acc, l_i, m_i, q, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
-            sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
-        )  # fmt: skip
-    for start_n in range(full_end, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        acc, l_i, m_i = _forward_block(
-            acc, l_i, m_i, q, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
-            sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
-        )  # fmt: skip
+    if SPECIALIZED:  # one loop, every block masked (see FORWARD_WS_SHAPES)
+        for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+            acc, l_i, m_i = _forward_block(
+                acc, l_i, m_i, q, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
+                sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+                HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
+            )  # fmt: skip
+    else:
+        for start_n in range(0, full_end, BLOCK_N):
+            acc, l_i, m_i = _forward_block(
+                acc, l_i, m_i, q, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
+                sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+                HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
+            )  # fmt: skip
+        for start_n in range(full_end, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            acc, l_i, m_i = _forward_block(
+                acc, l_i, m_i, q, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
+                sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+                HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
+            )  # fmt: skip
 
     row_real = offs_m < query_limit
     l_safe = tl.where(row_real, l_i, 1.0)

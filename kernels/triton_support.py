@@ -187,9 +187,9 @@ DIRECT_LAUNCH: bool = _switched_on("GLM_KERNELS_DIRECT_LAUNCH")
 _MAX_VARIANTS = 256
 
 # Autotuning candidates that may fail on a GPU or Triton that lacks what they use (Hopper's TMA descriptors:
-# ``USE_TMA``): such a candidate that fails to compile or launch while the autotuner times it counts as
+# ``USE_TMA``; warp specialization: ``WS``): such a candidate that fails to compile or launch while the autotuner times it counts as
 # infinitely slow, as Triton counts one that runs out of shared memory, instead of ending the run.
-OPTIONAL_FEATURES = ("USE_TMA",)
+OPTIONAL_FEATURES = ("USE_TMA", "WS")
 _optional_failures: set[str] = set()
 
 

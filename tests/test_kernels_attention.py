@@ -23,6 +23,7 @@ from kernels.triton_attention_kernels import (
     DQ_TMA_SHAPES,
     FORWARD_SHAPES,
     FORWARD_TMA_SHAPES,
+    FORWARD_WS_SHAPES,
     FP32_TILE_ELEMENTS_PER_WARP,
     _fitting_configs,
     attention_backward_dkdv_kernel,
@@ -500,22 +501,25 @@ def test_packed_qkv_must_be_packed():
         kernels.glm_attention_qkv(torch.zeros(1, 4, 2, 1, 8, device=DEVICE), _ints([1]), backend="torch")
 
 
-def _use_tiles(monkeypatch, index: int | None, tma: bool) -> None:
+def _use_tiles(monkeypatch, index: int | None, tma: bool, ws: bool | None = None) -> None:
     """Run each attention kernel on one tile shape, through TMA descriptors or pointer loads: TMA candidate
-    ``index``'s, or (None) the untuned default's. The direct launcher's cached variants are dropped: USE_TMA is
-    no key of theirs, as the autotuner picks it."""
+    ``index``'s, or (None) the untuned default's. With ``ws`` given, the forward takes warp-specialized candidate
+    ``index``'s tile, specialized or not. The direct launcher's cached variants are dropped: USE_TMA and WS are
+    no keys of theirs, as the autotuner picks them."""
     from kernels import triton_attention
 
+    forward_shapes = FORWARD_TMA_SHAPES if ws is None else FORWARD_WS_SHAPES
     kernels_and_shapes = (
-        (attention_forward_kernel, "BLOCK_M", "BLOCK_N", FORWARD_TMA_SHAPES, FORWARD_SHAPES),
+        (attention_forward_kernel, "BLOCK_M", "BLOCK_N", forward_shapes, FORWARD_SHAPES),
         (attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", DQ_TMA_SHAPES, DQ_SHAPES),
         (attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", DKDV_TMA_SHAPES, DKDV_SHAPES),
     )
     for kernel, owned, inner, shapes, defaults in kernels_and_shapes:
         first, second, warps, stages = defaults[0] if index is None else shapes[index % len(shapes)]
-        config = triton.Config(
-            {owned: first, inner: second, "USE_TMA": tma}, num_warps=warps, num_stages=stages
+        switches = (
+            {"USE_TMA": tma, "WS": bool(ws)} if kernel is attention_forward_kernel else {"USE_TMA": tma}
         )
+        config = triton.Config({owned: first, inner: second, **switches}, num_warps=warps, num_stages=stages)
         monkeypatch.setattr(kernel, "configs", [config])
         monkeypatch.setattr(kernel, "cache", {})
     for launcher in (
@@ -564,6 +568,43 @@ def test_tma_descriptors_load_what_the_pointer_loads_load(monkeypatch, index):
     assert descriptors[1].abs().max() > 0
 
 
+# In the interpreter every warp-specialized tile; on a GPU the 64-row one, the one that compiles with dropout.
+WS_TILES = (
+    [[shape[0] for shape in FORWARD_WS_SHAPES].index(64)]
+    if torch.cuda.is_available()
+    else list(range(len(FORWARD_WS_SHAPES)))
+)
+
+
+@pytest.mark.skipif(
+    not HOPPER_OR_INTERPRETER, reason="warp specialization needs a GPU of compute capability 9+"
+)
+@pytest.mark.parametrize("index", WS_TILES)
+def test_the_warp_specialized_forward_gives_what_the_two_loop_forward_gives(monkeypatch, index):
+    """The warp-specialized forward candidates (q by a descriptor too, one loop with every key block masked):
+    bitwise the outputs and gradients of the same tiles unspecialized (a loop over the fully visible key blocks,
+    then one over the masked ones), with dropout, padding rows, a ragged length and a head dim short of its power
+    of two."""
+    batch, length, heads, head_dim = 3, 150, 2, 80
+    qkv = (0.5 * _randn(batch, length, 3, heads, head_dim, seed=20 + index)).to(torch.bfloat16)
+    sep, lengths = _ints([0, 70, 129]), _ints([150, 131, 140])
+    grad_out = _randn(batch, heads, length, head_dim, seed=8)
+
+    def run(ws: bool):
+        _use_tiles(monkeypatch, index, tma=True, ws=ws)
+        torch.manual_seed(6)
+        return _forward_backward(
+            lambda qkv: kernels.glm_attention_qkv(qkv, sep, dropout_p=0.2, lengths=lengths, backend="triton"),
+            [qkv],
+            grad_out,
+        )
+
+    two_loops, specialized = run(False), run(True)
+    for name, a, b in zip(["out", "dqkv"], specialized, two_loops):
+        assert torch.equal(a, b), name
+    assert specialized[1].abs().max() > 0
+
+
 def test_tma_needs_16_bit_values_in_16_byte_aligned_rows():
     from kernels import triton_attention
 
@@ -581,6 +622,12 @@ def test_tma_needs_16_bit_values_in_16_byte_aligned_rows():
     ]
     assert _fitting_configs(configs, {"Q": q}, TMA_POSSIBLE=False) == configs[:1]
     assert _fitting_configs(configs, {"Q": q}, TMA_POSSIBLE=True) == configs
+    # The warp-specialized forward's candidates are TMA ones; with dropout only its 64-row tile, which Triton 3.6
+    # compiles.
+    ws = [triton.Config({"USE_TMA": True, "WS": True, "BLOCK_M": m, "BLOCK_N": 64}) for m in (128, 64)]
+    assert _fitting_configs(configs + ws, {"Q": q}, TMA_POSSIBLE=False) == configs[:1]
+    assert _fitting_configs(configs + ws, {"Q": q}, TMA_POSSIBLE=True) == configs + ws
+    assert _fitting_configs(configs + ws, {"Q": q}, TMA_POSSIBLE=True, HAS_DROPOUT=True) == configs + ws[1:]
 
 
 def test_a_tma_candidate_that_fails_is_timed_as_infinitely_slow():

@@ -75,6 +75,22 @@ def compile_kernels() -> None:
             constexprs = {**head, **tma, owned: first, inner: second}
             compiled = _compile(kernel, "bf16", constexprs, warps, stages, 90)
             assert "tensormap" in compiled.asm["ptx"], f"{kernel.fn.__name__}: no TMA descriptor in the PTX"
+    # The warp-specialized forward candidates really are: Triton splits the loop into a producer and a consumer
+    # and moves registers between them (setmaxnreg), with dropout on the tile the pruning keeps for it.
+    for first, second, warps, stages in attention.FORWARD_WS_SHAPES:
+        for dropout in (False, True) if first == 64 else (False,):
+            constexprs = {
+                **head_64,
+                **tma,
+                "WS": True,
+                "HAS_DROPOUT": dropout,
+                "BLOCK_M": first,
+                "BLOCK_N": second,
+            }
+            ptx = _compile(attention.attention_forward_kernel, "bf16", constexprs, warps, stages, 90).asm[
+                "ptx"
+            ]
+            assert "setmaxnreg" in ptx, f"forward {first}x{second}, dropout {dropout}: not warp-specialized"
     # fp32 inputs without TF32, and a head dim padded to a power of two.
     fp32 = {**features, "HAS_DROPOUT": False, "HEAD_DIM": 80, "BLOCK_D": 128, "DOT_PRECISION": "ieee"}
     _compile(attention.attention_forward_kernel, "fp32", {**fp32, "BLOCK_M": 64, "BLOCK_N": 32}, 4, 3, 90)
