@@ -123,9 +123,10 @@ def tile_table(args) -> None:
                     if atomic and name != "dK/dV":
                         continue
                     tma_shapes = getattr(module, TMA_SHAPES[shapes], [])
-                    # The forward's warp-specialized candidates (TMA ones), as the autotuner's pruning keeps them.
-                    ws_shapes = getattr(module, "FORWARD_WS_SHAPES", []) if name == "fwd" else []
-                    ws_shapes = [shape for shape in ws_shapes if not dropout or shape[0] <= 64]
+                    # The warp-specialized candidates (TMA ones), as the autotuner's pruning keeps them.
+                    ws_list = {"fwd": "FORWARD_WS_SHAPES", "dQ": "DQ_WS_SHAPES"}.get(name, "")
+                    ws_shapes = getattr(module, ws_list, []) if ws_list else []
+                    ws_shapes = [s for s in ws_shapes if not dropout or (name == "fwd" and s[0] <= 64)]
                     if dtype == "fp32" or args.arch < 90:
                         tma_shapes = ws_shapes = []
                     candidates = [(shape, False, False) for shape in getattr(module, shapes)]

@@ -180,7 +180,7 @@ def _attention_backward(
         return (cdiv(key_length, meta["BLOCK_N"]), heads, batch)
 
     key_flags = {**flags, "TMA_POSSIBLE": _tma_possible(q, grad_out)}  # dK/dV loads q and dO by tiles
-    flags["TMA_POSSIBLE"] = _tma_possible(k, v)  # dQ (as the forward) k and v
+    flags["TMA_POSSIBLE"] = _tma_possible(q, k, v, grad_out)  # dQ k and v by tiles; q and dO when specialized
     if key_flags["TMA_POSSIBLE"] or flags["TMA_POSSIBLE"]:
         ensure_scratch_allocator()
     with device_guard(q.device):

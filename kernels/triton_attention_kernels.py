@@ -89,6 +89,9 @@ DKDV_TMA_SHAPES = [(128, 32, 4, 3), (128, 32, 4, 5), (64, 64, 4, 3)]
 # forward runs one loop over all its key blocks, each masked (the mask of a fully visible block is all true,
 # so the results are bitwise the two-loop kernel's). Autotuning candidates on the TMA conditions, as above.
 FORWARD_WS_SHAPES = [(128, 64, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3)]
+# dQ the same way (q and dO by descriptors): only its 64 x 64 tile without dropout specializes (the tile the
+# H200's autotuner chose for dQ without dropout from T 1024).
+DQ_WS_SHAPES = [(64, 64, 4, 3)]
 # fp32 tiles take twice the registers of 16-bit ones, and the "ieee" dot holds its operands in registers: for
 # fp32 inputs only tiles of at most this many elements per warp are timed.
 FP32_TILE_ELEMENTS_PER_WARP = 256
@@ -103,9 +106,14 @@ def _fitting_configs(configs: list, named_args: dict, **kwargs) -> list:
     if not kwargs.get("TMA_POSSIBLE", False) or (q is not None and q.element_size() >= 4):
         configs = [c for c in configs if not c.kwargs.get("USE_TMA", False)] or configs[:1]
     if kwargs.get("HAS_DROPOUT", False):
-        # Triton 3.6's warp-specialization pass fails on the 128-row forward with dropout ("Unexpected op");
-        # the 64-row one compiles.
-        configs = [c for c in configs if not (c.kwargs.get("WS") and c.kwargs.get("BLOCK_M", 0) > 64)]
+        # Triton 3.6's warp-specialization pass fails on dQ with dropout and on the 128-row forward with it
+        # ("Unexpected op"); the 64-row forward compiles.
+        dq_kernel = "DQ" in named_args
+
+        def compiles_with_dropout(config) -> bool:
+            return not config.kwargs.get("WS") or (not dq_kernel and config.kwargs.get("BLOCK_M", 0) <= 64)
+
+        configs = [c for c in configs if compiles_with_dropout(c)] or configs[:1]
     if q is None or q.element_size() < 4:
         return configs
 
@@ -155,7 +163,9 @@ _FORWARD_CONFIGS = _configs(
     interpreter=(64, 32),
     ws_shapes=FORWARD_WS_SHAPES,
 )
-_DQ_CONFIGS = _configs("BLOCK_M", "BLOCK_N", DQ_SHAPES, DQ_TMA_SHAPES, interpreter=(32, 64))
+_DQ_CONFIGS = _configs(
+    "BLOCK_M", "BLOCK_N", DQ_SHAPES, DQ_TMA_SHAPES, interpreter=(32, 64), ws_shapes=DQ_WS_SHAPES
+)
 _DKDV_CONFIGS = _configs("BLOCK_N", "BLOCK_M", DKDV_SHAPES, DKDV_TMA_SHAPES, interpreter=(64, 32))
 _PRUNING = {"early_config_prune": _fitting_configs}
 _TUNING_KEY = [
@@ -465,7 +475,7 @@ def attention_backward_dq_kernel(
     query_length_bucket, key_length_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA_POSSIBLE: tl.constexpr, KEEP_BITS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, WS: tl.constexpr = False,
 ):  # fmt: skip
     """dQ of one query block, visiting the same key blocks as the forward: no atomics, deterministic."""
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
@@ -482,10 +492,18 @@ def attention_backward_dq_kernel(
     K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     DOut += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    q = _load_rows(Q, offs_m, stride_qt, query_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
-    do = _load_rows(DOut, offs_m, stride_dot, query_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
     DTYPE: tl.constexpr = Q.dtype.element_ty  # q's, k's, v's and dO's
     TMA: tl.constexpr = USE_TMA and TMA_POSSIBLE
+    SPECIALIZED: tl.constexpr = WS and TMA
+    if SPECIALIZED:  # q and dO by descriptors too, as the warp-specialized forward reads q
+        Q = _tile_source(Q, query_length, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D, True)
+        DOut = _tile_source(DOut, query_length, stride_dot, HEAD_DIM, BLOCK_M, BLOCK_D, True)
+    q = _load_tile(
+        Q, start_m, offs_m, stride_qt, query_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16, SPECIALIZED
+    )
+    do = _load_tile(
+        DOut, start_m, offs_m, stride_dot, query_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16, SPECIALIZED
+    )
     K = _tile_source(K, key_length, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
     V = _tile_source(V, key_length, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
     row_mask = offs_m < query_length
@@ -504,19 +522,27 @@ def attention_backward_dq_kernel(
     full_end = tl.where(rows_end > start_m, full_end, 0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, full_end, BLOCK_N):
-        dq = _dq_block(
-            dq, q, do, lse, delta, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
-            sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
-        )  # fmt: skip
-    for start_n in range(full_end, hi, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        dq = _dq_block(
-            dq, q, do, lse, delta, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
-            sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
-        )  # fmt: skip
+    if SPECIALIZED:  # one loop, every block masked (see FORWARD_WS_SHAPES)
+        for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
+            dq = _dq_block(
+                dq, q, do, lse, delta, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
+                sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+                HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
+            )  # fmt: skip
+    else:
+        for start_n in range(0, full_end, BLOCK_N):
+            dq = _dq_block(
+                dq, q, do, lse, delta, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
+                sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+                HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
+            )  # fmt: skip
+        for start_n in range(full_end, hi, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            dq = _dq_block(
+                dq, q, do, lse, delta, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
+                sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+                HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
+            )  # fmt: skip
     DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
     dq_mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
     tl.store(

@@ -21,6 +21,7 @@ from kernels.triton_attention_kernels import (
     DKDV_TMA_SHAPES,
     DQ_SHAPES,
     DQ_TMA_SHAPES,
+    DQ_WS_SHAPES,
     FORWARD_SHAPES,
     FORWARD_TMA_SHAPES,
     FORWARD_WS_SHAPES,
@@ -501,24 +502,35 @@ def test_packed_qkv_must_be_packed():
         kernels.glm_attention_qkv(torch.zeros(1, 4, 2, 1, 8, device=DEVICE), _ints([1]), backend="torch")
 
 
-def _use_tiles(monkeypatch, index: int | None, tma: bool, ws: bool | None = None) -> None:
+def _use_tiles(
+    monkeypatch, index: int | None, tma: bool, ws: bool | None = None, dq_ws: bool | None = None
+) -> None:
     """Run each attention kernel on one tile shape, through TMA descriptors or pointer loads: TMA candidate
-    ``index``'s, or (None) the untuned default's. With ``ws`` given, the forward takes warp-specialized candidate
-    ``index``'s tile, specialized or not. The direct launcher's cached variants are dropped: USE_TMA and WS are
-    no keys of theirs, as the autotuner picks them."""
+    ``index``'s, or (None) the untuned default's. With ``ws`` (``dq_ws``) given, the forward (dQ) takes
+    warp-specialized candidate ``index``'s tile, specialized or not. The direct launcher's cached variants are
+    dropped: USE_TMA and WS are no keys of theirs, as the autotuner picks them."""
     from kernels import triton_attention
 
-    forward_shapes = FORWARD_TMA_SHAPES if ws is None else FORWARD_WS_SHAPES
     kernels_and_shapes = (
-        (attention_forward_kernel, "BLOCK_M", "BLOCK_N", forward_shapes, FORWARD_SHAPES),
-        (attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", DQ_TMA_SHAPES, DQ_SHAPES),
-        (attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", DKDV_TMA_SHAPES, DKDV_SHAPES),
+        (
+            attention_forward_kernel,
+            "BLOCK_M",
+            "BLOCK_N",
+            FORWARD_TMA_SHAPES,
+            FORWARD_SHAPES,
+            ws,
+            FORWARD_WS_SHAPES,
+        ),
+        (attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", DQ_TMA_SHAPES, DQ_SHAPES, dq_ws, DQ_WS_SHAPES),
+        (attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", DKDV_TMA_SHAPES, DKDV_SHAPES, None, None),
     )
-    for kernel, owned, inner, shapes, defaults in kernels_and_shapes:
+    for kernel, owned, inner, shapes, defaults, specialized, ws_shapes in kernels_and_shapes:
+        if specialized is not None:
+            shapes = ws_shapes
         first, second, warps, stages = defaults[0] if index is None else shapes[index % len(shapes)]
-        switches = (
-            {"USE_TMA": tma, "WS": bool(ws)} if kernel is attention_forward_kernel else {"USE_TMA": tma}
-        )
+        switches = {"USE_TMA": tma}
+        if kernel is not attention_backward_dkdv_kernel:
+            switches["WS"] = bool(specialized)
         config = triton.Config({owned: first, inner: second, **switches}, num_warps=warps, num_stages=stages)
         monkeypatch.setattr(kernel, "configs", [config])
         monkeypatch.setattr(kernel, "cache", {})
@@ -579,28 +591,33 @@ WS_TILES = (
 @pytest.mark.skipif(
     not HOPPER_OR_INTERPRETER, reason="warp specialization needs a GPU of compute capability 9+"
 )
+@pytest.mark.parametrize("dropout_p", [0.2, 0.0])
 @pytest.mark.parametrize("index", WS_TILES)
-def test_the_warp_specialized_forward_gives_what_the_two_loop_forward_gives(monkeypatch, index):
-    """The warp-specialized forward candidates (q by a descriptor too, one loop with every key block masked):
-    bitwise the outputs and gradients of the same tiles unspecialized (a loop over the fully visible key blocks,
-    then one over the masked ones), with dropout, padding rows, a ragged length and a head dim short of its power
-    of two."""
+def test_the_warp_specialized_kernels_give_what_the_same_tiles_unspecialized_give(
+    monkeypatch, index, dropout_p
+):
+    """The warp-specialized candidates (the forward's q, dQ's q and dO by descriptors too; one loop with every
+    key block masked): bitwise the outputs and gradients of the same tiles unspecialized (a loop over the fully
+    visible key blocks, then one over the masked ones), with padding rows, a ragged length and a head dim short
+    of its power of two; the forward with and without dropout, dQ without (the only way it specializes)."""
     batch, length, heads, head_dim = 3, 150, 2, 80
     qkv = (0.5 * _randn(batch, length, 3, heads, head_dim, seed=20 + index)).to(torch.bfloat16)
     sep, lengths = _ints([0, 70, 129]), _ints([150, 131, 140])
     grad_out = _randn(batch, heads, length, head_dim, seed=8)
 
     def run(ws: bool):
-        _use_tiles(monkeypatch, index, tma=True, ws=ws)
+        _use_tiles(monkeypatch, index, tma=True, ws=ws, dq_ws=ws if dropout_p == 0 else None)
         torch.manual_seed(6)
         return _forward_backward(
-            lambda qkv: kernels.glm_attention_qkv(qkv, sep, dropout_p=0.2, lengths=lengths, backend="triton"),
+            lambda qkv: kernels.glm_attention_qkv(
+                qkv, sep, dropout_p=dropout_p, lengths=lengths, backend="triton"
+            ),
             [qkv],
             grad_out,
         )
 
-    two_loops, specialized = run(False), run(True)
-    for name, a, b in zip(["out", "dqkv"], specialized, two_loops):
+    unspecialized, specialized = run(False), run(True)
+    for name, a, b in zip(["out", "dqkv"], specialized, unspecialized):
         assert torch.equal(a, b), name
     assert specialized[1].abs().max() > 0
 
@@ -628,6 +645,10 @@ def test_tma_needs_16_bit_values_in_16_byte_aligned_rows():
     assert _fitting_configs(configs + ws, {"Q": q}, TMA_POSSIBLE=False) == configs[:1]
     assert _fitting_configs(configs + ws, {"Q": q}, TMA_POSSIBLE=True) == configs + ws
     assert _fitting_configs(configs + ws, {"Q": q}, TMA_POSSIBLE=True, HAS_DROPOUT=True) == configs + ws[1:]
+    # dQ's (its arguments name DQ) specialize only without dropout.
+    dq = {"Q": q, "DQ": q}
+    assert _fitting_configs(configs + ws[1:], dq, TMA_POSSIBLE=True) == configs + ws[1:]
+    assert _fitting_configs(configs + ws[1:], dq, TMA_POSSIBLE=True, HAS_DROPOUT=True) == configs
 
 
 def test_a_tma_candidate_that_fails_is_timed_as_infinitely_slow():

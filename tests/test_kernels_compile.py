@@ -75,22 +75,22 @@ def compile_kernels() -> None:
             constexprs = {**head, **tma, owned: first, inner: second}
             compiled = _compile(kernel, "bf16", constexprs, warps, stages, 90)
             assert "tensormap" in compiled.asm["ptx"], f"{kernel.fn.__name__}: no TMA descriptor in the PTX"
-    # The warp-specialized forward candidates really are: Triton splits the loop into a producer and a consumer
-    # and moves registers between them (setmaxnreg), with dropout on the tile the pruning keeps for it.
-    for first, second, warps, stages in attention.FORWARD_WS_SHAPES:
-        for dropout in (False, True) if first == 64 else (False,):
-            constexprs = {
-                **head_64,
-                **tma,
-                "WS": True,
-                "HAS_DROPOUT": dropout,
-                "BLOCK_M": first,
-                "BLOCK_N": second,
-            }
-            ptx = _compile(attention.attention_forward_kernel, "bf16", constexprs, warps, stages, 90).asm[
-                "ptx"
-            ]
-            assert "setmaxnreg" in ptx, f"forward {first}x{second}, dropout {dropout}: not warp-specialized"
+    # The warp-specialized candidates really are: Triton splits the loop into partitions and moves registers
+    # between them (setmaxnreg); the forward's with dropout on the tile the pruning keeps for it, dQ's without.
+    specialized = [
+        (attention.attention_forward_kernel, shape, (False, True) if shape[0] == 64 else (False,))
+        for shape in attention.FORWARD_WS_SHAPES
+    ]
+    specialized += [
+        (attention.attention_backward_dq_kernel, shape, (False,)) for shape in attention.DQ_WS_SHAPES
+    ]
+    for kernel, (first, second, warps, stages), dropouts in specialized:
+        for dropout in dropouts:
+            switches = {"WS": True, "HAS_DROPOUT": dropout, "BLOCK_M": first, "BLOCK_N": second}
+            ptx = _compile(kernel, "bf16", {**head_64, **tma, **switches}, warps, stages, 90).asm["ptx"]
+            assert "setmaxnreg" in ptx, (
+                f"{kernel.fn.__name__} {first}x{second}, dropout {dropout}: not specialized"
+            )
     # fp32 inputs without TF32, and a head dim padded to a power of two.
     fp32 = {**features, "HAS_DROPOUT": False, "HEAD_DIM": 80, "BLOCK_D": 128, "DOT_PRECISION": "ieee"}
     _compile(attention.attention_forward_kernel, "fp32", {**fp32, "BLOCK_M": 64, "BLOCK_N": 32}, 4, 3, 90)
