@@ -124,9 +124,13 @@ def tile_table(args) -> None:
                         continue
                     tma_shapes = getattr(module, TMA_SHAPES[shapes], [])
                     # The warp-specialized candidates (TMA ones), as the autotuner's pruning keeps them.
-                    ws_list = {"fwd": "FORWARD_WS_SHAPES", "dQ": "DQ_WS_SHAPES"}.get(name, "")
-                    ws_shapes = getattr(module, ws_list, []) if ws_list else []
+                    ws_list = {"fwd": "FORWARD_WS_SHAPES", "dQ": "DQ_WS_SHAPES", "dK/dV": "DKDV_WS_SHAPES"}[
+                        name
+                    ]
+                    ws_shapes = getattr(module, ws_list, [])
                     ws_shapes = [s for s in ws_shapes if not dropout or (name == "fwd" and s[0] <= 64)]
+                    if atomic:
+                        ws_shapes = []
                     if dtype == "fp32" or args.arch < 90:
                         tma_shapes = ws_shapes = []
                     candidates = [(shape, False, False) for shape in getattr(module, shapes)]

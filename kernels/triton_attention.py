@@ -179,7 +179,8 @@ def _attention_backward(
     def key_grid(meta):
         return (cdiv(key_length, meta["BLOCK_N"]), heads, batch)
 
-    key_flags = {**flags, "TMA_POSSIBLE": _tma_possible(q, grad_out)}  # dK/dV loads q and dO by tiles
+    # dK/dV loads q and dO by tiles; k and v too when warp-specialized
+    key_flags = {**flags, "TMA_POSSIBLE": _tma_possible(q, k, v, grad_out)}
     flags["TMA_POSSIBLE"] = _tma_possible(q, k, v, grad_out)  # dQ k and v by tiles; q and dO when specialized
     if key_flags["TMA_POSSIBLE"] or flags["TMA_POSSIBLE"]:
         ensure_scratch_allocator()

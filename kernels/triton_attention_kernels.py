@@ -92,6 +92,8 @@ FORWARD_WS_SHAPES = [(128, 64, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3)]
 # dQ the same way (q and dO by descriptors): only its 64 x 64 tile without dropout specializes (the tile the
 # H200's autotuner chose for dQ without dropout from T 1024).
 DQ_WS_SHAPES = [(64, 64, 4, 3)]
+# dK/dV (k and v by descriptors): without dropout and without atomic dQ only; the H200 chose its 64 x 64 on 4 warps.
+DKDV_WS_SHAPES = [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
 # fp32 tiles take twice the registers of 16-bit ones, and the "ieee" dot holds its operands in registers: for
 # fp32 inputs only tiles of at most this many elements per warp are timed.
 FP32_TILE_ELEMENTS_PER_WARP = 256
@@ -105,15 +107,20 @@ def _fitting_configs(configs: list, named_args: dict, **kwargs) -> list:
     q = named_args.get("Q")
     if not kwargs.get("TMA_POSSIBLE", False) or (q is not None and q.element_size() >= 4):
         configs = [c for c in configs if not c.kwargs.get("USE_TMA", False)] or configs[:1]
-    if kwargs.get("HAS_DROPOUT", False):
-        # Triton 3.6's warp-specialization pass fails on dQ with dropout and on the 128-row forward with it
-        # ("Unexpected op"); the 64-row forward compiles.
-        dq_kernel = "DQ" in named_args
+    dropout, atomic = kwargs.get("HAS_DROPOUT", False), kwargs.get("ATOMIC_DQ", False)
 
-        def compiles_with_dropout(config) -> bool:
-            return not config.kwargs.get("WS") or (not dq_kernel and config.kwargs.get("BLOCK_M", 0) <= 64)
+    def specializes(config) -> bool:
+        """Whether Triton 3.6-3.7 can warp-specialize this candidate: its pass fails ("Unexpected op") on dQ and
+        dK/dV with dropout, on dK/dV's atomics and on the 128-row forward with dropout."""
+        if not config.kwargs.get("WS"):
+            return True
+        if "DK" in named_args:
+            return not dropout and not atomic
+        if "DQ" in named_args:
+            return not dropout
+        return not dropout or config.kwargs.get("BLOCK_M", 0) <= 64
 
-        configs = [c for c in configs if compiles_with_dropout(c)] or configs[:1]
+    configs = [c for c in configs if specializes(c)] or configs[:1]
     if q is None or q.element_size() < 4:
         return configs
 
@@ -166,7 +173,9 @@ _FORWARD_CONFIGS = _configs(
 _DQ_CONFIGS = _configs(
     "BLOCK_M", "BLOCK_N", DQ_SHAPES, DQ_TMA_SHAPES, interpreter=(32, 64), ws_shapes=DQ_WS_SHAPES
 )
-_DKDV_CONFIGS = _configs("BLOCK_N", "BLOCK_M", DKDV_SHAPES, DKDV_TMA_SHAPES, interpreter=(64, 32))
+_DKDV_CONFIGS = _configs(
+    "BLOCK_N", "BLOCK_M", DKDV_SHAPES, DKDV_TMA_SHAPES, interpreter=(64, 32), ws_shapes=DKDV_WS_SHAPES
+)
 _PRUNING = {"early_config_prune": _fitting_configs}
 _TUNING_KEY = [
     "query_length_bucket",
@@ -628,6 +637,7 @@ def attention_backward_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA_POSSIBLE: tl.constexpr, KEEP_BITS: tl.constexpr,
     ATOMIC_DQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, USE_TMA: tl.constexpr,
+    WS: tl.constexpr = False,
 ):  # fmt: skip
     """dK and dV of one key block, visiting only the query blocks that can see it (and with ``ATOMIC_DQ`` adding
     its share of their dQ into ``DQAccum``)."""
@@ -642,12 +652,20 @@ def attention_backward_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    k = _load_rows(K, offs_n, stride_kt, key_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
-    v = _load_rows(V, offs_n, stride_vt, key_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16)
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     DOut += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     DTYPE: tl.constexpr = Q.dtype.element_ty  # q's, k's, v's and dO's
     TMA: tl.constexpr = USE_TMA and TMA_POSSIBLE
+    SPECIALIZED: tl.constexpr = WS and TMA
+    if SPECIALIZED:  # k and v by descriptors too, as the warp-specialized forward reads q
+        K = _tile_source(K, key_length, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D, True)
+        V = _tile_source(V, key_length, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D, True)
+    k = _load_tile(
+        K, start_n, offs_n, stride_kt, key_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16, SPECIALIZED
+    )
+    v = _load_tile(
+        V, start_n, offs_n, stride_vt, key_length, HEAD_DIM, BLOCK_D, True, EMULATE_BF16, SPECIALIZED
+    )
     Q = _tile_source(Q, query_length, stride_qt, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
     DOut = _tile_source(DOut, query_length, stride_dot, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
     Lse += bh.to(tl.int64) * query_length
@@ -671,22 +689,31 @@ def attention_backward_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(lo, masked_end, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
-        dk, dv = _dkdv_block(
-            dk, dv, k, v, start_n, offs_n, Q, DOut, Lse, Delta, KeepBits, DQAccum, start_m, stride_qt, stride_dot,
-            sep, key_limit, query_length, key_length, offset, qk_scale, seed, bh, dropout_threshold,
-            dropout_scale, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
-            TMA, DTYPE, KEEP_BITS, ATOMIC_DQ,
-        )  # fmt: skip
-    for start_m in range(masked_end, hi, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
-        dk, dv = _dkdv_block(
-            dk, dv, k, v, start_n, offs_n, Q, DOut, Lse, Delta, KeepBits, DQAccum, start_m, stride_qt, stride_dot,
-            sep, key_limit, query_length, key_length, offset, qk_scale, seed, bh, dropout_threshold,
-            dropout_scale, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
-            TMA, DTYPE, KEEP_BITS, ATOMIC_DQ,
-        )  # fmt: skip
+    if SPECIALIZED:  # one loop, every block masked (see FORWARD_WS_SHAPES)
+        for start_m in tl.range(lo, hi, BLOCK_M, warp_specialize=True):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, start_n, offs_n, Q, DOut, Lse, Delta, KeepBits, DQAccum, start_m, stride_qt, stride_dot,
+                sep, key_limit, query_length, key_length, offset, qk_scale, seed, bh, dropout_threshold,
+                dropout_scale, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
+                TMA, DTYPE, KEEP_BITS, ATOMIC_DQ,
+            )  # fmt: skip
+    else:
+        for start_m in range(lo, masked_end, BLOCK_M):
+            start_m = tl.multiple_of(start_m, BLOCK_M)
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, start_n, offs_n, Q, DOut, Lse, Delta, KeepBits, DQAccum, start_m, stride_qt, stride_dot,
+                sep, key_limit, query_length, key_length, offset, qk_scale, seed, bh, dropout_threshold,
+                dropout_scale, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
+                TMA, DTYPE, KEEP_BITS, ATOMIC_DQ,
+            )  # fmt: skip
+        for start_m in range(masked_end, hi, BLOCK_M):
+            start_m = tl.multiple_of(start_m, BLOCK_M)
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, start_n, offs_n, Q, DOut, Lse, Delta, KeepBits, DQAccum, start_m, stride_qt, stride_dot,
+                sep, key_limit, query_length, key_length, offset, qk_scale, seed, bh, dropout_threshold,
+                dropout_scale, HEAD_DIM, BLOCK_D, BLOCK_N, BLOCK_M, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION,
+                TMA, DTYPE, KEEP_BITS, ATOMIC_DQ,
+            )  # fmt: skip
     mask = (offs_n < key_length)[:, None] & (offs_d < HEAD_DIM)[None, :]
     DK += b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
     DV += b.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh

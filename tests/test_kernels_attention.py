@@ -19,6 +19,7 @@ from kernels.reference import glm_attention_mask
 from kernels.triton_attention_kernels import (
     DKDV_SHAPES,
     DKDV_TMA_SHAPES,
+    DKDV_WS_SHAPES,
     DQ_SHAPES,
     DQ_TMA_SHAPES,
     DQ_WS_SHAPES,
@@ -503,12 +504,17 @@ def test_packed_qkv_must_be_packed():
 
 
 def _use_tiles(
-    monkeypatch, index: int | None, tma: bool, ws: bool | None = None, dq_ws: bool | None = None
+    monkeypatch,
+    index: int | None,
+    tma: bool,
+    ws: bool | None = None,
+    dq_ws: bool | None = None,
+    dkdv_ws: bool | None = None,
 ) -> None:
     """Run each attention kernel on one tile shape, through TMA descriptors or pointer loads: TMA candidate
-    ``index``'s, or (None) the untuned default's. With ``ws`` (``dq_ws``) given, the forward (dQ) takes
-    warp-specialized candidate ``index``'s tile, specialized or not. The direct launcher's cached variants are
-    dropped: USE_TMA and WS are no keys of theirs, as the autotuner picks them."""
+    ``index``'s, or (None) the untuned default's. With ``ws`` (``dq_ws``, ``dkdv_ws``) given, the forward (dQ,
+    dK/dV) takes warp-specialized candidate ``index``'s tile, specialized or not. The direct launcher's cached
+    variants are dropped: USE_TMA and WS are no keys of theirs, as the autotuner picks them."""
     from kernels import triton_attention
 
     kernels_and_shapes = (
@@ -522,15 +528,21 @@ def _use_tiles(
             FORWARD_WS_SHAPES,
         ),
         (attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", DQ_TMA_SHAPES, DQ_SHAPES, dq_ws, DQ_WS_SHAPES),
-        (attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", DKDV_TMA_SHAPES, DKDV_SHAPES, None, None),
+        (
+            attention_backward_dkdv_kernel,
+            "BLOCK_N",
+            "BLOCK_M",
+            DKDV_TMA_SHAPES,
+            DKDV_SHAPES,
+            dkdv_ws,
+            DKDV_WS_SHAPES,
+        ),
     )
     for kernel, owned, inner, shapes, defaults, specialized, ws_shapes in kernels_and_shapes:
         if specialized is not None:
             shapes = ws_shapes
         first, second, warps, stages = defaults[0] if index is None else shapes[index % len(shapes)]
-        switches = {"USE_TMA": tma}
-        if kernel is not attention_backward_dkdv_kernel:
-            switches["WS"] = bool(specialized)
+        switches = {"USE_TMA": tma, "WS": bool(specialized)}
         config = triton.Config({owned: first, inner: second, **switches}, num_warps=warps, num_stages=stages)
         monkeypatch.setattr(kernel, "configs", [config])
         monkeypatch.setattr(kernel, "cache", {})
@@ -596,17 +608,19 @@ WS_TILES = (
 def test_the_warp_specialized_kernels_give_what_the_same_tiles_unspecialized_give(
     monkeypatch, index, dropout_p
 ):
-    """The warp-specialized candidates (the forward's q, dQ's q and dO by descriptors too; one loop with every
-    key block masked): bitwise the outputs and gradients of the same tiles unspecialized (a loop over the fully
-    visible key blocks, then one over the masked ones), with padding rows, a ragged length and a head dim short
-    of its power of two; the forward with and without dropout, dQ without (the only way it specializes)."""
-    batch, length, heads, head_dim = 3, 150, 2, 80
+    """The warp-specialized candidates (the forward's q, dQ's q and dO, dK/dV's k and v by descriptors too; one
+    loop with every block masked): bitwise the outputs and gradients of the same tiles unspecialized (a loop over
+    the fully visible blocks, then one over the masked ones), with padding rows, a ragged length and a head dim
+    short of its power of two; the forward with and without dropout, dQ and dK/dV without (the only way they
+    specialize)."""
+    batch, length, heads, head_dim = 2, 150, 2, 80
     qkv = (0.5 * _randn(batch, length, 3, heads, head_dim, seed=20 + index)).to(torch.bfloat16)
-    sep, lengths = _ints([0, 70, 129]), _ints([150, 131, 140])
+    sep, lengths = _ints([0, 70]), _ints([150, 131])
     grad_out = _randn(batch, heads, length, head_dim, seed=8)
 
     def run(ws: bool):
-        _use_tiles(monkeypatch, index, tma=True, ws=ws, dq_ws=ws if dropout_p == 0 else None)
+        backward_ws = ws if dropout_p == 0 else None
+        _use_tiles(monkeypatch, index, tma=True, ws=ws, dq_ws=backward_ws, dkdv_ws=backward_ws)
         torch.manual_seed(6)
         return _forward_backward(
             lambda qkv: kernels.glm_attention_qkv(
@@ -649,6 +663,11 @@ def test_tma_needs_16_bit_values_in_16_byte_aligned_rows():
     dq = {"Q": q, "DQ": q}
     assert _fitting_configs(configs + ws[1:], dq, TMA_POSSIBLE=True) == configs + ws[1:]
     assert _fitting_configs(configs + ws[1:], dq, TMA_POSSIBLE=True, HAS_DROPOUT=True) == configs
+    # dK/dV's (DK) only without dropout and without atomic dQ.
+    dkdv = {"Q": q, "DK": q}
+    assert _fitting_configs(configs + ws, dkdv, TMA_POSSIBLE=True, ATOMIC_DQ=False) == configs + ws
+    assert _fitting_configs(configs + ws, dkdv, TMA_POSSIBLE=True, ATOMIC_DQ=True) == configs
+    assert _fitting_configs(configs + ws, dkdv, TMA_POSSIBLE=True, HAS_DROPOUT=True) == configs
 
 
 def test_a_tma_candidate_that_fails_is_timed_as_infinitely_slow():

@@ -76,7 +76,8 @@ def compile_kernels() -> None:
             compiled = _compile(kernel, "bf16", constexprs, warps, stages, 90)
             assert "tensormap" in compiled.asm["ptx"], f"{kernel.fn.__name__}: no TMA descriptor in the PTX"
     # The warp-specialized candidates really are: Triton splits the loop into partitions and moves registers
-    # between them (setmaxnreg); the forward's with dropout on the tile the pruning keeps for it, dQ's without.
+    # between them (setmaxnreg); the forward's with dropout on the tile the pruning keeps for it, dQ's and
+    # dK/dV's without dropout (and dK/dV's without atomic dQ). Shapes as (BLOCK_M, BLOCK_N).
     specialized = [
         (attention.attention_forward_kernel, shape, (False, True) if shape[0] == 64 else (False,))
         for shape in attention.FORWARD_WS_SHAPES
@@ -84,9 +85,19 @@ def compile_kernels() -> None:
     specialized += [
         (attention.attention_backward_dq_kernel, shape, (False,)) for shape in attention.DQ_WS_SHAPES
     ]
+    specialized += [  # dK/dV's shapes list its own (key) block first
+        (attention.attention_backward_dkdv_kernel, (inner, owned, warps, stages), (False,))
+        for owned, inner, warps, stages in attention.DKDV_WS_SHAPES
+    ]
     for kernel, (first, second, warps, stages), dropouts in specialized:
         for dropout in dropouts:
-            switches = {"WS": True, "HAS_DROPOUT": dropout, "BLOCK_M": first, "BLOCK_N": second}
+            switches = {
+                "WS": True,
+                "HAS_DROPOUT": dropout,
+                "ATOMIC_DQ": False,
+                "BLOCK_M": first,
+                "BLOCK_N": second,
+            }
             ptx = _compile(kernel, "bf16", {**head_64, **tma, **switches}, warps, stages, 90).asm["ptx"]
             assert "setmaxnreg" in ptx, (
                 f"{kernel.fn.__name__} {first}x{second}, dropout {dropout}: not specialized"
