@@ -82,12 +82,13 @@ DKDV_SHAPES = [
 FORWARD_TMA_SHAPES = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)]
 DQ_TMA_SHAPES = [(128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3)]
 DKDV_TMA_SHAPES = [(128, 32, 4, 3), (128, 32, 4, 5), (64, 64, 4, 3)]
-# Hopper's warp specialization (``tl.range(warp_specialize=True)``): the forward's loop split by Triton into
+# Hopper's warp specialization (``tl.range(warp_specialize=True)``): a kernel's loop split by Triton into
 # partitions, one issuing the TMA copies and the others computing, with registers moved between them
-# (``setmaxnreg``). Triton 3.6-3.7 specialize a loop only with 4 warps, with
-# every tile (q too) read through descriptors, and with no second loop in the kernel: the warp-specialized
-# forward runs one loop over all its key blocks, each masked (the mask of a fully visible block is all true,
-# so the results are bitwise the two-loop kernel's). Autotuning candidates on the TMA conditions, as above.
+# (``setmaxnreg``). Triton 3.6-3.7 specialize a loop only with 4 warps, with every tile (the forward's q too)
+# read through descriptors, and with no second loop in the kernel: a warp-specialized kernel runs one loop over
+# all its blocks, each masked (the mask of a fully visible block is all true, so the results are bitwise the
+# two-loop kernel's). Autotuning candidates on the TMA conditions, as above, where the pass compiles them
+# (``_fitting_configs``).
 FORWARD_WS_SHAPES = [(128, 64, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3)]
 # dQ the same way (q and dO by descriptors): only its 64 x 64 tile without dropout specializes (the tile the
 # H200's autotuner chose for dQ without dropout from T 1024).
