@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 # Before triton is imported: the compiler, not the interpreter, and a cache of this run's own.
@@ -49,14 +50,17 @@ TMA_SHAPES = {
 
 
 def _module(path: Path | None):
-    if path is None:
-        from kernels import triton_attention_kernels
+    """The attention kernels (this checkout's, or another version's file) with their tile lists, which older
+    versions kept in the kernels' file and this one in ``kernels/triton_attention_tuning.py``."""
+    from kernels import triton_attention_kernels, triton_attention_tuning
 
-        return triton_attention_kernels
-    spec = importlib.util.spec_from_file_location("attention_kernels_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if path is None:
+        module = triton_attention_kernels
+    else:
+        spec = importlib.util.spec_from_file_location("attention_kernels_under_test", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return types.SimpleNamespace(**{**vars(triton_attention_tuning), **vars(module)})
 
 
 def _flags(

@@ -17,6 +17,11 @@ import kernels
 from kernels import KernelError, glm_attention, glm_attention_torch, resolve_backend
 from kernels.reference import glm_attention_mask
 from kernels.triton_attention_kernels import (
+    attention_backward_dkdv_kernel,
+    attention_backward_dq_kernel,
+    attention_forward_kernel,
+)
+from kernels.triton_attention_tuning import (
     DKDV_SHAPES,
     DKDV_TMA_SHAPES,
     DKDV_WS_SHAPES,
@@ -28,9 +33,6 @@ from kernels.triton_attention_kernels import (
     FORWARD_WS_SHAPES,
     FP32_TILE_ELEMENTS_PER_WARP,
     _fitting_configs,
-    attention_backward_dkdv_kernel,
-    attention_backward_dq_kernel,
-    attention_forward_kernel,
 )
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -258,7 +260,7 @@ def test_the_stored_dropout_mask_gives_what_replaying_it_gives(monkeypatch, inde
     Philox: outputs and gradients bitwise equal with both, over padding rows, cached keys (Tq < Tk) and sep
     at and off the tiles' edges. The bits take one byte per query and 8 keys, kept for the backward; past the
     size limit (GLM_KERNELS_DROPOUT_MASK_MAX_MIB) the backward draws the decisions again instead."""
-    from kernels import triton_attention_kernels, triton_support
+    from kernels import triton_attention_tuning, triton_support
 
     for kernel, owned, inner, shapes in (
         (attention_forward_kernel, "BLOCK_M", "BLOCK_N", FORWARD_SHAPES),
@@ -270,7 +272,7 @@ def test_the_stored_dropout_mask_gives_what_replaying_it_gives(monkeypatch, inde
             config = triton.Config({owned: first, inner: second, "USE_TMA": False})
             monkeypatch.setattr(kernel, "configs", [config])
             monkeypatch.setattr(kernel, "cache", {})
-    assert "KEEP_BITS" in triton_attention_kernels._TUNING_KEY
+    assert "KEEP_BITS" in triton_attention_tuning._TUNING_KEY
     batch, heads, query_length, key_length, head_dim = 4, 2, 130, 150, 16
     q, _, _ = _qkv(batch, heads, query_length, query_length, head_dim, torch.float32, seed=3)
     _, k, v = _qkv(batch, heads, key_length, key_length, head_dim, torch.float32, seed=4)
@@ -503,6 +505,30 @@ def test_packed_qkv_must_be_packed():
         kernels.glm_attention_qkv(torch.zeros(1, 4, 2, 1, 8, device=DEVICE), _ints([1]), backend="torch")
 
 
+def _descriptor_case(batch: int, seed: int, dropout_p: float):
+    """The descriptor tests' case: packed bf16 qkv, head dim 80 (short of its power of two), sep 0 and 70 (and
+    129), a ragged length and padding rows. Returns ``run(use_tiles)``: the output and the qkv gradient after
+    ``use_tiles()`` picked the kernels' tiles, with one dropout seed; ``run.qkv`` is the input."""
+    length, heads, head_dim = 150, 2, 80
+    qkv = (0.5 * _randn(batch, length, 3, heads, head_dim, seed=seed)).to(torch.bfloat16)
+    sep, lengths = _ints([0, 70, 129][:batch]), _ints([150, 131, 140][:batch])
+    grad_out = _randn(batch, heads, length, head_dim, seed=7)
+
+    def run(use_tiles):
+        use_tiles()
+        torch.manual_seed(5)
+        return _forward_backward(
+            lambda qkv: kernels.glm_attention_qkv(
+                qkv, sep, dropout_p=dropout_p, lengths=lengths, backend="triton"
+            ),
+            [qkv],
+            grad_out,
+        )
+
+    run.qkv = qkv
+    return run
+
+
 def _use_tiles(
     monkeypatch,
     index: int | None,
@@ -571,22 +597,11 @@ def test_tma_descriptors_load_what_the_pointer_loads_load(monkeypatch, index):
     length and a head dim short of its power of two (the descriptors' zero fill stands in for the masks)."""
     from kernels import triton_attention
 
-    batch, length, heads, head_dim = 3, 150, 2, 80
-    qkv = (0.5 * _randn(batch, length, 3, heads, head_dim, seed=index or 0)).to(torch.bfloat16)
-    sep, lengths = _ints([0, 70, 129]), _ints([150, 131, 140])
-    grad_out = _randn(batch, heads, length, head_dim, seed=7)
-    assert triton_attention._tma_possible(*triton_attention._heads_of(qkv))
+    run = _descriptor_case(batch=3, seed=index or 0, dropout_p=0.2)
+    assert triton_attention._tma_possible(*triton_attention._heads_of(run.qkv))
 
-    def run(tma: bool):
-        _use_tiles(monkeypatch, index, tma)
-        torch.manual_seed(5)
-        return _forward_backward(
-            lambda qkv: kernels.glm_attention_qkv(qkv, sep, dropout_p=0.2, lengths=lengths, backend="triton"),
-            [qkv],
-            grad_out,
-        )
-
-    pointers, descriptors = run(False), run(True)
+    pointers = run(lambda: _use_tiles(monkeypatch, index, tma=False))
+    descriptors = run(lambda: _use_tiles(monkeypatch, index, tma=True))
     for name, a, b in zip(["out", "dqkv"], descriptors, pointers):
         assert torch.equal(a, b), name
     assert descriptors[1].abs().max() > 0
@@ -613,24 +628,20 @@ def test_the_warp_specialized_kernels_give_what_the_same_tiles_unspecialized_giv
     the fully visible blocks, then one over the masked ones), with padding rows, a ragged length and a head dim
     short of its power of two; the forward with and without dropout, dQ and dK/dV without (the only way they
     specialize)."""
-    batch, length, heads, head_dim = 2, 150, 2, 80
-    qkv = (0.5 * _randn(batch, length, 3, heads, head_dim, seed=20 + index)).to(torch.bfloat16)
-    sep, lengths = _ints([0, 70]), _ints([150, 131])
-    grad_out = _randn(batch, heads, length, head_dim, seed=8)
+    run = _descriptor_case(batch=2, seed=20 + index, dropout_p=dropout_p)
+    backward_ws = dropout_p == 0  # dQ and dK/dV specialize only without dropout
 
-    def run(ws: bool):
-        backward_ws = ws if dropout_p == 0 else None
-        _use_tiles(monkeypatch, index, tma=True, ws=ws, dq_ws=backward_ws, dkdv_ws=backward_ws)
-        torch.manual_seed(6)
-        return _forward_backward(
-            lambda qkv: kernels.glm_attention_qkv(
-                qkv, sep, dropout_p=dropout_p, lengths=lengths, backend="triton"
-            ),
-            [qkv],
-            grad_out,
+    def tiles(ws: bool):
+        return lambda: _use_tiles(
+            monkeypatch,
+            index,
+            tma=True,
+            ws=ws,
+            dq_ws=ws if backward_ws else None,
+            dkdv_ws=ws if backward_ws else None,
         )
 
-    unspecialized, specialized = run(False), run(True)
+    unspecialized, specialized = run(tiles(False)), run(tiles(True))
     for name, a, b in zip(["out", "dqkv"], specialized, unspecialized):
         assert torch.equal(a, b), name
     assert specialized[1].abs().max() > 0

@@ -32,6 +32,7 @@ def _compile(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: i
 def compile_kernels() -> None:
     """Every kernel with every feature switched on, for Hopper; the forward for Ampere too."""
     from kernels import triton_attention_kernels as attention
+    from kernels import triton_attention_tuning as tuning
     from kernels import triton_layer_norm as layer_norm
     from kernels.aot import registers
 
@@ -46,9 +47,9 @@ def compile_kernels() -> None:
         "ATOMIC_DQ": True,  # dK/dV's (the other kernels take no such switch)
     }
     head_64 = {"HEAD_DIM": 64, "BLOCK_D": 64, **features}
-    forward = (attention.attention_forward_kernel, "BLOCK_M", "BLOCK_N", attention.FORWARD_SHAPES[0])
-    dq = (attention.attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", attention.DQ_SHAPES[0])
-    dkdv = (attention.attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", attention.DKDV_SHAPES[0])
+    forward = (attention.attention_forward_kernel, "BLOCK_M", "BLOCK_N", tuning.FORWARD_SHAPES[0])
+    dq = (attention.attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", tuning.DQ_SHAPES[0])
+    dkdv = (attention.attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", tuning.DKDV_SHAPES[0])
     for capability, kernels in ((90, (forward, dq, dkdv)), (80, (forward,))):
         for kernel, owned, inner, (first, second, warps, stages) in kernels:
             _compile(kernel, "bf16", {**head_64, owned: first, inner: second}, warps, stages, capability)
@@ -66,9 +67,9 @@ def compile_kernels() -> None:
     # spills heavily, is better found here).
     tma = {"TMA_POSSIBLE": True, "USE_TMA": True}
     for kernel, owned, inner, shapes in (
-        (attention.attention_forward_kernel, "BLOCK_M", "BLOCK_N", attention.FORWARD_TMA_SHAPES),
-        (attention.attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", attention.DQ_TMA_SHAPES),
-        (attention.attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", attention.DKDV_TMA_SHAPES),
+        (attention.attention_forward_kernel, "BLOCK_M", "BLOCK_N", tuning.FORWARD_TMA_SHAPES),
+        (attention.attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", tuning.DQ_TMA_SHAPES),
+        (attention.attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", tuning.DKDV_TMA_SHAPES),
     ):
         first, second, warps, stages = shapes[0]
         for head in (head_64, head_128):
@@ -80,14 +81,14 @@ def compile_kernels() -> None:
     # dK/dV's without dropout (and dK/dV's without atomic dQ). Shapes as (BLOCK_M, BLOCK_N).
     specialized = [
         (attention.attention_forward_kernel, shape, (False, True) if shape[0] == 64 else (False,))
-        for shape in attention.FORWARD_WS_SHAPES
+        for shape in tuning.FORWARD_WS_SHAPES
     ]
     specialized += [
-        (attention.attention_backward_dq_kernel, shape, (False,)) for shape in attention.DQ_WS_SHAPES
+        (attention.attention_backward_dq_kernel, shape, (False,)) for shape in tuning.DQ_WS_SHAPES
     ]
     specialized += [  # dK/dV's shapes list its own (key) block first
         (attention.attention_backward_dkdv_kernel, (inner, owned, warps, stages), (False,))
-        for owned, inner, warps, stages in attention.DKDV_WS_SHAPES
+        for owned, inner, warps, stages in tuning.DKDV_WS_SHAPES
     ]
     for kernel, (first, second, warps, stages), dropouts in specialized:
         for dropout in dropouts:

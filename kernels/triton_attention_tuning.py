@@ -1,0 +1,165 @@
+"""The GLM attention kernels' tiles and autotuning: the tile shapes each kernel is timed on, which of them a launch
+can run (``_fitting_configs``, the autotuner's early pruning) and the keys the choice is cached under.
+
+Each kernel's first shape is its untuned default; the TMA and warp-specialized shapes are extra candidates on
+Hopper. The kernels themselves are in ``triton_attention_kernels``.
+"""
+
+from __future__ import annotations
+
+import triton
+
+from kernels.triton_support import autotune_configs
+
+# GPU tile shapes: (first block, second block, num_warps, num_stages), the first block being the one a program
+# owns (queries in the forward and dQ, keys in dK/dV). The first shape of each list is the one used without
+# autotuning (GLM_KERNELS_AUTOTUNE=0, the GPU tests): 64 x 32 on 8 warps compiles in about a second and, per
+# ptxas on sm_90, spills no register in any variant of 16-bit inputs (head dims 32-128, with and without
+# dropout), where the 128-row tiles on 4 warps spill at head dim 128 or with dropout, and take up to a minute
+# to compile for fp32 inputs. 128-row tiles feed the tensor cores best at head dim 64; the 32- and 64-row ones
+# with 8 warps keep the fp32 tiles of head dim 128 in registers. The autotuner times them all on the first call
+# per key (fp32 inputs only the small ones, see ``_fitting_configs``) and drops shapes that do not fit.
+FORWARD_SHAPES = [
+    (64, 32, 8, 3),
+    (128, 64, 4, 3),
+    (128, 64, 4, 4),
+    (128, 64, 8, 3),
+    (128, 128, 8, 3),
+    (128, 32, 4, 4),
+    (64, 64, 4, 3),
+    (64, 32, 4, 4),
+]
+# The backward's 128 x 32 tiles also with 5 stages, as Triton's fused-attention tutorial runs them on Hopper.
+DQ_SHAPES = [
+    (64, 32, 8, 3),
+    (128, 32, 4, 3),
+    (128, 32, 4, 5),
+    (128, 32, 8, 3),
+    (128, 64, 8, 3),
+    (64, 64, 4, 3),
+    (64, 32, 4, 4),
+]
+DKDV_SHAPES = [
+    (64, 32, 8, 3),
+    (128, 32, 4, 3),
+    (128, 32, 4, 5),
+    (128, 64, 8, 3),
+    (64, 64, 4, 3),
+    (64, 64, 8, 3),
+    (64, 32, 4, 4),
+    (32, 64, 4, 3),
+]
+# Hopper's tensor memory accelerator (TMA): the tiles a program loads in its loop (K and V in the forward and dQ,
+# Q and dO in dK/dV) also come through tensor descriptors (``tl.make_tensor_descriptor``: one bulk copy per tile
+# into shared memory, bounds handled by the hardware, no address arithmetic in the threads) in these shapes. They
+# are extra autotuning candidates, timed beside the pointer loads, on GPUs of compute capability 9+ and 16-byte
+# aligned inputs only (``TMA_POSSIBLE``, in the tuning key); the first, untuned tile stays a pointer-load one.
+FORWARD_TMA_SHAPES = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)]
+DQ_TMA_SHAPES = [(128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3)]
+DKDV_TMA_SHAPES = [(128, 32, 4, 3), (128, 32, 4, 5), (64, 64, 4, 3)]
+# Hopper's warp specialization (``tl.range(warp_specialize=True)``): a kernel's loop split by Triton into
+# partitions, one issuing the TMA copies and the others computing, with registers moved between them
+# (``setmaxnreg``). Triton 3.6-3.7 specialize a loop only with 4 warps, with every tile (the forward's q too)
+# read through descriptors, and with no second loop in the kernel: a warp-specialized kernel runs one loop over
+# all its blocks, each masked (the mask of a fully visible block is all true, so the results are bitwise the
+# two-loop kernel's). Autotuning candidates on the TMA conditions, as above, where the pass compiles them
+# (``_fitting_configs``).
+FORWARD_WS_SHAPES = [(128, 64, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3)]
+# dQ the same way (q and dO by descriptors): only its 64 x 64 tile without dropout specializes (the tile the
+# H200's autotuner chose for dQ without dropout from T 1024).
+DQ_WS_SHAPES = [(64, 64, 4, 3)]
+# dK/dV (k and v by descriptors): without dropout and without atomic dQ only; the H200 chose its 64 x 64 on 4 warps.
+DKDV_WS_SHAPES = [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
+# fp32 tiles take twice the registers of 16-bit ones, and the "ieee" dot holds its operands in registers: for
+# fp32 inputs only tiles of at most this many elements per warp are timed.
+FP32_TILE_ELEMENTS_PER_WARP = 256
+
+
+def _fitting_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """The autotuner's early pruning: the TMA candidates (warp-specialized ones too) only where the inputs allow
+    them (``TMA_POSSIBLE``) and are 16-bit, with dropout only the warp-specialized tiles that compile; every other
+    config for 16-bit inputs; for fp32 inputs the small tiles, which compile in seconds
+    (the 128-row ones spill tens of kilobytes and take up to a minute each)."""
+    q = named_args.get("Q")
+    if not kwargs.get("TMA_POSSIBLE", False) or (q is not None and q.element_size() >= 4):
+        configs = [c for c in configs if not c.kwargs.get("USE_TMA", False)] or configs[:1]
+    dropout, atomic = kwargs.get("HAS_DROPOUT", False), kwargs.get("ATOMIC_DQ", False)
+
+    def specializes(config) -> bool:
+        """Whether Triton 3.6-3.7 can warp-specialize this candidate: its pass fails ("Unexpected op") on dQ and
+        dK/dV with dropout, on dK/dV's atomics and on the 128-row forward with dropout."""
+        if not config.kwargs.get("WS"):
+            return True
+        if "DK" in named_args:
+            return not dropout and not atomic
+        if "DQ" in named_args:
+            return not dropout
+        return not dropout or config.kwargs.get("BLOCK_M", 0) <= 64
+
+    configs = [c for c in configs if specializes(c)] or configs[:1]
+    if q is None or q.element_size() < 4:
+        return configs
+
+    def elements_per_warp(config) -> int:
+        first, second = (v for k, v in config.kwargs.items() if k.startswith("BLOCK_") and k != "BLOCK_D")
+        return first * second // config.num_warps
+
+    return [c for c in configs if elements_per_warp(c) <= FP32_TILE_ELEMENTS_PER_WARP] or configs[:1]
+
+
+def _configs(
+    owned: str,
+    inner: str,
+    shapes: list[tuple[int, int, int, int]],
+    tma_shapes: list[tuple[int, int, int, int]],
+    interpreter: tuple[int, int],
+    ws_shapes: list[tuple[int, int, int, int]] | None = None,
+):
+    gpu = [
+        triton.Config({owned: a, inner: b, "USE_TMA": tma}, num_warps=w, num_stages=s)
+        for tma, listed in ((False, shapes), (True, tma_shapes))
+        for a, b, w, s in listed
+    ]
+    if ws_shapes is not None:  # the kernel takes WS: every candidate says whether it is warp-specialized
+        gpu = [
+            triton.Config({**c.kwargs, "WS": False}, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in gpu
+        ]
+        gpu += [
+            triton.Config({owned: a, inner: b, "USE_TMA": True, "WS": True}, num_warps=w, num_stages=s)
+            for a, b, w, s in ws_shapes
+        ]
+    # The interpreter runs pointer loads; the tests switch its one config to TMA to check that path too.
+    interpreter_config = triton.Config(
+        {owned: interpreter[0], inner: interpreter[1], "USE_TMA": False}, num_warps=4
+    )
+    return autotune_configs(gpu, interpreter_config)
+
+
+# The interpreter blocks differ between the kernels on purpose: the block-skipping bounds must not depend on
+# the forward and backward sharing a tiling.
+_FORWARD_CONFIGS = _configs(
+    "BLOCK_M",
+    "BLOCK_N",
+    FORWARD_SHAPES,
+    FORWARD_TMA_SHAPES,
+    interpreter=(64, 32),
+    ws_shapes=FORWARD_WS_SHAPES,
+)
+_DQ_CONFIGS = _configs(
+    "BLOCK_M", "BLOCK_N", DQ_SHAPES, DQ_TMA_SHAPES, interpreter=(32, 64), ws_shapes=DQ_WS_SHAPES
+)
+_DKDV_CONFIGS = _configs(
+    "BLOCK_N", "BLOCK_M", DKDV_SHAPES, DKDV_TMA_SHAPES, interpreter=(64, 32), ws_shapes=DKDV_WS_SHAPES
+)
+_PRUNING = {"early_config_prune": _fitting_configs}
+_TUNING_KEY = [
+    "query_length_bucket",
+    "key_length_bucket",
+    "HEAD_DIM",
+    "HAS_DROPOUT",
+    "HAS_LENGTHS",
+    "TMA_POSSIBLE",
+    "KEEP_BITS",
+]
+_DKDV_TUNING_KEY = _TUNING_KEY + ["ATOMIC_DQ"]
