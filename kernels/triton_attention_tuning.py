@@ -120,11 +120,9 @@ def _configs(
         for tma, listed in ((False, shapes), (True, tma_shapes))
         for a, b, w, s in listed
     ]
-    if ws_shapes is not None:  # the kernel takes WS: every candidate says whether it is warp-specialized
-        gpu = [
-            triton.Config({**c.kwargs, "WS": False}, num_warps=c.num_warps, num_stages=c.num_stages)
-            for c in gpu
-        ]
+    if ws_shapes is not None:
+        # (The others leave WS at the kernels' default, False: their names stay those that checkpoints recorded
+        # as tile choices before the warp-specialized candidates, and a resumed run finds them.)
         gpu += [
             triton.Config({owned: a, inner: b, "USE_TMA": True, "WS": True}, num_warps=w, num_stages=s)
             for a, b, w, s in ws_shapes
