@@ -112,21 +112,20 @@ def _configs(
     inner: str,
     shapes: list[tuple[int, int, int, int]],
     tma_shapes: list[tuple[int, int, int, int]],
+    ws_shapes: list[tuple[int, int, int, int]],
     interpreter: tuple[int, int],
-    ws_shapes: list[tuple[int, int, int, int]] | None = None,
 ):
+    # Only the warp-specialized candidates name WS; the others leave it at the kernels' default, False, so their
+    # names stay those that checkpoints recorded as tile choices before these candidates, and a resume finds them.
     gpu = [
-        triton.Config({owned: a, inner: b, "USE_TMA": tma}, num_warps=w, num_stages=s)
-        for tma, listed in ((False, shapes), (True, tma_shapes))
+        triton.Config({owned: a, inner: b, "USE_TMA": tma, **switch}, num_warps=w, num_stages=s)
+        for tma, switch, listed in (
+            (False, {}, shapes),
+            (True, {}, tma_shapes),
+            (True, {"WS": True}, ws_shapes),
+        )
         for a, b, w, s in listed
     ]
-    if ws_shapes is not None:
-        # (The others leave WS at the kernels' default, False: their names stay those that checkpoints recorded
-        # as tile choices before the warp-specialized candidates, and a resumed run finds them.)
-        gpu += [
-            triton.Config({owned: a, inner: b, "USE_TMA": True, "WS": True}, num_warps=w, num_stages=s)
-            for a, b, w, s in ws_shapes
-        ]
     # The interpreter runs pointer loads; the tests switch its one config to TMA to check that path too.
     interpreter_config = triton.Config(
         {owned: interpreter[0], inner: interpreter[1], "USE_TMA": False}, num_warps=4
@@ -137,18 +136,11 @@ def _configs(
 # The interpreter blocks differ between the kernels on purpose: the block-skipping bounds must not depend on
 # the forward and backward sharing a tiling.
 _FORWARD_CONFIGS = _configs(
-    "BLOCK_M",
-    "BLOCK_N",
-    FORWARD_SHAPES,
-    FORWARD_TMA_SHAPES,
-    interpreter=(64, 32),
-    ws_shapes=FORWARD_WS_SHAPES,
+    "BLOCK_M", "BLOCK_N", FORWARD_SHAPES, FORWARD_TMA_SHAPES, FORWARD_WS_SHAPES, interpreter=(64, 32)
 )
-_DQ_CONFIGS = _configs(
-    "BLOCK_M", "BLOCK_N", DQ_SHAPES, DQ_TMA_SHAPES, interpreter=(32, 64), ws_shapes=DQ_WS_SHAPES
-)
+_DQ_CONFIGS = _configs("BLOCK_M", "BLOCK_N", DQ_SHAPES, DQ_TMA_SHAPES, DQ_WS_SHAPES, interpreter=(32, 64))
 _DKDV_CONFIGS = _configs(
-    "BLOCK_N", "BLOCK_M", DKDV_SHAPES, DKDV_TMA_SHAPES, interpreter=(64, 32), ws_shapes=DKDV_WS_SHAPES
+    "BLOCK_N", "BLOCK_M", DKDV_SHAPES, DKDV_TMA_SHAPES, DKDV_WS_SHAPES, interpreter=(64, 32)
 )
 _PRUNING = {"early_config_prune": _fitting_configs}
 _TUNING_KEY = [
