@@ -43,6 +43,10 @@ POINTER_TYPES = {
     "DLoss": "*fp32",
 }
 FLOAT_ARGUMENTS = {"softmax_scale", "dropout_scale", "eps", "smoothing"}
+# Integer arguments that are multiples of 16 in the model (hidden sizes, padded vocabularies), which Triton then
+# specializes as such at launch (``tt.divisibility``): a row mask ``cols < width`` is then known to hold for
+# runs of 16 columns, so loads are vectorized and can be pipelined, as on the GPU.
+MULTIPLES_OF_16 = {"width", "vocab"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +61,7 @@ class Registers:
 def compile_kernel(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int, capability: int):
     """``kernel`` (a ``@triton.jit`` function or its autotuner) compiled for ``sm_<capability>`` with ``dtype``
     (``"bf16"``, ``"fp16"``, ``"fp32"``) inputs and ``constexprs``; specialized as Triton specializes a launch in
-    the model: tensors 16-byte aligned, strides and lengths multiples of 16. Switches in ``constexprs`` that the
+    the model: tensors 16-byte aligned, strides, lengths, widths and vocabularies multiples of 16. Switches in ``constexprs`` that the
     kernel does not take are left out, so one set of feature flags serves every kernel."""
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
     # Switches the kernel takes with a default (``WS: tl.constexpr = False``) keep it unless given.
@@ -76,7 +80,12 @@ def compile_kernel(kernel, dtype: str, constexprs: dict, num_warps: int, num_sta
             signature[name] = POINTER_TYPES.get(name, f"*{dtype}")
         else:
             signature[name] = "fp32" if name in FLOAT_ARGUMENTS else "i32"
-        if name[0].isupper() or name.startswith("stride") or name.endswith(("_length", "_bucket")):
+        if (
+            name[0].isupper()
+            or name.startswith("stride")
+            or name.endswith(("_length", "_bucket"))
+            or name in MULTIPLES_OF_16
+        ):
             attributes[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(
         fn=fn,

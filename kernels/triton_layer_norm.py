@@ -55,8 +55,10 @@ def _num_warps(block_n: int, backward: bool) -> int:
 # twice as many) once per width, dtype and variant, and keeps the fastest in Triton's cache (and in checkpoints,
 # as the attention's tiles); with GLM_KERNELS_AUTOTUNE=0 it runs the heuristic's choice alone. The fused
 # backward also tunes its programs per SM (each program owns a run of rows and writes one row of partial sums):
-# two per SM keep the partial sums small, more keep more rows' loads in flight. The heuristic's choice comes
-# first, with two programs per SM. The interpreter has one config of its own.
+# two per SM keep the partial sums small, more keep more rows' loads in flight. Each of these also comes with its
+# row loop pipelined (``ROW_STAGES`` 2: the next row's loads in flight while this one is worked on, through shared
+# memory, with about the same registers). The heuristic's choice comes first, with two programs per SM and the
+# loop as it is; it alone runs with GLM_KERNELS_AUTOTUNE=0. The interpreter has one config of its own.
 _WARPS = (1, 2, 4, 8, 16, 32)
 
 
@@ -73,10 +75,22 @@ def _warps_candidates(backward: bool):
         preferred = _num_warps(block_n, backward)
         window = {preferred // 2, preferred, preferred * 2} if AUTOTUNE else {preferred}
         programs = set(_programs_per_sm(block_n)) if AUTOTUNE else {2}
+        stages = {1, 2} if AUTOTUNE else {1}
         chosen = [
-            c for c in configs if c.num_warps in window and c.kwargs.get("PROGRAMS_PER_SM", 2) in programs
+            c
+            for c in configs
+            if c.num_warps in window
+            and c.kwargs.get("PROGRAMS_PER_SM", 2) in programs
+            and c.kwargs.get("ROW_STAGES", 1) in stages
         ]
-        return sorted(chosen, key=lambda c: (c.num_warps != preferred, c.kwargs.get("PROGRAMS_PER_SM", 2)))
+        return sorted(
+            chosen,
+            key=lambda c: (
+                c.num_warps != preferred,
+                c.kwargs.get("PROGRAMS_PER_SM", 2),
+                c.kwargs.get("ROW_STAGES", 1),
+            ),
+        )
 
     return {"early_config_prune": prune}
 
@@ -85,7 +99,13 @@ _CONFIGS = [triton.Config({}, num_warps=4)] if INTERPRET else [triton.Config({},
 _BACKWARD_CONFIGS = (
     [triton.Config({"PROGRAMS_PER_SM": 2}, num_warps=4)]
     if INTERPRET
-    else [triton.Config({"PROGRAMS_PER_SM": p}, num_warps=w) for w in _WARPS for p in (2, 4, 8)]
+    else [
+        # Only the pipelined tiles name ROW_STAGES: the others keep the names checkpoints recorded as tile choices.
+        triton.Config({"PROGRAMS_PER_SM": p, **({"ROW_STAGES": stages} if stages > 1 else {})}, num_warps=w)
+        for w in _WARPS
+        for p in (2, 4, 8)
+        for stages in (1, 2)
+    ]
 )
 
 
@@ -193,11 +213,13 @@ def layer_norm_backward_kernel(
     X, W, DY, DSummed, DX, DXD, Mean, Rstd, PartialDW, PartialDB, PartialDXB, Seed,
     stride_x, stride_dy, stride_ds, stride_dx, rows, width, dropout_threshold, dropout_scale,
     HAS_DSUMMED: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_X_BIAS: tl.constexpr, EMULATE_BF16: tl.constexpr,
-    BLOCK_N: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr,
+    BLOCK_N: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr, ROW_STAGES: tl.constexpr = 1,
 ):  # fmt: skip
     # The grid is min(rows, PROGRAMS_PER_SM x SMs) programs (see LayerNormFunction.backward), each a contiguous run
     # of rows. (Program p taking rows p, p + programs, ... instead ran 4K- and 8K-wide rows at ~60% of the speed
-    # on an H200: the loop's step is then no constant.)
+    # on an H200: the loop's step is then no constant.) With ROW_STAGES 2 Triton pipelines the row loop: the
+    # loads of the next row's x, dy (and dsummed) are issued as asynchronous copies into shared memory while
+    # this row is worked on; ROW_STAGES 1 compiles to the unpipelined loop.
     program = tl.program_id(0)
     rows_per_program = tl.cdiv(rows, tl.num_programs(0))
     cols = tl.arange(0, BLOCK_N)
@@ -209,7 +231,7 @@ def layer_norm_backward_kernel(
     # int64 bounds make the row index (and row * stride) 64-bit inside the loop.
     first_row = program.to(tl.int64) * rows_per_program
     last_row = tl.minimum(first_row + rows_per_program, rows)
-    for row in range(first_row, last_row):
+    for row in tl.range(first_row, last_row, num_stages=ROW_STAGES):
         x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
         x_hat, x_grad = _store_dx_row(

@@ -120,33 +120,44 @@ def test_unservable_calls_raise_kernel_error():
 @pytest.mark.parametrize("backward", [False, True], ids=["forward", "backward"])
 def test_autotuner_times_the_width_heuristic_and_its_neighbours(monkeypatch, backward):
     # On GPUs each LayerNorm kernel times the warps the width heuristic picks and half and twice as many (the
-    # fused backward each with 2, 4 or 8 programs per SM, 2 or 4 past width 2048), the heuristic's choice
-    # first with 2 programs per SM; with GLM_KERNELS_AUTOTUNE=0 (the GPU tests) that choice alone.
+    # fused backward each with 2, 4 or 8 programs per SM, 2 or 4 past width 2048, and each with its row loop
+    # as it is and pipelined), the heuristic's choice first with 2 programs per SM and the loop as it is; with
+    # GLM_KERNELS_AUTOTUNE=0 (the GPU tests) that choice alone.
     import triton
 
     from kernels import triton_layer_norm as ln
 
     programs = (2, 4, 8) if backward else (None,)
+    stages = (None, 2) if backward else (None,)
     configs = [
-        triton.Config({} if p is None else {"PROGRAMS_PER_SM": p}, num_warps=w)
+        triton.Config(
+            {**({} if p is None else {"PROGRAMS_PER_SM": p}), **({} if s is None else {"ROW_STAGES": s})},
+            num_warps=w,
+        )
         for w in ln._WARPS
         for p in programs
+        for s in stages
     ]
     prune = ln._warps_candidates(backward)["early_config_prune"]
 
     def tiles(width):
-        return [(c.num_warps, c.kwargs.get("PROGRAMS_PER_SM")) for c in prune(configs, {}, BLOCK_N=width)]
+        return [
+            (c.num_warps, c.kwargs.get("PROGRAMS_PER_SM"), c.kwargs.get("ROW_STAGES"))
+            for c in prune(configs, {}, BLOCK_N=width)
+        ]
 
     for width in (256, 1024, 4096, 8192):
         preferred = ln._num_warps(width, backward)
         per_sm = ((2, 4, 8) if width <= 2048 else (2, 4)) if backward else (None,)
         monkeypatch.setattr(ln, "AUTOTUNE", True)
         timed = tiles(width)
-        assert timed[0] == (preferred, per_sm[0])
+        assert timed[0] == (preferred, per_sm[0], None)
         warps = {w for w in (preferred // 2, preferred, preferred * 2) if w in ln._WARPS}
-        assert sorted(timed) == sorted((w, p) for w in warps for p in per_sm)
+        assert sorted(timed, key=str) == sorted(
+            ((w, p, s) for w in warps for p in per_sm for s in stages), key=str
+        )
         monkeypatch.setattr(ln, "AUTOTUNE", False)
-        assert tiles(width) == [(preferred, per_sm[0])]
+        assert tiles(width) == [(preferred, per_sm[0], None)]
     # The interpreter's single config is left alone.
     assert prune(configs[:1], {}, BLOCK_N=4096) == configs[:1]
 
@@ -169,6 +180,29 @@ def test_backward_on_more_programs_per_sm_matches_torch(monkeypatch):
     got = _forward_backward(_triton_ln, x, residual, weight, bias, grads)
     for want, have in zip(expected, got):
         torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
+
+
+def test_pipelined_row_loop_gives_what_the_loop_as_it_is_gives(monkeypatch):
+    # The fused backward's pipelined candidates (ROW_STAGES 2: the next row's loads issued while this row is worked
+    # on) compute the same sums in the same order: bitwise the gradients of the same tile unpipelined. On a GPU
+    # this runs the compiled pipeline (the GPU check runs this file); in the interpreter, the same loop.
+    import triton
+
+    from kernels import triton_layer_norm as ln
+
+    shape, dtype = (3, 37, 96), torch.bfloat16
+    x, residual, weight, bias = _inputs(shape, dtype, True, seed=11)
+    grads = [_randn(*shape, seed=12), _randn(*shape, seed=13)]
+    results = []
+    for stages in ({}, {"ROW_STAGES": 2}):
+        config = triton.Config({"PROGRAMS_PER_SM": 3, **stages}, num_warps=4)
+        monkeypatch.setattr(ln.layer_norm_backward_kernel, "configs", [config])
+        monkeypatch.setattr(ln.layer_norm_backward_kernel, "cache", {})
+        # The direct launcher keeps the compiled kernel of its first call: ROW_STAGES is no key of its own.
+        monkeypatch.setattr(ln._backward, "_variants", {})
+        results.append(_forward_backward(_triton_ln, x, residual, weight, bias, grads))
+    for unpipelined, pipelined in zip(*results):
+        assert torch.equal(unpipelined, pipelined)
 
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
