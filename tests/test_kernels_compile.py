@@ -162,7 +162,9 @@ def compile_kernels() -> None:
                     3,
                     capability,
                 )
-                assert "cp.async" in pipelined.asm["ptx"], f"fused backward at {width}: row loop not pipelined"
+                assert "cp.async" in pipelined.asm["ptx"], (
+                    f"fused backward at {width}: row loop not pipelined"
+                )
                 if capability == 90:
                     spilled = registers(pipelined, 90).spilled_bytes
                     assert spilled == 0, f"pipelined fused backward at {width}: {spilled} bytes"
