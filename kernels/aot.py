@@ -61,8 +61,8 @@ class Registers:
 def compile_kernel(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int, capability: int):
     """``kernel`` (a ``@triton.jit`` function or its autotuner) compiled for ``sm_<capability>`` with ``dtype``
     (``"bf16"``, ``"fp16"``, ``"fp32"``) inputs and ``constexprs``; specialized as Triton specializes a launch in
-    the model: tensors 16-byte aligned, strides, lengths, widths and vocabularies multiples of 16. Switches in ``constexprs`` that the
-    kernel does not take are left out, so one set of feature flags serves every kernel."""
+    the model: tensors 16-byte aligned, strides, lengths, widths and vocabularies multiples of 16. Switches in
+    ``constexprs`` that the kernel does not take are left out, so one set of feature flags serves every kernel."""
     fn = kernel.fn if isinstance(kernel, Autotuner) else kernel
     # Switches the kernel takes with a default (``WS: tl.constexpr = False``) keep it unless given.
     defaults = {
