@@ -284,14 +284,31 @@ def layer_norm_backward_dx_kernel(
     )  # fmt: skip
 
 
+def _dwdb_stages(configs: list, named_args: dict, **kwargs) -> list:
+    """The split backward's dweight/dbias kernel: its loop as it is, and pipelined over 2 and 3 stages, timed on
+    GPUs; with GLM_KERNELS_AUTOTUNE=0 the loop as it is."""
+    return configs if AUTOTUNE else configs[:1]
+
+
+# The tile is fixed (_DWDB_TILE: it decides the order of the sums); the autotuner only picks how many of the loop's
+# row blocks are in flight (ROW_STAGES), which leaves every sum as it is: nothing for checkpoints to record.
+@triton.autotune(
+    configs=[triton.Config({}, num_warps=_DWDB_TILE[2])]
+    + ([] if INTERPRET else [triton.Config({"ROW_STAGES": s}, num_warps=_DWDB_TILE[2]) for s in (2, 3)]),
+    key=["BLOCK_R", "BLOCK_C", "HAS_X_BIAS"],
+    prune_configs_by={"early_config_prune": _dwdb_stages},
+    cache_results=True,
+)
 @triton.jit
 def layer_norm_backward_dwdb_kernel(
     X, DY, DXD, Mean, Rstd, PartialDW, PartialDB, PartialDXB,
     stride_x, stride_dy, stride_dxd, rows, width, rows_per_program,
-    HAS_X_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_X_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROW_STAGES: tl.constexpr = 1,
 ):  # fmt: skip
     """The split backward's second kernel: dweight's and dbias's sums over one run of rows, for one block of
-    columns, in a fixed order (deterministic); with an input bias also the sums of x's gradient (DXD)."""
+    columns, in a fixed order (deterministic); with an input bias also the sums of x's gradient (DXD). With
+    ROW_STAGES 2 or 3 Triton pipelines the loop (the next row blocks' loads as asynchronous copies into shared
+    memory): a few programs per SM keep more loads in flight."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < width
     group = tl.program_id(1)
@@ -300,7 +317,7 @@ def layer_norm_backward_dwdb_kernel(
     dw = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     db = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
     dxb = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for start in range(first_row, last_row, BLOCK_R):
+    for start in tl.range(first_row, last_row, BLOCK_R, num_stages=ROW_STAGES):
         rows_here = start + tl.arange(0, BLOCK_R)
         row_mask = rows_here < last_row
         mask = row_mask[:, None] & col_mask[None, :]
@@ -547,7 +564,7 @@ def _split_backward(
     """Rows wider than ``FUSED_BACKWARD_MAX_WIDTH``: dx one row per program, then the partial sums of dweight,
     dbias and (``sums_of`` 3) x's gradient (``[sums_of, groups, width]``) by column blocks over runs of rows."""
     rows, width = summed.shape
-    block_r, block_c, warps = _DWDB_TILE
+    block_r, block_c, _ = _DWDB_TILE
     column_blocks = cdiv(width, block_c)
     groups = max(
         1,
@@ -570,7 +587,7 @@ def _split_backward(
         _backward_dwdb(
             (column_blocks, groups), summed, dy, dxd, mean, rstd, partials[0], partials[1], partials[sums_of - 1],
             summed.stride(0), dy.stride(0), dxd.stride(0), rows, width, rows_per_group,
-            HAS_X_BIAS=sums_of == 3, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+            HAS_X_BIAS=sums_of == 3, BLOCK_R=block_r, BLOCK_C=block_c,
         )  # fmt: skip
     return partials
 

@@ -176,6 +176,14 @@ def compile_kernels() -> None:
             block_r, block_c, warps = layer_norm._DWDB_TILE
             dwdb = {"HAS_X_BIAS": True, "BLOCK_R": block_r, "BLOCK_C": block_c}
             kernels.append((layer_norm.layer_norm_backward_dwdb_kernel, dwdb, warps))
+            # Its pipelined loop over row blocks (the autotuner's other candidates), as the fused backward's.
+            for stages in (2, 3):
+                dwdb_kernel = layer_norm.layer_norm_backward_dwdb_kernel
+                pipelined = _compile(dwdb_kernel, "bf16", {**dwdb, "ROW_STAGES": stages}, warps, 3, 90)
+                assert "cp.async" in pipelined.asm["ptx"], (
+                    f"dweight/dbias over {stages} stages: not pipelined"
+                )
+                kernels.append((dwdb_kernel, {**dwdb, "ROW_STAGES": stages}, warps))
         for kernel, constexprs, warps in kernels:
             spilled = registers(_compile(kernel, "bf16", constexprs, warps, 3, 90), 90).spilled_bytes
             assert spilled == 0, (

@@ -162,6 +162,22 @@ def test_autotuner_times_the_width_heuristic_and_its_neighbours(monkeypatch, bac
     assert prune(configs[:1], {}, BLOCK_N=4096) == configs[:1]
 
 
+def test_split_backward_times_its_pipelined_loop_only_when_autotuning(monkeypatch):
+    # The split backward's dweight/dbias kernel has one tile (it fixes the order of the sums); on GPUs the
+    # autotuner times its loop as it is and pipelined over 2 and 3 stages, and the GPU tests run the first.
+    import triton
+
+    from kernels import triton_layer_norm as ln
+
+    configs = [triton.Config({}, num_warps=4)] + [
+        triton.Config({"ROW_STAGES": s}, num_warps=4) for s in (2, 3)
+    ]
+    monkeypatch.setattr(ln, "AUTOTUNE", True)
+    assert ln._dwdb_stages(configs, {}) == configs
+    monkeypatch.setattr(ln, "AUTOTUNE", False)
+    assert ln._dwdb_stages(configs, {}) == configs[:1]
+
+
 def test_backward_on_more_programs_per_sm_matches_torch(monkeypatch):
     # The fused backward's grid follows the tile the autotuner ran (programs per SM): the host must add up the
     # partial sums of exactly the programs that ran. Here a tile of 3 programs per SM (6 on the interpreter's
@@ -182,27 +198,36 @@ def test_backward_on_more_programs_per_sm_matches_torch(monkeypatch):
         torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5)
 
 
-def test_pipelined_row_loop_gives_what_the_loop_as_it_is_gives(monkeypatch):
-    # The fused backward's pipelined candidates (ROW_STAGES 2: the next row's loads issued while this row is worked
-    # on) compute the same sums in the same order: bitwise the gradients of the same tile unpipelined. On a GPU
-    # this runs the compiled pipeline (the GPU check runs this file); in the interpreter, the same loop.
+@pytest.mark.parametrize("split", [False, True], ids=["fused_backward", "split_backward"])
+def test_pipelined_row_loops_give_what_the_loops_as_they_are_give(monkeypatch, split):
+    # The backward's pipelined candidates (ROW_STAGES: the next rows' loads issued while these are worked on; the
+    # fused backward's row loop, the split backward's dweight/dbias loop over row blocks) compute the same sums in
+    # the same order: bitwise the gradients of the same tiles unpipelined. On a GPU this runs the compiled
+    # pipelines (the GPU check runs this file); in the interpreter, the same loops.
     import triton
 
     from kernels import triton_layer_norm as ln
 
-    shape, dtype = (3, 37, 96), torch.bfloat16
+    if split:
+        monkeypatch.setattr(ln, "FUSED_BACKWARD_MAX_WIDTH", 64)
+        kernel, launcher, tile = ln.layer_norm_backward_dwdb_kernel, ln._backward_dwdb, {}
+        warps = ln._DWDB_TILE[2]
+    else:
+        kernel, launcher, tile = ln.layer_norm_backward_kernel, ln._backward, {"PROGRAMS_PER_SM": 3}
+        warps = 4
+    shape, dtype = (3, 37, 200 if split else 96), torch.bfloat16
     x, residual, weight, bias = _inputs(shape, dtype, True, seed=11)
     grads = [_randn(*shape, seed=12), _randn(*shape, seed=13)]
     results = []
-    for stages in ({}, {"ROW_STAGES": 2}):
-        config = triton.Config({"PROGRAMS_PER_SM": 3, **stages}, num_warps=4)
-        monkeypatch.setattr(ln.layer_norm_backward_kernel, "configs", [config])
-        monkeypatch.setattr(ln.layer_norm_backward_kernel, "cache", {})
+    for stages in ({}, {"ROW_STAGES": 2}, {"ROW_STAGES": 3}):
+        monkeypatch.setattr(kernel, "configs", [triton.Config({**tile, **stages}, num_warps=warps)])
+        monkeypatch.setattr(kernel, "cache", {})
         # The direct launcher keeps the compiled kernel of its first call: ROW_STAGES is no key of its own.
-        monkeypatch.setattr(ln._backward, "_variants", {})
+        monkeypatch.setattr(launcher, "_variants", {})
         results.append(_forward_backward(_triton_ln, x, residual, weight, bias, grads))
-    for unpipelined, pipelined in zip(*results):
-        assert torch.equal(unpipelined, pipelined)
+    for pipelined in results[1:]:
+        for unpipelined, same in zip(results[0], pipelined):
+            assert torch.equal(unpipelined, same)
 
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
