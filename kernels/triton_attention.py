@@ -18,6 +18,7 @@ import torch
 
 from kernels import triton_support
 from kernels.errors import KernelError
+from kernels.triton_attention_dropout import KEEP_BITS_ROW_KEYS
 from kernels.triton_attention_kernels import (
     attention_backward_dkdv_kernel,
     attention_backward_dq_convert_kernel,
@@ -124,7 +125,9 @@ def _attention_forward(q, k, v, sep, lengths, softmax_scale: float, dropout_p: f
     lse = torch.empty((batch, heads, query_length), device=q.device, dtype=torch.float32)
     # (Without dropout the kernels never read the seed or the keep bits; sep stands in for the pointers.)
     seed = dropout_seed(q.device) if dropout_p > 0.0 else sep
-    bits_shape = (batch * heads, query_length, cdiv(key_length, DROPOUT_GROUP))
+    # Rows padded to whole 128-key tiles (KEEP_BITS_ROW_KEYS): the kernels then load and store them as words.
+    row_keys = int(KEEP_BITS_ROW_KEYS)
+    bits_shape = (batch * heads, query_length, cdiv(key_length, row_keys) * (row_keys // DROPOUT_GROUP))
     store_mask = (
         dropout_p > 0.0 and for_backward and math.prod(bits_shape) <= triton_support.DROPOUT_MASK_MAX_BYTES
     )

@@ -13,8 +13,10 @@ backward kernels (other tilings, other loop orders) can replay exactly the forwa
 
 Up to a size they need not (``KEEP_BITS``, ``triton_support.DROPOUT_MASK_MAX_BYTES``): the forward also stores
 each Philox call's eight keep decisions as one byte (bit ``rev3(j % 8)`` for key j) in ``KeepBits`` (``[B * H,
-Tq, ceil(Tk / 8)]`` uint8, 1/16 of the bf16 score matrix), and dQ and dK/dV read them back instead of drawing
-them twice more. Philox on the CUDA cores is what in-kernel dropout costs, and the backward kernels would
+Tq, 16 ceil(Tk / 128)]`` uint8, 1/16 of the bf16 score matrix), and dQ and dK/dV read them back instead of drawing
+them twice more. A query's row of bytes is padded to whole 128-key tiles (KEEP_BITS_ROW_KEYS): a tile's bytes are
+then aligned words inside the row, tested by row only, which the backward loops copy asynchronously (cp.async)
+with their other tiles; unpadded, each thread stopped the loop for four single-byte loads per tile. Philox on the CUDA cores is what in-kernel dropout costs, and the backward kernels would
 otherwise run it twice (dQ and dK/dV are separate kernels). The bits of a tile the forward never visits
 (invisible to all its rows) stay unwritten: the backward reads them only where the probabilities are exactly 0.
 """
@@ -25,6 +27,10 @@ import triton
 import triton.language as tl
 
 from kernels.triton_support import DROPOUT_GROUP, PHILOX_ROUNDS, philox_uniforms16
+
+# The stored keep bits' rows cover the keys rounded up to this (the widest key tile of any candidate, which it
+# must stay a multiple of): a row is a multiple of 16 bytes, every tile's bytes lie inside it.
+KEEP_BITS_ROW_KEYS = tl.constexpr(128)
 
 
 @triton.jit
@@ -67,13 +73,20 @@ def keep_of_bits(b, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def keep_bits_row_bytes(key_length):
+    """Bytes per query row of the stored keep bits: the keys rounded up to a multiple of KEEP_BITS_ROW_KEYS."""
+    return (key_length + KEEP_BITS_ROW_KEYS - 1) // KEEP_BITS_ROW_KEYS * (KEEP_BITS_ROW_KEYS // DROPOUT_GROUP)
+
+
+@triton.jit
 def keep_bits_pointers(KeepBits, query_index, start_n, key_length, query_length, BLOCK_N: tl.constexpr):
-    """Addresses ``[len(query_index), BLOCK_N // 8]`` of the keep bytes of a tile in one head's ``[Tq, ceil(Tk / 8)]``
-    rows, and which of them exist."""
-    key_groups = (key_length + DROPOUT_GROUP - 1) // DROPOUT_GROUP
+    """Addresses ``[len(query_index), BLOCK_N // 8]`` of the keep bytes of a tile in one head's rows, and which of
+    them exist: the rows of existing queries. Every tile lies within the rows' padded length, so no column is
+    tested, and the bytes of a row of a tile are contiguous and aligned: they load (and store) as words."""
+    tl.static_assert(KEEP_BITS_ROW_KEYS % BLOCK_N == 0, "a key tile must divide KEEP_BITS_ROW_KEYS")
     groups = start_n // DROPOUT_GROUP + tl.arange(0, BLOCK_N // DROPOUT_GROUP)
-    pointers = KeepBits + query_index[:, None] * key_groups + groups[None, :]
-    return pointers, (query_index < query_length)[:, None] & (groups < key_groups)[None, :]
+    pointers = KeepBits + query_index[:, None] * keep_bits_row_bytes(key_length) + groups[None, :]
+    return pointers, (query_index < query_length)[:, None]
 
 
 @triton.jit

@@ -22,6 +22,7 @@ from kernels.triton_attention_dropout import (
     dropout_bits,
     dropout_keep,
     keep_bits_pointers,
+    keep_bits_row_bytes,
     keep_of_bits,
     stored_keep,
 )
@@ -35,7 +36,6 @@ from kernels.triton_attention_tuning import (
 )
 from kernels.triton_support import (
     AUTOTUNED,
-    DROPOUT_GROUP,
     dot_operand,
     to_dtype,
 )
@@ -204,7 +204,7 @@ def attention_forward_kernel(
     )
     K = _tile_source(K, key_length, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
     V = _tile_source(V, key_length, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
-    KeepBits += bh.to(tl.int64) * query_length * ((key_length + DROPOUT_GROUP - 1) // DROPOUT_GROUP)
+    KeepBits += bh.to(tl.int64) * query_length * keep_bits_row_bytes(key_length)
     qk_scale = softmax_scale * LOG2_E
     seed = 0
     if HAS_DROPOUT:
@@ -380,7 +380,7 @@ def attention_backward_dq_kernel(
     row_mask = offs_m < query_length
     lse = tl.load(Lse + bh.to(tl.int64) * query_length + offs_m, mask=row_mask, other=float("inf"))
     delta = tl.load(Delta + bh.to(tl.int64) * query_length + offs_m, mask=row_mask, other=0.0)
-    KeepBits += bh.to(tl.int64) * query_length * ((key_length + DROPOUT_GROUP - 1) // DROPOUT_GROUP)
+    KeepBits += bh.to(tl.int64) * query_length * keep_bits_row_bytes(key_length)
     qk_scale = softmax_scale * LOG2_E
     seed = 0
     if HAS_DROPOUT:
@@ -529,7 +529,7 @@ def attention_backward_dkdv_kernel(
     DOut = _tile_source(DOut, query_length, stride_dot, HEAD_DIM, BLOCK_M, BLOCK_D, TMA)
     Lse += bh.to(tl.int64) * query_length
     Delta += bh.to(tl.int64) * query_length
-    KeepBits += bh.to(tl.int64) * query_length * ((key_length + DROPOUT_GROUP - 1) // DROPOUT_GROUP)
+    KeepBits += bh.to(tl.int64) * query_length * keep_bits_row_bytes(key_length)
     DQAccum += bh.to(tl.int64) * query_length * HEAD_DIM
     qk_scale = softmax_scale * LOG2_E
     seed = 0

@@ -258,7 +258,8 @@ KEEP_BITS_TILES = [None] if torch.cuda.is_available() else [1, 4]
 def test_the_stored_dropout_mask_gives_what_replaying_it_gives(monkeypatch, index):
     """The forward's keep bits, read back by dQ and dK/dV, are the decisions the backward would draw again from
     Philox: outputs and gradients bitwise equal with both, over padding rows, cached keys (Tq < Tk) and sep
-    at and off the tiles' edges. The bits take one byte per query and 8 keys, kept for the backward; past the
+    at and off the tiles' edges. The bits take one byte per query and 8 keys (each query's row padded to whole
+    128-key tiles, which every tile of every candidate stays inside), kept for the backward; past the
     size limit (GLM_KERNELS_DROPOUT_MASK_MAX_MIB) the backward draws the decisions again instead."""
     from kernels import triton_attention_tuning, triton_support
 
@@ -278,7 +279,8 @@ def test_the_stored_dropout_mask_gives_what_replaying_it_gives(monkeypatch, inde
     _, k, v = _qkv(batch, heads, key_length, key_length, head_dim, torch.float32, seed=4)
     sep, lengths = _ints([0, 64, 100, 149]), _ints([150, 140, 129, 31])
     grad_out = _randn(batch, heads, query_length, head_dim, seed=5)
-    size = batch * heads * query_length * -(-key_length // 8)  # bytes of the bits: stored up to the limit
+    # Bytes of the bits, stored up to the limit: one per query and 8 keys, rows padded to whole 128-key tiles.
+    size = batch * heads * query_length * -(-key_length // 128) * 16
 
     def run(store: bool):
         monkeypatch.setattr(triton_support, "DROPOUT_MASK_MAX_BYTES", size if store else size - 1)
