@@ -59,8 +59,10 @@ def _sample_limits(Sep, Lengths, b, query_length, key_length, HAS_LENGTHS: tl.co
 
 @triton.jit
 def _visible(query_position, key_position, sep, key_limit):
-    """GLM visibility of broadcastable query/key absolute positions."""
-    return ((key_position < sep) | (key_position <= query_position)) & (key_position < key_limit)
+    """GLM visibility of broadcastable query/key absolute positions: key j is visible to query i iff (j < sep or
+    j <= i) and j < key_limit, that is iff j < min(max(sep, i + 1), key_limit). The bound is formed once per
+    query (``query_position`` is a row or a column), leaving one comparison per pair."""
+    return key_position < tl.minimum(tl.maximum(sep, query_position + 1), key_limit)
 
 
 @triton.jit
@@ -143,14 +145,16 @@ def _forward_block(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_tile(K, start_n, offs_n, stride_kt, key_length, HEAD_DIM, BLOCK_D, MASKED, EMULATE_BF16, TMA)
     v = _load_tile(V, start_n, offs_n, stride_vt, key_length, HEAD_DIM, BLOCK_D, MASKED, EMULATE_BF16, TMA)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    # The scores unscaled: the scale goes into exp2's argument, one fused multiply-add per pair (the row maximum
+    # of the scaled scores is the scaled row maximum, bit for bit: the scale is positive).
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         visible = _visible(query_position[:, None], offs_n[None, :], sep, key_limit)
-        scores = tl.where(visible, scores, float("-inf"))
+        qk = tl.where(visible, qk, float("-inf"))
     # Every row sees key 0 (or has an empty key range), and key block 0 is always visited first, so the
     # running maximum is finite from the first block on and exp2(-inf - m) never meets -inf - -inf.
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    p = tl.math.exp2(scores - m_new[:, None])
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -160,7 +164,8 @@ def _forward_block(
             keep = keep_of_bits(bits, query_index.shape[0], BLOCK_N)
         else:
             keep = dropout_keep(seed, query_index, start_n, bh, dropout_threshold, BLOCK_N)
-        p = tl.where(keep, p * dropout_scale, 0.0)
+        # The kept probabilities' scale 1 / (1 - p) is applied once to the output (the kernel's end).
+        p = tl.where(keep, p, 0.0)
     acc = tl.dot(dot_operand(p, DTYPE, EMULATE_BF16), v, acc, input_precision=DOT_PRECISION)
     if HAS_DROPOUT and KEEP_BITS:
         pointers, exists = keep_bits_pointers(
@@ -244,7 +249,10 @@ def attention_forward_kernel(
 
     row_real = offs_m < query_limit
     l_safe = tl.where(row_real, l_i, 1.0)
-    out = tl.where(row_real[:, None], acc / l_safe[:, None], 0.0)
+    out = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        out = out * dropout_scale
+    out = tl.where(row_real[:, None], out, 0.0)
     lse = tl.where(row_real, m_i + tl.math.log2(l_safe), float("inf"))
     Out += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
     out_mask = (offs_m < query_length)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -323,19 +331,21 @@ def _dq_block(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_tile(K, start_n, offs_n, stride_kt, key_length, HEAD_DIM, BLOCK_D, MASKED, EMULATE_BF16, TMA)
     v = _load_tile(V, start_n, offs_n, stride_vt, key_length, HEAD_DIM, BLOCK_D, MASKED, EMULATE_BF16, TMA)
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         visible = _visible(query_position[:, None], offs_n[None, :], sep, key_limit)
-        scores = tl.where(visible, scores, float("-inf"))
-    p = tl.math.exp2(scores - lse[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+    p = tl.math.exp2(qk * qk_scale - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         if KEEP_BITS:
             keep = stored_keep(KeepBits, query_index, start_n, key_length, query_length, BLOCK_N)
         else:
             keep = dropout_keep(seed, query_index, start_n, bh, dropout_threshold, BLOCK_N)
-        dp = tl.where(keep, dp * dropout_scale, 0.0)
-    ds = p * (dp - delta[:, None])
+        # dP through the mask, minus delta: a fused multiply-add where kept, -delta where dropped.
+        ds = p * tl.where(keep, dp * dropout_scale - delta[:, None], -delta[:, None])
+    else:
+        ds = p * (dp - delta[:, None])
     return tl.dot(dot_operand(ds, DTYPE, EMULATE_BF16), k, dq, input_precision=DOT_PRECISION)
 
 
@@ -440,11 +450,11 @@ def _dkdv_block(
     row_mask = offs_m < query_length
     lse = tl.load(Lse + offs_m, mask=row_mask, other=float("inf"))
     delta = tl.load(Delta + offs_m, mask=row_mask, other=0.0)
-    scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+    qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
     if MASKED:
         visible = _visible((offs_m + offset)[None, :], key_position[:, None], sep, key_limit)
-        scores_t = tl.where(visible, scores_t, float("-inf"))
-    p_t = tl.math.exp2(scores_t - lse[None, :])
+        qk_t = tl.where(visible, qk_t, float("-inf"))
+    p_t = tl.math.exp2(qk_t * qk_scale - lse[None, :])
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if HAS_DROPOUT:
         # Drawn (or read) as [queries, keys], as the other kernels draw it, then transposed to this tile's layout.
@@ -452,16 +462,15 @@ def _dkdv_block(
             keep = tl.trans(stored_keep(KeepBits, offs_m, start_n, key_length, query_length, BLOCK_N))
         else:
             keep = tl.trans(dropout_keep(seed, offs_m, start_n, bh, dropout_threshold, BLOCK_N))
+        # dV sums the kept probabilities; the scale 1 / (1 - p) is applied once, where dV is stored.
         dv = tl.dot(
-            dot_operand(tl.where(keep, p_t * dropout_scale, 0.0), DTYPE, EMULATE_BF16),
-            do,
-            dv,
-            input_precision=DOT_PRECISION,
+            dot_operand(tl.where(keep, p_t, 0.0), DTYPE, EMULATE_BF16), do, dv, input_precision=DOT_PRECISION
         )
-        dp_t = tl.where(keep, dp_t * dropout_scale, 0.0)
+        ds_t = p_t * tl.where(keep, dp_t * dropout_scale - delta[None, :], -delta[None, :])
     else:
         dv = tl.dot(dot_operand(p_t, DTYPE, EMULATE_BF16), do, dv, input_precision=DOT_PRECISION)
-    ds_t = dot_operand(p_t * (dp_t - delta[None, :]), DTYPE, EMULATE_BF16)
+        ds_t = p_t * (dp_t - delta[None, :])
+    ds_t = dot_operand(ds_t, DTYPE, EMULATE_BF16)
     dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)
     if ATOMIC_DQ:
         # This key block's share of dQ for these query rows, added into the fp32 accumulator (FlashAttention-2's
@@ -581,6 +590,8 @@ def attention_backward_dkdv_kernel(
         to_dtype(dk * softmax_scale, DK.dtype.element_ty, EMULATE_BF16),
         mask=mask,
     )
+    if HAS_DROPOUT:
+        dv = dv * dropout_scale
     tl.store(
         DV + offs_n[:, None] * stride_dvt + offs_d[None, :],
         to_dtype(dv, DV.dtype.element_ty, EMULATE_BF16),
