@@ -73,6 +73,19 @@ def keep_of_bits(b, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def keep_of_loaded_bits(b, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``keep_of_bits`` for bytes loaded from memory: each key takes its group's byte by broadcasting and reads
+    bit rev3(j % 8) of it (rev3 is its own inverse). Triton then expands the loaded bytes directly in the layout
+    of the scores, where the joins of ``keep_of_bits`` would leave a [ROWS, BLOCK_N] mask to move through shared
+    memory. (Not for bytes just computed from Philox: Triton would recompute Philox in that layout, 4x.)"""
+    groups: tl.constexpr = BLOCK_N // DROPOUT_GROUP
+    wide = tl.reshape(tl.broadcast_to(b[:, :, None], [ROWS, groups, DROPOUT_GROUP]), [ROWS, BLOCK_N])
+    column = tl.arange(0, BLOCK_N) % DROPOUT_GROUP
+    bit = ((column & 1) << 2) | (column & 2) | (column >> 2)
+    return ((wide >> bit[None, :]) & 1) != 0
+
+
+@triton.jit
 def keep_bits_row_bytes(key_length):
     """Bytes per query row of the stored keep bits: the keys rounded up to a multiple of KEEP_BITS_ROW_KEYS."""
     return (key_length + KEEP_BITS_ROW_KEYS - 1) // KEEP_BITS_ROW_KEYS * (KEEP_BITS_ROW_KEYS // DROPOUT_GROUP)
@@ -93,4 +106,6 @@ def keep_bits_pointers(KeepBits, query_index, start_n, key_length, query_length,
 def stored_keep(KeepBits, query_index, start_n, key_length, query_length, BLOCK_N: tl.constexpr):
     """The forward's keep decisions ``[len(query_index), BLOCK_N]`` of a tile, read back from its bytes."""
     pointers, exists = keep_bits_pointers(KeepBits, query_index, start_n, key_length, query_length, BLOCK_N)
-    return keep_of_bits(tl.load(pointers, mask=exists, other=0).to(tl.int32), query_index.shape[0], BLOCK_N)
+    return keep_of_loaded_bits(
+        tl.load(pointers, mask=exists, other=0).to(tl.int32), query_index.shape[0], BLOCK_N
+    )
