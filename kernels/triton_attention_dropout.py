@@ -16,8 +16,8 @@ each Philox call's eight keep decisions as one byte (bit ``rev3(j % 8)`` for key
 Tq, 16 ceil(Tk / 128)]`` uint8, 1/16 of the bf16 score matrix), and dQ and dK/dV read them back instead of drawing
 them twice more. A query's row of bytes is padded to whole 128-key tiles (KEEP_BITS_ROW_KEYS): a tile's bytes are
 then aligned words inside the row, tested by row only, which the backward loops copy asynchronously (cp.async)
-with their other tiles; unpadded, each thread stopped the loop for four single-byte loads per tile. Philox on the CUDA cores is what in-kernel dropout costs, and the backward kernels would
-otherwise run it twice (dQ and dK/dV are separate kernels). The bits of a tile the forward never visits
+with their other tiles; unpadded, each thread stopped the loop for four single-byte loads per tile. Philox on the
+CUDA cores is what in-kernel dropout costs, and the backward kernels would otherwise run it twice (dQ and dK/dV are separate kernels). The bits of a tile the forward never visits
 (invisible to all its rows) stay unwritten: the backward reads them only where the probabilities are exactly 0.
 """
 
