@@ -514,7 +514,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     # The split LayerNorm backward's dweight/dbias kernel tunes only its loop's stages (its tile is fixed, so the
     # sums are the same whichever it picks): not recorded in checkpoints, so not in AUTOTUNED; listed here too.
-    tuned = {**AUTOTUNED, "layer_norm_backward_dwdb": kernels.triton_layer_norm.layer_norm_backward_dwdb_kernel}
+    tuned = {
+        **AUTOTUNED,
+        "layer_norm_backward_dwdb": kernels.triton_layer_norm.layer_norm_backward_dwdb_kernel,
+    }
     for name, kernel in tuned.items():
         for key, config in kernel.cache.items():
             print(f"- {name} {key}: {config}")
