@@ -183,7 +183,8 @@ def compile_kernels() -> None:
                 assert "cp.async" in pipelined.asm["ptx"], (
                     f"dweight/dbias over {stages} stages: not pipelined"
                 )
-                kernels.append((dwdb_kernel, {**dwdb, "ROW_STAGES": stages}, warps))
+                spilled = registers(pipelined, 90).spilled_bytes
+                assert spilled == 0, f"dweight/dbias over {stages} stages: {spilled} bytes"
         for kernel, constexprs, warps in kernels:
             spilled = registers(_compile(kernel, "bf16", constexprs, warps, 3, 90), 90).spilled_bytes
             assert spilled == 0, (
