@@ -4,6 +4,7 @@
     python benchmarks/kernel_registers.py --dtypes fp32 --head-dims 32,64,128 --arch 80
     python benchmarks/kernel_registers.py --test-selection     # the GPU tests' variants on the default tiles
     python benchmarks/kernel_registers.py --test-selection --old-kernels old.py   # ... against another version
+    python benchmarks/kernel_registers.py --loops --head-dims 64   # SASS instructions per loop iteration
 
 Each kernel is compiled ahead of time (``kernels/aot.py``: Triton's compiler and the ptxas it ships) and
 ``ptxas -v`` reports registers per thread and bytes of spill stores; shared memory is Triton's figure. A tile that
@@ -14,6 +15,11 @@ spills keeps part of its working set in local memory, and one past 255 registers
 ``--test-selection`` compiles, with each kernel's first (untuned) tile as the GPU tests run them, the attention
 variants (dtype x head dim x flags) that ``tests/test_kernels_attention.py`` builds, and prints their total
 compile time: most of a GPU test run is compiling.
+
+``--loops`` counts the SASS instructions (Triton's ``nvdisasm``) in each loop of the three kernels on one tile
+(``--loop-tile``, default 64 x 64 on 4 warps, 3 stages), without dropout and with it (bits stored, or drawn
+again): what each thread issues per key or query block, which bounds a loop whose matmuls are small. To compare
+versions, run it in a checkout of each (the kernels import their dropout helpers from their own package).
 """
 
 from __future__ import annotations
@@ -219,6 +225,29 @@ def test_selection(args) -> None:
         )
 
 
+def loop_table(args) -> None:
+    from kernels.aot import loop_bodies, sass
+
+    module = _module(args.old_kernels)
+    first, second, warps, stages = (int(n) for n in args.loop_tile.split(","))
+    print(f"# SASS instructions per loop iteration, sm_{args.arch}, {first} x {second} tiles, {warps} warps, "
+          f"{stages} stages (each kernel's loops in program order)\n")  # fmt: skip
+    print("| kernel | dtype | head dim | dropout | instructions per loop |")
+    print("|---|---|---|---|---|")
+    for dtype in args.dtypes:
+        for head_dim in args.head_dims:
+            for dropout, keep_bits, mode in ((False, False, "-"), (True, True, "0.1, stored bits"),
+                                             (True, False, "0.1, replayed")):  # fmt: skip
+                for name, kernel, owned, inner, _ in KERNELS:
+                    flags = _flags(dtype, head_dim, False, dropout, module, keep_bits=keep_bits)
+                    compiled = compile_kernel(
+                        getattr(module, kernel), dtype, {**flags, owned: first, inner: second}, warps, stages,
+                        args.arch,
+                    )  # fmt: skip
+                    counts = " / ".join(str(len(body)) for body in loop_bodies(sass(compiled)))
+                    print(f"| {name} | {dtype} | {head_dim} | {mode} | {counts} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability: 90 (Hopper) or 80 (Ampere)")
@@ -226,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dims", default="64,128")
     parser.add_argument("--test-selection", action="store_true", help="the GPU tests' variants, compile time")
     parser.add_argument("--top", type=int, default=6, help="--test-selection: the slowest compiles listed")
+    parser.add_argument("--loops", action="store_true", help="SASS instructions per loop iteration")
+    parser.add_argument(
+        "--loop-tile", default="64,64,4,3", help="--loops: the tile as first,second,warps,stages"
+    )
     parser.add_argument(
         "--old-kernels",
         type=Path,
@@ -235,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     args.head_dims = [int(d) for d in args.head_dims.split(",") if d.strip()]
-    if args.test_selection:
+    if args.loops:
+        loop_table(args)
+    elif args.test_selection:
         test_selection(args)
     else:
         tile_table(args)

@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import tempfile
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -119,3 +120,41 @@ def registers(compiled, capability: int) -> Registers:
     if not used or not spills:
         raise RuntimeError(f"no register report from ptxas:\n{report}")
     return Registers(int(used[-1]), max(int(n) for n in spills), compiled.metadata.shared)
+
+
+def sass(compiled) -> list[str]:
+    """The SASS of ``compiled`` (from ``compile_kernel``), one entry per line of ``nvdisasm`` (the one Triton ships):
+    labels (``.L_x_12:``) and instructions (``FFMA R1, R2, R3, R4``, predicate included, without the ``;``)."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        text = subprocess.run(
+            [knobs.nvidia.nvdisasm.path, "-c", str(cubin)], capture_output=True, text=True, check=True
+        ).stdout
+    lines = []
+    for line in text.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        instruction = re.search(r"/\*[0-9a-f]+\*/\s+(.*?)\s*;", line)
+        if label:
+            lines.append(label.group(1) + ":")
+        elif instruction:
+            lines.append(instruction.group(1))
+    return lines
+
+
+def loop_bodies(lines: list[str]) -> list[list[str]]:
+    """The loops of a kernel's SASS (``sass``), in program order: the instructions from a label to a branch back to
+    it, both included. A loop's instruction count is what each thread issues per iteration, the figure that bounds
+    a loop whose tensor-core work is small."""
+    labels, instructions, loops = {}, [], []
+    for line in lines:
+        if line.endswith(":"):
+            labels[line[:-1]] = len(instructions)
+            continue
+        instructions.append(line)
+        target = re.search(r"\bBRA\b.*?`?\(?(\.L_x_\d+)", line)
+        if target and labels.get(target.group(1), len(instructions)) < len(instructions) - 1:
+            loops.append(instructions[labels[target.group(1)] :])
+    return loops

@@ -207,6 +207,30 @@ def test_dropout_drops_p_of_the_probability_mass_and_keeps_the_expectation():
     assert abs(dropped.sum(-1).mean().item() - 1.0) < 0.04
 
 
+def test_every_key_of_a_philox_call_drops_at_the_rate_p_and_on_its_own():
+    """One Philox call decides 8 keys of a 32-key block (see triton_attention_dropout.py): each of the 32 key
+    positions drops at the rate p, and no two positions share their decisions (two independent keys agree with
+    probability p^2 + (1 - p)^2 = 0.58 at p = 0.3; two that read the same uniform always agree)."""
+    dropout_p, length = 0.3, 64
+    q, k, _ = _qkv(4, 4, length, length, 64, torch.float32)
+    dropped = _dropped_probabilities(q, k, _ints([length] * 4), dropout_p, seed=5) == 0
+    by_position = dropped.reshape(-1, 32).T.double()  # [key position in its block of 32, samples]
+    assert by_position.shape[1] == 4 * 4 * length * 2
+    rates = by_position.mean(1)
+    assert torch.all((rates - dropout_p).abs() < 0.06), rates
+    agreement = (by_position[:, None, :] == by_position[None, :, :]).double().mean(-1)
+    off_diagonal = agreement[~torch.eye(32, dtype=torch.bool)]
+    assert off_diagonal.max().item() < 0.68, off_diagonal.max()
+
+
+def test_a_dropout_p_next_to_1_drops_nearly_everything():
+    """p = 1 - 1e-6 keeps 1 uniform in 65536 (the threshold, at most 65535, shifted into a word's high half must
+    not wrap around to 0 and keep every high half)."""
+    q, k, _ = _qkv(4, 4, 64, 64, 64, torch.float32)
+    kept = _dropped_probabilities(q, k, _ints([64] * 4), 1 - 1e-6, seed=6) != 0
+    assert kept.double().mean().item() < 1e-3
+
+
 def test_dropout_is_a_function_of_the_torch_seed():
     q, k, v = _qkv(1, 2, 48, 48, 32, torch.float16)
     sep = _ints([16])
@@ -362,9 +386,10 @@ def test_atomic_dq_gives_the_deterministic_backwards_gradients(monkeypatch, case
     for name, a, b in zip(["out", "dk", "dv"], [atomic[0], *atomic[2:]], [split[0], *split[2:]]):
         assert torch.equal(a, b), name
     assert atomic[1].dtype == dtype and atomic[1].abs().max() > 0
-    # Both sum the same fp32 products, in other orders and groupings (the tensor cores' accumulator against
-    # per-block partials added by atomics): a few units of the last place of a 16-bit dQ, at most ~1e-5 of an fp32
-    # one's largest value; a share of dQ missing or added twice is of the order of dQ itself.
+    # Both sum the same fp32 products in other orders and groupings (the tensor cores' accumulator against
+    # per-block partials added by atomics; with dropout dK/dV also rounds dS as kept p * dP / (1 - p) - p * delta,
+    # the dQ kernel as p * (dP / (1 - p) - delta)): a few units of the last place of a 16-bit dQ, at most ~1e-5 of
+    # an fp32 one's largest value; a share of dQ missing or added twice is of the order of dQ itself.
     scale = split[1].abs().max().item()
     tolerance = 1e-5 if dtype == torch.float32 else 4 * UNIT_ROUNDOFF[dtype]
     torch.testing.assert_close(atomic[1], split[1], rtol=0, atol=tolerance * scale)

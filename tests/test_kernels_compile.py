@@ -29,6 +29,42 @@ def _compile(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: i
     return compiled
 
 
+def _check_dropout_loops(attention) -> None:
+    """In-kernel dropout as ``triton_attention_dropout`` lays it out, in the SASS of the loops (sm_90, 64 x 64
+    tiles on 4 warps, the H200's choice): the forward draws each Philox call in the thread that holds its keys, so
+    no decision goes through shared memory (only the bytes kept for the backward are stored there, on their way
+    to global memory), and Philox runs once, not once for the probabilities and again for the bytes; the forward
+    and dK/dV select the kept probabilities in fp32, not as 16-bit halves taken apart (``PRMT``) and put
+    together."""
+    from kernels.aot import loop_bodies, sass
+
+    def loops(kernel, owned: str, inner: str, keep_bits: bool) -> list[list[str]]:
+        constexprs = {
+            "HEAD_DIM": 64, "BLOCK_D": 64, "HAS_LENGTHS": False, "HAS_DROPOUT": True, "EMULATE_BF16": False,
+            "DOT_PRECISION": None, "TMA_POSSIBLE": False, "USE_TMA": False, "KEEP_BITS": keep_bits,
+            "ATOMIC_DQ": False, owned: 64, inner: 64,
+        }  # fmt: skip
+        bodies = loop_bodies(sass(_compile(kernel, "bf16", constexprs, 4, 3, 90)))
+        assert len(bodies) == 2, f"{kernel.fn.__name__}: {len(bodies)} loops, expected its two"
+        return [
+            [line.split()[1] if line.startswith("@") else line.split()[0] for line in body] for body in bodies
+        ]
+
+    forward = attention.attention_forward_kernel
+    replayed, stored = loops(forward, "BLOCK_M", "BLOCK_N", False), loops(forward, "BLOCK_M", "BLOCK_N", True)
+    for drawn, kept in zip(replayed, stored):
+        shared_stores = [op for op in drawn if op.startswith("STS")]
+        assert not shared_stores, f"forward: dropout decisions through shared memory ({shared_stores})"
+        assert "PRMT" not in drawn, "forward: the kept probabilities selected as 16-bit halves"
+        assert all(op == "STS.U8" for op in kept if op.startswith("STS")), (
+            "forward: more than the bytes stored"
+        )
+        philox, philox_kept = drawn.count("IMAD.HI.U32"), kept.count("IMAD.HI.U32")
+        assert philox > 0 and philox_kept < 1.5 * philox, f"forward: Philox twice ({philox_kept} vs {philox})"
+    for body in loops(attention.attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", True):
+        assert "PRMT" not in body, "dK/dV: the kept probabilities selected as 16-bit halves"
+
+
 def compile_kernels() -> None:
     """Every kernel with every feature switched on, for Hopper; the forward for Ampere too."""
     from kernels import triton_attention_kernels as attention
@@ -103,6 +139,7 @@ def compile_kernels() -> None:
             assert "setmaxnreg" in ptx, (
                 f"{kernel.fn.__name__} {first}x{second}, dropout {dropout}: not specialized"
             )
+    _check_dropout_loops(attention)
     # fp32 inputs without TF32, and a head dim padded to a power of two.
     fp32 = {**features, "HAS_DROPOUT": False, "HEAD_DIM": 80, "BLOCK_D": 128, "DOT_PRECISION": "ieee"}
     _compile(attention.attention_forward_kernel, "fp32", {**fp32, "BLOCK_M": 64, "BLOCK_N": 32}, 4, 3, 90)
