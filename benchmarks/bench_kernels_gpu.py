@@ -6,9 +6,11 @@
 Attention: 16 heads (8 at head dim 128), bf16, about 16K tokens per step (batch = 16384 / T), forward and
 forward+backward, at T 512-8192 and head dims 64 and 128 (``--lengths``, ``--head-dims``):
   ours        kernels.glm_attention (Triton) with sep = 0 (causal) and sep = T/2 (GLM), and with dropout 0.1:
-              the backward reading the keep bits the forward stored (the default), and ("replayed") drawing
-              the mask again from Philox in both backward kernels (what GLM_KERNELS_DROPOUT_MASK_MAX_MIB makes
-              the default past its size: 64 MiB per call, here from T 4096 at D 64); and
+              the backward reading the keep bits the forward stored (the default up to
+              GLM_KERNELS_DROPOUT_MASK_MAX_MIB, 64 MiB per call, here below T 4096 at D 64), ("bits from dQ")
+              the forward keeping none, the dQ kernel drawing the mask first and storing it for dK/dV (the
+              default past that size), and ("replayed") both backward kernels drawing it again from Philox
+              (GLM_KERNELS_DROPOUT_BACKWARD_MASK_MAX_MIB=0); and
               ("atomic dQ") with dQ added by the dK/dV kernel with atomics (deterministic=False,
               model.deterministic_kernels: false), without and with dropout
   sdpa-mask   torch scaled_dot_product_attention with the equivalent dense boolean mask (our torch path),
@@ -161,20 +163,23 @@ def _attention_variants(
     zero = torch.zeros(batch, device=device, dtype=torch.int64)
 
     def ours(
-        sep: torch.Tensor, dropout_p: float = 0.0, deterministic: bool = True, store_mask: bool = True
+        sep: torch.Tensor, dropout_p: float = 0.0, deterministic: bool = True, mask: str = "forward"
     ) -> Callable:
-        def attention(q, k, v):
-            # The forward decides whether to keep its dropout decisions; the backward does what it decided.
-            limit = triton_support.DROPOUT_MASK_MAX_BYTES
-            triton_support.DROPOUT_MASK_MAX_BYTES = 2**62 if store_mask else 0
-            try:
-                return glm_attention(
-                    q, k, v, sep, dropout_p=dropout_p, backend="triton", deterministic=deterministic
-                )
-            finally:
-                triton_support.DROPOUT_MASK_MAX_BYTES = limit
+        """``mask``: who stores the dropout decisions: the forward, the backward's dQ kernel, or none."""
+        limits = {"forward": (2**62, 0), "dQ": (0, 2**62), "none": (0, 0)}[mask]
 
-        return attention
+        def attention(q, k, v):
+            return glm_attention(
+                q, k, v, sep, dropout_p=dropout_p, backend="triton", deterministic=deterministic
+            )
+
+        def with_limits(q, k, v):
+            # The forward decides whether to keep its decisions and returns the autograd node, whose backward
+            # reads the backward's limit when it runs: both stay set until the caller's backward is done.
+            triton_support.DROPOUT_MASK_MAX_BYTES, triton_support.DROPOUT_BACKWARD_MASK_MAX_BYTES = limits
+            return attention(q, k, v)
+
+        return with_limits
 
     def masked(dropout_p: float) -> Callable | None:
         if length > 4096:
@@ -193,7 +198,8 @@ def _attention_variants(
         ("ours sep=T/2 dropout 0.1", ours(half, 0.1), length // 2),
         ("ours sep=T/2 dropout 0.1 atomic dQ", ours(half, 0.1, deterministic=False), length // 2),
         ("sdpa-causal dropout 0.1", causal(0.1), 0),
-        ("ours sep=T/2 dropout 0.1 replayed", ours(half, 0.1, store_mask=False), length // 2),
+        ("ours sep=T/2 dropout 0.1 bits from dQ", ours(half, 0.1, mask="dQ"), length // 2),
+        ("ours sep=T/2 dropout 0.1 replayed", ours(half, 0.1, mask="none"), length // 2),
         ("sdpa-mask sep=T/2 dropout 0.1", masked(0.1), length // 2),
         ("sdpa-mask sep=T/2", masked(0.0), length // 2),
         ("ours sep=0", ours(zero), 0),
@@ -203,7 +209,18 @@ def _attention_variants(
 def attention_rows(
     args, device: torch.device, deadline: float, length: int, head_dim: int, speeds: dict
 ) -> list[str]:
-    """The table rows of one (T, head dim); fwd+bwd TFLOP/s of each variant go into ``speeds[(T, D)]``."""
+    """The table rows of one (T, head dim); fwd+bwd TFLOP/s of each variant go into ``speeds[(T, D)]``. The
+    variants set the dropout mask's size limits as they go; they are as they were afterwards."""
+    limits = triton_support.DROPOUT_MASK_MAX_BYTES, triton_support.DROPOUT_BACKWARD_MASK_MAX_BYTES
+    try:
+        return _attention_rows(args, device, deadline, length, head_dim, speeds)
+    finally:
+        triton_support.DROPOUT_MASK_MAX_BYTES, triton_support.DROPOUT_BACKWARD_MASK_MAX_BYTES = limits
+
+
+def _attention_rows(
+    args, device: torch.device, deadline: float, length: int, head_dim: int, speeds: dict
+) -> list[str]:
     batch = max(1, args.tokens // length)
     heads = args.heads if head_dim <= 64 else args.heads // 2
     generator = torch.Generator(device=device).manual_seed(0)
@@ -277,6 +294,7 @@ def summary_rows(speeds: dict) -> list[str]:
             f"{ratio(cell, 'ours sep=T/2 atomic dQ', 'sdpa-causal')} | "
             f"{ratio(cell, 'ours sep=T/2 dropout 0.1 atomic dQ', 'ours sep=T/2 atomic dQ')} | "
             f"{ratio(cell, 'ours sep=T/2 dropout 0.1', 'ours sep=T/2')} | "
+            f"{ratio(cell, 'ours sep=T/2 dropout 0.1 bits from dQ', 'ours sep=T/2')} | "
             f"{ratio(cell, 'ours sep=T/2 dropout 0.1 replayed', 'ours sep=T/2')} | "
             f"{ratio(cell, 'sdpa-causal dropout 0.1', 'sdpa-causal')} | "
             f"{ratio(cell, 'ours sep=T/2 dropout 0.1', 'sdpa-mask sep=T/2 dropout 0.1')} |"
@@ -485,10 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n### Ratios of fwd+bwd TFLOP/s\n")
     print(
         "| T | D | ours / sdpa-causal | ours / flex | ours atomic dQ / sdpa-causal | ours atomic dQ: dropout / none "
-        "| ours dropout / ours | ours dropout replayed / ours | sdpa-causal dropout / sdpa-causal "
-        "| ours dropout / sdpa-mask dropout |"
+        "| ours dropout / ours | ours dropout, bits from dQ / ours | ours dropout replayed / ours "
+        "| sdpa-causal dropout / sdpa-causal | ours dropout / sdpa-mask dropout |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(summary_rows(speeds)))
     print(f"\n## LayerNorm: {args.elements} elements per tensor\n")
     print(

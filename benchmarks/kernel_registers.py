@@ -78,6 +78,7 @@ def _flags(
     tma: bool = False,
     keep_bits: bool = True,
     atomic_dq: bool = False,
+    store_bits: bool = False,
 ) -> dict:
     flags = {
         "HEAD_DIM": head_dim,
@@ -97,6 +98,8 @@ def _flags(
         flags["KEEP_BITS"] = dropout and keep_bits
     if module is None or hasattr(module, "attention_backward_dq_convert_kernel"):  # and before atomic dQ
         flags["ATOMIC_DQ"] = atomic_dq
+    if module is None or hasattr(module, "_DQ_TUNING_KEY"):  # and before dQ stored the bits for dK/dV
+        flags["STORE_BITS"] = store_bits  # dQ's switch (the other kernels do not take it)
     return flags
 
 
@@ -187,6 +190,8 @@ def test_selection(args) -> None:
         ("bf16", 64, False, True, True, False),
         ("fp32", 16, True, True, False, False),
     }
+    # ... and the dQ kernel drawing the mask and storing it for dK/dV (the same test).
+    store_variants = {("fp32", 16, True, True, False, False)} if hasattr(module, "_DQ_TUNING_KEY") else set()
     if hasattr(module, "attention_backward_dq_convert_kernel"):
         variants |= {
             ("fp32", 32, True, False, False, True),
@@ -195,9 +200,12 @@ def test_selection(args) -> None:
             ("bf16", 32, False, False, False, True),
         }
     total, slowest = 0.0, []
-    for dtype, head_dim, lengths, dropout, keep_bits, atomic in sorted(variants):
+    runs = [(variant, False) for variant in sorted(variants)] + [
+        (variant, True) for variant in store_variants
+    ]
+    for (dtype, head_dim, lengths, dropout, keep_bits, atomic), store_bits in runs:
         for name, kernel, owned, inner, shapes in KERNELS:
-            if atomic and name != "dK/dV":
+            if atomic and name != "dK/dV" or store_bits and name != "dQ":
                 continue
             shape = getattr(module, shapes)[0]
             report, seconds = _compile(
@@ -207,7 +215,16 @@ def test_selection(args) -> None:
                 inner,
                 shape,
                 dtype,
-                _flags(dtype, head_dim, lengths, dropout, module, keep_bits=keep_bits, atomic_dq=atomic),
+                _flags(
+                    dtype,
+                    head_dim,
+                    lengths,
+                    dropout,
+                    module,
+                    keep_bits=keep_bits,
+                    atomic_dq=atomic,
+                    store_bits=store_bits,
+                ),  # fmt: skip
                 args.arch,
             )
             total += seconds
@@ -215,7 +232,7 @@ def test_selection(args) -> None:
     source = args.old_kernels or "kernels/triton_attention_kernels.py"
     print(f"# The GPU tests' attention variants on their default tiles ({source}), sm_{args.arch}\n")
     print(
-        f"{len(slowest)} kernel variants ({len(variants)} flag sets) compile in {total:.0f} s on this machine.\n"
+        f"{len(slowest)} kernel variants ({len(runs)} flag sets) compile in {total:.0f} s on this machine.\n"
     )
     print("| compile s | kernel | dtype | head dim | tile | spill bytes |")
     print("|---|---|---|---|---|---|")
@@ -236,10 +253,18 @@ def loop_table(args) -> None:
     print("|---|---|---|---|---|")
     for dtype in args.dtypes:
         for head_dim in args.head_dims:
-            for dropout, keep_bits, mode in ((False, False, "-"), (True, True, "0.1, stored bits"),
-                                             (True, False, "0.1, replayed")):  # fmt: skip
+            modes = (
+                (False, False, False, "-"),
+                (True, True, False, "0.1, stored bits"),
+                (True, False, False, "0.1, replayed"),
+                (True, False, True, "0.1, drawn and stored by dQ"),
+            )
+            for dropout, keep_bits, store_bits, mode in modes:  # fmt: skip
                 for name, kernel, owned, inner, _ in KERNELS:
+                    if store_bits and (name != "dQ" or not hasattr(module, "_DQ_TUNING_KEY")):
+                        continue
                     flags = _flags(dtype, head_dim, False, dropout, module, keep_bits=keep_bits)
+                    flags["STORE_BITS"] = store_bits
                     compiled = compile_kernel(
                         getattr(module, kernel), dtype, {**flags, owned: first, inner: second}, warps, stages,
                         args.arch,

@@ -6,7 +6,9 @@ dK/dV recomputes the scores once more than an atomic-add dQ would, but writes ev
 gradients are deterministic (bit-identical reruns) and no fp32 dQ buffer is needed. With ``deterministic=False``
 the dK/dV kernel adds dQ into an fp32 buffer with atomics instead (zeroed by the first launch, converted by the
 last), as FlashAttention-2 does: less work, not bitwise reproducible. With dropout the forward stores its keep
-decisions as bits and both backward kernels read them (up to ``triton_support.DROPOUT_MASK_MAX_BYTES``).
+decisions as bits and both backward kernels read them (up to ``triton_support.DROPOUT_MASK_MAX_BYTES``); past
+that, dQ runs first, draws them and stores them for dK/dV, for that backward only (up to
+``triton_support.DROPOUT_BACKWARD_MASK_MAX_BYTES``).
 """
 
 from __future__ import annotations
@@ -115,6 +117,13 @@ def _tma_possible(*tiled: torch.Tensor) -> bool:
     return True
 
 
+def _keep_bits_shape(batch: int, heads: int, query_length: int, key_length: int) -> tuple[int, int, int]:
+    """The stored dropout decisions' shape: a byte per query and 8 keys, each query's row padded to whole 128-key
+    tiles (KEEP_BITS_ROW_KEYS), which the kernels then load and store as words."""
+    row_keys = int(KEEP_BITS_ROW_KEYS)
+    return batch * heads, query_length, cdiv(key_length, row_keys) * (row_keys // DROPOUT_GROUP)
+
+
 def _attention_forward(q, k, v, sep, lengths, softmax_scale: float, dropout_p: float, for_backward: bool):
     """Launch the forward; returns ``(out, lse, seed, keep_bits, lengths_arg)``, what the backward needs besides
     q, k, v. ``keep_bits`` holds the dropout's keep decisions where the forward stored them (with dropout, for a
@@ -125,9 +134,7 @@ def _attention_forward(q, k, v, sep, lengths, softmax_scale: float, dropout_p: f
     lse = torch.empty((batch, heads, query_length), device=q.device, dtype=torch.float32)
     # (Without dropout the kernels never read the seed or the keep bits; sep stands in for the pointers.)
     seed = dropout_seed(q.device) if dropout_p > 0.0 else sep
-    # Rows padded to whole 128-key tiles (KEEP_BITS_ROW_KEYS): the kernels then load and store them as words.
-    row_keys = int(KEEP_BITS_ROW_KEYS)
-    bits_shape = (batch * heads, query_length, cdiv(key_length, row_keys) * (row_keys // DROPOUT_GROUP))
+    bits_shape = _keep_bits_shape(batch, heads, query_length, key_length)
     store_mask = (
         dropout_p > 0.0 and for_backward and math.prod(bits_shape) <= triton_support.DROPOUT_MASK_MAX_BYTES
     )
@@ -166,6 +173,15 @@ def _attention_backward(
     key_length = k.shape[2]
     flags = _kernel_flags(q, lengths_arg if has_lengths else None, dropout_p)
     flags["KEEP_BITS"] = keep_bits.dtype == torch.uint8
+    # Where the forward kept no decisions, the dQ kernel draws them in the layout its accumulator holds them (as
+    # the forward does) and stores them for dK/dV, which cannot draw them without moving them between threads.
+    bits_shape = _keep_bits_shape(batch, heads, query_length, key_length)
+    dq_stores_bits = (
+        dropout_p > 0.0
+        and not flags["KEEP_BITS"]
+        and not atomic
+        and math.prod(bits_shape) <= triton_support.DROPOUT_BACKWARD_MASK_MAX_BYTES
+    )
     delta = torch.empty_like(lse)
     # fp32 dQ accumulator of the atomic backward, zeroed by the preprocess kernel (else delta stands in).
     dq_accum = (
@@ -193,6 +209,14 @@ def _attention_backward(
             out, grad_out, delta, dq_accum, *_strides(out), *_strides(grad_out), heads, query_length,
             HEAD_DIM=head_dim, BLOCK_D=flags["BLOCK_D"], BLOCK_M=_PREPROCESS_BLOCK_M, ATOMIC_DQ=atomic,
         )  # fmt: skip
+        if dq_stores_bits:
+            keep_bits = torch.empty(bits_shape, device=q.device, dtype=torch.uint8)
+            _backward_dq(
+                query_grid, q, k, v, grad_out, dq, lse, delta, sep, lengths_arg, seed, keep_bits,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+                *scalars, *buckets, **flags, STORE_BITS=True,
+            )  # fmt: skip
+            key_flags["KEEP_BITS"] = True
         _backward_dkdv(
             key_grid, q, k, v, grad_out, dk, dv, lse, delta, sep, lengths_arg, seed, keep_bits, dq_accum,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
@@ -206,11 +230,12 @@ def _attention_backward(
                 EMULATE_BF16=flags["EMULATE_BF16"],
             )  # fmt: skip
             return
-        _backward_dq(
-            query_grid, q, k, v, grad_out, dq, lse, delta, sep, lengths_arg, seed, keep_bits,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
-            *scalars, *buckets, **flags,
-        )  # fmt: skip
+        if not dq_stores_bits:
+            _backward_dq(
+                query_grid, q, k, v, grad_out, dq, lse, delta, sep, lengths_arg, seed, keep_bits,
+                *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+                *scalars, *buckets, **flags, STORE_BITS=False,
+            )  # fmt: skip
 
 
 def _atomic_dq(deterministic: bool) -> bool:

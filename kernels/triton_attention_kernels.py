@@ -29,6 +29,7 @@ from kernels.triton_attention_tuning import (
     _DKDV_CONFIGS,
     _DKDV_TUNING_KEY,
     _DQ_CONFIGS,
+    _DQ_TUNING_KEY,
     _FORWARD_CONFIGS,
     _PRUNING,
     _TUNING_KEY,
@@ -328,7 +329,7 @@ def _dq_block(
     sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
-    DTYPE: tl.constexpr, KEEP_BITS: tl.constexpr,
+    DTYPE: tl.constexpr, KEEP_BITS: tl.constexpr, STORE_BITS: tl.constexpr,
 ):  # fmt: skip
     offs_n = start_n + tl.arange(0, BLOCK_N)
     k = _load_tile(K, start_n, offs_n, stride_kt, key_length, HEAD_DIM, BLOCK_D, MASKED, EMULATE_BF16, TMA)
@@ -342,6 +343,13 @@ def _dq_block(
     if HAS_DROPOUT:
         if KEEP_BITS:
             keep = stored_keep(KeepBits, query_index, start_n, key_length, query_length, BLOCK_N)
+        elif STORE_BITS:
+            # For the dK/dV kernel after this one (the forward kept none): drawn as the forward draws them.
+            keep, bits = dropout_keep_and_bits(seed, query_index, start_n, bh, dropout_threshold, p, BLOCK_N)
+            pointers, exists = keep_bits_pointers(
+                KeepBits, query_index, start_n, key_length, query_length, BLOCK_N
+            )
+            tl.store(pointers, bits.to(tl.uint8), mask=exists)
         else:
             keep = dropout_keep(seed, query_index, start_n, bh, dropout_threshold, BLOCK_N)
         # dP through the mask, minus delta: a fused multiply-add where kept, -delta where dropped.
@@ -351,7 +359,7 @@ def _dq_block(
     return tl.dot(dot_operand(ds, DTYPE, EMULATE_BF16), k, dq, input_precision=DOT_PRECISION)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_TUNING_KEY, prune_configs_by=_PRUNING, cache_results=True)
+@triton.autotune(configs=_DQ_CONFIGS, key=_DQ_TUNING_KEY, prune_configs_by=_PRUNING, cache_results=True)
 @triton.jit
 def attention_backward_dq_kernel(
     Q, K, V, DOut, DQ, Lse, Delta, Sep, Lengths, Seed, KeepBits,
@@ -362,8 +370,11 @@ def attention_backward_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA_POSSIBLE: tl.constexpr, KEEP_BITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, WS: tl.constexpr = False,
+    STORE_BITS: tl.constexpr = False,
 ):  # fmt: skip
-    """dQ of one query block, visiting the same key blocks as the forward: no atomics, deterministic."""
+    """dQ of one query block, visiting the same key blocks as the forward: no atomics, deterministic. With
+    ``STORE_BITS`` (dropout, the forward kept no bits) it also stores the keep decisions it draws in ``KeepBits``,
+    for the dK/dV kernel launched after it."""
     start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -411,6 +422,7 @@ def attention_backward_dq_kernel(
                 dq, q, do, lse, delta, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
                 sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
                 HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
+                STORE_BITS,
             )  # fmt: skip
     else:
         for start_n in range(0, full_end, BLOCK_N):
@@ -418,6 +430,7 @@ def attention_backward_dq_kernel(
                 dq, q, do, lse, delta, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
                 sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
                 HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
+                STORE_BITS,
             )  # fmt: skip
         for start_n in range(full_end, hi, BLOCK_N):
             start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -425,6 +438,7 @@ def attention_backward_dq_kernel(
                 dq, q, do, lse, delta, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
                 sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
                 HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
+                STORE_BITS,
             )  # fmt: skip
     DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
     dq_mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]

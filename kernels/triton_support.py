@@ -192,6 +192,12 @@ def _mebibytes(name: str, default: int) -> int:
 # drew them. The bits grow with T^2 and a layer's activations with T: at long T without recomputation they would
 # outgrow the activations. 0 never stores them. The environment is read at import; each forward reads this value.
 DROPOUT_MASK_MAX_BYTES: int = _mebibytes("GLM_KERNELS_DROPOUT_MASK_MAX_MIB", 64)
+# Where the forward kept none, the backward's dQ kernel draws the decisions (in its accumulator's layout, as the
+# forward does) and stores them for the dK/dV kernel, whose tiles hold the keys on their rows and could draw them
+# only with the decisions moved between threads: bits that live for one backward call, up to
+# GLM_KERNELS_DROPOUT_BACKWARD_MASK_MAX_MIB (1024 MiB: T 8192 at 16K tokens and 16 heads takes 256). 0 never stores
+# them: both backward kernels draw the decisions again.
+DROPOUT_BACKWARD_MASK_MAX_BYTES: int = _mebibytes("GLM_KERNELS_DROPOUT_BACKWARD_MASK_MAX_MIB", 1024)
 
 # GLM_KERNELS_DIRECT_LAUNCH=0 sends every launch through Triton's own dispatch (the reference behaviour, kept
 # for comparison: benchmarks/bench_launch_overhead.py times both).

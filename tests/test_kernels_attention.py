@@ -284,8 +284,9 @@ def test_the_stored_dropout_mask_gives_what_replaying_it_gives(monkeypatch, inde
     Philox: outputs and gradients bitwise equal with both, over padding rows, cached keys (Tq < Tk) and sep
     at and off the tiles' edges. The bits take one byte per query and 8 keys (each query's row padded to whole
     128-key tiles, which every tile of every candidate stays inside), kept for the backward; past the
-    size limit (GLM_KERNELS_DROPOUT_MASK_MAX_MIB) the backward draws the decisions again instead."""
-    from kernels import triton_attention_tuning, triton_support
+    size limit (GLM_KERNELS_DROPOUT_MASK_MAX_MIB) the dQ kernel runs first, draws them and stores them for dK/dV
+    (up to GLM_KERNELS_DROPOUT_BACKWARD_MASK_MAX_MIB), and past that both draw them again."""
+    from kernels import triton_attention, triton_attention_tuning, triton_support
 
     for kernel, owned, inner, shapes in (
         (attention_forward_kernel, "BLOCK_M", "BLOCK_N", FORWARD_SHAPES),
@@ -298,6 +299,18 @@ def test_the_stored_dropout_mask_gives_what_replaying_it_gives(monkeypatch, inde
             monkeypatch.setattr(kernel, "configs", [config])
             monkeypatch.setattr(kernel, "cache", {})
     assert "KEEP_BITS" in triton_attention_tuning._TUNING_KEY
+    assert "STORE_BITS" in triton_attention_tuning._DQ_TUNING_KEY
+    launched = []
+    for name in ("_backward_dq", "_backward_dkdv"):
+        launcher = getattr(triton_attention, name)
+        monkeypatch.setattr(
+            triton_attention,
+            name,
+            lambda *args, launcher=launcher, name=name, **kwargs: (
+                launched.append((name, kwargs.get("STORE_BITS"), kwargs["KEEP_BITS"])),
+                launcher(*args, **kwargs),
+            )[1],
+        )
     batch, heads, query_length, key_length, head_dim = 4, 2, 130, 150, 16
     q, _, _ = _qkv(batch, heads, query_length, query_length, head_dim, torch.float32, seed=3)
     _, k, v = _qkv(batch, heads, key_length, key_length, head_dim, torch.float32, seed=4)
@@ -306,21 +319,30 @@ def test_the_stored_dropout_mask_gives_what_replaying_it_gives(monkeypatch, inde
     # Bytes of the bits, stored up to the limit: one per query and 8 keys, rows padded to whole 128-key tiles.
     size = batch * heads * query_length * -(-key_length // 128) * 16
 
-    def run(store: bool):
-        monkeypatch.setattr(triton_support, "DROPOUT_MASK_MAX_BYTES", size if store else size - 1)
+    def run(forward_limit: int, backward_limit: int):
+        monkeypatch.setattr(triton_support, "DROPOUT_MASK_MAX_BYTES", forward_limit)
+        monkeypatch.setattr(triton_support, "DROPOUT_BACKWARD_MASK_MAX_BYTES", backward_limit)
         leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
         torch.manual_seed(9)
         out = glm_attention(*leaves, sep, dropout_p=0.3, lengths=lengths, backend="triton")
         saved = [t for t in out.grad_fn.saved_tensors if t.dtype == torch.uint8]
+        launched.clear()
         out.backward(grad_out)
-        return [out.detach()] + [leaf.grad for leaf in leaves], saved
+        return [out.detach()] + [leaf.grad for leaf in leaves], saved, list(launched)
 
-    (stored, bits), (replayed, none) = run(True), run(False)
-    for name, a, b in zip(["out", "dq", "dk", "dv"], stored, replayed):
+    stored, bits, stored_launches = run(size, 0)
+    from_dq, none, dq_launches = run(size - 1, size)
+    replayed, also_none, replayed_launches = run(size - 1, size - 1)
+    for name, a, b, c in zip(["out", "dq", "dk", "dv"], stored, from_dq, replayed):
         assert torch.equal(a, b), name
+        assert torch.equal(a, c), name
     assert stored[2].abs().max() > 0
     assert [t.numel() for t in bits] == [size]
-    assert none == []
+    assert none == also_none == []
+    # (launcher, STORE_BITS, KEEP_BITS): the forward's bits read by both; dQ first, storing for dK/dV; drawn twice.
+    assert stored_launches == [("_backward_dkdv", None, True), ("_backward_dq", False, True)]
+    assert dq_launches == [("_backward_dq", True, False), ("_backward_dkdv", None, True)]
+    assert replayed_launches == [("_backward_dkdv", None, False), ("_backward_dq", False, False)]
     # Without a backward to come (a recomputation's first pass runs under no_grad) nothing is stored, and the
     # forward drops what it drops with the bits.
     monkeypatch.setattr(triton_support, "DROPOUT_MASK_MAX_BYTES", size)

@@ -33,16 +33,16 @@ def _check_dropout_loops(attention) -> None:
     """In-kernel dropout as ``triton_attention_dropout`` lays it out, in the SASS of the loops (sm_90, 64 x 64
     tiles on 4 warps, the H200's choice): the forward draws each Philox call in the thread that holds its keys, so
     no decision goes through shared memory (only the bytes kept for the backward are stored there, on their way
-    to global memory), and Philox runs once, not once for the probabilities and again for the bytes; the forward
-    and dK/dV select the kept probabilities in fp32, not as 16-bit halves taken apart (``PRMT``) and put
-    together."""
+    to global memory), and Philox runs once, not once for the probabilities and again for the bytes (and so does
+    the dQ kernel that stores them where the forward kept none); the forward and dK/dV select the kept
+    probabilities in fp32, not as 16-bit halves taken apart (``PRMT``) and put together."""
     from kernels.aot import loop_bodies, sass
 
-    def loops(kernel, owned: str, inner: str, keep_bits: bool) -> list[list[str]]:
+    def loops(kernel, owned: str, inner: str, keep_bits: bool, store_bits: bool = False) -> list[list[str]]:
         constexprs = {
             "HEAD_DIM": 64, "BLOCK_D": 64, "HAS_LENGTHS": False, "HAS_DROPOUT": True, "EMULATE_BF16": False,
             "DOT_PRECISION": None, "TMA_POSSIBLE": False, "USE_TMA": False, "KEEP_BITS": keep_bits,
-            "ATOMIC_DQ": False, owned: 64, inner: 64,
+            "ATOMIC_DQ": False, "STORE_BITS": store_bits, owned: 64, inner: 64,
         }  # fmt: skip
         bodies = loop_bodies(sass(_compile(kernel, "bf16", constexprs, 4, 3, 90)))
         assert len(bodies) == 2, f"{kernel.fn.__name__}: {len(bodies)} loops, expected its two"
@@ -50,17 +50,23 @@ def _check_dropout_loops(attention) -> None:
             [line.split()[1] if line.startswith("@") else line.split()[0] for line in body] for body in bodies
         ]
 
-    forward = attention.attention_forward_kernel
+    forward, dq = attention.attention_forward_kernel, attention.attention_backward_dq_kernel
     replayed, stored = loops(forward, "BLOCK_M", "BLOCK_N", False), loops(forward, "BLOCK_M", "BLOCK_N", True)
-    for drawn, kept in zip(replayed, stored):
-        shared_stores = [op for op in drawn if op.startswith("STS")]
-        assert not shared_stores, f"forward: dropout decisions through shared memory ({shared_stores})"
-        assert "PRMT" not in drawn, "forward: the kept probabilities selected as 16-bit halves"
-        assert all(op == "STS.U8" for op in kept if op.startswith("STS")), (
-            "forward: more than the bytes stored"
-        )
-        philox, philox_kept = drawn.count("IMAD.HI.U32"), kept.count("IMAD.HI.U32")
-        assert philox > 0 and philox_kept < 1.5 * philox, f"forward: Philox twice ({philox_kept} vs {philox})"
+    # The dQ kernel where the forward kept no bits: it draws them as the forward does and stores them for dK/dV.
+    dq_replayed, dq_stored = (
+        loops(dq, "BLOCK_M", "BLOCK_N", False),
+        loops(dq, "BLOCK_M", "BLOCK_N", False, True),
+    )
+    for name, pairs in (("forward", zip(replayed, stored)), ("dQ", zip(dq_replayed, dq_stored))):
+        for drawn, kept in pairs:
+            shared_stores = [op for op in drawn if op.startswith("STS")]
+            assert not shared_stores, f"{name}: dropout decisions through shared memory ({shared_stores})"
+            assert "PRMT" not in drawn, f"{name}: the kept probabilities selected as 16-bit halves"
+            assert all(op == "STS.U8" for op in kept if op.startswith("STS")), f"{name}: more than the bytes"
+            philox, philox_kept = drawn.count("IMAD.HI.U32"), kept.count("IMAD.HI.U32")
+            assert philox > 0 and philox_kept < 1.5 * philox, (
+                f"{name}: Philox twice ({philox_kept}, {philox})"
+            )
     for body in loops(attention.attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", True):
         assert "PRMT" not in body, "dK/dV: the kept probabilities selected as 16-bit halves"
 

@@ -302,9 +302,10 @@ def test_every_launch_passes_its_pointers_then_its_scalars(monkeypatch):
     """A direct launch hands the first ``tensor_args`` arguments to the compiled kernel as addresses and the rest
     as they are, in the kernel's parameter order. A launcher whose count disagrees with its kernel's pointer
     parameters (say, after a new pointer parameter), or a call that passes a tensor among the scalars, would
-    launch with the wrong arguments on a GPU, and nothing on a CPU would notice: every kernel's calls are checked
-    here, in every mode (dropout with the stored and the replayed mask, atomic dQ, padding lengths, the packed
-    projection, the LayerNorm's fused and split backward, the dropout-add, the cross entropy)."""
+    launch with the wrong arguments on a GPU, and nothing on a CPU would notice: every kernel's calls are
+    checked here, in every mode (dropout with the mask stored by the forward or by dQ, or replayed, atomic dQ,
+    padding lengths, the packed projection, the LayerNorm's fused and split backward, the dropout-add, the cross
+    entropy)."""
     import inspect
 
     from kernels.triton_attention import glm_attention_qkv_triton, glm_attention_triton
@@ -341,7 +342,9 @@ def test_every_launch_passes_its_pointers_then_its_scalars(monkeypatch):
     sep, lengths = torch.tensor([8]), torch.tensor([20])
     backward(glm_attention_triton(q, k, v, sep, dropout_p=0.1, lengths=lengths))
     backward(glm_attention_triton(q, k, v, sep, dropout_p=0.1, deterministic=False))
-    monkeypatch.setattr(support, "DROPOUT_MASK_MAX_BYTES", 0)  # the mask drawn again in the backward
+    monkeypatch.setattr(support, "DROPOUT_MASK_MAX_BYTES", 0)  # the mask drawn and stored by dQ for dK/dV
+    backward(glm_attention_qkv_triton(rand(1, 24, 3, 2, 16), sep, dropout_p=0.1))
+    monkeypatch.setattr(support, "DROPOUT_BACKWARD_MASK_MAX_BYTES", 0)  # drawn again by both backward kernels
     backward(glm_attention_qkv_triton(rand(1, 24, 3, 2, 16), sep, dropout_p=0.1))
 
     x, residual, weight, bias = rand(3, 64), rand(3, 64), rand(64), rand(64)
