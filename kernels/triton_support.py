@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import warnings
 
@@ -272,6 +273,9 @@ class Launcher:
         self.tensor_args = tensor_args
         self.arg_names: tuple[str, ...] = tuple(kernel.arg_names)
         self.name: str = getattr(getattr(kernel, "base_fn", kernel), "__name__", "a Triton kernel")
+        # Constexpr parameters with a default (``WS: tl.constexpr = False``) that a call and its tile may leave
+        # out: the kernel was compiled with the default, and a direct launch passes it.
+        self._defaults: dict = _parameter_defaults(kernel)
         # key -> (compiled kernel, trailing constexpr values, grid meta), or None: always through Triton.
         self._variants: dict[tuple, tuple | None] = {}
         self._stream_of = None
@@ -340,9 +344,10 @@ class Launcher:
         return meta
 
     def _meta(self, constexprs: dict) -> dict:
-        """``constexprs`` with the tile the autotuner ran last (the one of this call)."""
+        """``constexprs`` with the tile the autotuner ran last (the one of this call), and the defaults of the
+        constexpr parameters that neither names."""
         config = getattr(self.kernel, "best_config", None)
-        return {**constexprs, **(config.kwargs if config is not None else {})}
+        return {**self._defaults, **constexprs, **(config.kwargs if config is not None else {})}
 
     def _first_launch(self, grid, args: tuple, constexprs: dict) -> tuple | None:
         """Launch through Triton; return what later direct launches need, or None where they cannot be made."""
@@ -358,6 +363,20 @@ class Launcher:
 
             self._stream_of = driver.active.get_current_stream
         return compiled, tuple(meta[name] for name in names), meta, _c_launch_of(compiled.run)
+
+
+def _parameter_defaults(kernel) -> dict:
+    """The default values of a ``@triton.jit`` function's parameters (through its autotuner, if any), by name."""
+    function = kernel
+    while hasattr(function, "fn"):  # autotuner -> JITFunction -> the Python function
+        function = function.fn
+    if not inspect.isfunction(function):
+        return {}
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
 
 
 # The Triton releases whose CUDA launcher (``CudaLauncher``: a Python wrapper around a C ``launch``) ``_c_launch_of``

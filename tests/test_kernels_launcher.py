@@ -127,6 +127,27 @@ def test_switched_off_or_interpreted_calls_go_through_triton(compiled_mode, monk
     assert len(kernel.dispatched) == 4 and kernel.compiled.launches == []
 
 
+def test_a_constexpr_left_at_its_default_is_launched_directly(compiled_mode):
+    """A constexpr parameter with a default (``WS: tl.constexpr = False``) that neither the call nor the tile names
+    was compiled with its default: later calls launch directly and pass it. (The attention's tiles other than the
+    warp-specialized ones name no WS, so that checkpoints' recorded tiles still match: without the default, every
+    attention launch went through Triton's dispatch.)"""
+
+    def signature(X, Y, n, scale, FLAG, BLOCK, WS=False):
+        """The Python function behind the kernel, as ``kernel.fn.fn`` holds it."""
+
+    kernel = FakeKernel()
+    kernel.arg_names = [*FakeKernel.arg_names, "WS"]
+    kernel.fn = type("JITFunction", (), {"fn": staticmethod(signature)})()
+    launcher = _launcher(kernel)
+    x = torch.zeros(8)
+    for _ in range(2):
+        launcher(_grid, x, x, 100, 0.5, FLAG=True)
+    assert len(kernel.dispatched) == 1
+    (launch,) = kernel.compiled.launches
+    assert launch[11:] == (100, 0.5, True, 32, False)
+
+
 @pytest.mark.parametrize("compiled,block", [("none", 32), ("fake", None)])
 def test_a_call_that_cannot_be_launched_directly_keeps_going_through_triton(compiled_mode, compiled, block):
     # Triton returned no compiled kernel, or a constexpr parameter got no value from the call or the autotuner.
@@ -295,41 +316,14 @@ def _launchers() -> dict[str, Launcher]:
     }
 
 
-# The interpreter computes both branches of tl.where: the cross entropy's lanes past the vocabulary subtract -inf
-# from -inf in the branch it does not take.
-@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
-def test_every_launch_passes_its_pointers_then_its_scalars(monkeypatch):
-    """A direct launch hands the first ``tensor_args`` arguments to the compiled kernel as addresses and the rest
-    as they are, in the kernel's parameter order. A launcher whose count disagrees with its kernel's pointer
-    parameters (say, after a new pointer parameter), or a call that passes a tensor among the scalars, would
-    launch with the wrong arguments on a GPU, and nothing on a CPU would notice: every kernel's calls are
-    checked here, in every mode (dropout with the mask stored by the forward or by dQ, or replayed, atomic dQ,
-    padding lengths, the packed projection, the LayerNorm's fused and split backward, the dropout-add, the cross
-    entropy)."""
-    import inspect
-
+def _run_every_kernel(monkeypatch) -> None:
+    """Every kernel, forward and backward, in every mode: dropout with the mask stored by the forward or by dQ,
+    or drawn again; atomic dQ; padding lengths; the packed projection; the LayerNorm's fused and split backward;
+    the dropout-add; the cross entropy."""
     from kernels.triton_attention import glm_attention_qkv_triton, glm_attention_triton
     from kernels.triton_cross_entropy import cross_entropy_triton
     from kernels.triton_layer_norm import FUSED_BACKWARD_MAX_WIDTH, dropout_add_triton, layer_norm_triton
 
-    seen: set[str] = set()
-    names = {id(launcher): name for name, launcher in _launchers().items()}
-    real_call = Launcher.__call__
-
-    def checked_call(self, grid, *args, **constexprs):
-        name = names[id(self)]
-        seen.add(name)
-        kernel = getattr(self.kernel, "fn", self.kernel)
-        parameters = inspect.signature(getattr(kernel, "fn", kernel)).parameters.values()
-        runtime = [p.name for p in parameters if "constexpr" not in str(p.annotation)]
-        # Pointer parameters are capitalized (Q, Out, KeepBits), scalars not (stride_qb, softmax_scale).
-        assert [n[0].isupper() for n in runtime] == [i < self.tensor_args for i in range(len(runtime))], name
-        assert len(args) == len(runtime), (name, len(args), runtime)
-        assert all(isinstance(a, torch.Tensor) for a in args[: self.tensor_args]), name
-        assert not any(isinstance(a, torch.Tensor) for a in args[self.tensor_args :]), name
-        return real_call(self, grid, *args, **constexprs)
-
-    monkeypatch.setattr(Launcher, "__call__", checked_call)
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape):
@@ -354,4 +348,69 @@ def test_every_launch_passes_its_pointers_then_its_scalars(monkeypatch):
     backward(layer_norm_triton(rand(2, width), rand(width), rand(width), 1e-5))
     backward(dropout_add_triton(x, residual, 0.1, rand(64)))
     backward(cross_entropy_triton(rand(4, 40), torch.tensor([0, 3, 39, 7])))
+
+
+# The interpreter computes both branches of tl.where: the cross entropy's lanes past the vocabulary subtract -inf
+# from -inf in the branch it does not take.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in subtract:RuntimeWarning")
+def test_every_launch_passes_its_pointers_then_its_scalars(monkeypatch):
+    """A direct launch hands the first ``tensor_args`` arguments to the compiled kernel as addresses and the rest
+    as they are, in the kernel's parameter order. A launcher whose count disagrees with its kernel's pointer
+    parameters (say, after a new pointer parameter), or a call that passes a tensor among the scalars, would
+    launch with the wrong arguments on a GPU, and nothing on a CPU would notice: every kernel's calls are
+    checked here, in every mode (dropout with the mask stored by the forward or by dQ, or replayed, atomic dQ,
+    padding lengths, the packed projection, the LayerNorm's fused and split backward, the dropout-add, the cross
+    entropy)."""
+    import inspect
+
+    seen: set[str] = set()
+    names = {id(launcher): name for name, launcher in _launchers().items()}
+    real_call = Launcher.__call__
+
+    def checked_call(self, grid, *args, **constexprs):
+        name = names[id(self)]
+        seen.add(name)
+        kernel = getattr(self.kernel, "fn", self.kernel)
+        parameters = inspect.signature(getattr(kernel, "fn", kernel)).parameters.values()
+        runtime = [p.name for p in parameters if "constexpr" not in str(p.annotation)]
+        # Pointer parameters are capitalized (Q, Out, KeepBits), scalars not (stride_qb, softmax_scale).
+        assert [n[0].isupper() for n in runtime] == [i < self.tensor_args for i in range(len(runtime))], name
+        assert len(args) == len(runtime), (name, len(args), runtime)
+        assert all(isinstance(a, torch.Tensor) for a in args[: self.tensor_args]), name
+        assert not any(isinstance(a, torch.Tensor) for a in args[self.tensor_args :]), name
+        return real_call(self, grid, *args, **constexprs)
+
+    monkeypatch.setattr(Launcher, "__call__", checked_call)
+    _run_every_kernel(monkeypatch)
     assert seen == set(names.values())
+
+
+class _StubKernel:
+    """Stands in for a real kernel behind its launcher: Triton's dispatch "compiles" to a launcher that does
+    nothing, and the autotuner's choice is the kernel's first tile, as with GLM_KERNELS_AUTOTUNE=0."""
+
+    def __init__(self, kernel) -> None:
+        configs = getattr(kernel, "configs", None)
+        self.best_config = configs[0] if configs else None
+        self.compiled = FakeCompiled()
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.compiled
+
+
+def test_every_real_kernel_launches_directly_from_its_second_call(compiled_mode, monkeypatch):
+    """Each launcher of the attention, the LayerNorm and the cross entropy, called twice with the same
+    specialization in every mode, goes through Triton once and then straight to the compiled kernel: no
+    parameter is left without a value (the kernels run stubbed: the host's path only)."""
+    launchers = _launchers()
+    for launcher in launchers.values():
+        monkeypatch.setattr(launcher, "kernel", _StubKernel(launcher.kernel))
+        monkeypatch.setattr(launcher, "_variants", {})
+        monkeypatch.setattr(launcher, "_stream_of", lambda device: 0)
+    for _ in range(2):
+        _run_every_kernel(monkeypatch)
+    for name, launcher in launchers.items():
+        assert launcher._variants, f"{name}: never launched with aligned tensors"
+        refused = [key for key, variant in launcher._variants.items() if variant is None]
+        assert not refused, f"{name}: {len(refused)} specializations always through Triton's dispatch"
+        assert launcher.kernel.compiled.launches, f"{name}: no direct launch"
