@@ -55,6 +55,7 @@ from gpu_check_training import stage_glm2b, stage_pretrain, stage_throughput
 # a CUDA graph) and per-layer CUDA graphs against eager training.
 CUDA_TESTS = [
     "tests/test_kernels_attention.py",
+    "tests/test_kernels_attention_dropout.py",
     "tests/test_kernels_layernorm.py",
     "tests/test_kernels_dropout.py",
     "tests/test_kernels_cross_entropy.py",

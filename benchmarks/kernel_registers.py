@@ -13,7 +13,7 @@ spills keeps part of its working set in local memory, and one past 255 registers
 (a fresh ``TRITON_CACHE_DIR`` per run), single-threaded as Triton compiles.
 
 ``--test-selection`` compiles, with each kernel's first (untuned) tile as the GPU tests run them, the attention
-variants (dtype x head dim x flags) that ``tests/test_kernels_attention.py`` builds, and prints their total
+variants (dtype x head dim x flags) that ``tests/test_kernels_attention*.py`` build, and prints their total
 compile time: most of a GPU test run is compiling.
 
 ``--loops`` counts the SASS instructions (Triton's ``nvdisasm``) in each loop of the three kernels on one tile

@@ -34,36 +34,15 @@ from kernels.triton_attention_tuning import (
     FP32_TILE_ELEMENTS_PER_WARP,
     _fitting_configs,
 )
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-
-
-def _qkv(batch, heads, query_length, key_length, head_dim, dtype, seed=0, device=DEVICE):
-    """Random q, k, v in the model's layout: [B, T, H, D] storage viewed as [B, H, T, D] (non-contiguous)."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def make(length):
-        values = torch.randn(batch, length, heads, head_dim, generator=generator)
-        return values.to(device=device, dtype=dtype).transpose(1, 2)
-
-    return make(query_length), make(key_length), make(key_length)
-
-
-def _ints(values):
-    return torch.tensor(values, device=DEVICE)
-
-
-def _randn(*shape, seed=1):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-
-
-def _forward_backward(fn, inputs, grad_out):
-    leaves = [x.detach().clone().requires_grad_() for x in inputs]
-    out = fn(*leaves)
-    out.backward(grad_out.to(out.dtype))
-    return [out.detach()] + [leaf.grad for leaf in leaves]
-
+from tests.attention_cases import (
+    DEVICE,
+    UNIT_ROUNDOFF,
+    forward_backward,
+    int_tensor,
+    random_qkv,
+    random_tensor,
+    record_launches,
+)
 
 CASES = {
     # name: (batch, heads, Tq, Tk, head_dim, sep, lengths)
@@ -95,10 +74,10 @@ DTYPE_CASES = [
 @pytest.mark.parametrize("case,dtype", DTYPE_CASES)
 def test_triton_matches_torch(case, dtype):
     batch, heads, query_length, key_length, head_dim, sep, lengths = CASES[case]
-    sep = _ints(sep)
-    lengths = None if lengths is None else _ints(lengths)
-    q, k, v = _qkv(batch, heads, query_length, key_length, head_dim, dtype)
-    grad_out = _randn(batch, heads, query_length, head_dim)
+    sep = int_tensor(sep)
+    lengths = None if lengths is None else int_tensor(lengths)
+    q, k, v = random_qkv(batch, heads, query_length, key_length, head_dim, dtype)
+    grad_out = random_tensor(batch, heads, query_length, head_dim)
 
     def torch_attention(q, k, v):
         return glm_attention_torch(q, k, v, sep, lengths=lengths)
@@ -106,9 +85,9 @@ def test_triton_matches_torch(case, dtype):
     def triton_attention(q, k, v):
         return glm_attention(q, k, v, sep, lengths=lengths, backend="triton")
 
-    exact = _forward_backward(torch_attention, [x.double() for x in (q, k, v)], grad_out.double())
-    same_dtype = _forward_backward(torch_attention, [q, k, v], grad_out)
-    ours = _forward_backward(triton_attention, [q, k, v], grad_out)
+    exact = forward_backward(torch_attention, [x.double() for x in (q, k, v)], grad_out.double())
+    same_dtype = forward_backward(torch_attention, [q, k, v], grad_out)
+    ours = forward_backward(triton_attention, [q, k, v], grad_out)
     for name, want, theirs, got in zip(["out", "dq", "dk", "dv"], exact, same_dtype, ours):
         assert got.dtype == dtype and got.shape == want.shape, name
         torch_error = (theirs.double() - want).abs().max().item()
@@ -142,13 +121,13 @@ def test_gpu_tilings_match_torch(shape, monkeypatch):
     use(attention_forward_kernel, "BLOCK_M", "BLOCK_N", FORWARD_SHAPES)
     use(attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", DQ_SHAPES)
     use(attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", DKDV_SHAPES)
-    sep, lengths = _ints([0, 70, 129, 200, 64]), _ints([200, 190, 130, 127, 200])
-    q, k, v = _qkv(5, 1, 200, 200, 16, torch.float32)
-    grad_out = _randn(5, 1, 200, 16)
-    want = _forward_backward(
+    sep, lengths = int_tensor([0, 70, 129, 200, 64]), int_tensor([200, 190, 130, 127, 200])
+    q, k, v = random_qkv(5, 1, 200, 200, 16, torch.float32)
+    grad_out = random_tensor(5, 1, 200, 16)
+    want = forward_backward(
         lambda q, k, v: glm_attention_torch(q, k, v, sep, lengths=lengths), [q, k, v], grad_out
     )
-    got = _forward_backward(
+    got = forward_backward(
         lambda q, k, v: glm_attention(q, k, v, sep, lengths=lengths, backend="triton"), [q, k, v], grad_out
     )
     for name, a, b in zip(["out", "dq", "dk", "dv"], got, want):
@@ -156,8 +135,8 @@ def test_gpu_tilings_match_torch(shape, monkeypatch):
 
 
 def test_lengths_equal_attention_over_the_truncated_sample():
-    q, k, v = _qkv(2, 2, 24, 24, 16, torch.float32)
-    sep, lengths = _ints([5, 12]), _ints([17, 9])
+    q, k, v = random_qkv(2, 2, 24, 24, 16, torch.float32)
+    sep, lengths = int_tensor([5, 12]), int_tensor([17, 9])
     padded = glm_attention_torch(q, k, v, sep, lengths=lengths)
     for b, length in enumerate(lengths.tolist()):
         alone = glm_attention_torch(
@@ -173,186 +152,6 @@ def test_mask_rule():
     assert torch.equal(mask, expected)
 
 
-def _dropped_probabilities(q, k, sep, dropout_p, seed):
-    """The kernel's dropped, rescaled probability matrix, read off by attending to one-hot values (v_j = e_j)."""
-    batch, heads, length, head_dim = q.shape
-    one_hot = torch.eye(length, head_dim, dtype=q.dtype, device=q.device).expand(
-        batch, heads, length, head_dim
-    )
-    torch.manual_seed(seed)
-    return glm_attention(q, k, one_hot, sep, dropout_p=dropout_p, backend="triton")[..., :length].double()
-
-
-def _probabilities(q, k, sep):
-    scores = (q.double() @ k.double().transpose(-1, -2)) / q.shape[-1] ** 0.5
-    visible = glm_attention_mask(sep, q.shape[2])
-    return torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1), visible.expand_as(scores)
-
-
-def test_dropout_drops_p_of_the_probability_mass_and_keeps_the_expectation():
-    dropout_p = 0.3
-    q, k, _ = _qkv(2, 4, 64, 64, 64, torch.float32)
-    sep = _ints([20, 0])
-    dropped = _dropped_probabilities(q, k, sep, dropout_p, seed=3)
-    probabilities, visible = _probabilities(q, k, sep)
-    assert torch.all(dropped[~visible] == 0)
-    kept = dropped[visible] != 0
-    assert abs((1 - kept.double().mean().item()) - dropout_p) < 0.03
-    dropped_mass = probabilities[visible][~kept].sum() / probabilities.sum()
-    assert abs(dropped_mass.item() - dropout_p) < 0.03
-    torch.testing.assert_close(
-        dropped[visible][kept], probabilities[visible][kept] / (1 - dropout_p), rtol=1e-5, atol=1e-6
-    )
-    # Rescaling by 1/(1-p) keeps each row's expected sum at 1.
-    assert abs(dropped.sum(-1).mean().item() - 1.0) < 0.04
-
-
-def test_every_key_of_a_philox_call_drops_at_the_rate_p_and_on_its_own():
-    """One Philox call decides 8 keys of a 32-key block (see triton_attention_dropout.py): each of the 32 key
-    positions drops at the rate p, and no two positions share their decisions (two independent keys agree with
-    probability p^2 + (1 - p)^2 = 0.58 at p = 0.3; two that read the same uniform always agree)."""
-    dropout_p, length = 0.3, 64
-    q, k, _ = _qkv(4, 4, length, length, 64, torch.float32)
-    dropped = _dropped_probabilities(q, k, _ints([length] * 4), dropout_p, seed=5) == 0
-    by_position = dropped.reshape(-1, 32).T.double()  # [key position in its block of 32, samples]
-    assert by_position.shape[1] == 4 * 4 * length * 2
-    rates = by_position.mean(1)
-    assert torch.all((rates - dropout_p).abs() < 0.06), rates
-    agreement = (by_position[:, None, :] == by_position[None, :, :]).double().mean(-1)
-    off_diagonal = agreement[~torch.eye(32, dtype=torch.bool)]
-    assert off_diagonal.max().item() < 0.68, off_diagonal.max()
-
-
-def test_a_dropout_p_next_to_1_drops_nearly_everything():
-    """p = 1 - 1e-6 keeps 1 uniform in 65536 (the threshold, at most 65535, shifted into a word's high half must
-    not wrap around to 0 and keep every high half)."""
-    q, k, _ = _qkv(4, 4, 64, 64, 64, torch.float32)
-    kept = _dropped_probabilities(q, k, _ints([64] * 4), 1 - 1e-6, seed=6) != 0
-    assert kept.double().mean().item() < 1e-3
-
-
-def test_dropout_is_a_function_of_the_torch_seed():
-    q, k, v = _qkv(1, 2, 48, 48, 32, torch.float16)
-    sep = _ints([16])
-    grad_out = _randn(1, 2, 48, 32)
-
-    def run(seed):
-        torch.manual_seed(seed)
-        return _forward_backward(
-            lambda q, k, v: glm_attention(q, k, v, sep, dropout_p=0.2, backend="triton"), [q, k, v], grad_out
-        )
-
-    first, again, other = run(7), run(7), run(8)
-    for a, b in zip(first, again):
-        assert torch.equal(a, b)
-    for a, b in zip(first, other):
-        assert not torch.equal(a, b)
-
-
-def test_backward_replays_the_forward_dropout_mask():
-    dropout_p, seed = 0.25, 11
-    batch, heads, length, head_dim = 2, 2, 48, 64
-    q, k, v = _qkv(batch, heads, length, length, head_dim, torch.float32)
-    sep = _ints([10, 30])
-    keep = _dropped_probabilities(q, k, sep, dropout_p, seed) != 0
-    grad_out = _randn(batch, heads, length, head_dim, seed=2)
-
-    def same_mask_in_torch(q, k, v):
-        scores = (q @ k.transpose(-1, -2)) / head_dim**0.5
-        scores = scores.masked_fill(~glm_attention_mask(sep, length), float("-inf"))
-        return (torch.softmax(scores, dim=-1) * keep / (1 - dropout_p)) @ v
-
-    def triton_with_seed(q, k, v):
-        torch.manual_seed(seed)
-        return glm_attention(q, k, v, sep, dropout_p=dropout_p, backend="triton")
-
-    want = _forward_backward(same_mask_in_torch, [x.double() for x in (q, k, v)], grad_out.double())
-    got = _forward_backward(triton_with_seed, [q, k, v], grad_out)
-    for name, a, b in zip(["out", "dq", "dk", "dv"], got, want):
-        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=name)
-
-
-# Tilings whose forward and backward tiles differ (forward 128 x 64 against dQ's 128 x 32 and dK/dV's 32-query
-# tiles; forward 128 x 128 against 64 x 64): the stored bits are written by one tiling and read by others. On a
-# GPU the untuned default tiles only, as the other GPU tests run (the 128-row tiles compile for seconds each).
-KEEP_BITS_TILES = [None] if torch.cuda.is_available() else [1, 4]
-
-
-@pytest.mark.parametrize("index", KEEP_BITS_TILES)
-def test_the_stored_dropout_mask_gives_what_replaying_it_gives(monkeypatch, index):
-    """The forward's keep bits, read back by dQ and dK/dV, are the decisions the backward would draw again from
-    Philox: outputs and gradients bitwise equal with both, over padding rows, cached keys (Tq < Tk) and sep
-    at and off the tiles' edges. The bits take one byte per query and 8 keys (each query's row padded to whole
-    128-key tiles, which every tile of every candidate stays inside), kept for the backward; past the
-    size limit (GLM_KERNELS_DROPOUT_MASK_MAX_MIB) the dQ kernel runs first, draws them and stores them for dK/dV
-    (up to GLM_KERNELS_DROPOUT_BACKWARD_MASK_MAX_MIB), and past that both draw them again."""
-    from kernels import triton_attention, triton_attention_tuning, triton_support
-
-    for kernel, owned, inner, shapes in (
-        (attention_forward_kernel, "BLOCK_M", "BLOCK_N", FORWARD_SHAPES),
-        (attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", DQ_SHAPES),
-        (attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", DKDV_SHAPES),
-    ):
-        if index is not None:
-            first, second, _, _ = shapes[index]
-            config = triton.Config({owned: first, inner: second, "USE_TMA": False})
-            monkeypatch.setattr(kernel, "configs", [config])
-            monkeypatch.setattr(kernel, "cache", {})
-    assert "KEEP_BITS" in triton_attention_tuning._TUNING_KEY
-    assert "STORE_BITS" in triton_attention_tuning._DQ_TUNING_KEY
-    launched = []
-    for name in ("_backward_dq", "_backward_dkdv"):
-        launcher = getattr(triton_attention, name)
-        monkeypatch.setattr(
-            triton_attention,
-            name,
-            lambda *args, launcher=launcher, name=name, **kwargs: (
-                launched.append((name, kwargs.get("STORE_BITS"), kwargs["KEEP_BITS"])),
-                launcher(*args, **kwargs),
-            )[1],
-        )
-    batch, heads, query_length, key_length, head_dim = 4, 2, 130, 150, 16
-    q, _, _ = _qkv(batch, heads, query_length, query_length, head_dim, torch.float32, seed=3)
-    _, k, v = _qkv(batch, heads, key_length, key_length, head_dim, torch.float32, seed=4)
-    sep, lengths = _ints([0, 64, 100, 149]), _ints([150, 140, 129, 31])
-    grad_out = _randn(batch, heads, query_length, head_dim, seed=5)
-    # Bytes of the bits, stored up to the limit: one per query and 8 keys, rows padded to whole 128-key tiles.
-    size = batch * heads * query_length * -(-key_length // 128) * 16
-
-    def run(forward_limit: int, backward_limit: int):
-        monkeypatch.setattr(triton_support, "DROPOUT_MASK_MAX_BYTES", forward_limit)
-        monkeypatch.setattr(triton_support, "DROPOUT_BACKWARD_MASK_MAX_BYTES", backward_limit)
-        leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-        torch.manual_seed(9)
-        out = glm_attention(*leaves, sep, dropout_p=0.3, lengths=lengths, backend="triton")
-        saved = [t for t in out.grad_fn.saved_tensors if t.dtype == torch.uint8]
-        launched.clear()
-        out.backward(grad_out)
-        return [out.detach()] + [leaf.grad for leaf in leaves], saved, list(launched)
-
-    stored, bits, stored_launches = run(size, 0)
-    from_dq, none, dq_launches = run(size - 1, size)
-    replayed, also_none, replayed_launches = run(size - 1, size - 1)
-    for name, a, b, c in zip(["out", "dq", "dk", "dv"], stored, from_dq, replayed):
-        assert torch.equal(a, b), name
-        assert torch.equal(a, c), name
-    assert stored[2].abs().max() > 0
-    assert [t.numel() for t in bits] == [size]
-    assert none == also_none == []
-    # (launcher, STORE_BITS, KEEP_BITS): the forward's bits read by both; dQ first, storing for dK/dV; drawn twice.
-    assert stored_launches == [("_backward_dkdv", None, True), ("_backward_dq", False, True)]
-    assert dq_launches == [("_backward_dq", True, False), ("_backward_dkdv", None, True)]
-    assert replayed_launches == [("_backward_dkdv", None, False), ("_backward_dq", False, False)]
-    # Without a backward to come (a recomputation's first pass runs under no_grad) nothing is stored, and the
-    # forward drops what it drops with the bits.
-    monkeypatch.setattr(triton_support, "DROPOUT_MASK_MAX_BYTES", size)
-    torch.manual_seed(9)
-    with torch.no_grad():
-        assert torch.equal(
-            glm_attention(q, k, v, sep, dropout_p=0.3, lengths=lengths, backend="triton"), stored[0]
-        )
-
-
 @pytest.mark.parametrize(
     "case,dtype,dropout_p",
     [
@@ -365,29 +164,18 @@ def test_atomic_dq_gives_the_deterministic_backwards_gradients(monkeypatch, case
     """deterministic=False: dQ added with atomics by the dK/dV kernel is the separate dQ kernel's up to
     the summation order (the output, dK and dV are bitwise the same), through padding rows, cached keys, a head dim
     short of its power of two and dropout; torch.use_deterministic_algorithms(True) keeps the dQ kernel."""
-    from kernels import triton_attention
-
     batch, heads, query_length, key_length, head_dim, sep, lengths = CASES[case]
-    sep = _ints(sep)
-    lengths = None if lengths is None else _ints(lengths)
-    q, k, v = _qkv(batch, heads, query_length, key_length, head_dim, dtype, seed=6)
-    grad_out = _randn(batch, heads, query_length, head_dim, seed=8)
+    sep = int_tensor(sep)
+    lengths = None if lengths is None else int_tensor(lengths)
+    q, k, v = random_qkv(batch, heads, query_length, key_length, head_dim, dtype, seed=6)
+    grad_out = random_tensor(batch, heads, query_length, head_dim, seed=8)
     launched = []
-    for name in ("_backward_dq", "_backward_dq_convert"):
-        launcher = getattr(triton_attention, name)
-        monkeypatch.setattr(
-            triton_attention,
-            name,
-            lambda *args, launcher=launcher, name=name, **kwargs: (
-                launched.append(name),
-                launcher(*args, **kwargs),
-            )[1],
-        )
+    record_launches(monkeypatch, ("_backward_dq", "_backward_dq_convert"), launched)
 
     def run(deterministic: bool):
         launched.clear()
         torch.manual_seed(4)
-        results = _forward_backward(
+        results = forward_backward(
             lambda q, k, v: glm_attention(
                 q,
                 k,
@@ -401,7 +189,7 @@ def test_atomic_dq_gives_the_deterministic_backwards_gradients(monkeypatch, case
             [q, k, v],
             grad_out,
         )
-        return results, list(launched)
+        return results, [name for name, _, _ in launched]
 
     (split, split_launches), (atomic, atomic_launches) = run(True), run(False)
     assert split_launches == ["_backward_dq"] and atomic_launches == ["_backward_dq_convert"]
@@ -434,11 +222,11 @@ def test_autotuning_the_atomic_dq_backward_leaves_dq_as_one_run_adds_it(monkeypa
             kernel_call()
         return [1.0, 1.0, 1.0]
 
-    qkv = (0.5 * _randn(2, 64, 3, 2, 32, seed=11)).to(torch.bfloat16)
-    sep, grad_out = _ints([20, 64]), _randn(2, 2, 64, 32, seed=12)
+    qkv = (0.5 * random_tensor(2, 64, 3, 2, 32, seed=11)).to(torch.bfloat16)
+    sep, grad_out = int_tensor([20, 64]), random_tensor(2, 2, 64, 32, seed=12)
 
     def backward(deterministic: bool):
-        return _forward_backward(
+        return forward_backward(
             lambda qkv: kernels.glm_attention_qkv(qkv, sep, backend="triton", deterministic=deterministic),
             [qkv],
             grad_out,
@@ -483,20 +271,20 @@ def test_backend_resolution():
 
 
 def test_auto_on_cpu_is_the_torch_implementation():
-    q, k, v = _qkv(2, 2, 20, 20, 16, torch.float32, device=torch.device("cpu"))
+    q, k, v = random_qkv(2, 2, 20, 20, 16, torch.float32, device=torch.device("cpu"))
     sep = torch.tensor([3, 11])
     assert torch.equal(glm_attention(q, k, v, sep), glm_attention_torch(q, k, v, sep))
 
 
 def test_unservable_calls_raise_kernel_error():
-    q, k, v = _qkv(1, 1, 16, 16, 256, torch.float32)
+    q, k, v = random_qkv(1, 1, 16, 16, 256, torch.float32)
     with pytest.raises(KernelError, match="head dim 256"):
-        glm_attention(q, k, v, _ints([4]), backend="triton")
-    q, k, v = _qkv(1, 1, 16, 16, 16, torch.float32)
+        glm_attention(q, k, v, int_tensor([4]), backend="triton")
+    q, k, v = random_qkv(1, 1, 16, 16, 16, torch.float32)
     with pytest.raises(KernelError, match="sep must be"):
-        glm_attention(q, k, v, _ints([4, 5]), backend="triton")
+        glm_attention(q, k, v, int_tensor([4, 5]), backend="triton")
     with pytest.raises(KernelError, match="dropout_p"):
-        glm_attention(q, k, v, _ints([4]), dropout_p=1.0)
+        glm_attention(q, k, v, int_tensor([4]), dropout_p=1.0)
 
 
 @pytest.mark.parametrize(
@@ -523,9 +311,9 @@ def test_packed_qkv_gives_the_results_and_gradients_of_separate_q_k_v(backend, d
     """The model's path: attention on the fused projection's [B, T, 3, H, D] output. Its result and its one
     gradient are bitwise those of q, k, v passed separately (the gradient is dq, dk, dv in their places)."""
     batch, length, heads, head_dim = 2, 40, 2, 16
-    qkv = _randn(batch, length, 3, heads, head_dim, seed=3).to(torch.bfloat16)
-    sep, lengths = _ints([7, 33]), _ints([40, 35])
-    grad_out = _randn(batch, heads, length, head_dim, seed=4).to(torch.bfloat16)
+    qkv = random_tensor(batch, length, 3, heads, head_dim, seed=3).to(torch.bfloat16)
+    sep, lengths = int_tensor([7, 33]), int_tensor([40, 35])
+    grad_out = random_tensor(batch, heads, length, head_dim, seed=4).to(torch.bfloat16)
 
     def packed(qkv):
         torch.manual_seed(5)
@@ -535,8 +323,8 @@ def test_packed_qkv_gives_the_results_and_gradients_of_separate_q_k_v(backend, d
         torch.manual_seed(5)
         return glm_attention(q, k, v, sep, dropout_p=dropout_p, lengths=lengths, backend=backend)
 
-    out, dqkv = _forward_backward(packed, [qkv], grad_out)
-    want_out, dq, dk, dv = _forward_backward(
+    out, dqkv = forward_backward(packed, [qkv], grad_out)
+    want_out, dq, dk, dv = forward_backward(
         separate, [part.transpose(1, 2) for part in qkv.unbind(2)], grad_out
     )
     assert torch.equal(out, want_out)
@@ -549,9 +337,11 @@ def test_packed_qkv_gives_the_results_and_gradients_of_separate_q_k_v(backend, d
 
 def test_packed_qkv_must_be_packed():
     with pytest.raises(KernelError, match=r"\[B, T, 3, H, D\]"):
-        kernels.glm_attention_qkv(torch.zeros(1, 4, 2, 1, 8, device=DEVICE), _ints([1]), backend="triton")
+        kernels.glm_attention_qkv(
+            torch.zeros(1, 4, 2, 1, 8, device=DEVICE), int_tensor([1]), backend="triton"
+        )
     with pytest.raises(KernelError, match=r"\[B, T, 3, H, D\]"):
-        kernels.glm_attention_qkv(torch.zeros(1, 4, 2, 1, 8, device=DEVICE), _ints([1]), backend="torch")
+        kernels.glm_attention_qkv(torch.zeros(1, 4, 2, 1, 8, device=DEVICE), int_tensor([1]), backend="torch")
 
 
 def _descriptor_case(batch: int, seed: int, dropout_p: float):
@@ -559,14 +349,14 @@ def _descriptor_case(batch: int, seed: int, dropout_p: float):
     129), a ragged length and padding rows. Returns ``run(use_tiles)``: the output and the qkv gradient after
     ``use_tiles()`` picked the kernels' tiles, with one dropout seed; ``run.qkv`` is the input."""
     length, heads, head_dim = 150, 2, 80
-    qkv = (0.5 * _randn(batch, length, 3, heads, head_dim, seed=seed)).to(torch.bfloat16)
-    sep, lengths = _ints([0, 70, 129][:batch]), _ints([150, 131, 140][:batch])
-    grad_out = _randn(batch, heads, length, head_dim, seed=7)
+    qkv = (0.5 * random_tensor(batch, length, 3, heads, head_dim, seed=seed)).to(torch.bfloat16)
+    sep, lengths = int_tensor([0, 70, 129][:batch]), int_tensor([150, 131, 140][:batch])
+    grad_out = random_tensor(batch, heads, length, head_dim, seed=7)
 
     def run(use_tiles):
         use_tiles()
         torch.manual_seed(5)
-        return _forward_backward(
+        return forward_backward(
             lambda qkv: kernels.glm_attention_qkv(
                 qkv, sep, dropout_p=dropout_p, lengths=lengths, backend="triton"
             ),
