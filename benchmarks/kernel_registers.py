@@ -224,7 +224,7 @@ def test_selection(args) -> None:
                     keep_bits=keep_bits,
                     atomic_dq=atomic,
                     store_bits=store_bits,
-                ),  # fmt: skip
+                ),
                 args.arch,
             )
             total += seconds
@@ -259,12 +259,13 @@ def loop_table(args) -> None:
                 (True, False, False, "0.1, replayed"),
                 (True, False, True, "0.1, drawn and stored by dQ"),
             )
-            for dropout, keep_bits, store_bits, mode in modes:  # fmt: skip
+            for dropout, keep_bits, store_bits, mode in modes:
                 for name, kernel, owned, inner, _ in KERNELS:
                     if store_bits and (name != "dQ" or not hasattr(module, "_DQ_TUNING_KEY")):
                         continue
-                    flags = _flags(dtype, head_dim, False, dropout, module, keep_bits=keep_bits)
-                    flags["STORE_BITS"] = store_bits
+                    flags = _flags(
+                        dtype, head_dim, False, dropout, module, keep_bits=keep_bits, store_bits=store_bits
+                    )
                     compiled = compile_kernel(
                         getattr(module, kernel), dtype, {**flags, owned: first, inner: second}, warps, stages,
                         args.arch,
