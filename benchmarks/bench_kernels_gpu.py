@@ -169,17 +169,14 @@ def _attention_variants(
         limits = {"forward": (2**62, 0), "dQ": (0, 2**62), "none": (0, 0)}[mask]
 
         def attention(q, k, v):
+            # The forward decides whether to keep its decisions and returns the autograd node, whose backward
+            # reads the backward's limit when it runs: both stay set until the caller's backward is done.
+            triton_support.DROPOUT_MASK_MAX_BYTES, triton_support.DROPOUT_BACKWARD_MASK_MAX_BYTES = limits
             return glm_attention(
                 q, k, v, sep, dropout_p=dropout_p, backend="triton", deterministic=deterministic
             )
 
-        def with_limits(q, k, v):
-            # The forward decides whether to keep its decisions and returns the autograd node, whose backward
-            # reads the backward's limit when it runs: both stay set until the caller's backward is done.
-            triton_support.DROPOUT_MASK_MAX_BYTES, triton_support.DROPOUT_BACKWARD_MASK_MAX_BYTES = limits
-            return attention(q, k, v)
-
-        return with_limits
+        return attention
 
     def masked(dropout_p: float) -> Callable | None:
         if length > 4096:

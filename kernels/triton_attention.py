@@ -203,6 +203,14 @@ def _attention_backward(
     flags["TMA_POSSIBLE"] = _tma_possible(q, k, v, grad_out)  # dQ k and v by tiles; q and dO when specialized
     if key_flags["TMA_POSSIBLE"] or flags["TMA_POSSIBLE"]:
         ensure_scratch_allocator()
+
+    def launch_dq(keep_bits: torch.Tensor, store_bits: bool) -> None:
+        _backward_dq(
+            query_grid, q, k, v, grad_out, dq, lse, delta, sep, lengths_arg, seed, keep_bits,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+            *scalars, *buckets, **flags, STORE_BITS=store_bits,
+        )  # fmt: skip
+
     with device_guard(q.device):
         _backward_preprocess(
             (cdiv(query_length, _PREPROCESS_BLOCK_M), heads, batch),
@@ -211,11 +219,7 @@ def _attention_backward(
         )  # fmt: skip
         if dq_stores_bits:
             keep_bits = torch.empty(bits_shape, device=q.device, dtype=torch.uint8)
-            _backward_dq(
-                query_grid, q, k, v, grad_out, dq, lse, delta, sep, lengths_arg, seed, keep_bits,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
-                *scalars, *buckets, **flags, STORE_BITS=True,
-            )  # fmt: skip
+            launch_dq(keep_bits, store_bits=True)
             key_flags["KEEP_BITS"] = True
         _backward_dkdv(
             key_grid, q, k, v, grad_out, dk, dv, lse, delta, sep, lengths_arg, seed, keep_bits, dq_accum,
@@ -231,11 +235,7 @@ def _attention_backward(
             )  # fmt: skip
             return
         if not dq_stores_bits:
-            _backward_dq(
-                query_grid, q, k, v, grad_out, dq, lse, delta, sep, lengths_arg, seed, keep_bits,
-                *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
-                *scalars, *buckets, **flags, STORE_BITS=False,
-            )  # fmt: skip
+            launch_dq(keep_bits, store_bits=False)
 
 
 def _atomic_dq(deterministic: bool) -> bool:
