@@ -11,6 +11,7 @@ the cast fp32 one: the losses, gradient norms and fp32 master weights of a few s
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -195,6 +196,8 @@ def _train(rank: int, world_size: int, settings: list[str], build_in_fp32: bool)
         "losses": losses,
         "norms": norms,
         "master": [m.detach().clone() for m in master],
+        # What DeepSpeed's Muon imports (torch.compile), seconds of every rank's start for an optimizer never used.
+        "inductor_imported": "torch._inductor.compile_fx" in sys.modules,
     }
     parallel.destroy_parallel()
     return result
@@ -219,6 +222,7 @@ def test_bf16_training_of_the_model_built_in_bf16_is_bitwise_that_of_the_cast_fp
         assert mine["built_dtypes"] == {torch.bfloat16} and theirs["built_dtypes"] == {torch.float32}, rank
         assert mine["trained_dtypes"] == theirs["trained_dtypes"] == {torch.bfloat16}, rank
         assert mine["queued_loss_indices"] == theirs["queued_loss_indices"] == 0, rank
+        assert not mine["inductor_imported"], "building and training the engine imported Inductor's compiler"
         assert mine["losses"] == theirs["losses"], rank
         assert mine["norms"] == theirs["norms"], rank
         assert len(mine["master"]) == len(theirs["master"]) > 0, rank

@@ -8,6 +8,9 @@ them per call.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -87,6 +90,60 @@ def build_pretraining_model(
     module.to_empty(device=device)
     module.reset_parameters(seed)
     return module
+
+
+# DeepSpeed's Muon modules, which its ZeRO and BF16 optimizers import to ask whether the optimizer is Muon.
+_DEEPSPEED_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+_DEEPSPEED_MUON_UPDATE = "deepspeed.runtime.zero.muon.original_muon"
+
+
+def _muon_update(*args, **kwargs):
+    raise RuntimeError(
+        "glm-pretrain trains with its own AdamW; DeepSpeed's Muon is not loaded in this process"
+    )
+
+
+def _stand_in_for_deepspeed_muon() -> None:
+    """Put stand-ins for DeepSpeed's two Muon modules in ``sys.modules``, unless either is imported already.
+
+    ``deepspeed.initialize`` with ZeRO, DeepSpeed's BF16 optimizer, and ZeRO-1/2's gradient reduction on every
+    step import them, to ask ``isinstance(optimizer, MuonWithAuxAdam)`` and to have ``muon_update`` at hand for
+    parameters marked ``use_muon`` under a Muon optimizer. Importing them decorates Muon's functions with
+    ``torch.compile``, which imports Inductor: some 2.5 s of every rank's start on a CPU, for an optimizer that
+    glm-pretrain never builds (it passes its own ``GuardedAdamW`` and names no optimizer in DeepSpeed's
+    config). The stand-ins' ``MuonWithAuxAdam`` is a class no optimizer is an instance of, so every check
+    answers as with the real modules, and their ``muon_update``, which only a Muon optimizer reaches, raises.
+    """
+    if _DEEPSPEED_MUON in sys.modules or _DEEPSPEED_MUON_UPDATE in sys.modules:
+        return
+    optimizer = types.ModuleType(_DEEPSPEED_MUON, "glm-pretrain's stand-in: DeepSpeed's Muon is not used")
+    optimizer.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {"__module__": _DEEPSPEED_MUON})
+    update = types.ModuleType(_DEEPSPEED_MUON_UPDATE, "glm-pretrain's stand-in: DeepSpeed's Muon is not used")
+    update.muon_update = _muon_update
+    sys.modules[_DEEPSPEED_MUON] = optimizer
+    sys.modules[_DEEPSPEED_MUON_UPDATE] = update
+
+
+@contextlib.contextmanager
+def _without_forced_memory_reports() -> Iterator[None]:
+    """Within: DeepSpeed's BF16 optimizer does not print its memory reports.
+
+    Its constructor calls ``see_memory_usage(..., force=True)`` before and after building each parameter group:
+    on rank 0, a ``gc.collect()`` (0.15 s each on a CPU in a process that has imported TorchDynamo) and three
+    lines on standard output ("MA 0.0 GB Max_MA ..."), in the middle of glm-pretrain's log, which reports
+    the GPU's peak memory in its metrics.
+    """
+    from deepspeed.runtime import bf16_optimizer
+
+    report = getattr(bf16_optimizer, "see_memory_usage", None)
+    if report is None:
+        yield
+        return
+    bf16_optimizer.see_memory_usage = lambda message, force=False: None
+    try:
+        yield
+    finally:
+        bf16_optimizer.see_memory_usage = report
 
 
 def deepspeed_config(cfg: GLMConfig, layout: Layout, cuda: bool | None = None) -> dict:
@@ -209,13 +266,15 @@ class TrainingEngine:
         if device.type == "cuda":
             # DeepSpeed would take cuda:LOCAL_RANK, which is not our GPU where each rank sees only its own.
             kwargs["args"] = argparse.Namespace(device_rank=device.index)
-        self.deepspeed_engine, _, _, self.scheduler = deepspeed.initialize(
-            model=module,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, layout),
-            **kwargs,
-        )
+        _stand_in_for_deepspeed_muon()
+        with _without_forced_memory_reports():
+            self.deepspeed_engine, _, _, self.scheduler = deepspeed.initialize(
+                model=module,
+                optimizer=optimizer,
+                lr_scheduler=scheduler,
+                config=deepspeed_config(cfg, layout),
+                **kwargs,
+            )
         self.device = self.deepspeed_engine.device
         if fuse_bf16_optimizer(self.deepspeed_engine.optimizer):
             logger.debug("DeepSpeed's BF16 optimizer runs its gradient loops as foreach operations")
