@@ -39,6 +39,14 @@ from megatron_glm.parallel import (
 )
 
 
+def _embedding(rows: int, width: int, device, dtype) -> nn.Embedding:
+    """``nn.Embedding(rows, width)``; on ``meta`` without its initialization, which has nothing to draw there but
+    runs torch's Python reference of ``normal_``, whose first call imports TorchDynamo (seconds per process)."""
+    if torch.device(device if device is not None else torch.get_default_device()).type != "meta":
+        return nn.Embedding(rows, width, device=device, dtype=dtype)
+    return nn.Embedding(rows, width, _weight=torch.empty(rows, width, device="meta", dtype=dtype))
+
+
 class PositionEmbeddings(nn.Module):
     """The position and block-position tables and the embedding dropout.
 
@@ -60,12 +68,10 @@ class PositionEmbeddings(nn.Module):
         if config.block_position_encoding:
             # Masking makes sequences longer than the text (two tokens per span), hence the extra row.
             rows = config.max_position_embeddings + 1
-            self.position_embeddings = nn.Embedding(rows, h, device=device, dtype=dtype)
-            self.block_position_embeddings = nn.Embedding(rows, h, device=device, dtype=dtype)
+            self.position_embeddings = _embedding(rows, h, device, dtype)
+            self.block_position_embeddings = _embedding(rows, h, device, dtype)
         else:
-            self.position_embeddings = nn.Embedding(
-                config.max_position_embeddings, h, device=device, dtype=dtype
-            )
+            self.position_embeddings = _embedding(config.max_position_embeddings, h, device, dtype)
             self.block_position_embeddings = None
         self.embedding_dropout = kernels.Dropout(config.hidden_dropout)
         if not self.position_embeddings.weight.is_meta:
@@ -198,7 +204,11 @@ class GLMModel(nn.Module):
         ``partition_dim``: DeepSpeed would then count sharded weights as replicated in the gradient norm.
         """
         marks = {name: dict(vars(param)) for name, param in self.named_parameters()}
-        super().to_empty(device=device, recurse=recurse)
+        # What nn.Module.to_empty does, without torch.empty_like: on a meta tensor that runs torch's Python
+        # reference, whose first call imports SymPy and FX's shape machinery (about a second per process).
+        self._apply(
+            lambda t: torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device), recurse=recurse
+        )
         for name, param in self.named_parameters():
             param.__dict__.update(marks[name])
         return self
