@@ -8,6 +8,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from tests.triton_interpreter import skip_repeated_language_patches
+
+    skip_repeated_language_patches()
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Tests of what exists only on a GPU (CUDA graphs) live in *_cuda.py modules: collected where CUDA is present
 # (benchmarks/gpu_check.py runs them), not collected on CPU machines, where they would have nothing to test.

@@ -4,7 +4,8 @@ NCCL where the machine has a GPU for every rank; gloo on the CPU otherwise, with
 ranks where there are some but too few (NCCL refuses two ranks on one GPU). Each rank runs with one thread,
 a rendezvous through a file (MASTER_ADDR and MASTER_PORT are set for code that reads them, but nothing
 listens on that port), DeepSpeed's shared-memory comm op skipped (plain gloo trains identically and
-nothing is compiled), and tears the group down at the end.
+nothing is compiled), and tears the group down at the end. The ranks fork from a server that has imported
+torch where they need no environment of their own (the CPU), and are spawned otherwise.
 ``fn(rank, world_size, *args)`` must be importable (a module-level function); what each rank
 returns comes back as a list indexed by rank.
 """
@@ -37,7 +38,10 @@ def rank_backend(device_count: int, world_size: int) -> tuple[str, dict[str, str
     return "gloo", dict(HIDE_GPUS) if device_count > 0 else {}
 
 
-def _entry(rank: int, fn, world_size: int, backend: str, port: int, out_dir: str, args: tuple) -> None:
+def _entry(
+    rank: int, fn, world_size: int, backend: str, port: int, out_dir: str, args: tuple, env: dict[str, str]
+) -> None:
+    os.environ.update(env)  # first: the environment the ranks would have inherited if spawned
     os.environ.update(
         {
             "RANK": str(rank),
@@ -79,15 +83,33 @@ def run_ranks(fn, world_size: int, *args, env: dict | None = None) -> list:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` processes and return their results; ``env``
     is added to the ranks' environment."""
     backend, backend_env = rank_backend(torch.cuda.device_count(), world_size)
+    rank_env = {**backend_env, **(env or {})}
+    start_method = _start_method(rank_env)
     with tempfile.TemporaryDirectory() as out_dir:
-        # The spawned ranks inherit this process's environment: set there, it holds before they import
-        # torch, DeepSpeed or Triton, which read it once.
-        with mock.patch.dict(os.environ, {**backend_env, **(env or {})}):
+        # Spawned ranks inherit this process's environment: set there, it holds before they import torch,
+        # DeepSpeed or Triton, which read it once.
+        with mock.patch.dict(os.environ, rank_env):
             mp.start_processes(
                 _entry,
-                args=(fn, world_size, backend, free_port(), out_dir, args),
+                args=(fn, world_size, backend, free_port(), out_dir, args, dict(os.environ)),
                 nprocs=world_size,
                 join=True,
-                start_method="spawn",
+                start_method=start_method,
             )
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def _start_method(rank_env: dict[str, str]) -> str:
+    """How the ranks start: forked from a server process that has imported torch (its 2 s import paid once per
+    test process instead of once per rank) where the ranks need no environment this process lacks, so that
+    the server's (this process's when it started) will do; spawned otherwise (GPUs to hide).
+
+    The server imports torch alone, which reads no setting of ours; ``_entry`` then sets the rank's whole
+    environment before the rank's code runs.
+    """
+    if "forkserver" not in mp.get_all_start_methods():
+        return "spawn"
+    if any(os.environ.get(key) != value for key, value in rank_env.items()):
+        return "spawn"
+    mp.get_context("forkserver").set_forkserver_preload(["torch"])
+    return "forkserver"
