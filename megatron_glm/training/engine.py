@@ -110,7 +110,7 @@ def _stand_in_for_deepspeed_muon() -> None:
     step import them, to ask ``isinstance(optimizer, MuonWithAuxAdam)`` and to have ``muon_update`` at hand for
     parameters marked ``use_muon`` under a Muon optimizer. Importing them decorates Muon's functions with
     ``torch.compile``, which imports Inductor: some 2.5 s of every rank's start on a CPU, for an optimizer that
-    glm-pretrain never builds (it passes its own ``GuardedAdamW`` and names no optimizer in DeepSpeed's
+    this engine never builds (it passes its own ``GuardedAdamW`` and names no optimizer in DeepSpeed's
     config). The stand-ins' ``MuonWithAuxAdam`` is a class no optimizer is an instance of, so every check
     answers as with the real modules, and their ``muon_update``, which only a Muon optimizer reaches, raises.
     """
@@ -130,8 +130,8 @@ def _without_forced_memory_reports() -> Iterator[None]:
 
     Its constructor calls ``see_memory_usage(..., force=True)`` before and after building each parameter group:
     on rank 0, a ``gc.collect()`` (0.15 s each on a CPU in a process that has imported TorchDynamo) and three
-    lines on standard output ("MA 0.0 GB Max_MA ..."), in the middle of glm-pretrain's log, which reports
-    the GPU's peak memory in its metrics.
+    lines on standard output ("MA 0.0 GB Max_MA ..."), in the middle of the training log, whose metrics
+    report the GPU's peak memory.
     """
     from deepspeed.runtime import bf16_optimizer
 
