@@ -98,9 +98,7 @@ _DEEPSPEED_MUON_UPDATE = "deepspeed.runtime.zero.muon.original_muon"
 
 
 def _muon_update(*args, **kwargs):
-    raise RuntimeError(
-        "glm-pretrain trains with its own AdamW; DeepSpeed's Muon is not loaded in this process"
-    )
+    raise RuntimeError("megatron-glm's engine trains with its own AdamW; DeepSpeed's Muon is not loaded here")
 
 
 def _stand_in_for_deepspeed_muon() -> None:
@@ -116,9 +114,9 @@ def _stand_in_for_deepspeed_muon() -> None:
     """
     if _DEEPSPEED_MUON in sys.modules or _DEEPSPEED_MUON_UPDATE in sys.modules:
         return
-    optimizer = types.ModuleType(_DEEPSPEED_MUON, "glm-pretrain's stand-in: DeepSpeed's Muon is not used")
+    optimizer = types.ModuleType(_DEEPSPEED_MUON, "megatron-glm's stand-in: DeepSpeed's Muon is not used")
     optimizer.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {"__module__": _DEEPSPEED_MUON})
-    update = types.ModuleType(_DEEPSPEED_MUON_UPDATE, "glm-pretrain's stand-in: DeepSpeed's Muon is not used")
+    update = types.ModuleType(_DEEPSPEED_MUON_UPDATE, "megatron-glm's stand-in: DeepSpeed's Muon is not used")
     update.muon_update = _muon_update
     sys.modules[_DEEPSPEED_MUON] = optimizer
     sys.modules[_DEEPSPEED_MUON_UPDATE] = update
