@@ -198,6 +198,8 @@ def _train(rank: int, world_size: int, settings: list[str], build_in_fp32: bool)
         "master": [m.detach().clone() for m in master],
         # What DeepSpeed's Muon imports (torch.compile), seconds of every rank's start for an optimizer never used.
         "inductor_imported": "torch._inductor.compile_fx" in sys.modules,
+        # What torch's optimizer wrappers import for torch.compile (ZeRO-3's hooks import it for themselves).
+        "dynamo_imported": "torch._dynamo" in sys.modules,
     }
     parallel.destroy_parallel()
     return result
@@ -223,6 +225,8 @@ def test_bf16_training_of_the_model_built_in_bf16_is_bitwise_that_of_the_cast_fp
         assert mine["trained_dtypes"] == theirs["trained_dtypes"] == {torch.bfloat16}, rank
         assert mine["queued_loss_indices"] == theirs["queued_loss_indices"] == 0, rank
         assert not mine["inductor_imported"], "building and training the engine imported Inductor's compiler"
+        if "parallel.zero_stage=1" in settings:
+            assert not mine["dynamo_imported"], "building and training the engine imported TorchDynamo"
         assert mine["losses"] == theirs["losses"], rank
         assert mine["norms"] == theirs["norms"], rank
         assert len(mine["master"]) == len(theirs["master"]) > 0, rank

@@ -8,6 +8,14 @@ from megatron_glm.config import OptimizerConfig
 from megatron_glm.model import LayerNorm
 
 
+def _without_dynamo_guard(method):
+    """``method`` without the wrapper torch puts on it for ``torch.compile`` (``torch._disable_dynamo``, or the
+    graph breaks around ``step``): the wrapper imports TorchDynamo when first called, some 2 s of every rank's
+    start on a CPU. The optimizer here never runs inside a compiled region, where alone the wrapper acts.
+    ``step`` keeps the wrapper's other effect: it runs without autograd."""
+    return getattr(method, "__wrapped__", method)
+
+
 class GuardedAdamW(torch.optim.AdamW):
     """AdamW that does not apply an update whose gradients are not finite.
 
@@ -16,6 +24,12 @@ class GuardedAdamW(torch.optim.AdamW):
     chance to intervene before the step: a non-finite loss makes every upstream gradient non-finite, so
     each rank reaches the same decision). The parameters are then left exactly as they were.
     """
+
+    add_param_group = _without_dynamo_guard(torch.optim.Optimizer.add_param_group)
+    zero_grad = _without_dynamo_guard(torch.optim.Optimizer.zero_grad)
+    state_dict = _without_dynamo_guard(torch.optim.Optimizer.state_dict)
+    load_state_dict = _without_dynamo_guard(torch.optim.Optimizer.load_state_dict)
+    _adamw_step = staticmethod(_without_dynamo_guard(torch.optim.AdamW.step))
 
     def __init__(self, params, *, check_gradients: bool = False, **kwargs):
         super().__init__(params, **kwargs)
@@ -46,7 +60,7 @@ class GuardedAdamW(torch.optim.AdamW):
         if skip:
             self.skipped_steps += 1
             return None
-        return super().step(closure)
+        return self._adamw_step(self, closure)
 
 
 def build_optimizer(module: torch.nn.Module, cfg: OptimizerConfig, *, check_gradients: bool) -> GuardedAdamW:
