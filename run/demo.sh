@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=outputs/demo
 CONFIG=run/configs/glm-demo.yaml
-STEPS=${DEMO_STEPS:-3000}
+STEPS=${DEMO_STEPS:-4000}
 RANKS=${DEMO_RANKS:-2}
 START=$SECONDS
 banner() { printf '\n==== %s (%ds) ====\n' "$*" $((SECONDS - START)); }
