@@ -56,8 +56,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
+import kernels.triton_attention_backward_kernels
 import kernels.triton_attention_kernels
-import kernels.triton_layer_norm  # noqa: F401 - both register their autotuned kernels in AUTOTUNED
+import kernels.triton_layer_norm  # noqa: F401 - the three register their autotuned kernels in AUTOTUNED
+import kernels.triton_layer_norm_kernels
 from kernels import glm_attention, glm_attention_torch, layer_norm, layer_norm_torch, triton_support
 from kernels.triton_support import AUTOTUNED
 
@@ -531,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     # sums are the same whichever it picks): not recorded in checkpoints, so not in AUTOTUNED; listed here too.
     tuned = {
         **AUTOTUNED,
-        "layer_norm_backward_dwdb": kernels.triton_layer_norm.layer_norm_backward_dwdb_kernel,
+        "layer_norm_backward_dwdb": kernels.triton_layer_norm_kernels.layer_norm_backward_dwdb_kernel,
     }
     for name, kernel in tuned.items():
         for key, config in kernel.cache.items():

@@ -57,16 +57,18 @@ TMA_SHAPES = {
 
 def _module(path: Path | None):
     """The attention kernels (this checkout's, or another version's file) with their tile lists, which older
-    versions kept in the kernels' file and this one in ``kernels/triton_attention_tuning.py``."""
-    from kernels import triton_attention_kernels, triton_attention_tuning
+    versions kept in the kernels' file and this one in ``kernels/triton_attention_tuning.py``. This checkout keeps
+    the backward kernels in ``triton_attention_backward_kernels.py``; older versions' files hold all of them."""
+    from kernels import triton_attention_backward_kernels, triton_attention_kernels, triton_attention_tuning
 
+    kernels = {**vars(triton_attention_tuning), **vars(triton_attention_backward_kernels)}
     if path is None:
         module = triton_attention_kernels
     else:
         spec = importlib.util.spec_from_file_location("attention_kernels_under_test", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    return types.SimpleNamespace(**{**vars(triton_attention_tuning), **vars(module)})
+    return types.SimpleNamespace(**{**kernels, **vars(module)})
 
 
 def _flags(

@@ -220,8 +220,9 @@ def restore_tile_choices(choices: dict[str, list[dict]]) -> int:
     """Make the autotuned Triton kernels use ``choices`` (from ``tile_choices``); returns how many were put back."""
     if not choices or not triton_available():
         return 0
+    import kernels.triton_attention_backward_kernels
     import kernels.triton_attention_kernels
-    import kernels.triton_layer_norm  # noqa: F401 - both register their autotuned kernels
+    import kernels.triton_layer_norm  # noqa: F401 - the three register their autotuned kernels
     from kernels.triton_support import AUTOTUNED
     from kernels.triton_support import restore_tile_choices as restore
 

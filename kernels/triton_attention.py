@@ -1,4 +1,5 @@
-"""GLM attention on Triton: the autograd function that launches the kernels of ``triton_attention_kernels``.
+"""GLM attention on Triton: the autograd function that launches the kernels of ``triton_attention_kernels``
+(forward) and ``triton_attention_backward_kernels``.
 
 Backward, in three launches: ``delta = rowsum(dO * O)`` once per query row; dK and dV per key block, looping over
 the query blocks that can see it; dQ per query block, looping over the key blocks it sees. Splitting dQ from
@@ -20,14 +21,14 @@ import torch
 
 from kernels import triton_support
 from kernels.errors import KernelError
-from kernels.triton_attention_dropout import KEEP_BITS_ROW_KEYS
-from kernels.triton_attention_kernels import (
+from kernels.triton_attention_backward_kernels import (
     attention_backward_dkdv_kernel,
     attention_backward_dq_convert_kernel,
     attention_backward_dq_kernel,
     attention_backward_preprocess_kernel,
-    attention_forward_kernel,
 )
+from kernels.triton_attention_dropout import KEEP_BITS_ROW_KEYS
+from kernels.triton_attention_kernels import attention_forward_kernel
 from kernels.triton_support import (
     DROPOUT_GROUP,
     INTERPRET,

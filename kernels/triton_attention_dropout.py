@@ -1,5 +1,6 @@
 """In-kernel dropout of the GLM attention's probabilities: the keep decisions, drawn from Philox or read back
-from the bits the forward stored. Called by the kernels of ``triton_attention_kernels``.
+from the bits the forward stored. Called by the kernels of ``triton_attention_kernels`` and
+``triton_attention_backward_kernels``.
 
 Dropout: one Philox call (``tl.philox``, 7 rounds, keyed by the seed) with the counter ``(c, i, b * H + h, 0)``
 yields four 32-bit numbers ``r0 .. r3``, i.e. eight 16-bit uniforms: the keep decisions of query i against the

@@ -2,7 +2,8 @@
 can run (``_fitting_configs``, the autotuner's early pruning) and the keys the choice is cached under.
 
 Each kernel's first shape is its untuned default; the TMA and warp-specialized shapes are extra candidates on
-Hopper. The kernels themselves are in ``triton_attention_kernels``.
+Hopper. The kernels themselves are in ``triton_attention_kernels`` (forward) and
+``triton_attention_backward_kernels``.
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ import pytest
 import triton
 
 import kernels
-import kernels.triton_layer_norm  # noqa: F401 - registers LayerNorm's autotuned kernels
-from kernels.triton_attention_kernels import AUTOTUNED
-from kernels.triton_support import restore_tile_choices, tile_choices
+import kernels.triton_attention_backward_kernels
+import kernels.triton_attention_kernels
+import kernels.triton_layer_norm  # noqa: F401 - the three register their autotuned kernels
+from kernels.triton_support import AUTOTUNED, restore_tile_choices, tile_choices
 from megatron_glm.checkpoint import tile_file_name
 from megatron_glm.training.checkpoint import CheckpointManager
 

@@ -16,11 +16,11 @@ import triton
 import kernels
 from kernels import KernelError, glm_attention, glm_attention_torch, resolve_backend
 from kernels.reference import glm_attention_mask
-from kernels.triton_attention_kernels import (
+from kernels.triton_attention_backward_kernels import (
     attention_backward_dkdv_kernel,
     attention_backward_dq_kernel,
-    attention_forward_kernel,
 )
+from kernels.triton_attention_kernels import attention_forward_kernel
 from kernels.triton_attention_tuning import (
     DKDV_SHAPES,
     DKDV_TMA_SHAPES,

@@ -11,11 +11,11 @@ import triton
 
 from kernels import glm_attention
 from kernels.reference import glm_attention_mask
-from kernels.triton_attention_kernels import (
+from kernels.triton_attention_backward_kernels import (
     attention_backward_dkdv_kernel,
     attention_backward_dq_kernel,
-    attention_forward_kernel,
 )
+from kernels.triton_attention_kernels import attention_forward_kernel
 from kernels.triton_attention_tuning import DKDV_SHAPES, DQ_SHAPES, FORWARD_SHAPES
 from tests.attention_cases import forward_backward, int_tensor, random_qkv, random_tensor, record_launches
 

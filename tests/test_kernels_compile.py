@@ -29,7 +29,7 @@ def _compile(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: i
     return compiled
 
 
-def _check_dropout_loops(attention) -> None:
+def _check_dropout_loops(forward_kernel, dq_kernel, dkdv_kernel) -> None:
     """In-kernel dropout as ``triton_attention_dropout`` lays it out, in the SASS of the loops (sm_90, 64 x 64
     tiles on 4 warps, the H200's choice): the forward draws each Philox call in the thread that holds its keys, so
     no decision goes through shared memory (only the bytes kept for the backward are stored there, on their way
@@ -50,7 +50,7 @@ def _check_dropout_loops(attention) -> None:
             [line.split()[1] if line.startswith("@") else line.split()[0] for line in body] for body in bodies
         ]
 
-    forward, dq = attention.attention_forward_kernel, attention.attention_backward_dq_kernel
+    forward, dq = forward_kernel, dq_kernel
     replayed, stored = loops(forward, "BLOCK_M", "BLOCK_N", False), loops(forward, "BLOCK_M", "BLOCK_N", True)
     # The dQ kernel where the forward kept no bits: it draws them as the forward does and stores them for dK/dV.
     dq_replayed, dq_stored = (
@@ -67,15 +67,17 @@ def _check_dropout_loops(attention) -> None:
             assert philox > 0 and philox_kept < 1.5 * philox, (
                 f"{name}: Philox twice ({philox_kept}, {philox})"
             )
-    for body in loops(attention.attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", True):
+    for body in loops(dkdv_kernel, "BLOCK_N", "BLOCK_M", True):
         assert "PRMT" not in body, "dK/dV: the kept probabilities selected as 16-bit halves"
 
 
 def compile_kernels() -> None:
     """Every kernel with every feature switched on, for Hopper; the forward for Ampere too."""
+    from kernels import triton_attention_backward_kernels as backward
     from kernels import triton_attention_kernels as attention
     from kernels import triton_attention_tuning as tuning
     from kernels import triton_layer_norm as layer_norm
+    from kernels import triton_layer_norm_kernels as ln_kernels
     from kernels.aot import registers
 
     features = {
@@ -90,8 +92,8 @@ def compile_kernels() -> None:
     }
     head_64 = {"HEAD_DIM": 64, "BLOCK_D": 64, **features}
     forward = (attention.attention_forward_kernel, "BLOCK_M", "BLOCK_N", tuning.FORWARD_SHAPES[0])
-    dq = (attention.attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", tuning.DQ_SHAPES[0])
-    dkdv = (attention.attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", tuning.DKDV_SHAPES[0])
+    dq = (backward.attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", tuning.DQ_SHAPES[0])
+    dkdv = (backward.attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", tuning.DKDV_SHAPES[0])
     for capability, kernels in ((90, (forward, dq, dkdv)), (80, (forward,))):
         for kernel, owned, inner, (first, second, warps, stages) in kernels:
             _compile(kernel, "bf16", {**head_64, owned: first, inner: second}, warps, stages, capability)
@@ -110,8 +112,8 @@ def compile_kernels() -> None:
     tma = {"TMA_POSSIBLE": True, "USE_TMA": True}
     for kernel, owned, inner, shapes in (
         (attention.attention_forward_kernel, "BLOCK_M", "BLOCK_N", tuning.FORWARD_TMA_SHAPES),
-        (attention.attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", tuning.DQ_TMA_SHAPES),
-        (attention.attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", tuning.DKDV_TMA_SHAPES),
+        (backward.attention_backward_dq_kernel, "BLOCK_M", "BLOCK_N", tuning.DQ_TMA_SHAPES),
+        (backward.attention_backward_dkdv_kernel, "BLOCK_N", "BLOCK_M", tuning.DKDV_TMA_SHAPES),
     ):
         first, second, warps, stages = shapes[0]
         for head in (head_64, head_128):
@@ -125,11 +127,9 @@ def compile_kernels() -> None:
         (attention.attention_forward_kernel, shape, (False, True) if shape[0] == 64 else (False,))
         for shape in tuning.FORWARD_WS_SHAPES
     ]
-    specialized += [
-        (attention.attention_backward_dq_kernel, shape, (False,)) for shape in tuning.DQ_WS_SHAPES
-    ]
+    specialized += [(backward.attention_backward_dq_kernel, shape, (False,)) for shape in tuning.DQ_WS_SHAPES]
     specialized += [  # dK/dV's shapes list its own (key) block first
-        (attention.attention_backward_dkdv_kernel, (inner, owned, warps, stages), (False,))
+        (backward.attention_backward_dkdv_kernel, (inner, owned, warps, stages), (False,))
         for owned, inner, warps, stages in tuning.DKDV_WS_SHAPES
     ]
     for kernel, (first, second, warps, stages), dropouts in specialized:
@@ -145,13 +145,17 @@ def compile_kernels() -> None:
             assert "setmaxnreg" in ptx, (
                 f"{kernel.fn.__name__} {first}x{second}, dropout {dropout}: not specialized"
             )
-    _check_dropout_loops(attention)
+    _check_dropout_loops(
+        attention.attention_forward_kernel,
+        backward.attention_backward_dq_kernel,
+        backward.attention_backward_dkdv_kernel,
+    )
     # fp32 inputs without TF32, and a head dim padded to a power of two.
     fp32 = {**features, "HAS_DROPOUT": False, "HEAD_DIM": 80, "BLOCK_D": 128, "DOT_PRECISION": "ieee"}
     _compile(attention.attention_forward_kernel, "fp32", {**fp32, "BLOCK_M": 64, "BLOCK_N": 32}, 4, 3, 90)
     preprocess = {"HEAD_DIM": 80, "BLOCK_D": 128, "BLOCK_M": 64, "ATOMIC_DQ": True, "EMULATE_BF16": False}
-    _compile(attention.attention_backward_preprocess_kernel, "bf16", preprocess, 4, 3, 90)
-    _compile(attention.attention_backward_dq_convert_kernel, "bf16", preprocess, 4, 3, 90)
+    _compile(backward.attention_backward_preprocess_kernel, "bf16", preprocess, 4, 3, 90)
+    _compile(backward.attention_backward_dq_convert_kernel, "bf16", preprocess, 4, 3, 90)
     # The cross entropy over GLM's vocabulary (bf16 logits), with and without label smoothing.
     from kernels import triton_cross_entropy as ce
 
@@ -171,26 +175,26 @@ def compile_kernels() -> None:
     # compiled for any width, the widest rows spilled 12-52 bytes.)
     for width in (4096, layer_norm.FUSED_BACKWARD_MAX_WIDTH, layer_norm.MAX_WIDTH):
         flags = {"EMULATE_BF16": False, "BLOCK_N": width, "HAS_DROPOUT": True}
-        forward_warps = layer_norm._num_warps(width, False)
+        forward_warps = ln_kernels.num_warps_for(width, False)
         forward = {"HAS_X_BIAS": True, "HAS_RESIDUAL": True, **flags}
-        kernels = [(layer_norm.layer_norm_forward_kernel, forward, forward_warps)]
+        kernels = [(ln_kernels.layer_norm_forward_kernel, forward, forward_warps)]
         # The dropout-add after the MLP (with its bias), forward and backward, on the warps they launch with.
         kernels.append(
             (
-                layer_norm.dropout_add_kernel,
+                ln_kernels.dropout_add_kernel,
                 {"HAS_X_BIAS": True, "EMULATE_BF16": False, "BLOCK_N": width},
                 forward_warps,
             )
         )
         kernels.append(
-            (layer_norm.dropout_backward_kernel, {"EMULATE_BF16": False, "BLOCK_N": width}, forward_warps)
+            (ln_kernels.dropout_backward_kernel, {"EMULATE_BF16": False, "BLOCK_N": width}, forward_warps)
         )
         if width <= layer_norm.FUSED_BACKWARD_MAX_WIDTH:
             backward = (
-                layer_norm.layer_norm_backward_kernel,
+                ln_kernels.layer_norm_backward_kernel,
                 {"HAS_DSUMMED": True, "PROGRAMS_PER_SM": 2, **flags},
             )
-            backward_warps = layer_norm._num_warps(width, True)
+            backward_warps = ln_kernels.num_warps_for(width, True)
             # With the input bias the program keeps a third row of partial sums.
             kernels.append((backward[0], {**backward[1], "HAS_X_BIAS": False}, backward_warps))
             kernels.append((backward[0], {**backward[1], "HAS_X_BIAS": True}, backward_warps))
@@ -213,15 +217,15 @@ def compile_kernels() -> None:
                     assert spilled == 0, f"pipelined fused backward at {width}: {spilled} bytes"
         else:
             # dx of a 16K row, with and without the dropout (x, dy, w and the Philox state in registers).
-            dx = layer_norm.layer_norm_backward_dx_kernel
+            dx = ln_kernels.layer_norm_backward_dx_kernel
             kernels.append((dx, {"HAS_DSUMMED": True, **flags, "HAS_DROPOUT": False}, forward_warps))
             kernels.append((dx, {"HAS_DSUMMED": True, **flags}, forward_warps))
-            block_r, block_c, warps = layer_norm._DWDB_TILE
+            block_r, block_c, warps = ln_kernels.DWDB_TILE
             dwdb = {"HAS_X_BIAS": True, "BLOCK_R": block_r, "BLOCK_C": block_c}
-            kernels.append((layer_norm.layer_norm_backward_dwdb_kernel, dwdb, warps))
+            kernels.append((ln_kernels.layer_norm_backward_dwdb_kernel, dwdb, warps))
             # Its pipelined loop over row blocks (the autotuner's other candidates), as the fused backward's.
             for stages in (2, 3):
-                dwdb_kernel = layer_norm.layer_norm_backward_dwdb_kernel
+                dwdb_kernel = ln_kernels.layer_norm_backward_dwdb_kernel
                 pipelined = _compile(dwdb_kernel, "bf16", {**dwdb, "ROW_STAGES": stages}, warps, 3, 90)
                 assert "cp.async" in pipelined.asm["ptx"], (
                     f"dweight/dbias over {stages} stages: not pipelined"

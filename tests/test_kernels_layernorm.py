@@ -125,7 +125,7 @@ def test_autotuner_times_the_width_heuristic_and_its_neighbours(monkeypatch, bac
     # GLM_KERNELS_AUTOTUNE=0 (the GPU tests) that choice alone.
     import triton
 
-    from kernels import triton_layer_norm as ln
+    from kernels import triton_layer_norm_kernels as ln
 
     programs = (2, 4, 8) if backward else (None,)
     stages = (None, 2) if backward else (None,)
@@ -134,11 +134,11 @@ def test_autotuner_times_the_width_heuristic_and_its_neighbours(monkeypatch, bac
             {**({} if p is None else {"PROGRAMS_PER_SM": p}), **({} if s is None else {"ROW_STAGES": s})},
             num_warps=w,
         )
-        for w in ln._WARPS
+        for w in ln.WARPS
         for p in programs
         for s in stages
     ]
-    prune = ln._warps_candidates(backward)["early_config_prune"]
+    prune = ln.warps_candidates(backward)["early_config_prune"]
 
     def tiles(width):
         return [
@@ -147,12 +147,12 @@ def test_autotuner_times_the_width_heuristic_and_its_neighbours(monkeypatch, bac
         ]
 
     for width in (256, 1024, 4096, 8192):
-        preferred = ln._num_warps(width, backward)
+        preferred = ln.num_warps_for(width, backward)
         per_sm = ((2, 4, 8) if width <= 2048 else (2, 4)) if backward else (None,)
         monkeypatch.setattr(ln, "AUTOTUNE", True)
         timed = tiles(width)
         assert timed[0] == (preferred, per_sm[0], None)
-        warps = {w for w in (preferred // 2, preferred, preferred * 2) if w in ln._WARPS}
+        warps = {w for w in (preferred // 2, preferred, preferred * 2) if w in ln.WARPS}
         assert sorted(timed, key=str) == sorted(
             ((w, p, s) for w in warps for p in per_sm for s in stages), key=str
         )
@@ -167,15 +167,15 @@ def test_split_backward_times_its_pipelined_loop_only_when_autotuning(monkeypatc
     # autotuner times its loop as it is and pipelined over 2 and 3 stages, and the GPU tests run the first.
     import triton
 
-    from kernels import triton_layer_norm as ln
+    from kernels import triton_layer_norm_kernels as ln
 
     configs = [triton.Config({}, num_warps=4)] + [
         triton.Config({"ROW_STAGES": s}, num_warps=4) for s in (2, 3)
     ]
     monkeypatch.setattr(ln, "AUTOTUNE", True)
-    assert ln._dwdb_stages(configs, {}) == configs
+    assert ln.dwdb_stages(configs, {}) == configs
     monkeypatch.setattr(ln, "AUTOTUNE", False)
-    assert ln._dwdb_stages(configs, {}) == configs[:1]
+    assert ln.dwdb_stages(configs, {}) == configs[:1]
 
 
 def test_backward_on_more_programs_per_sm_matches_torch(monkeypatch):
@@ -211,7 +211,7 @@ def test_pipelined_row_loops_give_what_the_loops_as_they_are_give(monkeypatch, s
     if split:
         monkeypatch.setattr(ln, "FUSED_BACKWARD_MAX_WIDTH", 64)
         kernel, launcher, tile = ln.layer_norm_backward_dwdb_kernel, ln._backward_dwdb, {}
-        warps = ln._DWDB_TILE[2]
+        warps = ln.DWDB_TILE[2]
     else:
         kernel, launcher, tile = ln.layer_norm_backward_kernel, ln._backward, {"PROGRAMS_PER_SM": 3}
         warps = 4
