@@ -12,14 +12,27 @@ from megatron_glm.training.engine import deepspeed_config
 
 
 def test_bf16_accumulates_and_reduces_gradients_in_fp32_and_overlap_follows_the_device():
-    cfg = load_config(None, ["training.precision=bf16", "parallel.zero_stage=1"])
-    layout = parallel_layout(cfg, 1)
-    on_gpu = deepspeed_config(cfg, layout, cuda=True)
-    assert on_gpu["data_types"] == {"grad_accum_dtype": "fp32"}
+    cfg = load_config(
+        None, ["training.precision=bf16", "parallel.zero_stage=1", "training.global_batch_size=32"]
+    )
+    layout = parallel_layout(cfg, 8)
+    on_gpus = deepspeed_config(cfg, layout, cuda=True)
+    assert on_gpus["data_types"] == {"grad_accum_dtype": "fp32"}
     # Reduced over the data-parallel ranks in fp32 as well (DeepSpeed's bf16 default rounds them to bf16).
-    assert on_gpu["communication_data_type"] == "fp32"
-    assert on_gpu["zero_optimization"]["overlap_comm"] is True
+    assert on_gpus["communication_data_type"] == "fp32"
+    # The reduction overlaps the backward on GPUs, where there are data-parallel ranks to reduce over ...
+    assert layout.data_parallel_size == 8 and on_gpus["zero_optimization"]["overlap_comm"] is True
     assert deepspeed_config(cfg, layout, cuda=False)["zero_optimization"]["overlap_comm"] is False
+    # ... and not over one rank, where DeepSpeed's overlapped path would only synchronize the device.
+    one_gpu = deepspeed_config(cfg, parallel_layout(cfg, 1), cuda=True)
+    assert one_gpu["zero_optimization"]["overlap_comm"] is False
+    tensor_parallel = load_config(None, ["parallel.tensor_parallel_size=8"])
+    one_replica = deepspeed_config(tensor_parallel, parallel_layout(tensor_parallel, 8), cuda=True)
+    assert one_replica["zero_optimization"]["overlap_comm"] is False
+    forced = load_config(None, ["parallel.overlap_comm=true"])
+    assert deepspeed_config(forced, parallel_layout(forced, 1), cuda=True)["zero_optimization"][
+        "overlap_comm"
+    ]
 
 
 def test_deepspeed_throughput_timer_is_off_so_no_step_waits_for_the_device():

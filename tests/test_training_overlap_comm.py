@@ -1,5 +1,5 @@
-"""ZeRO's gradient reduction on a side stream (``parallel.overlap_comm``, on by default with CUDA, off on CPUs)
-trains as the reduction in line does.
+"""ZeRO's gradient reduction on a side stream (``parallel.overlap_comm``, on by default with CUDA and more than
+one data-parallel rank, off on CPUs) trains as the reduction in line does.
 
 The run takes the GPU where there is one (``benchmarks/gpu_check.py`` runs this module on CUDA, where the side
 stream is real); on CPUs DeepSpeed still takes its bucketed overlap path, with no stream to overlap with."""

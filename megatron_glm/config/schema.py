@@ -103,7 +103,8 @@ class ParallelConfig:
     """How the pipeline engine splits layers over stages: "uniform" or "parameters"."""
     overlap_comm: bool | None = None
     """ZeRO 1-3: reduce gradient buckets on a side stream while the backward goes on. Unset: on with CUDA
-    GPUs, off on CPUs (where there is no stream to overlap with)."""
+    GPUs and more than one data-parallel rank; off on CPUs (no stream to overlap with) and over one
+    data-parallel rank (nothing to overlap: DeepSpeed's overlapped path only adds device syncs)."""
 
     def problems(self) -> Problems:
         found = _positive(self, "parallel", "tensor_parallel_size", "pipeline_parallel_size")

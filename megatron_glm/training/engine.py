@@ -149,6 +149,11 @@ def deepspeed_config(cfg: GLMConfig, layout: Layout, cuda: bool | None = None) -
     t = cfg.training
     cuda = torch.cuda.is_available() if cuda is None else cuda
     overlap = cfg.parallel.overlap_comm
+    if overlap is None:
+        # DeepSpeed's overlapped reduction synchronizes the whole device before each bucket's reduction and at
+        # the end of the backward. That pays where there is communication to hide; over one data-parallel rank
+        # there is none, and each sync only makes the host wait for the GPU instead of queueing ahead.
+        overlap = cuda and layout.data_parallel_size > 1
     config = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -157,7 +162,7 @@ def deepspeed_config(cfg: GLMConfig, layout: Layout, cuda: bool | None = None) -
         "zero_optimization": {
             "stage": cfg.parallel.zero_stage,
             "contiguous_gradients": True,
-            "overlap_comm": cuda if overlap is None else overlap,
+            "overlap_comm": overlap,
         },
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {
