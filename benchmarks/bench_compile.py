@@ -82,17 +82,14 @@ def measure(mode: str, workers: int, dtype_name: str, head_dim: int, dropout: bo
 
     if not torch.cuda.is_available():
         driver.set_active(precompile._TargetDriver(GPUTarget("cuda", arch, 32)))
-    from kernels import triton_attention_backward_kernels, triton_attention_kernels
+    import kernels.triton_attention_backward_kernels
+    import kernels.triton_attention_kernels  # noqa: F401 - both register their kernels in AUTOTUNED
+    from kernels.triton_support import AUTOTUNED
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     seconds, candidates = {}, {}
     for name in KERNELS:
-        module = (
-            triton_attention_kernels
-            if name == "attention_forward_kernel"
-            else triton_attention_backward_kernels
-        )
-        tuner = getattr(module, name)
+        tuner = AUTOTUNED[name.removesuffix("_kernel")]
         args, meta = _arguments(tuner.fn, dtype, head_dim, dropout)
         tuner.nargs = dict(zip(tuner.arg_names, args))
         configs = tuner.prune_configs(meta)
