@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = max(1, args.tokens // length) * args.heads
         batch = rows // args.heads
         uniform = [length // 2] * rows
-        per_sample = [sep for sep in (rng.randint(0, length) for _ in range(batch)) for _ in range(args.heads)]
+        per_sample = [
+            sep for sep in (rng.randint(0, length) for _ in range(batch)) for _ in range(args.heads)
+        ]
         for name, seps in (("T/2", uniform), ("per sample", per_sample)):
             for block_m, block_n in ((64, 64), (128, 64)):
                 costs = block_costs(length, rows, seps, block_m, block_n)

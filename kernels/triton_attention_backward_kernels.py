@@ -37,6 +37,7 @@ from kernels.triton_attention_tuning import (
 from kernels.triton_support import (
     AUTOTUNED,
     dot_operand,
+    time_candidate,
     to_dtype,
 )
 
@@ -133,7 +134,13 @@ def _dq_block(
     return tl.dot(dot_operand(ds, DTYPE, EMULATE_BF16), k, dq, input_precision=DOT_PRECISION)
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=_DQ_TUNING_KEY, prune_configs_by=_PRUNING, cache_results=True)
+@triton.autotune(
+    configs=_DQ_CONFIGS,
+    key=_DQ_TUNING_KEY,
+    prune_configs_by=_PRUNING,
+    cache_results=True,
+    do_bench=time_candidate,
+)
 @triton.jit
 def attention_backward_dq_kernel(
     Q, K, V, DOut, DQ, Lse, Delta, Sep, Lengths, Seed, KeepBits,
@@ -289,6 +296,7 @@ def _dkdv_block(
     key=_DKDV_TUNING_KEY,
     prune_configs_by=_PRUNING,
     cache_results=True,
+    do_bench=time_candidate,
     restore_value=["DQAccum"],
 )
 @triton.jit

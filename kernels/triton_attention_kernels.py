@@ -30,6 +30,7 @@ from kernels.triton_support import (
     AUTOTUNED,
     dot_operand,
     opaque_zeros,
+    time_candidate,
     to_dtype,
 )
 
@@ -168,7 +169,13 @@ def _forward_block(
     return acc, l_i, m_new
 
 
-@triton.autotune(configs=_FORWARD_CONFIGS, key=_TUNING_KEY, prune_configs_by=_PRUNING, cache_results=True)
+@triton.autotune(
+    configs=_FORWARD_CONFIGS,
+    key=_TUNING_KEY,
+    prune_configs_by=_PRUNING,
+    cache_results=True,
+    do_bench=time_candidate,
+)
 @triton.jit
 def attention_forward_kernel(
     Q, K, V, Out, Lse, Sep, Lengths, Seed, KeepBits,

@@ -20,7 +20,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.triton_support import AUTOTUNE, DROPOUT_GROUP, INTERPRET, philox_uniforms16, to_dtype
+from kernels.triton_support import (
+    AUTOTUNE,
+    DROPOUT_GROUP,
+    INTERPRET,
+    philox_uniforms16,
+    time_candidate,
+    to_dtype,
+)
 
 
 def num_warps_for(block_n: int, backward: bool) -> int:
@@ -116,6 +123,7 @@ def _dropped(x, keep, scale, DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
     key=["BLOCK_N", "HAS_X_BIAS", "HAS_RESIDUAL", "HAS_DROPOUT"],
     prune_configs_by=warps_candidates(backward=False),
     cache_results=True,
+    do_bench=time_candidate,
 )
 @triton.jit
 def layer_norm_forward_kernel(
@@ -192,6 +200,7 @@ def _store_dx_row(
     key=["BLOCK_N", "HAS_DSUMMED", "HAS_DROPOUT", "HAS_X_BIAS"],
     prune_configs_by=warps_candidates(backward=True),
     cache_results=True,
+    do_bench=time_candidate,
 )
 @triton.jit
 def layer_norm_backward_kernel(
@@ -244,6 +253,7 @@ DWDB_PROGRAMS_PER_SM = 4
     # x, dy and w per row, as the forward holds x, w and b: the forward's warps.
     prune_configs_by=warps_candidates(backward=False),
     cache_results=True,
+    do_bench=time_candidate,
 )
 @triton.jit
 def layer_norm_backward_dx_kernel(
@@ -278,6 +288,7 @@ def dwdb_stages(configs: list, named_args: dict, **kwargs) -> list:
     key=["BLOCK_R", "BLOCK_C", "HAS_X_BIAS"],
     prune_configs_by={"early_config_prune": dwdb_stages},
     cache_results=True,
+    do_bench=time_candidate,
 )
 @triton.jit
 def layer_norm_backward_dwdb_kernel(

@@ -30,6 +30,35 @@ INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 AUTOTUNE: bool = _switched_on("GLM_KERNELS_AUTOTUNE")
 
 
+def _milliseconds(name: str, default: float) -> float:
+    """A positive time in milliseconds from the environment variable ``name``."""
+    value = os.environ.get(name, "").strip() or str(default)
+    try:
+        milliseconds = float(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected a time in milliseconds") from None
+    if not milliseconds > 0:
+        raise ValueError(f"{name}={value!r}: expected a time in milliseconds > 0")
+    return milliseconds
+
+
+# How long the autotuner times each candidate (GLM_KERNELS_AUTOTUNE_REP_MS), after a quarter of that of warm-up.
+# Triton's defaults are 100 ms after 25, with the L2 cache flushed before every run: with 30-40 candidates per
+# tuning key for the attention's three kernels, ~5 s per key, which a training job pays once per shape but a
+# benchmark over lengths, head dims and dropout modes pays dozens of times. 40 ms is still a few hundred runs of
+# kernels that take 0.05-0.5 ms, and the autotuner compares their medians.
+AUTOTUNE_REP_MS: float = _milliseconds("GLM_KERNELS_AUTOTUNE_REP_MS", 40.0)
+
+
+def time_candidate(kernel_call, quantiles):
+    """The autotuners' timing of one candidate (their ``do_bench``): the active Triton driver's benchmarker
+    (``triton.testing.do_bench`` on GPUs) for ``AUTOTUNE_REP_MS``."""
+    from triton.runtime import driver
+
+    bench = driver.active.get_benchmarker()
+    return bench(kernel_call, warmup=AUTOTUNE_REP_MS / 4, rep=AUTOTUNE_REP_MS, quantiles=quantiles)
+
+
 def autotune_configs(
     gpu_configs: list[triton.Config], interpreter_config: triton.Config
 ) -> list[triton.Config]:

@@ -86,7 +86,7 @@ def precompile_through_the_autotuner(sequential_cache: str) -> None:
 
     class NoGPU(precompile._TargetDriver):
         def get_benchmarker(self):
-            return lambda kernel_call, quantiles: [1.0, 1.0, 1.0]  # times nothing, launches nothing
+            return lambda kernel_call, quantiles, **timing: [1.0, 1.0, 1.0]  # times nothing, launches nothing
 
     driver.set_active(NoGPU(GPUTarget("cuda", 90, 32)))
     import kernels.triton_attention  # noqa: F401 - its launchers install the parallel compile
@@ -211,3 +211,54 @@ def test_workers_start_only_for_two_or_more_new_candidates(monkeypatch):
     assert precompile.precompile(["a", "b", "c"], (), {}, workers=4) == 0
     assert compiled == [["a", "b", "c"]]
     assert precompile._disabled_reason is None
+
+
+def test_every_autotuner_times_a_candidate_for_the_configured_time(monkeypatch):
+    """Every autotuned kernel times its candidates through ``time_candidate``: the active driver's benchmarker for
+    ``AUTOTUNE_REP_MS`` after a quarter of it (Triton's default, 100 ms after 25 per candidate, spent ~5 s per
+    tuning key on the attention's 30-40 candidates: minutes in a benchmark over lengths, head dims and dropout)."""
+    from triton.runtime import Autotuner, driver
+
+    from kernels import (
+        triton_attention_backward_kernels,
+        triton_attention_kernels,
+        triton_layer_norm_kernels,
+        triton_support,
+    )
+
+    tuners = [
+        value
+        for module in (triton_attention_kernels, triton_attention_backward_kernels, triton_layer_norm_kernels)
+        for value in vars(module).values()
+        if isinstance(value, Autotuner)
+    ]
+    assert len(tuners) == 7
+    assert all(tuner.do_bench is triton_support.time_candidate for tuner in tuners)
+
+    timed = []
+
+    class Driver:
+        def get_benchmarker(self):
+            def bench(kernel_call, warmup, rep, quantiles):
+                timed.append((warmup, rep, quantiles))
+                kernel_call()
+                return times
+
+            return bench
+
+    monkeypatch.setattr(driver, "_active", Driver())
+    monkeypatch.setattr(triton_support, "AUTOTUNE_REP_MS", 40.0)
+    calls, times = [], [0.5, 0.4, 0.6]
+    assert triton_support.time_candidate(lambda: calls.append(1), quantiles=(0.5, 0.2, 0.8)) == times
+    assert timed == [(10.0, 40.0, (0.5, 0.2, 0.8))] and calls == [1]
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5"])
+def test_a_bad_autotuning_time_is_refused_by_name(monkeypatch, value):
+    from kernels import triton_support
+
+    monkeypatch.setenv("GLM_KERNELS_AUTOTUNE_REP_MS", value)
+    with pytest.raises(ValueError, match="GLM_KERNELS_AUTOTUNE_REP_MS"):
+        triton_support._milliseconds("GLM_KERNELS_AUTOTUNE_REP_MS", 40.0)
+    monkeypatch.setenv("GLM_KERNELS_AUTOTUNE_REP_MS", "12.5")
+    assert triton_support._milliseconds("GLM_KERNELS_AUTOTUNE_REP_MS", 40.0) == 12.5
