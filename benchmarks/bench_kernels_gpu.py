@@ -37,7 +37,8 @@ device-to-device copy bandwidth, measured in the same run (`dst.copy_(src)` of o
 plus written over the time); the LayerNorm summary gives Triton over torch and Triton's GB/s as a share of it.
 
 A deadline (--budget seconds, default 200) skips what is left once it passes; an alarm 40 s later aborts the
-run, printing the rows measured so far, so one run always ends within 4 minutes.
+run, printing the rows measured so far, so one run always ends within 4 minutes. The attention runs each length
+at every head dim before the next length, so a short budget leaves out the longest lengths, not a head dim.
 """
 
 from __future__ import annotations
@@ -470,16 +471,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# Kernel benchmark on {name}\n")
     print(f"torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, dtype bf16")
     print(f"command: python benchmarks/bench_kernels_gpu.py {' '.join(sys.argv[1:])}\n")
-    attention, norms, speeds, norm_speeds, copy_gbps = [], [], {}, {}, 0.0
+    attention, norms, speeds, norm_speeds, copy_gbps = {}, [], {}, {}, 0.0
     try:
         # LayerNorm first: it is quick, while the attention's first calls also autotune.
         if args.widths:
             copy_gbps = copy_bandwidth(args, device)
         for width in args.widths:
             norms += layer_norm_rows(args, device, deadline, width, norm_speeds)
-        for head_dim in args.head_dims:
-            for length in args.lengths:
-                attention += attention_rows(args, device, deadline, length, head_dim, speeds)
+        # Each length for every head dim before the next length: when the budget runs out, the longest lengths
+        # go unmeasured, not a whole head dim.
+        for length in args.lengths:
+            for head_dim in args.head_dims:
+                attention[head_dim, length] = attention_rows(args, device, deadline, length, head_dim, speeds)
     except Deadline:
         print("ABORTED: the hard time limit passed; rows below are those measured before it.\n")
     finally:
@@ -498,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         "| T | D | batch x heads | implementation | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | rel diff |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    print("\n".join(attention))
+    print("\n".join(row for key in sorted(attention) for row in attention[key]))
     print("\n### Ratios of fwd+bwd TFLOP/s\n")
     print(
         "| T | D | ours / sdpa-causal | ours / flex | ours atomic dQ / sdpa-causal | ours atomic dQ: dropout / none "
