@@ -30,16 +30,23 @@ INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 AUTOTUNE: bool = _switched_on("GLM_KERNELS_AUTOTUNE")
 
 
-def _milliseconds(name: str, default: float) -> float:
-    """A positive time in milliseconds from the environment variable ``name``."""
+def _environment_number(name: str, default: float, expected: str, *, zero_allowed: bool) -> float:
+    """A number from the environment variable ``name`` (``default`` where unset): at least 0 where ``zero_allowed``
+    (0 then turns a feature off), else above 0; an error naming the variable and ``expected`` otherwise."""
     value = os.environ.get(name, "").strip() or str(default)
+    off = " (0 turns it off)" if zero_allowed else ""
     try:
-        milliseconds = float(value)
+        number = float(value)
     except ValueError:
-        raise ValueError(f"{name}={value!r}: expected a time in milliseconds") from None
-    if not milliseconds > 0:
-        raise ValueError(f"{name}={value!r}: expected a time in milliseconds > 0")
-    return milliseconds
+        raise ValueError(f"{name}={value!r}: expected {expected}{off}") from None
+    if number < 0 or (number == 0 and not zero_allowed):
+        raise ValueError(f"{name}={value!r}: expected {expected} {'>= 0' if zero_allowed else '> 0'}{off}")
+    return number
+
+
+def _milliseconds(name: str, default: float) -> float:
+    """A time in milliseconds above 0 from the environment variable ``name``."""
+    return _environment_number(name, default, "a time in milliseconds", zero_allowed=False)
 
 
 # How long the autotuner times each candidate (GLM_KERNELS_AUTOTUNE_REP_MS), after a quarter of that of warm-up.
@@ -205,15 +212,8 @@ def dropout_seed(device: torch.device) -> torch.Tensor:
 
 
 def _mebibytes(name: str, default: int) -> int:
-    """Bytes from a size in MiB in the environment variable ``name``."""
-    value = os.environ.get(name, "").strip() or str(default)
-    try:
-        mebibytes = float(value)
-    except ValueError:
-        raise ValueError(f"{name}={value!r}: expected a size in MiB (0 turns it off)") from None
-    if mebibytes < 0:
-        raise ValueError(f"{name}={value!r}: expected a size in MiB >= 0 (0 turns it off)")
-    return int(mebibytes * 2**20)
+    """Bytes from a size in MiB in the environment variable ``name`` (0 turns the feature off)."""
+    return int(_environment_number(name, default, "a size in MiB", zero_allowed=True) * 2**20)
 
 
 # The attention's forward keeps its dropout decisions for the backward (one bit per query-key pair: B * H * Tq *
