@@ -1,5 +1,6 @@
 """The GPU check's own pieces that run anywhere: its report names no machine paths, and the launch-overhead
-benchmark runs with the Triton launches stubbed (its ``launch`` stage on a CPU)."""
+benchmark runs with the Triton launches stubbed (its ``launch`` stage on a CPU); the attention scheduling model
+behind a kernel decision finds what the work log reports."""
 
 from __future__ import annotations
 
@@ -42,3 +43,28 @@ def test_launch_overhead_benchmark_runs_with_stubbed_launches():
     assert "| ours: bias + dropout 0.1 + residual + LayerNorm (Triton, direct launches) |" in result.stdout
     assert "| ours: bias + dropout 0.1 + add (Triton, direct launches) |" in result.stdout
     assert "| ours: GLM attention" in result.stdout
+
+
+def test_the_schedule_model_finds_what_the_work_log_reports():
+    """``benchmarks/attention_schedule.py``, behind the decision to leave persistent attention programs out
+    (docs/gpu-work-log.md): with each sample's own sep, the GPU's block dispatch stays near the ideal and
+    round-robin persistent programs do not; with P a multiple of the blocks per head, not even on a uniform sep."""
+    import attention_schedule
+
+    rows = attention_schedule.block_costs(512, 4, [0, 100, 300, 512], 64, 64)
+    # Later query blocks see more keys: each head's blocks in launch order cost the same or less.
+    assert all(
+        a >= b for head in range(4) for a, b in zip(rows[head * 8 : head * 8 + 7], rows[head * 8 + 1 :])
+    )
+    assert rows[:8] == [9, 8, 7, 6, 5, 4, 3, 2]  # sep 0: causal, block i visits its i + 1 key blocks
+    assert rows[-8:] == [9] * 8  # sep 512: every block sees every key
+    for length in (512, 2048):
+        rows = max(1, 16384 // length) * 16
+        seps = [(7919 * row) % (length + 1) for row in range(rows // 16) for _ in range(16)]
+        costs = attention_schedule.block_costs(length, rows, seps, 64, 64)
+        ideal = sum(costs) / 264
+        dispatched = attention_schedule.dispatched(costs, 264) / ideal
+        assert dispatched < 1.1
+        assert attention_schedule.round_robin(costs, 264) / ideal > dispatched + 0.05
+    uniform = attention_schedule.block_costs(512, 256, [256] * 256, 64, 64)
+    assert attention_schedule.round_robin(uniform, 264) > 1.3 * sum(uniform) / 264
