@@ -44,17 +44,14 @@ def _environment_number(name: str, default: float, expected: str, *, zero_allowe
     return number
 
 
-def _milliseconds(name: str, default: float) -> float:
-    """A time in milliseconds above 0 from the environment variable ``name``."""
-    return _environment_number(name, default, "a time in milliseconds", zero_allowed=False)
-
-
 # How long the autotuner times each candidate (GLM_KERNELS_AUTOTUNE_REP_MS), after a quarter of that of warm-up.
 # Triton's defaults are 100 ms after 25, with the L2 cache flushed before every run: with 30-40 candidates per
 # tuning key for the attention's three kernels, ~5 s per key, which a training job pays once per shape but a
 # benchmark over lengths, head dims and dropout modes pays dozens of times. 40 ms is still a few hundred runs of
 # kernels that take 0.05-0.5 ms, and the autotuner compares their medians.
-AUTOTUNE_REP_MS: float = _milliseconds("GLM_KERNELS_AUTOTUNE_REP_MS", 40.0)
+AUTOTUNE_REP_MS: float = _environment_number(
+    "GLM_KERNELS_AUTOTUNE_REP_MS", 40.0, "a time in milliseconds", zero_allowed=False
+)
 
 
 def time_candidate(kernel_call, quantiles):

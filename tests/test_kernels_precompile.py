@@ -257,8 +257,12 @@ def test_every_autotuner_times_a_candidate_for_the_configured_time(monkeypatch):
 def test_a_bad_autotuning_time_is_refused_by_name(monkeypatch, value):
     from kernels import triton_support
 
+    def read() -> float:
+        name = "GLM_KERNELS_AUTOTUNE_REP_MS"
+        return triton_support._environment_number(name, 40.0, "a time in milliseconds", zero_allowed=False)
+
     monkeypatch.setenv("GLM_KERNELS_AUTOTUNE_REP_MS", value)
     with pytest.raises(ValueError, match="GLM_KERNELS_AUTOTUNE_REP_MS"):
-        triton_support._milliseconds("GLM_KERNELS_AUTOTUNE_REP_MS", 40.0)
+        read()
     monkeypatch.setenv("GLM_KERNELS_AUTOTUNE_REP_MS", "12.5")
-    assert triton_support._milliseconds("GLM_KERNELS_AUTOTUNE_REP_MS", 40.0) == 12.5
+    assert read() == 12.5
