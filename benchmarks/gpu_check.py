@@ -52,7 +52,7 @@ from gpu_check_training import stage_glm2b, stage_pretrain, stage_throughput
 
 # The tests that run on CUDA tensors where there is a GPU: the kernels' (test_kernels_compile, which compiles
 # ahead of time for GPUs on machines without one, is for CPU machines), the RNG tracker's (its fork captured in
-# a CUDA graph) and per-layer CUDA graphs against eager training.
+# a CUDA graph), per-layer CUDA graphs against eager training, and a training step that waits for nothing.
 CUDA_TESTS = [
     "tests/test_kernels_attention.py",
     "tests/test_kernels_attention_dropout.py",
@@ -65,6 +65,7 @@ CUDA_TESTS = [
     "tests/test_parallel_random_cuda.py",
     "tests/test_cuda_graphs_cuda.py",
     "tests/test_training_overlap_comm.py",
+    "tests/test_training_no_sync_cuda.py",
 ]
 
 

@@ -1,9 +1,10 @@
 """DeepSpeed's BF16 optimizer with foreach gradient loops, and without the gradient all-reduce over a single
-data-parallel rank, trains exactly as DeepSpeed's own loops and all-reduce.
+data-parallel rank, trains exactly as DeepSpeed's own loops and all-reduce; over GuardedAdamW it also decides
+the skip and the clipping on the device, reading nothing on the host, with the same bits.
 
 Two ranks in one tensor-parallel group (so the gradient norm is all-reduced over the model-parallel group),
 bf16 weights, ZeRO-1 with fp32 gradient accumulation over two micro-batches, a clipping threshold low
-enough that every step clips, one step whose gradients are not finite (skipped), and parameters that have
+enough that all steps but one clip, one step whose gradients are not finite (skipped), and parameters that have
 gradients in some steps only: the losses, the gradient norms, the skipped steps and the fp32 master
 weights after five steps are bitwise those of DeepSpeed's per-parameter loops (which zero the fp32
 accumulators after each step, where ours overwrite them at the next backward).
@@ -14,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.host_reads import host_reads_recorded
 from tests.multiproc import run_ranks
 
 CLIP = 0.05
@@ -34,12 +36,17 @@ class _Model(torch.nn.Module):
         return self.body(x) + (self.branch(x) if self.use_branch else 0.0)
 
 
-def _train(rank: int, world_size: int, fused: bool) -> dict:
+def _train(rank: int, world_size: int, variant: str) -> dict:
+    """Five steps with DeepSpeed's own loops ("deepspeed"), ours ("fused") or ours over GuardedAdamW, which
+    skips on the device ("deferred"); all three over torch's fused AdamW."""
     import deepspeed
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
 
     from megatron_glm import parallel
     from megatron_glm.training.fused_bf16 import fuse_bf16_optimizer, skip_single_rank_allreduce
+    from megatron_glm.training.optimizer import GuardedAdamW
 
+    fused = variant != "deepspeed"
     parallel.initialize_parallel(world_size, 1)
     torch.manual_seed(0)
     model = _Model().to(torch.bfloat16)
@@ -57,11 +64,13 @@ def _train(rank: int, world_size: int, fused: bool) -> dict:
         "communication_data_type": "fp32",  # as glm-pretrain configures it (engine.deepspeed_config)
         "steps_per_print": 2**62,
     }
+    if variant == "deferred":
+        ZERO_SUPPORTED_OPTIMIZERS.append(GuardedAdamW)  # as build_optimizer registers it
+        inner = GuardedAdamW(model.parameters(), lr=1e-2, fused=True)
+    else:
+        inner = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
-        config=config,
-        mpu=parallel.DeepSpeedMPU(),
+        model=model, optimizer=inner, config=config, mpu=parallel.DeepSpeedMPU()
     )
     # Under a DeepSpeed release whose BF16_Optimizer it does not mirror, nothing is replaced.
     release, deepspeed.__version__ = deepspeed.__version__, "0.0.0"
@@ -73,7 +82,7 @@ def _train(rank: int, world_size: int, fused: bool) -> dict:
     kept_over_two_ranks = not skip_single_rank_allreduce(engine, 2) and engine.enable_backward_allreduce
     all_reduce_skipped = skip_single_rank_allreduce(engine, 1) if fused else False
     data = torch.Generator().manual_seed(1)
-    losses, norms, skipped = [], [], []
+    losses, norms, skipped, reads = [], [], [], []
     for step in range(5):
         # The branch only in steps 1 and 2: from step 3 on its fp32 accumulators must read zero, not what
         # step 2 left in them.
@@ -81,12 +90,17 @@ def _train(rank: int, world_size: int, fused: bool) -> dict:
         for micro in range(2):
             x = torch.randn(4, 16, generator=data).to(torch.bfloat16)
             loss = (engine(x).float() - 1.0).pow(2).mean()
-            # Step 3's gradients are not finite: the update is skipped and the accumulators cleared.
-            engine.backward(loss * (float("inf") if step == 2 and micro == 0 else 1.0))
-            engine.step()
+            # Step 3's gradients are not finite: the update is skipped and the accumulators cleared. Step 4's
+            # are small enough not to be clipped.
+            engine.backward(loss * {(2, 0): float("inf"), (3, 0): 1e-3, (3, 1): 1e-3}.get((step, micro), 1.0))
+            with host_reads_recorded(reads):
+                engine.step()
             losses.append(loss.item())
         norms.append(float(engine.get_global_grad_norm()))
-        skipped.append(engine.optimizer.overflow)
+        if variant == "deferred":
+            skipped.append(inner.last_decision.skipped)  # read after the step, as the loop does
+        else:
+            skipped.append(engine.optimizer.overflow)
     master = [p.detach().clone() for p in engine.optimizer.fp32_groups_flat_partition]
     parallel.destroy_parallel()
     return {
@@ -98,26 +112,32 @@ def _train(rank: int, world_size: int, fused: bool) -> dict:
         "norms": norms,
         "skipped": skipped,
         "master": master,
+        "reads": reads,
     }
 
 
 @pytest.mark.slow
 def test_foreach_loops_train_bitwise_like_deepspeeds_own():
-    fused = run_ranks(_train, 2, True)
-    reference = run_ranks(_train, 2, False)
-    for rank, (ours, theirs) in enumerate(zip(fused, reference)):
-        assert ours["applied"], f"rank {rank}: the BF16 optimizer was not fused"
-        assert ours["all_reduce_skipped"] and ours["kept_over_two_ranks"], rank
-        assert ours["refused"], f"rank {rank}: fused under a DeepSpeed release it does not mirror"
-        assert theirs["skipped"] == [False, False, True, False, False], theirs["skipped"]
-        assert ours["skipped"] == theirs["skipped"], rank
-        # Every other step clipped, so the clipping path ran.
-        finite = [norm for norm, skip in zip(theirs["norms"], theirs["skipped"]) if not skip]
-        assert min(finite) > CLIP, theirs["norms"]
-        assert ours["losses"] == theirs["losses"], rank
-        assert ours["norms"] == theirs["norms"], rank
-        for a, b in zip(ours["master"], theirs["master"]):
-            assert torch.equal(a, b), rank
+    reference = run_ranks(_train, 2, "deepspeed")
+    for variant in ("fused", "deferred"):
+        for rank, (ours, theirs) in enumerate(zip(run_ranks(_train, 2, variant), reference)):
+            where = f"{variant}, rank {rank}"
+            assert ours["applied"], f"{where}: the BF16 optimizer was not fused"
+            assert ours["all_reduce_skipped"] and ours["kept_over_two_ranks"], where
+            assert ours["refused"], f"{where}: fused under a DeepSpeed release it does not mirror"
+            assert theirs["skipped"] == [False, False, True, False, False], theirs["skipped"]
+            assert ours["skipped"] == theirs["skipped"], where
+            # Step 4 was not clipped, every other step was: both paths ran.
+            assert theirs["norms"][3] < CLIP < min(theirs["norms"][:2] + theirs["norms"][4:]), theirs["norms"]
+            assert ours["losses"] == theirs["losses"], where
+            assert ours["norms"] == theirs["norms"], where
+            for a, b in zip(ours["master"], theirs["master"]):
+                assert torch.equal(a, b), where
+            # DeepSpeed's step reads the norm on the host (finite? clip?), each read a wait for the GPU; over
+            # GuardedAdamW nothing is read in the step.
+            assert theirs["reads"] and ours["reads"] if variant == "fused" else not ours["reads"], ours[
+                "reads"
+            ]
     # The run learned: the loss of the last micro-batch is below the first's.
     assert reference[0]["losses"][-1] < reference[0]["losses"][0]
 

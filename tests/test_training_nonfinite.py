@@ -1,6 +1,7 @@
 """A non-finite loss: the update is never applied; "stop" ends the run naming the last good checkpoint,
 "skip" counts skipped steps and keeps the weights unchanged."""
 
+import contextlib
 import json
 import subprocess
 
@@ -12,6 +13,8 @@ from megatron_glm.config import ModelConfig
 from megatron_glm.model import GLMModel
 from megatron_glm.parallel import destroy_parallel, initialize_parallel
 from tests.glm_corpora import austen_corpus
+from tests.host_reads import host_reads_recorded
+from tests.multiproc import run_ranks
 from tests.training_runs import pretrain_command, pretrain_env, run_pretrain, tiny_overrides
 
 pytestmark = pytest.mark.slow  # end-to-end runs of real processes; `make test-fast` leaves them out
@@ -70,3 +73,95 @@ def test_skip_policy_skips_every_update_and_leaves_the_weights_alone(poisoned):
     assert before.keys() == after.keys()
     for key in before:
         assert torch.equal(before[key].nan_to_num(7.0), after[key].float().nan_to_num(7.0)), key
+
+
+def _skip_in_the_middle(rank: int, world_size: int, read_each_step: bool) -> dict:
+    """Five bf16 ZeRO-1 steps of ``TrainingEngine`` with a warming-up schedule (a new learning rate each step)
+    and a non-finite loss at the third; the step results read after each step, or only at the end."""
+    import deepspeed
+
+    from megatron_glm import parallel
+    from megatron_glm.config import load_config, padded_vocab_size, parallel_layout
+    from megatron_glm.data.loader import loss_row_index
+    from megatron_glm.training.engine import TrainingEngine
+    from tests.tiny_glm import VOCAB, make_batch
+
+    overrides = [
+        "model.num_layers=2",
+        "model.hidden_size=64",
+        "model.num_attention_heads=4",
+        "model.max_position_embeddings=64",
+        f"model.vocab_size={VOCAB}",
+        "training.precision=bf16",
+        "training.micro_batch_size=2",
+        "training.global_batch_size=2",
+        "training.train_steps=10",
+        "parallel.zero_stage=1",
+        "optimizer.lr=1e-2",
+        "lr_schedule.warmup_fraction=1.0",
+    ]
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False)
+    cfg = load_config(None, overrides)
+    layout = parallel_layout(cfg, world_size)
+    parallel.initialize_parallel(1, 1)
+    parallel.seed_parallel_rng(cfg.training.seed)  # dropout as configured (0.1)
+    engine = TrainingEngine(cfg, layout, padded_vocab_size(cfg.model, 1), torch.device("cpu"))
+    forward, step = engine._forward, 0
+
+    def poisoned_at_the_third_step(batch):
+        loss = forward(batch)
+        return loss * float("inf") if step == 2 else loss
+
+    engine._forward = poisoned_at_the_third_step
+
+    def batches():
+        for seed in range(1000):
+            batch = make_batch(seps=(14, 17), seed=seed)
+            batch["objective"] = torch.zeros(2, dtype=torch.int64)
+            batch["loss_index"] = loss_row_index(batch["loss_mask"])
+            yield batch
+
+    micro_batches, results, read, host_reads = batches(), [], [], []
+    for step in range(5):
+        with host_reads_recorded(host_reads) if step > 0 else contextlib.nullcontext():
+            results.append(engine.train_step(micro_batches))
+        if read_each_step:
+            read.append((results[-1].skipped, results[-1].lr, results[-1].loss))
+    if not read_each_step:  # every verdict but the last was read in the next step's update
+        read = [(r.skipped, r.lr, r.loss) for r in results]
+    master = [p.detach().clone() for p in engine.deepspeed_engine.optimizer.fp32_groups_flat_partition]
+    outcome = {
+        "read": read,
+        "scheduler_steps": engine.scheduler.num_steps,
+        "group_lrs": {group["lr"] for group in engine.optimizer.param_groups},
+        "skipped_steps": engine.optimizer.skipped_steps,
+        "master": master,
+        "host_reads": host_reads,
+    }
+    parallel.destroy_parallel()
+    return outcome
+
+
+def test_a_skipped_step_read_late_holds_the_schedule_back_as_one_read_at_once():
+    """The optimizer applies a non-finite step's skip on the device and the host learns of it later, at the
+    next update at the latest: the schedule, the skip count and the training are those of reading at once."""
+    from megatron_glm.config import load_config
+    from megatron_glm.training.lr_schedule import lr_at
+
+    (late,) = run_ranks(_skip_in_the_middle, 1, False)
+    (at_once,) = run_ranks(_skip_in_the_middle, 1, True)
+    schedule = load_config(None, ["lr_schedule.warmup_fraction=1.0"]).lr_schedule
+    applied = [1, 2, 2, 3, 4]  # updates applied after each step: the third was skipped
+    expected_lrs = [lr_at(n, 1e-2, schedule, 10) for n in applied]
+    assert [skipped for skipped, _, _ in late["read"]] == [False, False, True, False, False]
+    assert [lr for _, lr, _ in late["read"]] == pytest.approx(expected_lrs, rel=0, abs=0)
+    assert late["scheduler_steps"] == 4 and late["group_lrs"] == {expected_lrs[-1]}
+    assert late["skipped_steps"] == 1
+    assert late["read"][2][2] == float("inf")
+    assert late["read"] == at_once["read"]
+    # Read after each step, the verdicts leave the steps nothing to read on the host: no step waits for the
+    # device (read only at the end, each update reads the previous step's verdict, from a copy made long before).
+    assert at_once["host_reads"] == []
+    assert late["host_reads"] and all("training/metrics.py" in read for read in late["host_reads"])
+    for a, b in zip(late["master"], at_once["master"]):
+        assert torch.equal(a, b)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from megatron_glm.training.optimizer import GuardedAdamW
+from tests.host_reads import host_reads_recorded
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,12 +71,39 @@ def test_without_the_check_only_the_loop_flag_skips():
     assert not torch.equal(before, params[0].detach())
 
 
+def test_a_device_verdict_skips_without_being_read_and_is_counted_when_read():
+    params = _params()
+    optimizer = GuardedAdamW(params, lr=0.1, fused=True)
+    before = [p.detach().clone() for p in params]
+    reads = []
+    for verdict in (True, False):
+        for p in params:
+            p.grad = torch.full_like(p, float("nan") if verdict else 1.0)
+        optimizer.skip_next = torch.tensor(verdict)
+        optimizer.resolve()  # the last step's verdict: read before the step, as the loop reads it
+        with host_reads_recorded(reads):
+            optimizer.step()
+        if verdict:
+            # Skipped on the device: the weights, the moments and Adam's step counts as they were.
+            assert [torch.equal(b, p.detach()) for b, p in zip(before, params)] == [True, True]
+            assert all(
+                state["step"] == 0 and not state["exp_avg"].any() for state in optimizer.state.values()
+            )
+            assert optimizer.last_decision.skipped and optimizer.skipped_steps == 1
+    assert reads == []
+    assert optimizer.skipped_steps == 1 and not optimizer.last_decision.skipped
+    assert all(state["step"] == 1 for state in optimizer.state.values())
+    assert not any(torch.equal(b, p.detach()) for b, p in zip(before, params))
+
+
 def _train_three_steps(optimizer_class, **kwargs) -> list[torch.Tensor]:
     params = _params()
     optimizer = optimizer_class(params, lr=0.1, weight_decay=0.01, fused=True, **kwargs)
     for step in range(3):
         for i, p in enumerate(params):
             p.grad = torch.full_like(p, 0.5 + step - i)
+        if isinstance(optimizer, GuardedAdamW):
+            optimizer.skip_next = torch.tensor(False)  # the loop's device verdict: applied as found_inf = 0
         optimizer.step()
         optimizer.zero_grad()
         if step == 1:  # what a resume does

@@ -141,7 +141,10 @@ def finetune(
                     yield layouts_batch([train[i] for i in mine[first : first + micro]], longest)
 
         batches = micro_batches()
-        losses.append(float(np.mean([engine.train_step(batches).loss for _ in range(steps_per_epoch)])))
+        # The losses are read after the epoch's last step is queued: a read after each step would make the host
+        # wait for the GPU to finish that step before it could queue the next.
+        results = [engine.train_step(batches) for _ in range(steps_per_epoch)]
+        losses.append(float(np.mean([result.loss for result in results])))
         metrics = evaluate(engine.module)
         dev.append(metrics)
         if metrics[metric] > best:

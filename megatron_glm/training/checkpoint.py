@@ -75,10 +75,11 @@ class TrainingState:
     consumed_samples: int = 0  # training samples read, over all data-parallel ranks
     skipped_steps: int = 0  # steps whose update was not applied (non-finite loss or fp16 overflow)
 
-    def advance(self, global_batch_size: int, skipped: bool) -> None:
+    def advance(self, global_batch_size: int) -> None:
+        """One optimizer step taken (whether it was skipped is counted when the loop reads it, before any
+        checkpoint: ``skipped_steps``)."""
         self.step += 1
         self.consumed_samples += global_batch_size
-        self.skipped_steps += int(skipped)
 
     def to_client_state(self) -> dict[str, int]:
         return {

@@ -33,7 +33,7 @@ from megatron_glm.parallel import (
 from megatron_glm.training.fused_bf16 import fuse_bf16_optimizer, skip_single_rank_allreduce
 from megatron_glm.training.lr_schedule import AnnealingLR
 from megatron_glm.training.metrics import HostScalars
-from megatron_glm.training.optimizer import GuardedAdamW, build_optimizer
+from megatron_glm.training.optimizer import GuardedAdamW, SkipDecision, build_optimizer
 from megatron_glm.training.pipeline import build_pipeline_module
 
 logger = get_logger("engine")
@@ -200,15 +200,21 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 
 class StepResult:
-    """What one optimizer step reports. ``skipped`` (the update was not applied: a non-finite loss or gradients,
-    or an fp16 overflow) and ``lr`` are known when ``train_step`` returns; ``loss`` (the mean over the
-    micro-batches and data-parallel replicas) and ``grad_norm`` are on their way from the device
-    (``HostScalars``): reading them waits for the end of the step, and nothing launched after it."""
+    """What one optimizer step reports, none of it read from the device when ``train_step`` returns: ``loss``
+    (the mean over the micro-batches and data-parallel replicas) and ``grad_norm`` are on their way to the host
+    (``HostScalars``), ``skipped`` (the update was not applied: a non-finite loss or gradients, or an fp16
+    overflow) is the optimizer's device verdict (``SkipDecision``), and ``lr`` (where the schedule stands after
+    the step) follows from it. Reading any of them waits for the end of the step, and nothing launched after
+    it."""
 
-    def __init__(self, scalars: HostScalars, skipped: bool, lr: float) -> None:
+    def __init__(
+        self, scalars: HostScalars, decision: SkipDecision | None, overflow: bool, scheduler: AnnealingLR
+    ) -> None:
         self._scalars = scalars
-        self.skipped = skipped
-        self.lr = lr
+        self._decision = decision
+        self._overflow = overflow  # DeepSpeed's loss scaler skipped the update (fp16): known at once
+        # With no verdict pending, the schedule already stands where this step left it.
+        self._lr = scheduler.get_lr() if decision is None or decision.lr is not None else None
 
     @property
     def loss(self) -> float:
@@ -217,6 +223,17 @@ class StepResult:
     @property
     def grad_norm(self) -> float | None:
         return self._scalars.values()[1]
+
+    @property
+    def skipped(self) -> bool:
+        return self._overflow or (self._decision is not None and self._decision.skipped)
+
+    @property
+    def lr(self) -> float:
+        if self._lr is None:
+            self._decision.skipped  # noqa: B018 (reads the verdict; the optimizer's hook sets its lr)
+            self._lr = self._decision.lr
+        return self._lr
 
 
 class TrainingEngine:
@@ -265,6 +282,7 @@ class TrainingEngine:
         optimizer = build_optimizer(module, cfg.optimizer, check_gradients=self.pipeline)
         scheduler = AnnealingLR(optimizer, cfg.optimizer.lr, cfg.lr_schedule, cfg.training.train_steps)
         self.optimizer: GuardedAdamW = optimizer
+        optimizer.on_resolved = self._on_resolved
         kwargs = {} if self.pipeline else {"mpu": DeepSpeedMPU()}
         if device.type == "cuda":
             # DeepSpeed would take cuda:LOCAL_RANK, which is not our GPU where each rank sees only its own.
@@ -305,10 +323,11 @@ class TrainingEngine:
     # -- training -----------------------------------------------------------------------------------
     def train_step(self, batches: Iterator[Batch]) -> StepResult:
         self.deepspeed_engine.train()
-        skipped_before = (self.optimizer.skipped_steps, self.deepspeed_engine.skipped_steps)
+        overflows_before = self.deepspeed_engine.skipped_steps
+        self.optimizer.last_decision = None
         if self.pipeline:
             loss = self.deepspeed_engine.train_batch(self._pipeline_iterator(batches)).float()
-            return self._result(loss, skipped_before)
+            return self._result(loss, overflows_before)
         steps = self.layout.gradient_accumulation_steps
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for micro in range(steps):
@@ -319,7 +338,7 @@ class TrainingEngine:
             if micro == steps - 1:
                 total[1] = (~torch.isfinite(total[0])).double()
                 # Agree on finiteness before the update: every rank skips it together. The flag stays on
-                # the device; the optimizer reads it in its step, after the backward has been queued.
+                # the device; the optimizer applies it there (GuardedAdamW), without the host reading it.
                 dist.all_reduce(total)
                 self.optimizer.skip_next = total[1] > 0
             with record_function("glm.backward"):
@@ -328,18 +347,23 @@ class TrainingEngine:
                 self.deepspeed_engine.step()
         # No .item(): the loop reads the loss once the next step is queued (StepResult, HostScalars).
         mean = total[0] / (steps * dist.get_world_size())
-        return self._result(mean, skipped_before)
+        return self._result(mean, overflows_before)
 
-    def _result(self, loss: torch.Tensor, skipped_before: tuple[int, int]) -> StepResult:
-        guard_skipped = self.optimizer.skipped_steps != skipped_before[0]
-        if guard_skipped:
-            # DeepSpeed advanced the schedule although our guard applied no update; THUDM/GLM steps the
-            # schedule only with an update, so take the step back.
-            self.scheduler.step(-1)
-        skipped = guard_skipped or self.deepspeed_engine.skipped_steps != skipped_before[1]
+    def _result(self, loss: torch.Tensor, overflows_before: int) -> StepResult:
+        # DeepSpeed's fp16 loss scaler decides on the host, and then never calls our optimizer.
+        overflow = self.deepspeed_engine.skipped_steps != overflows_before
         # The gradient norm: a device tensor, a number (inf after an overflow) or None.
         norm = self.deepspeed_engine.get_global_grad_norm()
-        return StepResult(HostScalars([loss, norm]), skipped, self.scheduler.get_lr())
+        decision = None if overflow else self.optimizer.last_decision
+        return StepResult(HostScalars([loss, norm]), decision, overflow, self.scheduler)
+
+    def _on_resolved(self, decision: SkipDecision) -> None:
+        """The optimizer has read a step's verdict (at the next step's update at the latest, before it uses
+        the learning rate). DeepSpeed advanced the schedule after the step, not knowing; THUDM/GLM steps the
+        schedule only with an update, so a skipped step takes it back."""
+        if decision.skipped:
+            self.scheduler.step(-1)
+        decision.lr = self.scheduler.get_lr()
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         """The engine's forward on one micro-batch (``GLMForPretraining``: the loss)."""

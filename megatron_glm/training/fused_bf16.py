@@ -19,6 +19,11 @@ model-parallel group, to the power 1/2, invalid values masked to -1), the same c
 the values are bitwise equal (``tests/test_training_fused_bf16.py``); on GPUs the fused norm kernel may
 round the per-tensor norms differently in the last bit.
 
+Over ``GuardedAdamW`` (glm-pretrain's optimizer) the step also reads nothing on the host
+(``_step_without_waiting``): DeepSpeed decides on the host whether the norm is finite and whether to clip, and
+each of those reads waits for the GPU to finish the backward; here both are decided on the device, with the
+same bits. Under any other optimizer the step decides on the host, as DeepSpeed does.
+
 Only the configurations it covers are changed: no mixture of experts, no Muon, gradients not applied
 during the backward (``immediate_grad_update``), the 2-norm, no expert-folding correction; anything else
 keeps DeepSpeed's own methods. ``_step`` follows ``BF16_Optimizer.step`` of the DeepSpeed versions in
@@ -131,7 +136,6 @@ def _global_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
     """The 2-norm of ``tensors`` taken together across the model-parallel group, -1 where it is not finite
     (``deepspeed.runtime.utils.get_global_norm_of_tensors`` without experts)."""
     from deepspeed import comm as dist
-    from deepspeed.runtime.utils import mask_nan_or_inf_with_val_inplace
 
     if tensors:
         total = torch.stack(torch._foreach_norm(tensors, 2)).pow(2.0).sum()
@@ -142,8 +146,9 @@ def _global_norm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
     if self.mpu is not None:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.mpu.get_model_parallel_group())
     total = total.pow(0.5)
-    mask_nan_or_inf_with_val_inplace(total, device=total.device)
-    return total
+    # DeepSpeed's mask_nan_or_inf_with_val_inplace, with the -1 as a number: it makes the -1 a tensor on the
+    # device, a copy from the host that waits for the GPU to finish everything queued (the whole backward).
+    return total.masked_fill_(~torch.isfinite(total), -1.0)
 
 
 @torch.no_grad()
@@ -156,6 +161,8 @@ def _step(self, closure=None) -> None:
     grads, _ = self.get_grads_for_norm()
     self.overflow = False
     norm = _global_norm(self, grads)
+    if getattr(self.optimizer, "defers_skips", False):
+        return _step_without_waiting(self, norm)
     self._global_grad_norm = norm
     if is_invalid_grad_norm(norm):
         self.overflow = True
@@ -167,6 +174,33 @@ def _step(self, closure=None) -> None:
         factor = self.clip_grad / (norm + 1e-6)
         if factor < 1:
             torch._foreach_mul_(self.get_grads_for_norm(for_clipping=True), factor)
+    _update(self)
+    return None
+
+
+def _step_without_waiting(self, norm: torch.Tensor) -> None:
+    """``_step`` with nothing read on the host: the skip and the clipping are decided on the device.
+
+    DeepSpeed reads the norm three times (is it finite, is the factor below 1), each read a wait for the GPU to
+    finish the backward, after which it sits idle until the host has queued the update and the next step's
+    first kernels. Here a non-finite norm becomes the inner optimizer's device verdict (``GuardedAdamW``: its
+    fused AdamW leaves parameters, moments and step counts as they were), and the gradients are always
+    multiplied by the factor capped at 1: times 1.0 every value keeps its bits, so the update is DeepSpeed's
+    bit for bit, for one more pass over the fp32 gradients where they are not clipped. The host learns of a
+    skipped step later (``GuardedAdamW.resolve``); the reported norm is then inf, as DeepSpeed's.
+    """
+    invalid = norm < 0  # _global_norm's -1: not finite
+    self._global_grad_norm = norm.masked_fill(invalid, float("inf"))
+    self.optimizer.skip_if(invalid)
+    if self.clip_grad > 0.0:
+        factor = (self.clip_grad / (norm + 1e-6)).clamp_(max=1.0)
+        torch._foreach_mul_(self.get_grads_for_norm(for_clipping=True), factor)
+    _update(self)
+    return None
+
+
+def _update(self) -> None:
+    """The update of ``BF16_Optimizer.step`` once the gradients are clipped."""
     for param_partition, grad_partition in zip(
         self.fp32_groups_flat_partition, self.fp32_groups_gradient_flat_partition
     ):
@@ -182,4 +216,3 @@ def _step(self, closure=None) -> None:
     self._lazy_init_hp_params_optimizer_state()
     self.update_lp_params()
     self.clear_hp_grads()
-    return None

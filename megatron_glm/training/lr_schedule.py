@@ -3,8 +3,9 @@
 With ``r = (step - warmup) / (decay - warmup)`` and ``R = 1 / min_lr_ratio``:
 cosine ``lr / R * ((cos(pi * min(r, 1)) + 1) * (R - 1) / 2 + 1)`` (ends at ``lr * min_lr_ratio`` and stays);
 linear ``lr * (1 - (1 - min_lr_ratio) * r)`` (not clamped, as in the reference: it keeps decreasing past
-``decay_steps``, floored at 0 here). DeepSpeed steps the scheduler only after applied optimizer steps, so
-skipped fp16 steps do not advance it, as in the reference.
+``decay_steps``, floored at 0 here). Skipped steps do not advance it, as in the reference: DeepSpeed does not
+step it after an fp16 overflow, and the training engine takes it back a step when the optimizer's verdict on a
+non-finite step arrives (before the next update uses the learning rate).
 """
 
 from __future__ import annotations

@@ -32,12 +32,12 @@ class HostScalars:
     after the next step has been launched, it would wait for that step too. Here the values are copied into
     pinned host memory as soon as they are queued, behind the work that produces them and ahead of anything
     launched later, and an event marks the copy; ``values()`` waits for that event alone. On CPUs the values
-    are read at once.
+    are copied as they are and read by ``values()``.
     """
 
     def __init__(self, values: list) -> None:
-        self._values = [float(v.item()) if torch.is_tensor(v) and not v.is_cuda else v for v in values]
-        self._positions = [i for i, v in enumerate(self._values) if torch.is_tensor(v)]
+        self._values = [v.detach().clone() if torch.is_tensor(v) and not v.is_cuda else v for v in values]
+        self._positions = [i for i, v in enumerate(self._values) if torch.is_tensor(v) and v.is_cuda]
         self._host = self._event = None
         if self._positions:
             device = self._values[self._positions[0]].device
@@ -56,7 +56,7 @@ class HostScalars:
             for position, value in zip(self._positions, self._host.tolist()):
                 self._values[position] = value
             self._host = self._event = None
-        return [v if v is None else float(v) for v in self._values]
+        return [v if v is None else float(v.item() if torch.is_tensor(v) else v) for v in self._values]
 
 
 class MetricsReporter:

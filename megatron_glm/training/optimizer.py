@@ -1,11 +1,15 @@
-"""AdamW with THUDM/GLM's weight-decay groups and a guard against non-finite updates."""
+"""AdamW with THUDM/GLM's weight-decay groups and a guard against non-finite updates that does not wait for the
+GPU."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from megatron_glm.config import OptimizerConfig
 from megatron_glm.model import LayerNorm
+from megatron_glm.training.metrics import HostScalars
 
 
 def _without_dynamo_guard(method):
@@ -16,13 +20,42 @@ def _without_dynamo_guard(method):
     return getattr(method, "__wrapped__", method)
 
 
-class GuardedAdamW(torch.optim.AdamW):
-    """AdamW that does not apply an update whose gradients are not finite.
+class SkipDecision:
+    """Whether one optimizer step applied its update, decided on the device and read on the host when needed.
 
-    The training loop sets ``skip_next`` when the ranks agreed that the loss was not finite; with
-    ``check_gradients`` the step also inspects its own gradients (the pipeline engine gives the loop no
-    chance to intervene before the step: a non-finite loss makes every upstream gradient non-finite, so
-    each rank reaches the same decision). The parameters are then left exactly as they were.
+    ``skipped`` (and the learning rate the schedule stands at after the step, ``lr``) is known once
+    ``GuardedAdamW.resolve`` has read the flag: that waits for the device to have decided, nothing more.
+    """
+
+    def __init__(self, optimizer: GuardedAdamW, flag: torch.Tensor | bool) -> None:
+        self._optimizer = optimizer
+        self._flag = HostScalars([flag])
+        self._skipped: bool | None = None
+        self.lr: float | None = None  # set by the optimizer's ``on_resolved`` hook, if it has one
+
+    @property
+    def skipped(self) -> bool:
+        if self._skipped is None:
+            self._optimizer.resolve()
+        return bool(self._skipped)
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW that does not apply an update whose gradients are not finite, and does not wait to decide.
+
+    The training loop sets ``skip_next`` when the ranks agreed that the loss was not finite (a device bool);
+    the BF16 optimizer adds its own verdict on the gradient norm (``skip_if``); with ``check_gradients`` the
+    step also inspects its own gradients (the pipeline engine gives the loop no chance to intervene before the
+    step: a non-finite loss makes every upstream gradient non-finite, so each rank reaches the same
+    decision). The parameters, the moments and Adam's step counts are then left exactly as they were, and the
+    skip is counted.
+
+    Where the decision is a device tensor (always, once training runs) it is not read before the update: the
+    fused AdamW takes it as ``found_inf`` and skips on the device, so the host never waits for the GPU to
+    finish the backward and can queue the next step meanwhile. The host learns the outcome later, from a
+    pinned copy (``SkipDecision``): when the next step begins (its learning rate depends on whether this one
+    counted), or when the loop reports the step, whichever is first. ``on_resolved`` is called with each
+    decision as it is read, in step order (the engine takes the schedule back a step for a skipped one).
     """
 
     add_param_group = _without_dynamo_guard(torch.optim.Optimizer.add_param_group)
@@ -35,32 +68,78 @@ class GuardedAdamW(torch.optim.AdamW):
         super().__init__(params, **kwargs)
         self.skip_next: bool | torch.Tensor = False
         self.check_gradients = check_gradients
-        self.skipped_steps = 0
+        self.on_resolved: Callable[[SkipDecision], None] | None = None
+        self.last_decision: SkipDecision | None = None  # that of the latest step, read or not
+        self._unresolved: list[SkipDecision] = []
+        self._skipped_steps = 0
 
-    def _gradients_finite(self) -> bool:
-        """Whether every gradient element is finite: the largest magnitude of each gradient (one multi-tensor
-        kernel per dtype on CUDA; NaN and inf propagate through it), read back once."""
+    @property
+    def defers_skips(self) -> bool:
+        """Whether a device verdict is applied without reading it (the fused AdamW takes it as ``found_inf``)."""
+        return all(group["fused"] for group in self.param_groups)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Updates not applied so far (reads the decisions still on their way)."""
+        self.resolve()
+        return self._skipped_steps
+
+    def skip_if(self, flag: torch.Tensor) -> None:
+        """Skip the next update also where the device bool ``flag`` is true (or-ed with ``skip_next``)."""
+        self.skip_next = flag | self.skip_next
+
+    def resolve(self) -> None:
+        """Read the decisions of the steps taken so far (waits for the device to have made them)."""
+        while self._unresolved:
+            decision = self._unresolved.pop(0)
+            decision._skipped = decision._flag.values()[0] != 0.0
+            self._skipped_steps += int(decision._skipped)
+            if self.on_resolved is not None:
+                self.on_resolved(decision)
+
+    def _non_finite_gradients(self) -> torch.Tensor | None:
+        """A device bool: whether some gradient element is not finite (the largest magnitude of each gradient,
+        one multi-tensor kernel per dtype on CUDA; NaN and inf propagate through it); None without gradients."""
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
         if not by_dtype:
-            return True
+            return None
         largest = [
             torch.stack(torch._foreach_norm(grads, float("inf"))).max().float() for grads in by_dtype.values()
         ]
-        return bool(torch.stack(largest).isfinite().all())
+        return ~torch.stack(largest).isfinite().all()
 
     @torch.no_grad()
     def step(self, closure=None):
-        # skip_next may be a device bool (the loop does not wait for it): read it here, after the backward.
-        skip = bool(self.skip_next) or (self.check_gradients and not self._gradients_finite())
+        # This step's learning rate depends on whether the earlier ones counted (the schedule advances only
+        # with applied updates). Reading the last step's verdict waits for the GPU to have decided it, not for
+        # this step's forward and backward, which stay queued behind it.
+        self.resolve()
+        flag = self.skip_next
         self.skip_next = False
-        if skip:
-            self.skipped_steps += 1
-            return None
-        return self._adamw_step(self, closure)
+        if self.check_gradients:
+            non_finite = self._non_finite_gradients()
+            if non_finite is not None:
+                flag = non_finite | flag
+        if not torch.is_tensor(flag) or not self.defers_skips:
+            flag = bool(flag)  # a host value, or an optimizer that cannot skip on the device: read it now
+            result = None if flag else self._adamw_step(self, closure)
+        else:
+            self.found_inf = flag.float()  # read by torch's fused AdamW (and the step counts taken back)
+            try:
+                result = self._adamw_step(self, closure)
+            finally:
+                del self.found_inf
+        self._record(flag)
+        return result
+
+    def _record(self, flag: torch.Tensor | bool) -> None:
+        decision = SkipDecision(self, flag)
+        self._unresolved.append(decision)
+        self.last_decision = decision
 
 
 def build_optimizer(module: torch.nn.Module, cfg: OptimizerConfig, *, check_gradients: bool) -> GuardedAdamW:

@@ -55,7 +55,9 @@ class PreemptionHandler:
         GPUs (each call sends this step's flags and reads the last call's, long since reduced)."""
         from megatron_glm.training.metrics import HostScalars
 
-        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32, device=self.device)
+        # Filled on the device: torch.tensor([...], device=) would copy from pageable host memory, a copy that
+        # waits for the GPU to finish everything queued (the whole step) before it returns.
+        flag = torch.full((1,), int(self.received is not None), dtype=torch.int32, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         agreed = HostScalars([flag])

@@ -266,13 +266,11 @@ def _train(run: TrainingRun) -> TrainingResult:
             timed = TimedIterator(run.batches)
             result = engine.train_step(timed)
             step_time = time.perf_counter() - start
-            state.advance(cfg.training.global_batch_size, skipped=result.skipped)
+            state.advance(cfg.training.global_batch_size)
             profiler.after(state.step)
             if pending is not None:
                 _report(run, pending, losses)  # the previous step: finished on the device by now
-            pending = _PendingReport(
-                state.step, result, step_time, timed.waited, timed.loss_fraction, state.skipped_steps
-            )
+            pending = _PendingReport(state.step, result, step_time, timed.waited, timed.loss_fraction)
             evaluate = run.valid is not None and state.step % cfg.training.eval_interval == 0
             preempted = preemption.requested()
             if evaluate or preempted or run.manager.due(state.step) or state.step >= cfg.training.train_steps:
@@ -304,13 +302,15 @@ class _PendingReport:
     step_time: float
     data_wait: float
     loss_fraction: float
-    skipped_total: int
 
 
 def _report(run: TrainingRun, pending: _PendingReport, losses: list[float]) -> None:
-    """Report ``pending``'s step: stop on a non-finite loss (``training.nonfinite_policy=stop``) or warn, keep the
-    loss, and hand the step's numbers to the reporter."""
+    """Report ``pending``'s step: count it if its update was skipped, stop on a non-finite loss
+    (``training.nonfinite_policy=stop``) or warn, keep the loss, and hand the step's numbers to the reporter.
+    Every step is reported before a checkpoint is written, so the checkpoint's counters include it."""
     cfg, result = run.cfg, pending.result
+    run.state.skipped_steps += int(result.skipped)
+    skipped_total = run.state.skipped_steps
     if not math.isfinite(result.loss):
         if cfg.training.nonfinite_policy == "stop":
             where = run.manager.last_saved or "none saved yet"
@@ -322,7 +322,7 @@ def _report(run: TrainingRun, pending: _PendingReport, losses: list[float]) -> N
         logger.warning(
             "non-finite loss at step %d: update skipped (%d skipped so far)",
             pending.step,
-            pending.skipped_total,
+            skipped_total,
         )
     else:
         losses.append(result.loss)
@@ -334,5 +334,5 @@ def _report(run: TrainingRun, pending: _PendingReport, losses: list[float]) -> N
         step_time=pending.step_time,
         data_wait=pending.data_wait,
         loss_fraction=pending.loss_fraction,
-        skipped_total=pending.skipped_total,
+        skipped_total=skipped_total,
     )

@@ -1,0 +1,80 @@
+"""A training step queues all of its work without waiting for the GPU. CUDA only (collected where a GPU is
+present; ``benchmarks/gpu_check.py`` runs it).
+
+Under ``torch.cuda.set_sync_debug_mode("error")`` every operation that makes the host wait for the GPU raises
+(``.item()``, a copy from pageable host memory, a boolean-mask index, ``nonzero``): here around glm-pretrain's
+step (forward, backward and DeepSpeed's bf16 ZeRO-1 update, with dropout and gradient clipping) and the loop's
+per-step preemption check. The step's results are read after it, outside the check, as the loop reads them
+once the next step is queued. The CPU tests find the host reads (``tests/test_training_nonfinite.py``); this
+finds what only a GPU makes a wait.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tests.multiproc import run_ranks
+
+CHECKED_FROM = 2  # the first steps allocate, and create the optimizer's state
+
+
+def _steps_under_the_sync_check(rank: int, world_size: int) -> dict:
+    from megatron_glm import parallel
+    from megatron_glm.config import load_config, padded_vocab_size, parallel_layout
+    from megatron_glm.data.loader import loss_row_index
+    from megatron_glm.training.engine import TrainingEngine
+    from megatron_glm.training.signals import PreemptionHandler
+    from tests.tiny_glm import VOCAB, make_batch
+
+    overrides = [
+        "model.num_layers=2",
+        "model.hidden_size=64",
+        "model.num_attention_heads=4",
+        "model.max_position_embeddings=64",
+        f"model.vocab_size={VOCAB}",
+        "model.kernels=torch",  # the step around the kernels; the Triton launches are checked elsewhere
+        "training.precision=bf16",
+        "training.micro_batch_size=2",
+        "training.global_batch_size=4",  # two micro-batches per step
+        "training.train_steps=10",
+        "parallel.zero_stage=1",
+        "training.grad_clip=1e-3",  # every step clips
+    ]
+    cfg = load_config(None, overrides)
+    layout = parallel_layout(cfg, world_size)
+    parallel.initialize_parallel(1, 1)
+    parallel.seed_parallel_rng(cfg.training.seed)
+    device = torch.device("cuda", torch.cuda.current_device())
+    engine = TrainingEngine(cfg, layout, padded_vocab_size(cfg.model, 1), device)
+    preemption = PreemptionHandler(device)
+
+    def batches():
+        for seed in range(1000):
+            batch = make_batch(seps=(14, 17), seed=seed)
+            batch["objective"] = torch.zeros(2, dtype=torch.int64)
+            batch["loss_index"] = loss_row_index(batch["loss_mask"])
+            yield {key: value.pin_memory() for key, value in batch.items()}  # as the loader pins them
+
+    micro_batches, losses, skipped, preempted = batches(), [], [], []
+    for step in range(6):
+        mode = torch.cuda.get_sync_debug_mode()
+        if step >= CHECKED_FROM:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            result = engine.train_step(micro_batches)
+            preempted.append(preemption.requested())
+        finally:
+            torch.cuda.set_sync_debug_mode(mode)
+        losses.append(result.loss)
+        skipped.append(result.skipped)
+    outcome = {"losses": losses, "skipped": skipped, "preempted": preempted, "lr": result.lr}
+    parallel.destroy_parallel()
+    return outcome
+
+
+def test_a_training_step_makes_the_host_wait_for_nothing():
+    (outcome,) = run_ranks(_steps_under_the_sync_check, 1)
+    assert outcome["skipped"] == [False] * 6
+    assert all(0.0 < loss < 20.0 for loss in outcome["losses"]), outcome["losses"]
+    assert outcome["preempted"] == [False] * 6
+    assert outcome["lr"] > 0.0
