@@ -3,6 +3,7 @@
 
 import contextlib
 import json
+import math
 import subprocess
 
 import pytest
@@ -75,9 +76,9 @@ def test_skip_policy_skips_every_update_and_leaves_the_weights_alone(poisoned):
         assert torch.equal(before[key].nan_to_num(7.0), after[key].float().nan_to_num(7.0)), key
 
 
-def _skip_in_the_middle(rank: int, world_size: int, read_each_step: bool) -> dict:
-    """Five bf16 ZeRO-1 steps of ``TrainingEngine`` with a warming-up schedule (a new learning rate each step)
-    and a non-finite loss at the third; the step results read after each step, or only at the end."""
+def _skip_in_the_middle(rank: int, world_size: int, read_each_step: bool, zero_stage: int) -> dict:
+    """Five bf16 steps of ``TrainingEngine`` with a warming-up schedule (a new learning rate each step) and a
+    non-finite loss at the third; the step results read after each step, or only at the end."""
     import deepspeed
 
     from megatron_glm import parallel
@@ -96,7 +97,7 @@ def _skip_in_the_middle(rank: int, world_size: int, read_each_step: bool) -> dic
         "training.micro_batch_size=2",
         "training.global_batch_size=2",
         "training.train_steps=10",
-        "parallel.zero_stage=1",
+        f"parallel.zero_stage={zero_stage}",
         "optimizer.lr=1e-2",
         "lr_schedule.warmup_fraction=1.0",
     ]
@@ -109,8 +110,10 @@ def _skip_in_the_middle(rank: int, world_size: int, read_each_step: bool) -> dic
     forward, step = engine._forward, 0
 
     def poisoned_at_the_third_step(batch):
+        # A NaN added as a constant: the loss is not finite, its gradients are. Only the loop's verdict can skip
+        # the update (DeepSpeed's own checks of the gradients pass).
         loss = forward(batch)
-        return loss * float("inf") if step == 2 else loss
+        return loss + torch.tensor(float("nan")) if step == 2 else loss
 
     engine._forward = poisoned_at_the_third_step
 
@@ -121,35 +124,43 @@ def _skip_in_the_middle(rank: int, world_size: int, read_each_step: bool) -> dic
             batch["loss_index"] = loss_row_index(batch["loss_mask"])
             yield batch
 
-    micro_batches, results, read, host_reads = batches(), [], [], []
+    optimizer = engine.deepspeed_engine.optimizer
+    master = (
+        getattr(optimizer, "fp32_groups_flat_partition", None) or optimizer.single_partition_of_fp32_groups
+    )
+    micro_batches, results, read, host_reads, masters = batches(), [], [], [], []
     for step in range(5):
         with host_reads_recorded(host_reads) if step > 0 else contextlib.nullcontext():
             results.append(engine.train_step(micro_batches))
         if read_each_step:
             read.append((results[-1].skipped, results[-1].lr, results[-1].loss))
+            masters.append([p.detach().clone() for p in master])
     if not read_each_step:  # every verdict but the last was read in the next step's update
         read = [(r.skipped, r.lr, r.loss) for r in results]
-    master = [p.detach().clone() for p in engine.deepspeed_engine.optimizer.fp32_groups_flat_partition]
+        masters.append([p.detach().clone() for p in master])
     outcome = {
         "read": read,
         "scheduler_steps": engine.scheduler.num_steps,
         "group_lrs": {group["lr"] for group in engine.optimizer.param_groups},
         "skipped_steps": engine.optimizer.skipped_steps,
-        "master": master,
+        "masters": masters,
         "host_reads": host_reads,
     }
     parallel.destroy_parallel()
     return outcome
 
 
-def test_a_skipped_step_read_late_holds_the_schedule_back_as_one_read_at_once():
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_a_skipped_step_read_late_holds_the_schedule_back_as_one_read_at_once(zero_stage):
     """The optimizer applies a non-finite step's skip on the device and the host learns of it later, at the
-    next update at the latest: the schedule, the skip count and the training are those of reading at once."""
+    next update at the latest: the schedule, the skip count and the training are those of reading at once.
+    Under ZeRO-1 (DeepSpeed's BF16 optimizer) the update is one call of ours; under ZeRO-2 one per parameter
+    group, all of which skip (DeepSpeed itself does not check bf16 gradients there)."""
     from megatron_glm.config import load_config
     from megatron_glm.training.lr_schedule import lr_at
 
-    (late,) = run_ranks(_skip_in_the_middle, 1, False)
-    (at_once,) = run_ranks(_skip_in_the_middle, 1, True)
+    (late,) = run_ranks(_skip_in_the_middle, 1, False, zero_stage)
+    (at_once,) = run_ranks(_skip_in_the_middle, 1, True, zero_stage)
     schedule = load_config(None, ["lr_schedule.warmup_fraction=1.0"]).lr_schedule
     applied = [1, 2, 2, 3, 4]  # updates applied after each step: the third was skipped
     expected_lrs = [lr_at(n, 1e-2, schedule, 10) for n in applied]
@@ -157,11 +168,17 @@ def test_a_skipped_step_read_late_holds_the_schedule_back_as_one_read_at_once():
     assert [lr for _, lr, _ in late["read"]] == pytest.approx(expected_lrs, rel=0, abs=0)
     assert late["scheduler_steps"] == 4 and late["group_lrs"] == {expected_lrs[-1]}
     assert late["skipped_steps"] == 1
-    assert late["read"][2][2] == float("inf")
-    assert late["read"] == at_once["read"]
-    # Read after each step, the verdicts leave the steps nothing to read on the host: no step waits for the
-    # device (read only at the end, each update reads the previous step's verdict, from a copy made long before).
-    assert at_once["host_reads"] == []
-    assert late["host_reads"] and all("training/metrics.py" in read for read in late["host_reads"])
-    for a, b in zip(late["master"], at_once["master"]):
+    assert math.isnan(late["read"][2][2])
+    assert late["read"][:2] == at_once["read"][:2] and late["read"][3:] == at_once["read"][3:]
+    # Nothing of the skipped update was applied, to any parameter group.
+    after_second, after_third = at_once["masters"][1:3]
+    assert all(torch.equal(a, b) for a, b in zip(after_second, after_third))
+    assert not any(torch.equal(a, b) for a, b in zip(at_once["masters"][0], after_second))
+    if zero_stage == 1:  # (DeepSpeed's ZeRO-2 reads its norm on the host)
+        # Read after each step, the verdicts leave the steps nothing to read on the host: no step waits for the
+        # device (read only at the end, each update reads the previous step's verdict, from a copy made long
+        # before).
+        assert at_once["host_reads"] == []
+        assert late["host_reads"] and all("training/metrics.py" in read for read in late["host_reads"])
+    for a, b in zip(late["masters"][-1], at_once["masters"][-1]):
         assert torch.equal(a, b)

@@ -96,6 +96,29 @@ def test_a_device_verdict_skips_without_being_read_and_is_counted_when_read():
     assert not any(torch.equal(b, p.detach()) for b, p in zip(before, params))
 
 
+def test_the_parameter_groups_of_one_update_share_its_verdict():
+    # DeepSpeed's ZeRO-1/2 steps the optimizer one parameter group at a time, narrowing param_groups to it.
+    params = _params()
+    optimizer = GuardedAdamW([{"params": [params[0]]}, {"params": [params[1]]}], lr=0.1, fused=True)
+    groups = optimizer.param_groups
+    reads = []
+    for verdict in (True, False):
+        before = [p.detach().clone() for p in params]
+        for p in params:
+            p.grad = torch.ones_like(p)
+        optimizer.begin_step()
+        optimizer.skip_next = torch.tensor(verdict)
+        with host_reads_recorded(reads):
+            for group in groups:
+                optimizer.param_groups = [group]
+                optimizer.step()
+        optimizer.param_groups = groups
+        unchanged = [torch.equal(b, p.detach()) for b, p in zip(before, params)]
+        assert unchanged == [verdict, verdict]
+        assert optimizer.skipped_steps == 1  # one update, skipped once, then one applied
+    assert reads == []
+
+
 def _train_three_steps(optimizer_class, **kwargs) -> list[torch.Tensor]:
     params = _params()
     optimizer = optimizer_class(params, lr=0.1, weight_decay=0.01, fused=True, **kwargs)

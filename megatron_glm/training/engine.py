@@ -325,6 +325,7 @@ class TrainingEngine:
         self.deepspeed_engine.train()
         overflows_before = self.deepspeed_engine.skipped_steps
         self.optimizer.last_decision = None
+        self.optimizer.begin_step()
         if self.pipeline:
             loss = self.deepspeed_engine.train_batch(self._pipeline_iterator(batches)).float()
             return self._result(loss, overflows_before)

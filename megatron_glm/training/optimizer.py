@@ -56,6 +56,11 @@ class GuardedAdamW(torch.optim.AdamW):
     pinned copy (``SkipDecision``): when the next step begins (its learning rate depends on whether this one
     counted), or when the loop reports the step, whichever is first. ``on_resolved`` is called with each
     decision as it is read, in step order (the engine takes the schedule back a step for a skipped one).
+
+    DeepSpeed's ZeRO-1/2 optimizer calls ``step`` once per parameter group, with ``param_groups`` narrowed to
+    that group. Between two ``begin_step`` calls (the engine makes one per training step) the calls are one
+    update: the first decides, and the others apply its verdict without deciding or reading anything again.
+    The hook sees every group meanwhile (a schedule taken back sets the learning rate of all of them).
     """
 
     add_param_group = _without_dynamo_guard(torch.optim.Optimizer.add_param_group)
@@ -72,6 +77,9 @@ class GuardedAdamW(torch.optim.AdamW):
         self.last_decision: SkipDecision | None = None  # that of the latest step, read or not
         self._unresolved: list[SkipDecision] = []
         self._skipped_steps = 0
+        self._in_step = False  # between begin_step and the next: later calls share the first one's verdict
+        self._step_flag: torch.Tensor | bool | None = None
+        self._all_groups: list[dict] = self.param_groups  # as begin_step found them (not narrowed)
 
     @property
     def defers_skips(self) -> bool:
@@ -87,6 +95,12 @@ class GuardedAdamW(torch.optim.AdamW):
     def skip_if(self, flag: torch.Tensor) -> None:
         """Skip the next update also where the device bool ``flag`` is true (or-ed with ``skip_next``)."""
         self.skip_next = flag | self.skip_next
+
+    def begin_step(self) -> None:
+        """A new training step begins: the ``step`` calls until the next ``begin_step`` make one update."""
+        self._in_step = True
+        self._step_flag = None
+        self._all_groups = self.param_groups
 
     def resolve(self) -> None:
         """Read the decisions of the steps taken so far (waits for the device to have made them)."""
@@ -114,10 +128,33 @@ class GuardedAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
+        if self._in_step and self._step_flag is not None:
+            flag = self._step_flag  # a further parameter group of the same update
+        else:
+            flag = self._decide()
+        if not torch.is_tensor(flag):
+            result = None if flag else self._adamw_step(self, closure)
+        else:
+            self.found_inf = flag.float()  # read by torch's fused AdamW (and the step counts taken back)
+            try:
+                result = self._adamw_step(self, closure)
+            finally:
+                del self.found_inf
+        return result
+
+    def _decide(self) -> torch.Tensor | bool:
+        """This update's verdict (a device bool, or a host one), recorded for the host to read later."""
         # This step's learning rate depends on whether the earlier ones counted (the schedule advances only
         # with applied updates). Reading the last step's verdict waits for the GPU to have decided it, not for
         # this step's forward and backward, which stay queued behind it.
-        self.resolve()
+        narrowed, self.param_groups = (
+            self.param_groups,
+            self._all_groups if self._in_step else self.param_groups,
+        )
+        try:
+            self.resolve()
+        finally:
+            self.param_groups = narrowed
         flag = self.skip_next
         self.skip_next = False
         if self.check_gradients:
@@ -126,20 +163,12 @@ class GuardedAdamW(torch.optim.AdamW):
                 flag = non_finite | flag
         if not torch.is_tensor(flag) or not self.defers_skips:
             flag = bool(flag)  # a host value, or an optimizer that cannot skip on the device: read it now
-            result = None if flag else self._adamw_step(self, closure)
-        else:
-            self.found_inf = flag.float()  # read by torch's fused AdamW (and the step counts taken back)
-            try:
-                result = self._adamw_step(self, closure)
-            finally:
-                del self.found_inf
-        self._record(flag)
-        return result
-
-    def _record(self, flag: torch.Tensor | bool) -> None:
         decision = SkipDecision(self, flag)
         self._unresolved.append(decision)
         self.last_decision = decision
+        if self._in_step:
+            self._step_flag = flag
+        return flag
 
 
 def build_optimizer(module: torch.nn.Module, cfg: OptimizerConfig, *, check_gradients: bool) -> GuardedAdamW:
