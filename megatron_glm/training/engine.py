@@ -213,8 +213,8 @@ class StepResult:
         self._scalars = scalars
         self._decision = decision
         self._overflow = overflow  # DeepSpeed's loss scaler skipped the update (fp16): known at once
-        # With no verdict pending, the schedule already stands where this step left it.
-        self._lr = scheduler.get_lr() if decision is None or decision.lr is not None else None
+        # Without a verdict of ours the schedule already stands where this step left it.
+        self._lr = scheduler.get_lr() if decision is None else None
 
     @property
     def loss(self) -> float:
@@ -230,10 +230,7 @@ class StepResult:
 
     @property
     def lr(self) -> float:
-        if self._lr is None:
-            self._decision.skipped  # noqa: B018 (reads the verdict; the optimizer's hook sets its lr)
-            self._lr = self._decision.lr
-        return self._lr
+        return self._lr if self._decision is None else self._decision.lr
 
 
 class TrainingEngine:
@@ -324,7 +321,6 @@ class TrainingEngine:
     def train_step(self, batches: Iterator[Batch]) -> StepResult:
         self.deepspeed_engine.train()
         overflows_before = self.deepspeed_engine.skipped_steps
-        self.optimizer.last_decision = None
         self.optimizer.begin_step()
         if self.pipeline:
             loss = self.deepspeed_engine.train_batch(self._pipeline_iterator(batches)).float()

@@ -31,13 +31,24 @@ class SkipDecision:
         self._optimizer = optimizer
         self._flag = HostScalars([flag])
         self._skipped: bool | None = None
-        self.lr: float | None = None  # set by the optimizer's ``on_resolved`` hook, if it has one
+        self._lr: float | None = None
 
     @property
     def skipped(self) -> bool:
         if self._skipped is None:
             self._optimizer.resolve()
         return bool(self._skipped)
+
+    @property
+    def lr(self) -> float | None:
+        """Set by the optimizer's ``on_resolved`` hook, if it has one (None otherwise)."""
+        if self._skipped is None:
+            self._optimizer.resolve()
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        self._lr = value
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -101,6 +112,7 @@ class GuardedAdamW(torch.optim.AdamW):
         self._in_step = True
         self._step_flag = None
         self._all_groups = self.param_groups
+        self.last_decision = None
 
     def resolve(self) -> None:
         """Read the decisions of the steps taken so far (waits for the device to have made them)."""
