@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tests.multiproc import run_ranks
-from tests.tiny_glm import TINY, VOCAB, make_batch
+from tests.tiny_glm import TINY, TINY_SETTINGS, engine_batches
 
 SEED = 7
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -127,15 +127,10 @@ def _train(rank: int, world_size: int, settings: list[str], build_in_fp32: bool)
 
     from megatron_glm import parallel
     from megatron_glm.config import load_config, padded_vocab_size, parallel_layout
-    from megatron_glm.data.loader import loss_row_index
     from megatron_glm.training import engine as engine_module
 
     overrides = [
-        "model.num_layers=2",
-        "model.hidden_size=64",
-        "model.num_attention_heads=4",
-        "model.max_position_embeddings=64",
-        f"model.vocab_size={VOCAB}",
+        *TINY_SETTINGS,
         "model.hidden_dropout=0.0",
         "model.attention_dropout=0.0",
         "training.precision=bf16",
@@ -171,16 +166,7 @@ def _train(rank: int, world_size: int, settings: list[str], build_in_fp32: bool)
         cfg, layout, padded_vocab_size(cfg.model, layout.tensor_parallel_size), torch.device("cpu")
     )
     trained_dtypes = {p.dtype for p in engine.module.parameters()}
-    data_rank = parallel.get_data_parallel_rank()
-
-    def batches():
-        for seed in range(1000):
-            batch = make_batch(seps=(14, 17), seed=100 * data_rank + seed)
-            batch["objective"] = torch.zeros(2, dtype=torch.int64)
-            batch["loss_index"] = loss_row_index(batch["loss_mask"])
-            yield batch
-
-    micro_batches = batches()
+    micro_batches = engine_batches(parallel.get_data_parallel_rank())
     losses, norms = [], []
     for _ in range(STEPS):
         result = engine.train_step(micro_batches)

@@ -21,17 +21,12 @@ CHECKED_FROM = 2  # the first steps allocate, and create the optimizer's state
 def _steps_under_the_sync_check(rank: int, world_size: int) -> dict:
     from megatron_glm import parallel
     from megatron_glm.config import load_config, padded_vocab_size, parallel_layout
-    from megatron_glm.data.loader import loss_row_index
     from megatron_glm.training.engine import TrainingEngine
     from megatron_glm.training.signals import PreemptionHandler
-    from tests.tiny_glm import VOCAB, make_batch
+    from tests.tiny_glm import TINY_SETTINGS, engine_batches
 
     overrides = [
-        "model.num_layers=2",
-        "model.hidden_size=64",
-        "model.num_attention_heads=4",
-        "model.max_position_embeddings=64",
-        f"model.vocab_size={VOCAB}",
+        *TINY_SETTINGS,
         "model.kernels=torch",  # the step around the kernels; the Triton launches are checked elsewhere
         "training.precision=bf16",
         "training.micro_batch_size=2",
@@ -48,14 +43,7 @@ def _steps_under_the_sync_check(rank: int, world_size: int) -> dict:
     engine = TrainingEngine(cfg, layout, padded_vocab_size(cfg.model, 1), device)
     preemption = PreemptionHandler(device)
 
-    def batches():
-        for seed in range(1000):
-            batch = make_batch(seps=(14, 17), seed=seed)
-            batch["objective"] = torch.zeros(2, dtype=torch.int64)
-            batch["loss_index"] = loss_row_index(batch["loss_mask"])
-            yield {key: value.pin_memory() for key, value in batch.items()}  # as the loader pins them
-
-    micro_batches, losses, skipped, preempted = batches(), [], [], []
+    micro_batches, losses, skipped, preempted = engine_batches(pin=True), [], [], []
     for step in range(6):
         mode = torch.cuda.get_sync_debug_mode()
         if step >= CHECKED_FROM:

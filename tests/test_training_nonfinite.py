@@ -83,16 +83,11 @@ def _skip_in_the_middle(rank: int, world_size: int, read_each_step: bool, zero_s
 
     from megatron_glm import parallel
     from megatron_glm.config import load_config, padded_vocab_size, parallel_layout
-    from megatron_glm.data.loader import loss_row_index
     from megatron_glm.training.engine import TrainingEngine
-    from tests.tiny_glm import VOCAB, make_batch
+    from tests.tiny_glm import TINY_SETTINGS, engine_batches
 
     overrides = [
-        "model.num_layers=2",
-        "model.hidden_size=64",
-        "model.num_attention_heads=4",
-        "model.max_position_embeddings=64",
-        f"model.vocab_size={VOCAB}",
+        *TINY_SETTINGS,
         "training.precision=bf16",
         "training.micro_batch_size=2",
         "training.global_batch_size=2",
@@ -117,18 +112,11 @@ def _skip_in_the_middle(rank: int, world_size: int, read_each_step: bool, zero_s
 
     engine._forward = poisoned_at_the_third_step
 
-    def batches():
-        for seed in range(1000):
-            batch = make_batch(seps=(14, 17), seed=seed)
-            batch["objective"] = torch.zeros(2, dtype=torch.int64)
-            batch["loss_index"] = loss_row_index(batch["loss_mask"])
-            yield batch
-
     optimizer = engine.deepspeed_engine.optimizer
     master = (
         getattr(optimizer, "fp32_groups_flat_partition", None) or optimizer.single_partition_of_fp32_groups
     )
-    micro_batches, results, read, host_reads, masters = batches(), [], [], [], []
+    micro_batches, results, read, host_reads, masters = engine_batches(), [], [], [], []
     for step in range(5):
         with host_reads_recorded(host_reads) if step > 0 else contextlib.nullcontext():
             results.append(engine.train_step(micro_batches))

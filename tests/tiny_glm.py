@@ -46,3 +46,26 @@ def make_batch(seps=(14, 17), length=24, seed=0) -> dict:
 def forward_and_loss(model, batch):
     hidden = model(batch["tokens"], batch["position_ids"], batch["sep"])
     return hidden, glm_loss(model, hidden, batch["targets"], batch["loss_mask"])
+
+
+# The tiny model as glm-pretrain's settings, for the tests that build a TrainingEngine.
+TINY_SETTINGS = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.max_position_embeddings=64",
+    f"model.vocab_size={VOCAB}",
+]
+
+
+def engine_batches(data_rank: int = 0, pin: bool = False):
+    """Micro-batches for ``TrainingEngine.train_step``: ``make_batch``'s, as the collate completes them (the
+    objective, the loss rows), a different stream per data-parallel rank; pinned as the loader pins them on
+    GPUs with ``pin``."""
+    from megatron_glm.data.loader import loss_row_index
+
+    for seed in range(1000):
+        batch = make_batch(seps=(14, 17), seed=100 * data_rank + seed)
+        batch["objective"] = torch.zeros(2, dtype=torch.int64)
+        batch["loss_index"] = loss_row_index(batch["loss_mask"])
+        yield {key: value.pin_memory() for key, value in batch.items()} if pin else batch
