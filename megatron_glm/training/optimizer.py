@@ -64,7 +64,7 @@ class GuardedAdamW(torch.optim.AdamW):
     Where the decision is a device tensor (always, once training runs) it is not read before the update: the
     fused AdamW takes it as ``found_inf`` and skips on the device, so the host never waits for the GPU to
     finish the backward and can queue the next step meanwhile. The host learns the outcome later, from a
-    pinned copy (``SkipDecision``): when the next step begins (its learning rate depends on whether this one
+    pinned copy (``SkipDecision``): at the next update (its learning rate depends on whether this one
     counted), or when the loop reports the step, whichever is first. ``on_resolved`` is called with each
     decision as it is read, in step order (the engine takes the schedule back a step for a skipped one).
 
