@@ -212,7 +212,7 @@ class StepResult:
     ) -> None:
         self._scalars = scalars
         self._decision = decision
-        self._overflow = overflow  # DeepSpeed's loss scaler skipped the update (fp16): known at once
+        self._overflow = overflow  # DeepSpeed's own check skipped the update: known at once
         # Without a verdict of ours the schedule already stands where this step left it.
         self._lr = scheduler.get_lr() if decision is None else None
 
@@ -347,7 +347,8 @@ class TrainingEngine:
         return self._result(mean, overflows_before)
 
     def _result(self, loss: torch.Tensor, overflows_before: int) -> StepResult:
-        # DeepSpeed's fp16 loss scaler decides on the host, and then never calls our optimizer.
+        # DeepSpeed's own checks (the fp16 loss scaler, ZeRO-1/2's finiteness test of the norm) decide on the
+        # host, and then never call our optimizer.
         overflow = self.deepspeed_engine.skipped_steps != overflows_before
         # The gradient norm: a device tensor, a number (inf after an overflow) or None.
         norm = self.deepspeed_engine.get_global_grad_norm()

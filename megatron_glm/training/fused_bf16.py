@@ -181,9 +181,9 @@ def _step(self, closure=None) -> None:
 def _step_without_waiting(self, norm: torch.Tensor) -> None:
     """``_step`` with nothing read on the host: the skip and the clipping are decided on the device.
 
-    DeepSpeed reads the norm three times (is it finite, is the factor below 1), each read a wait for the GPU to
-    finish the backward, after which it sits idle until the host has queued the update and the next step's
-    first kernels. Here a non-finite norm becomes the inner optimizer's device verdict (``GuardedAdamW``: its
+    DeepSpeed reads the norm three times (its -1 copied from the host, is it finite, is the factor below 1),
+    each read a wait for the GPU to finish the backward, after which it sits idle until the host has queued
+    the update and the next step's first kernels. Here a non-finite norm becomes the inner optimizer's device verdict (``GuardedAdamW``: its
     fused AdamW leaves parameters, moments and step counts as they were), and the gradients are always
     multiplied by the factor capped at 1: times 1.0 every value keeps its bits, so the update is DeepSpeed's
     bit for bit, for one more pass over the fp32 gradients where they are not clipped. The host learns of a
