@@ -3,14 +3,15 @@ present; ``benchmarks/gpu_check.py`` runs it).
 
 Under ``torch.cuda.set_sync_debug_mode("error")`` every operation that makes the host wait for the GPU raises
 (``.item()``, a copy from pageable host memory, a boolean-mask index, ``nonzero``): here around glm-pretrain's
-step (forward, backward and DeepSpeed's bf16 ZeRO-1 update, with dropout and gradient clipping) and the loop's
-per-step preemption check. The step's results are read after it, outside the check, as the loop reads them
+step (forward, backward and DeepSpeed's bf16 ZeRO-1 or ZeRO-2 update, with dropout and gradient clipping) and the
+loop's per-step preemption check. The step's results are read after it, outside the check, as the loop reads them
 once the next step is queued. The CPU tests find the host reads (``tests/test_training_nonfinite.py``); this
 finds what only a GPU makes a wait.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.multiproc import run_ranks
@@ -18,7 +19,7 @@ from tests.multiproc import run_ranks
 CHECKED_FROM = 2  # the first steps allocate, and create the optimizer's state
 
 
-def _steps_under_the_sync_check(rank: int, world_size: int) -> dict:
+def _steps_under_the_sync_check(rank: int, world_size: int, zero_stage: int) -> dict:
     from megatron_glm import parallel
     from megatron_glm.config import load_config, padded_vocab_size, parallel_layout
     from megatron_glm.training.engine import TrainingEngine
@@ -32,7 +33,7 @@ def _steps_under_the_sync_check(rank: int, world_size: int) -> dict:
         "training.micro_batch_size=2",
         "training.global_batch_size=4",  # two micro-batches per step
         "training.train_steps=10",
-        "parallel.zero_stage=1",
+        f"parallel.zero_stage={zero_stage}",
         "training.grad_clip=1e-3",  # every step clips
     ]
     cfg = load_config(None, overrides)
@@ -60,8 +61,10 @@ def _steps_under_the_sync_check(rank: int, world_size: int) -> dict:
     return outcome
 
 
-def test_a_training_step_makes_the_host_wait_for_nothing():
-    (outcome,) = run_ranks(_steps_under_the_sync_check, 1)
+# ZeRO-1: DeepSpeed's BF16 optimizer (training/fused_bf16.py); ZeRO-2: its ZeRO optimizer (training/fused_zero.py).
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_a_training_step_makes_the_host_wait_for_nothing(zero_stage):
+    (outcome,) = run_ranks(_steps_under_the_sync_check, 1, zero_stage)
     assert outcome["skipped"] == [False] * 6
     assert all(0.0 < loss < 20.0 for loss in outcome["losses"]), outcome["losses"]
     assert outcome["preempted"] == [False] * 6

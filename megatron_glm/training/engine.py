@@ -31,6 +31,7 @@ from megatron_glm.parallel import (
     get_pipeline_parallel_world_size,
 )
 from megatron_glm.training.fused_bf16 import fuse_bf16_optimizer, skip_single_rank_allreduce
+from megatron_glm.training.fused_zero import fuse_zero_optimizer
 from megatron_glm.training.lr_schedule import AnnealingLR
 from megatron_glm.training.metrics import HostScalars
 from megatron_glm.training.optimizer import GuardedAdamW, SkipDecision, build_optimizer
@@ -296,6 +297,8 @@ class TrainingEngine:
         self.device = self.deepspeed_engine.device
         if fuse_bf16_optimizer(self.deepspeed_engine.optimizer):
             logger.debug("DeepSpeed's BF16 optimizer runs its gradient loops as foreach operations")
+        if fuse_zero_optimizer(self.deepspeed_engine.optimizer):
+            logger.debug("DeepSpeed's ZeRO optimizer takes its gradient norm as one foreach operation")
         if skip_single_rank_allreduce(self.deepspeed_engine, layout.data_parallel_size):
             logger.debug("one data-parallel rank: DeepSpeed's gradient all-reduce (an identity) is off")
 
@@ -347,8 +350,8 @@ class TrainingEngine:
         return self._result(mean, overflows_before)
 
     def _result(self, loss: torch.Tensor, overflows_before: int) -> StepResult:
-        # DeepSpeed's own checks (the fp16 loss scaler, ZeRO-1/2's finiteness test of the norm) decide on the
-        # host, and then never call our optimizer.
+        # DeepSpeed's own checks (the fp16 loss scaler; under fp32 and fp16 ZeRO-1/2's finiteness test of the
+        # norm) decide on the host, and then never call our optimizer. Under bf16 the verdict is ours.
         overflow = self.deepspeed_engine.skipped_steps != overflows_before
         # The gradient norm: a device tensor, a number (inf after an overflow) or None.
         norm = self.deepspeed_engine.get_global_grad_norm()
