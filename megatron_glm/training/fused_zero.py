@@ -2,13 +2,13 @@
 on the device, and, under bf16 over ``GuardedAdamW``, a step that reads nothing on the host.
 
 DeepSpeed's ``DeepSpeedZeroOptimizer`` is what glm-pretrain runs under bf16 with ZeRO-2 (``glm-2b.yaml``,
-``glm-10b.yaml``) and under fp32 or fp16 with ZeRO-1 or 2 (bf16 ZeRO-1 is DeepSpeed's BF16 optimizer:
-``fused_bf16.py``). At every step it
+``glm-10b.yaml``) and under fp32 (``glm-demo.yaml``) or fp16 with ZeRO-1 or 2 (bf16 ZeRO-1 is DeepSpeed's BF16
+optimizer: ``fused_bf16.py``). At every step it
 
 - tests each gradient of its partition for infinities and NaNs (bf16 and fp16): seven small operations per
   gradient (``amax``, ``amin``, two ``isfinite``, an ``and``, a ``not``, an add), then reads the count on the
   host;
-- takes the 2-norm of each gradient separately (``torch.linalg.vector_norm`` per tensor);
+- copies each gradient to fp64 and takes its 2-norm, one tensor at a time;
 - reads the norm on the host to decide whether it is finite, then again in each parameter group's clipping.
 
 GLM-Large has 293 parameter tensors: ~2,300 operations per step, each paying the host's dispatch (on a GPU a
@@ -17,10 +17,11 @@ ZeRO-2 run of glm-large was 2.3x slower than ZeRO-1 (``docs/benchmarks.md``).
 
 Here:
 
-- the norms are one ``torch._foreach_norm`` (one fused kernel per chunk of tensors on GPUs), taken in DeepSpeed's
-  precision (fp64) without its fp64 copy of every gradient (2.7 GB written and read again at glm-large), and
-  combined as DeepSpeed combines them (squared, summed, all-reduced over the data- and model-parallel groups, to the power
-  1/2, invalid values masked to -1, the groups' norms combined with an invalid one giving inf);
+- the norms are one ``torch._foreach_norm`` (one fused kernel per chunk of tensors on GPUs), taken in
+  DeepSpeed's precision (fp64) without its fp64 copy of every gradient (2.7 GB written and read again at
+  glm-large), and combined as DeepSpeed combines them (squared, summed, all-reduced over the data- and
+  model-parallel groups, to the power 1/2, invalid values masked to -1, the groups' norms combined with an
+  invalid one giving inf);
 - the clipping multiplies by DeepSpeed's factor computed on the device, without first asking on the host
   whether the norm is valid (where it is not, the update is skipped: below);
 - under bf16 over ``GuardedAdamW`` with the fused AdamW, a non-finite norm is the optimizer's device verdict
@@ -29,15 +30,16 @@ Here:
   the norm, which every rank shares, non-finite, so both skip the same updates. The host learns of a skip
   later (``GuardedAdamW.resolve``), as under ZeRO-1. The reported norm is then inf, as DeepSpeed's.
 
-Under fp32 and fp16 DeepSpeed still reads the norm once to skip an invalid one itself (fp16's loss scaler
-must know). The gradients, norms, skips and weights are those of DeepSpeed's own step: bitwise on CPUs
+Under fp32 DeepSpeed still reads the norm once, to skip an invalid one itself. fp16 keeps DeepSpeed's own step:
+DeepSpeed runs fp16 on GPUs only, where the tests that compare the two steps bitwise cannot run. The gradients,
+norms, skips and weights are those of DeepSpeed's own step: bitwise on CPUs
 (``tests/test_training_fused_zero.py``); on GPUs the fused norm kernel may round the per-tensor norms
 differently in the last bit.
 
-Only the configurations it covers are changed: no CPU offload, no mixture of experts, no Muon, no ZenFlow, the
-gradient norm computed. ``_group_norm`` and ``_unscale_and_clip_grads`` follow ``get_grad_norm_direct`` and
-``unscale_and_clip_grads`` of the DeepSpeed versions in ``MIRRORED_DEEPSPEED`` (the one requirements.txt
-pins); under any other version nothing is replaced.
+Only the configurations it covers are changed: bf16 or fp32, no CPU offload, no mixture of experts, no Muon,
+no ZenFlow, the gradient norm computed. ``_group_norm`` and ``_unscale_and_clip_grads`` follow
+``get_grad_norm_direct`` and ``unscale_and_clip_grads`` of the DeepSpeed versions in ``MIRRORED_DEEPSPEED``
+(the one requirements.txt pins); under any other version nothing is replaced.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def fuse_zero_optimizer(optimizer) -> bool:
         and not optimizer.zenflow
         and optimizer.compute_grad_norm
         and "muon" not in type(optimizer.optimizer).__name__.lower()
+        and optimizer.dtype in (torch.bfloat16, torch.float32)
     )
     if not covered:
         return False
