@@ -11,8 +11,8 @@ optimizer: ``fused_bf16.py``). At every step it
 - copies each gradient to fp64 and takes its 2-norm, one tensor at a time;
 - reads the norm on the host to decide whether it is finite, then again in each parameter group's clipping.
 
-GLM-Large has 293 parameter tensors: ~2,300 operations per step, each paying the host's dispatch (on a GPU a
-kernel launch), and four reads that make the host wait for the GPU to finish the backward. On one H200 the
+GLM-Large has 293 parameter tensors: ~2,600 operations per step (9 per gradient), each paying the host's
+dispatch (on a GPU a kernel launch), and four reads that make the host wait for the GPU to finish the backward. On one H200 the
 ZeRO-2 run of glm-large was 2.3x slower than ZeRO-1 (``docs/benchmarks.md``).
 
 Here:
