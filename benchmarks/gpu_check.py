@@ -23,9 +23,11 @@ within about 8 minutes:
    atomic-dQ backward, with per-layer CUDA graphs and with torch's kernels, side by side), ``graphs``
    (the model step also captured in one CUDA graph: its speed without the host's launch overhead), ``kbench``
    (``benchmarks/bench_kernels_gpu.py``: attention against SDPA and FlexAttention, LayerNorm against torch),
-   ``glm2b`` (glm-2b on one GPU with ZeRO-1 at T 1024: tokens/s, MFU and peak memory) and ``compile``
+   ``glm2b`` (glm-2b on one GPU with ZeRO-1 at T 1024: tokens/s, MFU and peak memory), ``compile``
    (``benchmarks/bench_compile.py``: the attention kernels' autotuning candidates compiled one by one, as
-   Triton's autotuner does, against ``kernels/precompile.py``'s worker processes).
+   Triton's autotuner does, against ``kernels/precompile.py``'s worker processes) and ``optstep``
+   (``benchmarks/bench_optimizer_step.py``: DeepSpeed's bf16 ZeRO-2 step against ours: operations, host reads
+   and step time).
 
 Every stage's output goes to stdout and, with the summary, to ``<out>/gpu-check.md`` (the commands' logs to
 ``<out>/gpu-check-logs.tar.gz``); the exit status is 1
@@ -95,7 +97,8 @@ def parse_args() -> argparse.Namespace:
         "step also captured in a CUDA graph), kbench (bench_kernels_gpu.py), "
         "glm2b (glm-2b on one GPU, ZeRO-1, T 1024, 12 steps: tokens/s, MFU, peak "
         "memory), compile (bench_compile.py: the autotuning candidates compiled one by one vs in worker "
-        "processes); the default set stays under 8 minutes",
+        "processes), optstep (bench_optimizer_step.py: DeepSpeed's bf16 ZeRO-2 step vs ours); the default set "
+        "stays under 8 minutes",
     )
     parser.add_argument(
         "--kernel-bench-args",
@@ -211,6 +214,16 @@ def stage_launch(report: Report, env: dict[str, str], work: Path, smoke: bool) -
     run_tables(report, "bench_launch_overhead", command, env, 90, work / "launch.log")
 
 
+def stage_optimizer_step(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:
+    """DeepSpeed's bf16 ZeRO-2 optimizer step against ours (training/fused_zero.py), in glm-pretrain's engine at
+    24 layers (glm-large's 293 parameter tensors) of toy width: a step bound by its host, as on one GPU."""
+    report.add("\n## DeepSpeed's optimizer step against ours (operations, host reads, train_step time)\n")
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_optimizer_step.py"), "--configs", "bf16:2"]
+    if smoke:
+        command += ["--layers", "2", "--rounds", "2", "--steps", "2"]
+    run_tables(report, "bench_optimizer_step", command, env, report.left(120), work / "optimizer-step.log")
+
+
 def stage_kernel_bench(report: Report, env: dict[str, str], work: Path, smoke: bool, extra: str) -> None:
     report.add("\n## Kernels: GLM attention vs SDPA and FlexAttention, LayerNorm vs torch\n")
     budget = max(20.0, min(240.0, report.left(400) - 50))
@@ -281,7 +294,18 @@ def stage_bench(report: Report, env: dict[str, str], work: Path, smoke: bool) ->
         report.fail("parallel compile", f"the autotuner compiled in-process instead (see {log.name})")
 
 
-STAGES = ("kernels", "bench", "launch", "pretrain", "throughput", "graphs", "kbench", "glm2b", "compile")
+STAGES = (
+    "kernels",
+    "bench",
+    "launch",
+    "pretrain",
+    "throughput",
+    "graphs",
+    "kbench",
+    "glm2b",
+    "compile",
+    "optstep",
+)
 # kernels/precompile.py's warning when its worker processes could not compile the autotuning candidates.
 PARALLEL_COMPILE_FAILED = "parallel compilation of Triton autotuning candidates failed"
 
@@ -329,6 +353,7 @@ def main() -> int:
         "kbench": lambda: stage_kernel_bench(report, env, work, args.smoke, args.kernel_bench_args),
         "glm2b": lambda: stage_glm2b(report, env, work, args.smoke, args.overrides),
         "compile": lambda: stage_compile(report, env, work, args.smoke),
+        "optstep": lambda: stage_optimizer_step(report, env, work, args.smoke),
     }
     for name in requested:
         stages[name]()
