@@ -8,7 +8,7 @@ import torch
 
 from megatron_glm.config import load_config, parallel_layout
 from megatron_glm.training.checkpoint import CheckpointManager, TrainingState
-from megatron_glm.training.engine import deepspeed_config
+from megatron_glm.training.engine import deepspeed_config, single_replica_zero_warning
 
 
 def test_bf16_accumulates_and_reduces_gradients_in_fp32_and_overlap_follows_the_device():
@@ -50,6 +50,17 @@ def test_overlap_comm_is_a_config_key_and_fp32_needs_no_accumulation_dtype():
     cfg = load_config(None, ["training.precision=fp32", "parallel.overlap_comm=false"])
     config = deepspeed_config(cfg, parallel_layout(cfg, 1), cuda=True)
     assert "data_types" not in config and config["zero_optimization"]["overlap_comm"] is False
+
+
+def test_zero2_over_one_data_parallel_rank_is_warned_about():
+    """ZeRO-2 partitions gradients over the data-parallel ranks: over one it only costs time, and the user is
+    told which key to change. Over several, and for other stages, nothing is said."""
+    zero2 = load_config(None, ["parallel.zero_stage=2", "parallel.tensor_parallel_size=2"])
+    message = single_replica_zero_warning(zero2, parallel_layout(zero2, 2))
+    assert "parallel.zero_stage=1" in message and "tp 2 x pp 1 x dp 1" in message
+    assert single_replica_zero_warning(zero2, parallel_layout(zero2, 4)) is None  # dp 2
+    zero1 = load_config(None, ["parallel.zero_stage=1"])
+    assert single_replica_zero_warning(zero1, parallel_layout(zero1, 1)) is None
 
 
 def test_training_state_round_trips_through_the_client_state():

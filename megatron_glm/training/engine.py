@@ -196,6 +196,20 @@ def deepspeed_config(cfg: GLMConfig, layout: Layout, cuda: bool | None = None) -
     return config
 
 
+def single_replica_zero_warning(cfg: GLMConfig, layout: Layout) -> str | None:
+    """A warning for ZeRO-2 over one data-parallel rank, where it partitions nothing and costs time; None
+    otherwise."""
+    if cfg.parallel.zero_stage != 2 or layout.data_parallel_size != 1:
+        return None
+    return (
+        f"parallel.zero_stage=2 over one data-parallel rank (tp {layout.tensor_parallel_size} x pp "
+        f"{layout.pipeline_parallel_size} x dp 1) partitions nothing: it only adds its per-gradient hooks and "
+        "bucketed reduction to every step (glm-large trained 2.3x slower than under ZeRO-1 on one H200). Set "
+        "parallel.zero_stage=1 for runs with one data-parallel rank; stage 2 divides the gradients' memory over "
+        "several."
+    )
+
+
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 

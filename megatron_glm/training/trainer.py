@@ -37,7 +37,12 @@ from megatron_glm.parallel import (
 )
 from megatron_glm.training.checkpoint import CheckpointManager, TrainingState
 from megatron_glm.training.distributed import LaunchInfo, device_for, init_distributed
-from megatron_glm.training.engine import PRECISION_DTYPES, StepResult, TrainingEngine
+from megatron_glm.training.engine import (
+    PRECISION_DTYPES,
+    StepResult,
+    TrainingEngine,
+    single_replica_zero_warning,
+)
 from megatron_glm.training.hardware import emulated_bf16_warning, fp32_matmul_warning, measure_matmul_peak
 from megatron_glm.training.metrics import MetricsReporter, StepProfiler, TimedIterator
 from megatron_glm.training.signals import PreemptionHandler
@@ -152,6 +157,8 @@ def _setup(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> TrainingRu
     builder = rank == 0 if cfg.data.shared_cache else info.local_rank == 0
     samples = prepare_sample_directory(cfg.data, cfg.model.tokenizer, builder=builder)
     vocab_size = padded_vocab_size(cfg.model, layout.tensor_parallel_size)
+    if warning := single_replica_zero_warning(cfg, layout):
+        logger.warning(warning)
     engine = TrainingEngine(cfg, layout, vocab_size, device)
     backend = kernels.resolve_backend(cfg.model.kernels, device)
     logger.info(
