@@ -36,15 +36,39 @@ class _Model(torch.nn.Module):
         return self.body(x) + (self.branch(x) if self.use_branch else 0.0)
 
 
+def inner_optimizer(model: torch.nn.Module, variant: str) -> torch.optim.Optimizer:
+    """torch's fused AdamW, or over "deferred" GuardedAdamW (which skips on the device), registered with
+    DeepSpeed as build_optimizer registers it."""
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+
+    from megatron_glm.training.optimizer import GuardedAdamW
+
+    if variant != "deferred":
+        return torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    ZERO_SUPPORTED_OPTIMIZERS.append(GuardedAdamW)
+    return GuardedAdamW(model.parameters(), lr=1e-2, fused=True)
+
+
+def assert_same_training(ours: dict, theirs: dict, where: str) -> None:
+    """Five steps trained bitwise alike, the third skipped, the fourth not clipped and the others clipped."""
+    assert ours["refused"], f"{where}: fused under a DeepSpeed release it does not mirror"
+    assert theirs["skipped"] == [False, False, True, False, False], theirs["skipped"]
+    assert ours["skipped"] == theirs["skipped"], where
+    # Step 4 was not clipped, every other step was: both paths ran.
+    assert theirs["norms"][3] < CLIP < min(theirs["norms"][:2] + theirs["norms"][4:]), theirs["norms"]
+    assert ours["losses"] == theirs["losses"], where
+    assert ours["norms"] == theirs["norms"], where
+    for a, b in zip(ours["master"], theirs["master"]):
+        assert torch.equal(a, b), where
+
+
 def _train(rank: int, world_size: int, variant: str) -> dict:
     """Five steps with DeepSpeed's own loops ("deepspeed"), ours ("fused") or ours over GuardedAdamW, which
     skips on the device ("deferred"); all three over torch's fused AdamW."""
     import deepspeed
-    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
 
     from megatron_glm import parallel
     from megatron_glm.training.fused_bf16 import fuse_bf16_optimizer, skip_single_rank_allreduce
-    from megatron_glm.training.optimizer import GuardedAdamW
 
     fused = variant != "deepspeed"
     parallel.initialize_parallel(world_size, 1)
@@ -64,11 +88,7 @@ def _train(rank: int, world_size: int, variant: str) -> dict:
         "communication_data_type": "fp32",  # as glm-pretrain configures it (engine.deepspeed_config)
         "steps_per_print": 2**62,
     }
-    if variant == "deferred":
-        ZERO_SUPPORTED_OPTIMIZERS.append(GuardedAdamW)  # as build_optimizer registers it
-        inner = GuardedAdamW(model.parameters(), lr=1e-2, fused=True)
-    else:
-        inner = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    inner = inner_optimizer(model, variant)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=inner, config=config, mpu=parallel.DeepSpeedMPU()
     )
@@ -124,15 +144,7 @@ def test_foreach_loops_train_bitwise_like_deepspeeds_own():
             where = f"{variant}, rank {rank}"
             assert ours["applied"], f"{where}: the BF16 optimizer was not fused"
             assert ours["all_reduce_skipped"] and ours["kept_over_two_ranks"], where
-            assert ours["refused"], f"{where}: fused under a DeepSpeed release it does not mirror"
-            assert theirs["skipped"] == [False, False, True, False, False], theirs["skipped"]
-            assert ours["skipped"] == theirs["skipped"], where
-            # Step 4 was not clipped, every other step was: both paths ran.
-            assert theirs["norms"][3] < CLIP < min(theirs["norms"][:2] + theirs["norms"][4:]), theirs["norms"]
-            assert ours["losses"] == theirs["losses"], where
-            assert ours["norms"] == theirs["norms"], where
-            for a, b in zip(ours["master"], theirs["master"]):
-                assert torch.equal(a, b), where
+            assert_same_training(ours, theirs, where)
             # DeepSpeed's step reads the norm on the host (finite? clip?), each read a wait for the GPU; over
             # GuardedAdamW nothing is read in the step.
             assert theirs["reads"] and ours["reads"] if variant == "fused" else not ours["reads"], ours[
