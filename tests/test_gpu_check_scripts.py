@@ -68,3 +68,14 @@ def test_the_schedule_model_finds_what_the_work_log_reports():
         assert attention_schedule.round_robin(costs, 264) / ideal > dispatched + 0.05
     uniform = attention_schedule.block_costs(512, 256, [256] * 256, 64, 64)
     assert attention_schedule.round_robin(uniform, 264) > 1.3 * sum(uniform) / 264
+
+
+def test_a_stage_without_budget_left_says_so_instead_of_failing(tmp_path):
+    """The optimizer-step stage comes last in its call: with the budget spent it is reported as not run, not as
+    a failed (cut-short) benchmark."""
+    import gpu_check
+
+    report = Report(tmp_path / "gpu-check.md", 0, tmp_path / "work")
+    gpu_check.stage_optimizer_step(report, dict(os.environ), tmp_path / "work", smoke=False)
+    assert "not run:" in (tmp_path / "gpu-check.md").read_text()
+    assert report.failures == []
