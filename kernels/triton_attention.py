@@ -122,7 +122,7 @@ def _keep_bits_shape(batch: int, heads: int, query_length: int, key_length: int)
     """The stored dropout decisions' shape: a byte per query and 8 keys, each query's row padded to whole 128-key
     tiles (KEEP_BITS_ROW_KEYS), which the kernels then load and store as words."""
     row_keys = int(KEEP_BITS_ROW_KEYS)
-    return batch * heads, query_length, cdiv(key_length, row_keys) * (row_keys // DROPOUT_GROUP)
+    return batch * heads, query_length, cdiv(key_length, row_keys) * (row_keys // int(DROPOUT_GROUP))
 
 
 def _attention_forward(q, k, v, sep, lengths, softmax_scale: float, dropout_p: float, for_backward: bool):

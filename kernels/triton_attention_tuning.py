@@ -8,6 +8,8 @@ Hopper. The kernels themselves are in ``triton_attention_kernels`` (forward) and
 
 from __future__ import annotations
 
+import os
+
 import triton
 
 from kernels.triton_support import autotune_configs
@@ -71,6 +73,15 @@ FORWARD_WS_SHAPES = [(128, 64, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3)]
 DQ_WS_SHAPES = [(64, 64, 4, 3)]
 # dK/dV (k and v by descriptors): without dropout and without atomic dQ only; the H200 chose its 64 x 64 on 4 warps.
 DKDV_WS_SHAPES = [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
+# The warp-specialized candidates are timed only with GLM_KERNELS_WARP_SPECIALIZE=1. On the H200 (2026-11-28) the
+# forward's 64 x 64 one gave outputs that differ from the same tile unspecialized, with and without dropout
+# (tests/test_kernels_attention.py), so the autotuner must not pick them until that is understood.
+WARP_SPECIALIZE: bool = os.environ.get("GLM_KERNELS_WARP_SPECIALIZE", "0").strip().lower() in (
+    "1",
+    "true",
+    "yes",
+    "on",
+)
 # fp32 tiles take twice the registers of 16-bit ones, and the "ieee" dot holds its operands in registers: for
 # fp32 inputs only tiles of at most this many elements per warp are timed.
 FP32_TILE_ELEMENTS_PER_WARP = 256
@@ -123,7 +134,7 @@ def _configs(
         for tma, switch, listed in (
             (False, {}, shapes),
             (True, {}, tma_shapes),
-            (True, {"WS": True}, ws_shapes),
+            (True, {"WS": True}, ws_shapes if WARP_SPECIALIZE else []),
         )
         for a, b, w, s in listed
     ]

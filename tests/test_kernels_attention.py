@@ -535,3 +535,15 @@ def test_a_tma_candidate_that_fails_is_timed_as_infinitely_slow():
         assert tuner._bench(config=triton.Config({"USE_TMA": True})) == [float("inf")] * 3
     with pytest.raises(RuntimeError, match="no TMA here"):
         tuner._bench(config=triton.Config({"USE_TMA": False}))
+
+
+def test_warp_specialized_candidates_are_timed_only_when_asked_for(monkeypatch):
+    """On the H200 the forward's warp-specialized 64 x 64 tile gave other outputs than the same tile unspecialized:
+    the autotuner leaves every warp-specialized candidate out unless GLM_KERNELS_WARP_SPECIALIZE=1."""
+    import kernels.triton_attention_tuning as tuning
+
+    for switched_on, expected in ((False, 0), (True, len(FORWARD_WS_SHAPES))):
+        monkeypatch.setattr(tuning, "WARP_SPECIALIZE", switched_on)
+        monkeypatch.setattr(tuning, "autotune_configs", lambda gpu, interpreter: gpu)
+        configs = tuning._configs("BLOCK_M", "BLOCK_N", [(64, 32, 8, 3)], [], FORWARD_WS_SHAPES, (64, 32))
+        assert sum(bool(c.kwargs.get("WS")) for c in configs) == expected

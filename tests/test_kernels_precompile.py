@@ -160,6 +160,7 @@ def test_candidates_compile_in_workers_into_the_cache_the_autotuner_reads(tmp_pa
         "TRITON_INTERPRET": "0",
         "GLM_KERNELS_AUTOTUNE": "1",
         "GLM_KERNELS_COMPILE_WORKERS": "2",
+        "GLM_KERNELS_WARP_SPECIALIZE": "1",  # the warp-specialized candidates compile in the workers too
         "TRITON_CACHE_DIR": str(tmp_path / "parallel"),
     }
     command = [
