@@ -63,7 +63,7 @@ def _measure(rank: int, world_size: int, precision: str, zero_stage: int, args: 
     from megatron_glm import parallel
     from megatron_glm.config import load_config, padded_vocab_size, parallel_layout
     from megatron_glm.training.engine import TrainingEngine
-    from megatron_glm.training.fused_zero import fuse_zero_optimizer
+    from megatron_glm.training.fused_zero import REPLACED_METHODS, fuse_zero_optimizer
     from tests.host_reads import host_reads_recorded
     from tests.tiny_glm import TINY_SETTINGS, engine_batches
 
@@ -87,7 +87,7 @@ def _measure(rank: int, world_size: int, precision: str, zero_stage: int, args: 
     engine = TrainingEngine(cfg, layout, padded_vocab_size(cfg.model, 1), device)
     ds = engine.deepspeed_engine
     optimizer = ds.optimizer
-    ours_available = "scaled_global_norm" in vars(optimizer)
+    ours_available = REPLACED_METHODS[0] in vars(optimizer)
     check_grad_overflow = DeepSpeedBF16Config().check_grad_overflow  # what glm-pretrain's config leaves it at
 
     def use(variant: str) -> None:
@@ -96,7 +96,7 @@ def _measure(rank: int, world_size: int, precision: str, zero_stage: int, args: 
         if variant == "ours":
             fuse_zero_optimizer(optimizer)
         else:  # DeepSpeed's methods and its per-gradient test, as deepspeed.initialize left them
-            for name in ("scaled_global_norm", "unscale_and_clip_grads"):
+            for name in REPLACED_METHODS:
                 vars(optimizer).pop(name, None)
             optimizer.glm_norm_decides = False
             optimizer.check_grad_overflow = check_grad_overflow if precision == "bf16" else False

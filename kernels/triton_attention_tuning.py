@@ -8,11 +8,9 @@ Hopper. The kernels themselves are in ``triton_attention_kernels`` (forward) and
 
 from __future__ import annotations
 
-import os
-
 import triton
 
-from kernels.triton_support import autotune_configs
+from kernels.triton_support import autotune_configs, switched_on
 
 # GPU tile shapes: (first block, second block, num_warps, num_stages), the first block being the one a program
 # owns (queries in the forward and dQ, keys in dK/dV). The first shape of each list is the one used without
@@ -76,12 +74,7 @@ DKDV_WS_SHAPES = [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
 # The warp-specialized candidates are timed only with GLM_KERNELS_WARP_SPECIALIZE=1. On the H200 (2026-11-28) the
 # forward's 64 x 64 one gave outputs that differ from the same tile unspecialized, with and without dropout
 # (tests/test_kernels_attention.py), so the autotuner must not pick them until that is understood.
-WARP_SPECIALIZE: bool = os.environ.get("GLM_KERNELS_WARP_SPECIALIZE", "0").strip().lower() in (
-    "1",
-    "true",
-    "yes",
-    "on",
-)
+WARP_SPECIALIZE: bool = switched_on("GLM_KERNELS_WARP_SPECIALIZE", default=False)
 # fp32 tiles take twice the registers of 16-bit ones, and the "ieee" dot holds its operands in registers: for
 # fp32 inputs only tiles of at most this many elements per warp are timed.
 FP32_TILE_ELEMENTS_PER_WARP = 256

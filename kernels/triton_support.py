@@ -16,9 +16,10 @@ import triton
 import triton.language as tl
 
 
-def _switched_on(name: str) -> bool:
-    """An on-by-default switch from the environment: off for 0, false, no, off."""
-    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+def switched_on(name: str, default: bool = True) -> bool:
+    """A switch from the environment: ``default`` where unset or empty, else off for 0, false, no, off."""
+    value = os.environ.get(name, "").strip().lower()
+    return default if not value else value not in ("0", "false", "no", "off")
 
 
 # @triton.jit decides at decoration time whether a kernel runs in the interpreter, so read the switch
@@ -27,7 +28,7 @@ INTERPRET: bool = bool(triton.knobs.runtime.interpret)
 # GLM_KERNELS_AUTOTUNE=0 gives every kernel one fixed tile shape on GPUs (the first of its list) instead of
 # timing them all on the first call per shape: the kernel tests set it, so that a GPU test run compiles one
 # variant per shape (tests/conftest.py). Training and the benchmarks autotune.
-AUTOTUNE: bool = _switched_on("GLM_KERNELS_AUTOTUNE")
+AUTOTUNE: bool = switched_on("GLM_KERNELS_AUTOTUNE")
 
 
 def _environment_number(name: str, default: float, expected: str, *, zero_allowed: bool) -> float:
@@ -228,7 +229,7 @@ DROPOUT_BACKWARD_MASK_MAX_BYTES: int = _mebibytes("GLM_KERNELS_DROPOUT_BACKWARD_
 
 # GLM_KERNELS_DIRECT_LAUNCH=0 sends every launch through Triton's own dispatch (the reference behaviour, kept
 # for comparison: benchmarks/bench_launch_overhead.py times both).
-DIRECT_LAUNCH: bool = _switched_on("GLM_KERNELS_DIRECT_LAUNCH")
+DIRECT_LAUNCH: bool = switched_on("GLM_KERNELS_DIRECT_LAUNCH")
 
 
 _MAX_VARIANTS = 256

@@ -50,6 +50,8 @@ import torch
 
 # The DeepSpeed releases whose DeepSpeedZeroOptimizer norm and clipping the functions below reproduce.
 MIRRORED_DEEPSPEED = ("0.19.8",)
+# The optimizer's methods replaced (as instance attributes: removing them restores DeepSpeed's).
+REPLACED_METHODS = ("scaled_global_norm", "unscale_and_clip_grads")
 
 
 def fuse_zero_optimizer(optimizer) -> bool:
@@ -72,8 +74,8 @@ def fuse_zero_optimizer(optimizer) -> bool:
     )
     if not covered:
         return False
-    optimizer.scaled_global_norm = types.MethodType(_scaled_global_norm, optimizer)
-    optimizer.unscale_and_clip_grads = types.MethodType(_unscale_and_clip_grads, optimizer)
+    for name, method in zip(REPLACED_METHODS, (_scaled_global_norm, _unscale_and_clip_grads)):
+        setattr(optimizer, name, types.MethodType(method, optimizer))
     # Where the inner optimizer skips on the device, the norm's verdict replaces DeepSpeed's per-gradient test
     # (DeepSpeed's step does not test a bf16 norm itself without it, so nothing else reads it).
     optimizer.glm_norm_decides = optimizer.dtype == torch.bfloat16 and getattr(

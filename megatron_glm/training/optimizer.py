@@ -55,10 +55,10 @@ class GuardedAdamW(torch.optim.AdamW):
     """AdamW that does not apply an update whose gradients are not finite, and does not wait to decide.
 
     The training loop sets ``skip_next`` when the ranks agreed that the loss was not finite (a device bool);
-    the BF16 optimizer adds its own verdict on the gradient norm (``skip_if``); with ``check_gradients`` the
-    step also inspects its own gradients (the pipeline engine gives the loop no chance to intervene before the
-    step: a non-finite loss makes every upstream gradient non-finite, so each rank reaches the same
-    decision). The parameters, the moments and Adam's step counts are then left exactly as they were, and the
+    DeepSpeed's BF16 and ZeRO optimizers add their verdict on the gradient norm (``skip_if``: ``fused_bf16``,
+    ``fused_zero``); with ``check_gradients`` the step also inspects its own gradients (the pipeline engine
+    gives the loop no chance to intervene before the step: a non-finite loss makes every upstream gradient
+    non-finite, so each rank reaches the same decision). The parameters, the moments and Adam's step counts are then left exactly as they were, and the
     skip is counted.
 
     Where the decision is a device tensor (always, once training runs) it is not read before the update: the
