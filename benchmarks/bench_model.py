@@ -104,7 +104,7 @@ def parse_args() -> argparse.Namespace:
         "--layer-graphs",
         action="store_true",
         help="on a GPU, also GLM rows with per-layer CUDA graphs (training.cuda_graphs: each layer's forward "
-        "and backward replayed from graphs after two eager warm-up steps)",
+        "and backward captured at the first step, after warm-up passes, and replayed from then on)",
     )
     parser.add_argument(
         "--profile",
@@ -117,7 +117,7 @@ def parse_args() -> argparse.Namespace:
         if key not in explicit:
             setattr(args, key, value)
     if args.layer_graphs:
-        args.warmup = max(args.warmup, 3)  # two eager steps, then the one that captures
+        args.warmup = max(args.warmup, 2)  # the step that captures (and warms up), then a replay
     args.device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
@@ -394,7 +394,7 @@ def main() -> None:
                     label = f"GLM, kernels={kernels}, layer graphs"
                     try:
                         step, flops_per_token = glm_step(args, dtype, kernels, dropout, layer_graphs=True)
-                        for _ in range(3):  # two eager steps, then the one that captures the layers
+                        for _ in range(2):  # the step that captures the layers, then a replay
                             step()
                         torch.cuda.synchronize(device)
                         rows.append((label, step, flops_per_token))

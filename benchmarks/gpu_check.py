@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tarfile
 import time
@@ -93,7 +92,7 @@ def parse_args() -> argparse.Namespace:
         "(bench_model.py, dropout 0.1 and 0, profiled; it also leaves the autotuned tiles of the glm-large "
         "shapes in Triton's cache for the training runs), launch (bench_launch_overhead.py: host time per "
         "kernel call, direct launches vs Triton's dispatch vs torch), pretrain (100 steps, evaluation, checkpoint, kill -9, "
-        "exact resume), throughput (glm-pretrain ZeRO-1 vs atomic-dQ attention vs CUDA graphs vs torch kernels, profiled), graphs (bench_model.py with each "
+        "exact resume), resume-graphs (the same with training.cuda_graphs, unprofiled), throughput (glm-pretrain ZeRO-1 vs atomic-dQ attention vs CUDA graphs vs torch kernels, profiled), graphs (bench_model.py with each "
         "step also captured in a CUDA graph), kbench (bench_kernels_gpu.py), "
         "glm2b (glm-2b on one GPU, ZeRO-1, T 1024, 12 steps: tokens/s, MFU, peak "
         "memory), compile (bench_compile.py: the autotuning candidates compiled one by one vs in worker "
@@ -302,6 +301,7 @@ STAGES = (
     "bench",
     "launch",
     "pretrain",
+    "resume-graphs",
     "throughput",
     "graphs",
     "kbench",
@@ -334,8 +334,6 @@ def main() -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or args.out.parent / (args.out.name + "-work")
-    shutil.rmtree(work / "reference", ignore_errors=True)
-    shutil.rmtree(work / "killed", ignore_errors=True)
     (work / "corpus").mkdir(parents=True, exist_ok=True)
     report = Report(args.out / "gpu-check.md", 3600 if args.smoke else args.budget, work)
     report.add(
@@ -347,6 +345,9 @@ def main() -> int:
     stages = {
         "kernels": lambda: stage_kernels(report, env, work, args.smoke),
         "pretrain": lambda: stage_pretrain(report, env, work, args.smoke, steps, args.overrides),
+        "resume-graphs": lambda: stage_pretrain(
+            report, env, work, args.smoke, steps, args.overrides, variant="graphs", cuda=cuda
+        ),
         "throughput": lambda: stage_throughput(
             report, env, work, args.smoke, args.steps or (6 if args.smoke else 50), args.overrides, cuda
         ),

@@ -87,30 +87,65 @@ def pretrain_command(
     return preprocess(report, env, work, "bert-base-uncased"), command
 
 
+# The pretrain stage's variants: (title, run-folder suffix, further settings, profiled). "graphs" checks the
+# kill -9 and exact resume under per-layer CUDA graphs (GPU only), which the GPU recipes would then turn on.
+PRETRAIN_VARIANTS = {
+    "": ("glm-pretrain", "", [], True),
+    "graphs": ("glm-pretrain with training.cuda_graphs", "-graphs", ["training.cuda_graphs=true"], False),
+}
+
+
+def report_profile(report: Report, run_dir: Path) -> None:
+    """The profiled steps' table (and their timeline, beside the report) of the run in ``run_dir``."""
+    profile = run_dir / "logs" / "profile-rank0.txt"
+    if not profile.is_file():
+        report.fail("glm-pretrain", "no profile written")
+        return
+    report.add(
+        f"\n### Where glm-pretrain's steps go (torch.profiler)\n\n```\n{profile.read_text().strip()}\n```"
+    )
+    trace = run_dir / "logs" / "trace-rank0.json.gz"
+    if trace.is_file():
+        shutil.copy(trace, report.path.parent / "trace-pretrain.json.gz")
+
+
 def stage_pretrain(
-    report: Report, env: dict[str, str], work: Path, smoke: bool, steps: int, extra: list[str]
+    report: Report,
+    env: dict[str, str],
+    work: Path,
+    smoke: bool,
+    steps: int,
+    extra: list[str],
+    variant: str = "",
+    cuda: bool = True,
 ) -> None:
-    report.add("\n## glm-pretrain: train, evaluate, checkpoint, kill -9, resume\n")
+    title, suffix, settings, profile = PRETRAIN_VARIANTS[variant]
+    report.add(f"\n## {title}: train, evaluate, checkpoint, kill -9, resume\n")
+    if "training.cuda_graphs=true" in settings and not cuda:
+        report.add("not run: CUDA graphs need a GPU")
+        return
     corpus, pretrain = pretrain_command(report, env, work, smoke)
     if corpus is None:
         return
+    extra = extra + settings
     half = steps // 2
 
-    reference = work / "reference"
+    reference, killed = work / f"reference{suffix}", work / f"killed{suffix}"
+    for folder in (reference, killed):
+        shutil.rmtree(folder, ignore_errors=True)
     # A few steps of the uninterrupted run under torch.profiler (left out of the throughput figures).
-    profiled = (2, 3) if smoke else (21, 23)
+    profiled = ((2, 3) if smoke else (21, 23)) if profile else (0, -1)
+    profiling = [f"logging.profile_steps={list(profiled)}"] if profile else []
+    log = f"pretrain-reference{suffix}.log"
     status, _ = run(
         report,
-        pretrain
-        + pretrain_settings(
-            str(corpus), work, reference, smoke, steps, extra + [f"logging.profile_steps={list(profiled)}"]
-        ),
+        pretrain + pretrain_settings(str(corpus), work, reference, smoke, steps, extra + profiling),
         env,
         240,
-        work / "pretrain-reference.log",
+        work / log,
     )
     if status != 0:
-        report.fail("glm-pretrain", f"exit {status} (see pretrain-reference.log)")
+        report.fail(title, f"exit {status} (see {log})")
         return
     train, evals = train_records(reference)
     # The uninterrupted run's figures first, so that they are reported whatever happens to the kill and resume.
@@ -132,21 +167,12 @@ def stage_pretrain(
     for record in evals:
         losses = ", ".join(f"{k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("eval_"))
         report.add(f"| evaluation at step {record['step']} | {losses} |")
-    profile = reference / "logs" / "profile-rank0.txt"
-    if profile.is_file():
-        report.add(
-            f"\n### Where glm-pretrain's steps go (torch.profiler)\n\n```\n{profile.read_text().strip()}\n```"
-        )
-        trace = reference / "logs" / "trace-rank0.json.gz"
-        if trace.is_file():  # the profiled steps' timeline, beside the report
-            shutil.copy(trace, report.path.parent / "trace-pretrain.json.gz")
-    else:
-        report.fail("glm-pretrain", "no profile written")
+    if profile:
+        report_profile(report, reference)
 
-    killed = work / "killed"
     command = pretrain + pretrain_settings(str(corpus), work, killed, smoke, steps, extra)
     report.add(f"\n    $ {' '.join(command)}  # killed with SIGKILL once checkpoint {half} is complete")
-    with open(work / "pretrain-killed.log", "w") as out:
+    with open(work / f"pretrain-killed{suffix}.log", "w") as out:
         process = subprocess.Popen(
             command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -158,18 +184,24 @@ def stage_pretrain(
             os.killpg(process.pid, signal.SIGKILL)  # the rank and its data-loader workers
         process.wait()
     if killed_at != half:
-        why = "the time budget ran out first" if time.monotonic() >= deadline else "see pretrain-killed.log"
-        report.fail("kill and resume", f"checkpoint {half} never appeared (latest: {killed_at}; {why})")
+        why = (
+            "the time budget ran out first"
+            if time.monotonic() >= deadline
+            else f"see pretrain-killed{suffix}.log"
+        )
+        report.fail(
+            f"kill and resume ({title})", f"checkpoint {half} never appeared (latest: {killed_at}; {why})"
+        )
         return
     status, _ = run(
         report,
         pretrain + pretrain_settings(str(corpus), work, killed, smoke, steps, extra),
         env,
         240,
-        work / "pretrain-resumed.log",
+        work / f"pretrain-resumed{suffix}.log",
     )
     if status != 0:
-        report.fail("resume", f"exit {status} (see pretrain-resumed.log)")
+        report.fail(f"resume ({title})", f"exit {status} (see pretrain-resumed{suffix}.log)")
         return
     resumed, _ = train_records(killed)
     compared = [s for s in range(half + 1, steps + 1) if s in train and s in resumed]
@@ -187,9 +219,9 @@ def stage_pretrain(
         f"| losses bitwise equal | {'yes' if exact else 'no'} (worst relative difference {worst:.2e}) |"
     )
     if len(compared) != steps - half:
-        report.fail("resume", f"compared {len(compared)} of {steps - half} steps")
+        report.fail(f"resume ({title})", f"compared {len(compared)} of {steps - half} steps")
     elif not worst < 1e-3:
-        report.fail("resume", f"losses after the resume differ by up to {worst:.2e} (relative)")
+        report.fail(f"resume ({title})", f"losses after the resume differ by up to {worst:.2e} (relative)")
 
 
 # The throughput stage's runs: ZeRO-1 (ZeRO-2 ran 2.3x slower on one H200 on 2026-11-27: it partitions nothing on

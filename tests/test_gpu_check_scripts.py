@@ -79,3 +79,18 @@ def test_a_stage_without_budget_left_says_so_instead_of_failing(tmp_path):
     gpu_check.stage_optimizer_step(report, dict(os.environ), tmp_path / "work", smoke=False)
     assert "not run:" in (tmp_path / "gpu-check.md").read_text()
     assert report.failures == []
+
+
+def test_the_graphs_resume_stage_on_a_cpu_says_it_needs_a_gpu(tmp_path):
+    """The kill -9 and resume under training.cuda_graphs is a GPU check: a CPU smoke run reports it as not run
+    (glm-pretrain would refuse the setting there), not as a failure."""
+    import gpu_check_training
+
+    report = Report(tmp_path / "gpu-check.md", 60, tmp_path / "work")
+    gpu_check_training.stage_pretrain(
+        report, dict(os.environ), tmp_path / "work", True, 6, [], variant="graphs", cuda=False
+    )
+    text = (tmp_path / "gpu-check.md").read_text()
+    assert "## glm-pretrain with training.cuda_graphs: train, evaluate, checkpoint, kill -9, resume" in text
+    assert "not run: CUDA graphs need a GPU" in text
+    assert report.failures == []

@@ -5,13 +5,19 @@ On one GPU GLM-Large's step is bound by its host: launching a layer's kernels on
 time than the GPU spends running them (``docs/benchmarks.md``). A CUDA graph replays a captured sequence of
 kernels with one launch.
 
-``LayerGraphs(layer)`` runs the layer eagerly for its first ``warmup`` training calls at an input shape (Triton
-autotunes and compiles, cuBLAS picks its kernels), then captures the layer's forward at the next call and its
-backward when autograd reaches it, on static input and output buffers, and replays them from then on: the
-forward copies its input into the static buffer and replays; the backward copies the output gradient in,
-replays, and hands autograd copies of the gradients (autograd may keep a returned gradient as a parameter's
-``.grad``, which the next replay would overwrite). All layers capture into one memory pool, in the order
-training runs them (forwards in layer order, backwards in reverse), which is the order they replay in.
+``LayerGraphs(layer)`` captures the layer at its first training call at an input shape and replays it at every
+training call from then on, that first one included. Before capturing it runs the layer's forward and backward
+``warmup`` times on the capture stream, off the books: on a copy of the input, with the parameters' leaf aliases
+(no ``.grad`` is written) and the random generators' states put back afterwards, as torch's
+``make_graphed_callables`` warms up (Triton autotunes and compiles, cuBLAS picks its kernels, libraries set up
+their per-stream state). So every training step runs the same graphs: a run resumed from a checkpoint replays
+from its first step on what the uninterrupted run replayed, and its steps are those of the uninterrupted run
+whether or not a replay gives the bits of the eager layer. It captures the forward at that first call and the
+backward when autograd first reaches it, on static input and output buffers: the forward copies its input into
+the static buffer and replays; the backward copies the output gradient in, replays, and hands autograd copies of
+the gradients (autograd may keep a returned gradient as a parameter's ``.grad``, which the next replay would
+overwrite). All layers capture into one memory pool, in the order training runs them (forwards in layer order,
+backwards in reverse), which is the order they replay in.
 
 Random numbers: hidden dropout draws from the default CUDA generator, attention dropout from the tensor-parallel
 RNG tracker's streams (``parallel.random``, forked without copying state); every graph registers the tracker's
@@ -23,10 +29,14 @@ graph); no pipeline parallelism (a layer's static buffers hold one micro-batch, 
 several in flight); ZeRO stage 0-2 (ZeRO-3 gathers and frees each layer's parameters around it). One capture
 per input shape: a run whose micro-batches change shape captures once per shape.
 
+The graphed layers run one by one: the eager model's deferred residual adds (each layer's last add in the next
+LayerNorm, ``GLMTransformer.defer_residual_adds``) are not used, so graphed training rounds as the eager model
+does layer by layer, not bit for bit as its default path.
+
 ``tests/test_cuda_graphs_cuda.py`` (collected where CUDA is present; the GPU check runs it) compares graphed with
-eager training. On the H200 (2026-11-27) it passed with torch's kernels and failed to capture the backward with
-the Triton kernels (a parameter's AccumulateGrad node from an eager step, see ``LayerGraphs._run``); fixed
-since, not yet run again on a GPU.
+eager training, and a run resumed from a mid-run state with the uninterrupted one. On the H200 (2026-11-28),
+when the layers still ran their first two calls eagerly, graphed training matched eager training to 4e-6 (the
+test's tolerance was then 1e-6, against the deferred path); not yet run on a GPU since.
 """
 
 from __future__ import annotations
@@ -61,11 +71,12 @@ class LayerGraphs:
     the layer stays registered once, under its own name, so state dicts and optimizers see it as before."""
 
     def __init__(self, layer: nn.Module, pool, stream: torch.cuda.Stream, warmup: int = 2) -> None:
+        if warmup < 1:
+            raise ValueError(f"warmup: at least one forward and backward before a capture, not {warmup}")
         self.layer = layer
         self.pool = pool
         self.stream = stream
         self.warmup = warmup
-        self._calls: dict[tuple, int] = {}
         self._captures: dict[tuple, _Capture] = {}
 
     def __call__(self, hidden: torch.Tensor, sep: torch.Tensor) -> torch.Tensor:
@@ -74,10 +85,6 @@ class LayerGraphs:
         key = (tuple(hidden.shape), hidden.dtype, tuple(sep.shape), sep.dtype, hidden.device)
         capture = self._captures.get(key)
         if capture is None:
-            calls = self._calls.get(key, 0)
-            if calls < self.warmup:
-                self._calls[key] = calls + 1
-                return self.layer(hidden, sep)
             capture = self._captures[key] = self._capture_forward(hidden, sep)
         return _ReplayLayer.apply(self, capture, hidden, sep, *capture.params)
 
@@ -100,7 +107,7 @@ class LayerGraphs:
             aliases={name: p.detach().requires_grad_(True) for name, p in named},
             forward_graph=self._new_graph(),
         )
-        self._warm_up_capture_stream(capture)
+        self._warm_up(capture)
         with torch.enable_grad(), self._graph(capture.forward_graph):
             capture.output = self._run(capture)
         return capture
@@ -117,29 +124,32 @@ class LayerGraphs:
         """
         return torch.func.functional_call(self.layer, capture.aliases, (capture.hidden, capture.sep))
 
-    def _warm_up_capture_stream(self, capture: _Capture) -> None:
-        """One forward and backward on the capture stream before its first capture (libraries set up their
-        per-stream state there, which a capture must not do), drawing no random numbers for good."""
+    def _warm_up(self, capture: _Capture) -> None:
+        """``warmup`` forwards and backwards on the capture stream before the capture, off the books: on the
+        static input (a copy of the call's), differentiating the parameters' aliases (no ``.grad`` written), the
+        random generators' states put back afterwards (the training draws what it would have drawn)."""
         tracker = get_rng_tracker()
         default_state, streams = torch.cuda.get_rng_state(), tracker.get_states()
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream), torch.enable_grad():
-            output = self._run(capture)
-            torch.autograd.grad(
-                output,
-                (capture.hidden, *capture.aliases.values()),
-                torch.ones_like(output),
-                allow_unused=True,
-            )
-            del output
+            for _ in range(self.warmup):
+                output = self._run(capture)
+                torch.autograd.grad(
+                    output,
+                    (capture.hidden, *capture.aliases.values()),
+                    torch.ones_like(output),
+                    allow_unused=True,
+                )
+                del output
         torch.cuda.current_stream().wait_stream(self.stream)
         torch.cuda.set_rng_state(default_state)
         tracker.set_states(streams)
 
-    def capture_backward(self, capture: _Capture) -> None:
+    def capture_backward(self, capture: _Capture, output_grad: torch.Tensor) -> None:
         """Capture the backward of ``capture``'s forward, the first time autograd reaches it: backwards are then
-        captured in the order they run (last layer first), after all forwards, as the pool needs."""
-        capture.output_grad = torch.empty_like(capture.output)
+        captured in the order they run (last layer first), after all forwards, as the pool needs. The static
+        output gradient holds ``output_grad`` before the capture, as the static input held the call's input."""
+        capture.output_grad = output_grad.detach().clone(memory_format=torch.contiguous_format)
         capture.backward_graph = self._new_graph()
         with self._graph(capture.backward_graph):
             capture.grads = torch.autograd.grad(
@@ -168,8 +178,9 @@ class _ReplayLayer(torch.autograd.Function):
     def backward(ctx, output_grad):
         capture = ctx.capture
         if capture.backward_graph is None:
-            ctx.graphs.capture_backward(capture)
-        capture.output_grad.copy_(output_grad)
+            ctx.graphs.capture_backward(capture, output_grad)
+        else:
+            capture.output_grad.copy_(output_grad)
         capture.backward_graph.replay()
         # Copies, made by one multi-tensor kernel instead of a clone per parameter.
         defined = [grad for grad in capture.grads if grad is not None]
