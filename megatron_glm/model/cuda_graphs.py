@@ -149,7 +149,8 @@ class LayerGraphs:
         """Capture the backward of ``capture``'s forward, the first time autograd reaches it: backwards are then
         captured in the order they run (last layer first), after all forwards, as the pool needs. The static
         output gradient holds ``output_grad`` before the capture, as the static input held the call's input."""
-        capture.output_grad = output_grad.detach().clone(memory_format=torch.contiguous_format)
+        capture.output_grad = torch.empty_like(capture.output)
+        capture.output_grad.copy_(output_grad)
         capture.backward_graph = self._new_graph()
         with self._graph(capture.backward_graph):
             capture.grads = torch.autograd.grad(
