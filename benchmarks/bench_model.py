@@ -35,7 +35,7 @@ from megatron_glm.config import ModelConfig, model_flops_per_token
 from megatron_glm.model import GLMModel, glm_loss, loss_row_index
 from megatron_glm.model.cuda_graphs import enable_layer_graphs
 from megatron_glm.training.hardware import measure_matmul_peak
-from megatron_glm.training.metrics import gpu_kernel_ms
+from megatron_glm.training.metrics import gpu_kernel_ms, stop_profiler
 from megatron_glm.training.timeline import idle_report, profile_events
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -109,7 +109,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="after the table, where each model's step spends its time (torch.profiler)",
+        help="after the table, where each model's step spends its time (torch.profiler; run after all the "
+        "timing, on models built again, so that no row is timed after a profile)",
     )
     args = parser.parse_args()
     explicit = {a.dest for a in parser._actions if any(flag in sys.argv for flag in a.option_strings)}
@@ -281,6 +282,14 @@ def cuda_graph_of(step: Callable[[], None]) -> Callable[[], None]:
     return graph.replay
 
 
+def plain_rows(args: argparse.Namespace, dtype: torch.dtype, dropout: float) -> list[tuple]:
+    """(label, step, FLOPs per token) of GLM's eager step with each of ``--kernels``."""
+    return [
+        (f"GLM, kernels={kernels}", *glm_step(args, dtype, kernels, dropout))
+        for kernels in args.kernels.split(",")
+    ]
+
+
 def profile_steps(steps: dict[str, Callable[[], None]], device: torch.device, rows: int = 12) -> str:
     """The ops that take the most (GPU, else CPU) time over three steps of each model."""
     from torch.profiler import ProfilerActivity, profile
@@ -289,14 +298,17 @@ def profile_steps(steps: dict[str, Callable[[], None]], device: torch.device, ro
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     out = []
     for label, step in steps.items():
-        step()
+        for _ in range(2):  # a fresh model: its first step sets up the optimizer's state
+            step()
         synchronize(device)
-        with profile(activities=activities) as prof:
-            start = time.perf_counter()
-            for _ in range(3):
-                step()
-            synchronize(device)
-            wall = (time.perf_counter() - start) / 3
+        prof = profile(activities=activities)
+        prof.__enter__()
+        start = time.perf_counter()
+        for _ in range(3):
+            step()
+        synchronize(device)
+        wall = (time.perf_counter() - start) / 3
+        stop_profiler(prof)
         averages = prof.key_averages()
         out.append(f"\n# profile of {label}, 3 steps, top {rows} by {key.replace('_', ' ')}")
         if device.type == "cuda":
@@ -380,15 +392,11 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     dropouts = [float(value) for value in str(args.dropout).split(",")]
-    profiles = []
     for name in args.dtypes.split(","):
         dtype = DTYPES[name]
         peak = measure_matmul_peak(device, dtype, budget_s=3.0)
-        for index, dropout in enumerate(dropouts):
-            rows = [
-                (f"GLM, kernels={kernels}", *glm_step(args, dtype, kernels, dropout))
-                for kernels in args.kernels.split(",")
-            ]
+        for dropout in dropouts:
+            rows = plain_rows(args, dtype, dropout)
             if args.layer_graphs and device.type == "cuda":
                 for kernels in args.kernels.split(","):
                     label = f"GLM, kernels={kernels}, layer graphs"
@@ -434,15 +442,20 @@ def main() -> None:
                     f"| {label} | {name} | {dropout:g} | {seconds[label] * 1e3:.1f} | {throughput:,.0f} | "
                     f"{achieved / 1e12:.2f} | {peak / 1e12:.1f} | {achieved / peak:.1%} | {ratio} |"
                 )
-            if args.profile and index == 0:
-                profiles.append(profile_steps(steps, device))
             del rows, steps
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     if device.type == "cuda":
         print(f"\n# peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
-    for text in profiles:
-        print(text)
+    # The profiles last, on models built again, after every timing: CUPTI's callbacks slow the launches after a
+    # profile (see megatron_glm.training.metrics.stop_profiler), which used to slow every row timed after one.
+    if args.profile:
+        for name in args.dtypes.split(","):
+            rows = plain_rows(args, DTYPES[name], dropouts[0])
+            if not args.no_bert:
+                rows.append((bert, *bert_step(args, DTYPES[name], dropouts[0])))
+            print(profile_steps({label: step for label, step, _ in rows}, device))
+            del rows
     parallel.destroy_parallel()
 
 

@@ -95,6 +95,32 @@ PRETRAIN_VARIANTS = {
 }
 
 
+def host_profiled_last(profiled: tuple[int, int]) -> int:
+    """The last step of ``logging.profile_steps``' cProfile window, which follows the torch.profiler one."""
+    first, last = profiled
+    return 2 * last - first + 1
+
+
+def unprofiled_steps(train: dict[int, dict], after: int, profiled: tuple[int, int]) -> list[dict]:
+    """The training records after step ``after``, less the steps under torch.profiler or cProfile."""
+    return [
+        train[s] for s in sorted(train) if s > after and not profiled[0] <= s <= host_profiled_last(profiled)
+    ]
+
+
+def profile_aftermath(timed: list[dict], profiled: tuple[int, int]) -> str:
+    """A report row: tokens/s before the profiled steps against after them (Kineto left CUPTI attached after a
+    profile, slowing every later launch, until ``stop_profiler`` tore it down)."""
+    before = [r for r in timed if r["step"] < profiled[0]]
+    after = [r for r in timed if r["step"] > profiled[1]]
+    if not before or not after:
+        return "| tokens/s before / after the profiled steps | not enough steps |"
+    return (
+        f"| tokens/s before / after the profiled steps (median) | {median(before, 'tokens_per_second'):,.0f} / "
+        f"{median(after, 'tokens_per_second'):,.0f} |"
+    )
+
+
 def report_profile(report: Report, run_dir: Path) -> None:
     """The profiled steps' table (and their timeline, beside the report) of the run in ``run_dir``."""
     profile = run_dir / "logs" / "profile-rank0.txt"
@@ -149,7 +175,7 @@ def stage_pretrain(
         return
     train, evals = train_records(reference)
     # The uninterrupted run's figures first, so that they are reported whatever happens to the kill and resume.
-    timed = [train[s] for s in sorted(train) if s > min(10, half) and not profiled[0] <= s <= profiled[1]]
+    timed = unprofiled_steps(train, min(10, half), profiled)
     tokens = [r["tokens_per_second"] for r in timed]
     report.add("")
     report.add("| what | value |")
@@ -160,6 +186,8 @@ def stage_pretrain(
         f"({min(tokens):,.0f} - {max(tokens):,.0f}) |"
     )
     report.add(f"| reported MFU (median) | {median(timed, 'mfu'):.1%} |")
+    if profile:
+        report.add(profile_aftermath(timed, profiled))
     report.add(
         f"| step 1 (Triton compiles and times its tiles unless its cache has them) | {train[1]['step_time']:.1f} s |"
     )
@@ -268,9 +296,7 @@ def stage_throughput(
             work / f"pretrain-throughput-{index}.log",
         )
         train, _ = train_records(run_dir)
-        timed = [
-            train[s] for s in sorted(train) if s > min(10, steps // 2) and not profiled[0] <= s <= profiled[1]
-        ]
+        timed = unprofiled_steps(train, min(10, steps // 2), profiled if index == 0 else (0, -1))
         if status != 0 or not timed:
             report.fail(f"throughput {label}", f"exit {status}, {len(timed)} timed steps")
             rows.append(f"| {label} | - | failed (exit {status}; pretrain-throughput-{index}.log) | | |")

@@ -2,6 +2,7 @@
 
 import gzip
 import json
+import os
 
 import pytest
 import torch
@@ -116,6 +117,41 @@ def test_step_profiler_writes_the_ops_then_the_host_functions_of_the_profiled_st
         names = {event.get("name") for event in json.load(trace)["traceEvents"]}
     assert "aten::mm" in names
     assert StepProfiler([], tmp_path, 0, torch.device("cpu")).first == 0  # empty: never starts
+
+
+class _RecordingProfile:
+    """Stands in for an entered ``torch.profiler.profile``: records TEARDOWN_CUPTI as Kineto reads it on stop."""
+
+    def __init__(self) -> None:
+        self.teardown = "never stopped"
+
+    def __exit__(self, *exc) -> None:
+        self.teardown = os.environ.get("TEARDOWN_CUPTI")
+
+
+@pytest.mark.parametrize(
+    ("user", "graphs", "cuda", "expected"),
+    [
+        (None, False, "12.4", "1"),  # no graphs: torn down on any CUDA
+        (None, True, "13.0", "1"),  # graphs from CUDA 12.6 on
+        (None, True, "12.4", None),  # graphs before 12.6: re-initializing CUPTI after a teardown crashed
+        ("0", False, "13.0", "0"),  # the user's choice wins
+    ],
+)
+def test_a_profile_stops_with_cupti_torn_down(monkeypatch, user, graphs, cuda, expected):
+    # Kineto leaves CUPTI attached after a profile unless TEARDOWN_CUPTI=1 when it stops: every launch after it
+    # would pay CUPTI's callbacks, and glm-pretrain's steps after logging.profile_steps would run slower.
+    from megatron_glm.training.metrics import stop_profiler
+
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    if user is None:
+        monkeypatch.delenv("TEARDOWN_CUPTI", raising=False)
+    else:
+        monkeypatch.setenv("TEARDOWN_CUPTI", user)
+    profile = _RecordingProfile()
+    stop_profiler(profile, cuda_graphs=graphs)
+    assert profile.teardown == expected
+    assert os.environ.get("TEARDOWN_CUPTI") == user  # the environment as it was
 
 
 def test_profile_steps_must_be_first_and_last():

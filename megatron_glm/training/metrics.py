@@ -207,6 +207,36 @@ def gpu_kernel_ms(averages) -> float:
     )
 
 
+def _cupti_teardown_is_safe(cuda_graphs: bool) -> bool:
+    """Whether Kineto may finalize CUPTI when a profile stops: always without CUDA graphs; with them only from
+    CUDA 12.6, where re-initializing CUPTI after a teardown no longer crashes graph replays (torch's profiler
+    turns the teardown off for graphs on older CUDA)."""
+    if not cuda_graphs:
+        return True
+    version = tuple(int(part) for part in (torch.version.cuda or "0.0").split(".")[:2])
+    return version >= (12, 6)
+
+
+def stop_profiler(profile, cuda_graphs: bool = False) -> None:
+    """Stop a ``torch.profiler.profile`` that was entered, tearing CUPTI down as it stops.
+
+    Kineto leaves CUPTI attached after a profile unless ``TEARDOWN_CUPTI=1`` is set when it stops, and every
+    kernel launch after it keeps paying CUPTI's callbacks (10-20% slower training in pytorch/pytorch#144455;
+    on the H200 every model step timed after a profile ran 13-40% slower than before it). The variable is set
+    around the stop only, and left as it was: a value the user set wins.
+    """
+    import os
+
+    if "TEARDOWN_CUPTI" in os.environ or not _cupti_teardown_is_safe(cuda_graphs):
+        profile.__exit__(None, None, None)
+        return
+    os.environ["TEARDOWN_CUPTI"] = "1"
+    try:
+        profile.__exit__(None, None, None)
+    finally:
+        del os.environ["TEARDOWN_CUPTI"]
+
+
 class StepProfiler:
     """torch.profiler over optimizer steps ``first..last``, then cProfile over as many steps after them.
 
@@ -216,11 +246,19 @@ class StepProfiler:
     loops that hold the GPU back. The two run over different steps, so neither inflates the other's times.
     """
 
-    def __init__(self, steps: list[int], log_dir: str | Path, rank: int, device: torch.device):
+    def __init__(
+        self,
+        steps: list[int],
+        log_dir: str | Path,
+        rank: int,
+        device: torch.device,
+        cuda_graphs: bool = False,
+    ):
         self.first, self.last = (steps[0], steps[1]) if steps else (0, -1)
         self.host_last = 2 * self.last - self.first + 1
         self.path = Path(log_dir) / f"profile-rank{rank}.txt"
         self.device = device
+        self.cuda_graphs = cuda_graphs
         self._profile = None
         self._host = None
 
@@ -249,7 +287,7 @@ class StepProfiler:
         if self._profile is None or step != self.last:
             return
         self._synchronize()
-        self._profile.__exit__(None, None, None)
+        stop_profiler(self._profile, self.cuda_graphs)
         key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         averages = self._profile.key_averages()
         text = f"steps {self.first}-{self.last}, sorted by {key}\n"

@@ -264,7 +264,9 @@ def _train(run: TrainingRun) -> TrainingResult:
         cfg.training.train_steps,
         f"{state.consumed_samples:,}",
     )
-    profiler = StepProfiler(cfg.logging.profile_steps, cfg.logging.log_dir, dist.get_rank(), run.device)
+    profiler = StepProfiler(
+        cfg.logging.profile_steps, cfg.logging.log_dir, dist.get_rank(), run.device, cfg.training.cuda_graphs
+    )
     pending: _PendingReport | None = None
     with PreemptionHandler(run.device) as preemption:
         while state.step < cfg.training.train_steps:
