@@ -212,6 +212,12 @@ def _setup(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> TrainingRu
             consumed_samples=consumed_samples,
         )
 
+    dtype = PRECISION_DTYPES[cfg.training.precision]
+    # Before the data loaders start their worker processes, which would share a CPU with the measurement (on a
+    # 2-core machine the MFU then read 72-119%). On the device: NCCL reduces only device tensors.
+    peak = torch.tensor([measure_matmul_peak(device, dtype)], dtype=torch.float64, device=device)
+    dist.all_reduce(peak)
+
     batches = iter(loader("train", state.consumed_samples))
     valid = loader("valid") if cfg.training.eval_interval else None
     if valid is not None and len(valid.dataset) == 0:
@@ -224,10 +230,6 @@ def _setup(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> TrainingRu
         # the sampler, and the random seed a new iterator draws is drawn here, before the RNG restore.
         iter(valid)
 
-    dtype = PRECISION_DTYPES[cfg.training.precision]
-    # On the device: NCCL reduces only device tensors.
-    peak = torch.tensor([measure_matmul_peak(device, dtype)], dtype=torch.float64, device=device)
-    dist.all_reduce(peak)
     seq_length = cfg.data.seq_length
     reporter = MetricsReporter(
         cfg.logging.log_dir,
