@@ -143,7 +143,7 @@ def stage_environment(report: Report, cuda: bool) -> None:
 def stage_kernels(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:
     report.add("\n## Kernel tests\n")
     tests = ["tests/test_kernels_layernorm.py"] if smoke else CUDA_TESTS
-    command = [sys.executable, "-m", "pytest", *tests, "-q", "-x", "-p", "no:cacheprovider", "--durations=15"]
+    command = [sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "--durations=15"]
     if smoke:
         command += ["-k", "not slow"]
     else:
@@ -185,6 +185,12 @@ def stage_kernels(report: Report, env: dict[str, str], work: Path, smoke: bool) 
         "    "
         + (summary[-1] if summary else text.strip().splitlines()[-1] if text.strip() else "(no output)")
     )
+    # Which tests failed and why (pytest's short summary), so that the report alone says what to look at.
+    failed = [line for line in text.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    for line in failed[:20]:
+        report.add(f"    {line[:400]}")
+    if len(failed) > 20:
+        report.add(f"    ... and {len(failed) - 20} more (see kernel-tests.log)")
     if status != 0:
         report.fail("kernel tests", f"pytest exit {status}")
 
