@@ -290,8 +290,11 @@ def plain_rows(args: argparse.Namespace, dtype: torch.dtype, dropout: float) -> 
     ]
 
 
-def profile_steps(steps: dict[str, Callable[[], None]], device: torch.device, rows: int = 12) -> str:
-    """The ops that take the most (GPU, else CPU) time over three steps of each model."""
+def profile_steps(
+    steps: dict[str, Callable[[], None]], device: torch.device, rows: int = 12, cuda_graphs: bool = False
+) -> str:
+    """The ops that take the most (GPU, else CPU) time over three steps of each model (``cuda_graphs``: the
+    process has captured CUDA graphs, which decides whether CUPTI may be torn down after each profile)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -308,7 +311,7 @@ def profile_steps(steps: dict[str, Callable[[], None]], device: torch.device, ro
             step()
         synchronize(device)
         wall = (time.perf_counter() - start) / 3
-        stop_profiler(prof)
+        stop_profiler(prof, cuda_graphs)
         averages = prof.key_averages()
         out.append(f"\n# profile of {label}, 3 steps, top {rows} by {key.replace('_', ' ')}")
         if device.type == "cuda":
@@ -454,7 +457,8 @@ def main() -> None:
             rows = plain_rows(args, DTYPES[name], dropouts[0])
             if not args.no_bert:
                 rows.append((bert, *bert_step(args, DTYPES[name], dropouts[0])))
-            print(profile_steps({label: step for label, step, _ in rows}, device))
+            graphs = device.type == "cuda" and (args.cuda_graph or args.layer_graphs)
+            print(profile_steps({label: step for label, step, _ in rows}, device, cuda_graphs=graphs))
             del rows
     parallel.destroy_parallel()
 
