@@ -109,15 +109,15 @@ def unprofiled_steps(train: dict[int, dict], after: int, profiled: tuple[int, in
 
 
 def profile_aftermath(timed: list[dict], profiled: tuple[int, int]) -> str:
-    """A report row: tokens/s before the profiled steps against after them (Kineto left CUPTI attached after a
+    """Tokens/s before the profiled steps against after them (Kineto left CUPTI attached after a
     profile, slowing every later launch, until ``stop_profiler`` tore it down)."""
     before = [r for r in timed if r["step"] < profiled[0]]
     after = [r for r in timed if r["step"] > profiled[1]]
     if not before or not after:
-        return "| tokens/s before / after the profiled steps | not enough steps |"
+        return "tokens/s before / after the profiled steps: not enough steps"
     return (
-        f"| tokens/s before / after the profiled steps (median) | {median(before, 'tokens_per_second'):,.0f} / "
-        f"{median(after, 'tokens_per_second'):,.0f} |"
+        f"tokens/s before / after the profiled steps (median): {median(before, 'tokens_per_second'):,.0f} / "
+        f"{median(after, 'tokens_per_second'):,.0f}"
     )
 
 
@@ -187,7 +187,8 @@ def stage_pretrain(
     )
     report.add(f"| reported MFU (median) | {median(timed, 'mfu'):.1%} |")
     if profile:
-        report.add(profile_aftermath(timed, profiled))
+        what, _, value = profile_aftermath(timed, profiled).partition(": ")
+        report.add(f"| {what} | {value} |")
     report.add(
         f"| step 1 (Triton compiles and times its tiles unless its cache has them) | {train[1]['step_time']:.1f} s |"
     )
@@ -254,15 +255,17 @@ def stage_pretrain(
 
 # The throughput stage's runs: ZeRO-1 (ZeRO-2 ran 2.3x slower on one H200 on 2026-11-27: it partitions nothing on
 # one GPU), then ZeRO-1 with the attention's atomic-dQ backward, with the per-layer CUDA graphs (GPU only) and with
-# torch's kernels instead of Triton's: which of them brings glm-pretrain nearest the bare step.
+# torch's kernels instead of Triton's: which of them brings glm-pretrain nearest the bare step. (label, settings,
+# profiled: the eager run and the graphed one, whose steps no longer wait for the host; the profile's file name).
 THROUGHPUT_VARIANTS = [
-    ("ZeRO-1", ["parallel.zero_stage=1"]),
+    ("ZeRO-1", ["parallel.zero_stage=1"], "zero1"),
     (
         "ZeRO-1, model.deterministic_kernels=false",
         ["parallel.zero_stage=1", "model.deterministic_kernels=false"],
+        None,
     ),
-    ("ZeRO-1, training.cuda_graphs", ["parallel.zero_stage=1", "training.cuda_graphs=true"]),
-    ("ZeRO-1, model.kernels=torch", ["parallel.zero_stage=1", "model.kernels=torch"]),
+    ("ZeRO-1, training.cuda_graphs", ["parallel.zero_stage=1", "training.cuda_graphs=true"], "graphs"),
+    ("ZeRO-1, model.kernels=torch", ["parallel.zero_stage=1", "model.kernels=torch"], None),
 ]
 
 
@@ -278,15 +281,15 @@ def stage_throughput(
     if corpus is None:
         return
     profiled = (2, 3) if smoke else (21, 23)
-    rows = []
-    for index, (label, variant) in enumerate(THROUGHPUT_VARIANTS):
+    rows, summaries = [], []
+    for index, (label, variant, profile_name) in enumerate(THROUGHPUT_VARIANTS):
         if "training.cuda_graphs=true" in variant and not cuda:
             rows.append(f"| {label} | - | not run: CUDA graphs need a GPU | | |")
             continue
         run_dir = work / f"throughput-{index}"
         shutil.rmtree(run_dir, ignore_errors=True)
         settings = variant + ["training.eval_interval=0", "checkpoint.interval=0"]
-        if index == 0:
+        if profile_name:
             settings.append(f"logging.profile_steps={list(profiled)}")
         status, _ = run(
             report,
@@ -296,7 +299,7 @@ def stage_throughput(
             work / f"pretrain-throughput-{index}.log",
         )
         train, _ = train_records(run_dir)
-        timed = unprofiled_steps(train, min(10, steps // 2), profiled if index == 0 else (0, -1))
+        timed = unprofiled_steps(train, min(10, steps // 2), profiled if profile_name else (0, -1))
         if status != 0 or not timed:
             report.fail(f"throughput {label}", f"exit {status}, {len(timed)} timed steps")
             rows.append(f"| {label} | - | failed (exit {status}; pretrain-throughput-{index}.log) | | |")
@@ -308,8 +311,13 @@ def stage_throughput(
             f"{max(r.get('peak_memory_gib', math.nan) for r in timed):.1f} GiB |"
         )
         profile = run_dir / "logs" / "profile-rank0.txt"
-        if profile.is_file():
-            shutil.copy(profile, report.path.parent / "profile-pretrain-zero1.txt")
+        if profile_name and profile.is_file():
+            shutil.copy(profile, report.path.parent / f"profile-pretrain-{profile_name}.txt")
+            # Its per-step GPU time and idle share, beside the table (the whole profile in the file).
+            for line in profile.read_text().splitlines():
+                if line.startswith(("GPU kernels:", "steps ")) and ("ms per step" in line or "idle" in line):
+                    summaries.append(f"- {label}: {line.strip().split('; top ')[0]}")
+            summaries.append(f"- {label}: {profile_aftermath(timed, profiled)}")
     report.add("")
     report.add(
         "| configuration | steps timed | tokens/s median (min - max) | reported MFU (median) | peak memory |"
@@ -317,6 +325,12 @@ def stage_throughput(
     report.add("|---|---|---|---|---|")
     for row in rows:
         report.add(row)
+    if summaries:
+        report.add(
+            "\nThe profiled runs (steps " + f"{profiled[0]}-{profiled[1]}; files profile-pretrain-*.txt):\n"
+        )
+        for line in summaries:
+            report.add(line)
 
 
 def preprocess(report: Report, env: dict[str, str], work: Path, tokenizer: str) -> Path | None:
