@@ -34,9 +34,11 @@ LayerNorm, ``GLMTransformer.defer_residual_adds``) are not used, so graphed trai
 does layer by layer, not bit for bit as its default path.
 
 ``tests/test_cuda_graphs_cuda.py`` (collected where CUDA is present; the GPU check runs it) compares graphed with
-eager training, and a run resumed from a mid-run state with the uninterrupted one. On the H200 (2026-11-28),
-when the layers still ran their first two calls eagerly, graphed training matched eager training to 4e-6 (the
-test's tolerance was then 1e-6, against the deferred path); not yet run on a GPU since.
+eager training, and a run resumed from a mid-run state with the uninterrupted one. ``tests/test_cuda_graphs.py``
+runs the same on CPUs, with graph stand-ins that re-run what ``_record`` captured at each replay, bit for bit.
+On the H200 (2026-11-28), when the layers still ran their first two calls eagerly, graphed training matched
+eager training to 4e-6 (the test's tolerance was then 1e-6, against the deferred path); not yet run on a GPU
+since.
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ class _Capture:
     aliases: dict[str, torch.Tensor]
     forward_graph: torch.cuda.CUDAGraph
     output: torch.Tensor | None = None
+    # The forward's output whose autograd graph the backward differentiates: the static output itself, once
+    # captured; a stand-in that re-runs the captured code (tests/test_cuda_graphs.py) keeps its latest run's here.
+    live_output: torch.Tensor | None = None
     output_grad: torch.Tensor | None = None
     backward_graph: torch.cuda.CUDAGraph | None = None
     grads: tuple[torch.Tensor | None, ...] = ()
@@ -108,9 +113,26 @@ class LayerGraphs:
             forward_graph=self._new_graph(),
         )
         self._warm_up(capture)
-        with torch.enable_grad(), self._graph(capture.forward_graph):
-            capture.output = self._run(capture)
+        capture.output = self._record(capture.forward_graph, lambda: self._forward(capture))
         return capture
+
+    def _record(self, graph: torch.cuda.CUDAGraph, launch):
+        """Capture what ``launch()`` runs into ``graph``; returns its result, the graph's static outputs."""
+        with self._graph(graph):
+            return launch()
+
+    def _forward(self, capture: _Capture) -> torch.Tensor:
+        with torch.enable_grad():
+            capture.live_output = self._run(capture)
+        return capture.live_output
+
+    def _backward(self, capture: _Capture) -> tuple[torch.Tensor | None, ...]:
+        return torch.autograd.grad(
+            capture.live_output,
+            (capture.hidden, *capture.aliases.values()),
+            capture.output_grad,
+            allow_unused=True,
+        )
 
     def _run(self, capture: _Capture) -> torch.Tensor:
         """The layer's forward on the static input, with the parameters' leaf aliases in place of the parameters.
@@ -152,13 +174,7 @@ class LayerGraphs:
         capture.output_grad = torch.empty_like(capture.output)
         capture.output_grad.copy_(output_grad)
         capture.backward_graph = self._new_graph()
-        with self._graph(capture.backward_graph):
-            capture.grads = torch.autograd.grad(
-                capture.output,
-                (capture.hidden, *capture.aliases.values()),
-                capture.output_grad,
-                allow_unused=True,
-            )
+        capture.grads = self._record(capture.backward_graph, lambda: self._backward(capture))
 
 
 class _ReplayLayer(torch.autograd.Function):
