@@ -1,13 +1,12 @@
-"""Per-layer CUDA graphs' plumbing on any machine: CUDA's graph primitives replaced by stand-ins that run the
-captured code when it is captured, and again at every replay after the first (which the capture's own run
-stands for), writing the results into the static outputs the capture returned. Everything around the graphs
-then runs as on a GPU: the static buffers, the copies in and out, the warm-ups, the gradients' routing, the
-random generators. What a real capture and replay do is ``tests/test_cuda_graphs_cuda.py``'s to check, on a GPU.
-"""
+"""Per-layer CUDA graphs' plumbing on any machine, with CUDA's graph primitives replaced by stand-ins that
+re-run the captured code (``tests/graph_stand_ins.py``): in a training loop, and in glm-pretrain with its
+checkpoint and resume."""
 
 from __future__ import annotations
 
-import contextlib
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,52 +15,18 @@ from megatron_glm import parallel
 from megatron_glm.config import ModelConfig
 from megatron_glm.model import GLMModel
 from megatron_glm.model.cuda_graphs import LayerGraphs, enable_layer_graphs
+from tests.glm_corpora import austen_corpus
+from tests.graph_stand_ins import install
 from tests.graph_training import train
+from tests.training_runs import ROOT, pretrain_arguments, pretrain_env, step_losses, tiny_overrides
 
 CPU = torch.device("cpu")
 VOCAB = 256
 
 
-class _Graph:
-    """A CUDA graph stand-in: replays by running the captured code again (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self.replays = 0
-
-    def register_generator_state(self, generator) -> None:
-        pass
-
-    def record(self, launch):
-        self.launch, self.outputs, self.fresh = launch, launch(), True
-        return self.outputs
-
-    def replay(self) -> None:
-        self.replays += 1
-        if self.fresh:  # the capture's own run computed this replay's outputs, from the same inputs
-            self.fresh = False
-            return
-        outputs = self.launch()
-        pairs = zip(self.outputs, outputs) if isinstance(outputs, tuple) else [(self.outputs, outputs)]
-        for static, fresh in pairs:
-            if static is not None:
-                static.detach().copy_(fresh)
-
-
-class _Stream:
-    def wait_stream(self, stream) -> None:
-        pass
-
-
 @pytest.fixture
 def graph_stand_ins(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", _Graph)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: _Stream())
-    monkeypatch.setattr(torch.cuda, "get_rng_state", torch.get_rng_state)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", torch.set_rng_state)
-    monkeypatch.setattr(LayerGraphs, "_record", lambda self, graph, launch: graph.record(launch))
+    install(monkeypatch.setattr)
     parallel.initialize_parallel(1, 1)
     yield
     parallel.destroy_parallel()
@@ -105,3 +70,49 @@ def test_the_graphed_layers_keep_the_state_dict_keys(graph_stand_ins):
 def test_a_capture_needs_a_warm_up():
     with pytest.raises(ValueError, match="warmup: at least one forward and backward before a capture"):
         LayerGraphs(torch.nn.Linear(2, 2), None, None, warmup=0)
+
+
+def _graphed_pretrain(overrides: list[str]) -> str:
+    process = subprocess.run(
+        [sys.executable, "-m", "tests.graphed_pretrain", *pretrain_arguments(overrides)],
+        env=pretrain_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert process.returncode == 0, process.stderr[-4000:]
+    return process.stderr
+
+
+@pytest.mark.slow
+def test_glm_pretrain_with_graphs_resumes_bitwise(tmp_path):
+    # glm-pretrain's own path under training.cuda_graphs: DeepSpeed's engine (ZeRO-1) around the graphed layers,
+    # dropout, evaluations between steps (eager, around the graphs), a checkpoint; then a run resumed from the
+    # step-4 checkpoint captures anew and trains steps 5-8 as the uninterrupted run did.
+    corpus = austen_corpus(tmp_path, 0, 12)
+    settings = {
+        "training.train_steps": 8,
+        "training.cuda_graphs": "true",
+        "checkpoint.interval": 4,
+        "checkpoint.keep_last": 2,
+        "parallel.zero_stage": 1,
+        "model.hidden_dropout": 0.1,
+        "model.attention_dropout": 0.1,
+        "training.eval_interval": 3,
+        "training.eval_steps": 1,
+    }
+    whole = tmp_path / "whole"
+    stderr = _graphed_pretrain(tiny_overrides(corpus, tmp_path / "samples", whole, **settings))
+    replays = int(stderr.rsplit("stand-in graph replays: ", 1)[1].split()[0])
+    # 2 layers x (forward + backward) x 4 micro-batches x 8 steps.
+    assert replays == 2 * 2 * 4 * 8
+    resumed = tmp_path / "resumed"
+    shutil.copytree(whole / "checkpoints" / "4", resumed / "checkpoints" / "4")
+    for tracker in ("latest", "latest_checkpointed_iteration.txt"):
+        (resumed / "checkpoints" / tracker).write_text("4")
+    _graphed_pretrain(tiny_overrides(corpus, tmp_path / "samples", resumed, **settings))
+    reference, losses = step_losses(whole), step_losses(resumed)
+    assert sorted(losses) == [5, 6, 7, 8]
+    for step, loss in losses.items():
+        assert loss == reference[step], f"step {step}: {loss!r} != {reference[step]!r}"

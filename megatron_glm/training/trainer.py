@@ -115,6 +115,17 @@ class TrainingRun:
         )
 
 
+def refuse_gpu_only_settings(cfg: GLMConfig, device: torch.device) -> None:
+    """A ``ConfigError`` for a setting that needs CUDA GPUs on a run on another device."""
+    if cfg.training.cuda_graphs and device.type != "cuda":
+        raise ConfigError(f"training.cuda_graphs: CUDA graphs need CUDA GPUs; this run is on {device.type}")
+    if cfg.training.precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            "training.precision: fp16 needs CUDA GPUs (CPUs compute fp16 very slowly and DeepSpeed's "
+            "CPU accelerator does not support it); use bf16 or fp32"
+        )
+
+
 def _pretrain(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> TrainingResult:
     run = _setup(cfg, info, device)
     if isinstance(run, TrainingResult):
@@ -143,13 +154,7 @@ def _setup(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> TrainingRu
     )
 
     tokenizer = load_tokenizer(cfg.model.tokenizer)
-    if cfg.training.cuda_graphs and device.type != "cuda":
-        raise ConfigError(f"training.cuda_graphs: CUDA graphs need CUDA GPUs; this run is on {device.type}")
-    if cfg.training.precision == "fp16" and device.type != "cuda":
-        raise ConfigError(
-            "training.precision: fp16 needs CUDA GPUs (CPUs compute fp16 very slowly and DeepSpeed's "
-            "CPU accelerator does not support it); use bf16 or fp32"
-        )
+    refuse_gpu_only_settings(cfg, device)
     if cfg.training.precision == "bf16" and (warning := emulated_bf16_warning(device)):
         logger.warning(warning)
     if cfg.training.precision == "fp32" and (warning := fp32_matmul_warning(device)):
