@@ -86,17 +86,19 @@ def _graphed_pretrain(overrides: list[str]) -> str:
 
 
 @pytest.mark.slow
-def test_glm_pretrain_with_graphs_resumes_bitwise(tmp_path):
-    # glm-pretrain's own path under training.cuda_graphs: DeepSpeed's engine (ZeRO-1) around the graphed layers,
-    # dropout, evaluations between steps (eager, around the graphs), a checkpoint; then a run resumed from the
-    # step-4 checkpoint captures anew and trains steps 5-8 as the uninterrupted run did.
+@pytest.mark.parametrize("zero_stage", [1, 2])
+def test_glm_pretrain_with_graphs_resumes_bitwise(tmp_path, zero_stage):
+    # glm-pretrain's own path under training.cuda_graphs: DeepSpeed's engine around the graphed layers (ZeRO-2
+    # takes each gradient in a hook as autograd accumulates it), dropout, evaluations between steps (eager,
+    # around the graphs), a checkpoint; then a run resumed from the step-4 checkpoint captures anew and trains
+    # steps 5-8 as the uninterrupted run did.
     corpus = austen_corpus(tmp_path, 0, 12)
     settings = {
         "training.train_steps": 8,
         "training.cuda_graphs": "true",
         "checkpoint.interval": 4,
         "checkpoint.keep_last": 2,
-        "parallel.zero_stage": 1,
+        "parallel.zero_stage": zero_stage,
         "model.hidden_dropout": 0.1,
         "model.attention_dropout": 0.1,
         "training.eval_interval": 3,
