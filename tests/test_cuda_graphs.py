@@ -72,9 +72,12 @@ def test_a_capture_needs_a_warm_up():
         LayerGraphs(torch.nn.Linear(2, 2), None, None, warmup=0)
 
 
-def _graphed_pretrain(overrides: list[str]) -> str:
+def _graphed_pretrain(world_size: int, overrides: list[str]) -> str:
+    launcher = [sys.executable]
+    if world_size > 1:
+        launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(world_size)]
     process = subprocess.run(
-        [sys.executable, "-m", "tests.graphed_pretrain", *pretrain_arguments(overrides)],
+        [*launcher, "-m", "tests.graphed_pretrain", *pretrain_arguments(overrides)],
         env=pretrain_env(),
         cwd=ROOT,
         capture_output=True,
@@ -86,12 +89,12 @@ def _graphed_pretrain(overrides: list[str]) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [1, 2])
-def test_glm_pretrain_with_graphs_resumes_bitwise(tmp_path, zero_stage):
+@pytest.mark.parametrize(("ranks", "zero_stage"), [(1, 1), (2, 2)], ids=["1-rank-zero1", "2-ranks-zero2"])
+def test_glm_pretrain_with_graphs_resumes_bitwise(tmp_path, ranks, zero_stage):
     # glm-pretrain's own path under training.cuda_graphs: DeepSpeed's engine around the graphed layers (ZeRO-2
-    # takes each gradient in a hook as autograd accumulates it), dropout, evaluations between steps (eager,
-    # around the graphs), a checkpoint; then a run resumed from the step-4 checkpoint captures anew and trains
-    # steps 5-8 as the uninterrupted run did.
+    # takes each gradient in a hook as autograd accumulates it, and reduces it over the data-parallel ranks),
+    # dropout, evaluations between steps (eager, around the graphs), a checkpoint; then a run resumed from the
+    # step-4 checkpoint captures anew and trains steps 5-8 as the uninterrupted run did.
     corpus = austen_corpus(tmp_path, 0, 12)
     settings = {
         "training.train_steps": 8,
@@ -105,15 +108,15 @@ def test_glm_pretrain_with_graphs_resumes_bitwise(tmp_path, zero_stage):
         "training.eval_steps": 1,
     }
     whole = tmp_path / "whole"
-    stderr = _graphed_pretrain(tiny_overrides(corpus, tmp_path / "samples", whole, **settings))
-    replays = int(stderr.rsplit("stand-in graph replays: ", 1)[1].split()[0])
-    # 2 layers x (forward + backward) x 4 micro-batches x 8 steps.
-    assert replays == 2 * 2 * 4 * 8
+    stderr = _graphed_pretrain(ranks, tiny_overrides(corpus, tmp_path / "samples", whole, **settings))
+    replays = [int(text.split()[0]) for text in stderr.split("stand-in graph replays: ")[1:]]
+    # Each rank: 2 layers x (forward + backward) x its micro-batches (8 per step over the ranks) x 8 steps.
+    assert replays == [2 * 2 * (4 // ranks) * 8] * ranks
     resumed = tmp_path / "resumed"
     shutil.copytree(whole / "checkpoints" / "4", resumed / "checkpoints" / "4")
     for tracker in ("latest", "latest_checkpointed_iteration.txt"):
         (resumed / "checkpoints" / tracker).write_text("4")
-    _graphed_pretrain(tiny_overrides(corpus, tmp_path / "samples", resumed, **settings))
+    _graphed_pretrain(ranks, tiny_overrides(corpus, tmp_path / "samples", resumed, **settings))
     reference, losses = step_losses(whole), step_losses(resumed)
     assert sorted(losses) == [5, 6, 7, 8]
     for step, loss in losses.items():
