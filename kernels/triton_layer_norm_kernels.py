@@ -49,14 +49,32 @@ def num_warps_for(block_n: int, backward: bool) -> int:
 # backward also tunes its programs per SM (each program owns a run of rows and writes one row of partial sums):
 # two per SM keep the partial sums small, more keep more rows' loads in flight. Each of these also comes with its
 # row loop pipelined (``ROW_STAGES`` 2: the next row's loads in flight while this one is worked on, through shared
-# memory, with about the same registers). The heuristic's choice comes first, with two programs per SM and the
-# loop as it is; it alone runs with GLM_KERNELS_AUTOTUNE=0. The interpreter has one config of its own.
+# memory, with about the same registers). Rows up to 2048 wide also come 2 or 4 at a time per step of the loop
+# (``ROWS_PER_STEP``, where each thread then holds at most 16 values of each tile): more loads in flight, and the
+# row sums' cross-thread reductions, with their barriers, shared by the step's rows (sm_90 SASS at width 1024: 3
+# barriers per row instead of 6). The heuristic's choice comes first, with two programs per SM and the loop as it
+# is; it alone runs with GLM_KERNELS_AUTOTUNE=0. The interpreter has one config of its own.
 WARPS = (1, 2, 4, 8, 16, 32)
 
 
 def programs_per_sm(block_n: int) -> tuple[int, ...]:
     """The fused backward's candidate programs per SM at this width (its partial sums grow with them)."""
     return (2, 4, 8) if block_n <= 2048 else (2, 4)
+
+
+# The fused backward's multi-row candidates (``ROWS_PER_STEP``): rows up to this wide, each tile (x, dy, x_hat, dx:
+# ROWS_PER_STEP x BLOCK_N fp32 values) at most this many values per thread.
+ROWS_PER_STEP_MAX_WIDTH = 2048
+ROWS_PER_STEP_VALUES_PER_THREAD = 16
+
+
+def fits_rows_per_step(config, block_n: int) -> bool:
+    """Whether a fused-backward candidate's ``ROWS_PER_STEP`` (1 when unnamed) suits rows ``block_n`` wide."""
+    rows = config.kwargs.get("ROWS_PER_STEP", 1)
+    if rows == 1:
+        return True
+    per_thread = rows * block_n // (32 * config.num_warps)
+    return block_n <= ROWS_PER_STEP_MAX_WIDTH and per_thread <= ROWS_PER_STEP_VALUES_PER_THREAD
 
 
 def warps_candidates(backward: bool):
@@ -74,11 +92,14 @@ def warps_candidates(backward: bool):
             if c.num_warps in window
             and c.kwargs.get("PROGRAMS_PER_SM", 2) in programs
             and c.kwargs.get("ROW_STAGES", 1) in stages
+            and (AUTOTUNE or c.kwargs.get("ROWS_PER_STEP", 1) == 1)
+            and fits_rows_per_step(c, block_n)
         ]
         return sorted(
             chosen,
             key=lambda c: (
                 c.num_warps != preferred,
+                c.kwargs.get("ROWS_PER_STEP", 1),
                 c.kwargs.get("PROGRAMS_PER_SM", 2),
                 c.kwargs.get("ROW_STAGES", 1),
             ),
@@ -98,6 +119,13 @@ BACKWARD_CONFIGS = (
         for p in (2, 4, 8)
         for stages in (1, 2)
     ]
+    # Several rows per step of the row loop (narrow rows; see layer_norm_backward_kernel), unpipelined.
+    + [
+        triton.Config({"PROGRAMS_PER_SM": p, "ROWS_PER_STEP": rows}, num_warps=w)
+        for w in WARPS
+        for p in (2, 4, 8)
+        for rows in (2, 4)
+    ]
 )
 
 
@@ -110,6 +138,15 @@ def _keep_row(Seed, row, threshold, BLOCK_N: tl.constexpr):
     groups = tl.arange(0, BLOCK_N // DROPOUT_GROUP)
     uniforms = philox_uniforms16(tl.load(Seed), groups, tl.cast(row, tl.int32), 0)
     return tl.reshape(uniforms, [BLOCK_N]) >= threshold
+
+
+@triton.jit
+def _keep_rows(Seed, rows, threshold, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``_keep_row``'s decisions for the ``ROWS`` rows ``rows`` at once: ``[ROWS, BLOCK_N]``, row by row the same
+    bits (counters (column group, row, 0, 0))."""
+    groups = tl.arange(0, BLOCK_N // DROPOUT_GROUP)
+    uniforms = philox_uniforms16(tl.load(Seed), groups[None, :], tl.cast(rows, tl.int32)[:, None], 0)
+    return tl.reshape(uniforms, [ROWS, BLOCK_N]) >= threshold
 
 
 @triton.jit
@@ -195,6 +232,39 @@ def _store_dx_row(
     return x_hat, x_grad
 
 
+@triton.jit
+def _store_dx_rows(
+    x, dy, w, Mean, Rstd, DSummed, DX, DXD, Seed, rows, cols, row_mask, mask, stride_ds, stride_dx, width,
+    dropout_threshold, dropout_scale, HAS_DSUMMED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    EMULATE_BF16: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """``_store_dx_row`` for the ``ROWS`` rows ``rows`` at once (``x``, ``dy``: ``[ROWS, BLOCK_N]``; rows off
+    ``row_mask`` are neither read nor written and give zeros)."""
+    mean = tl.load(Mean + rows, mask=row_mask, other=0.0)
+    rstd = tl.load(Rstd + rows, mask=row_mask, other=0.0)
+    both = row_mask[:, None] & mask[None, :]
+    x_hat = tl.where(both, (x - mean[:, None]) * rstd[:, None], 0.0)
+    w_dy = w[None, :] * dy
+    c_hat = tl.sum(x_hat * w_dy, axis=1) / width
+    c_dy = tl.sum(w_dy, axis=1) / width
+    dx = (w_dy - (x_hat * c_hat[:, None] + c_dy[:, None])) * rstd[:, None]
+    if HAS_DSUMMED:
+        dx += tl.load(DSummed + rows[:, None] * stride_ds + cols[None, :], mask=both, other=0.0).to(
+            tl.float32
+        )
+    dx = to_dtype(dx, DX.dtype.element_ty, EMULATE_BF16)
+    offsets = rows[:, None] * stride_dx + cols[None, :]
+    tl.store(DX + offsets, dx, mask=both)
+    if HAS_DROPOUT:
+        keep = _keep_rows(Seed, rows, dropout_threshold, ROWS, BLOCK_N)
+        dxd = _dropped(dx.to(tl.float32), keep, dropout_scale, DXD.dtype.element_ty, EMULATE_BF16)
+        tl.store(DXD + offsets, dxd.to(DXD.dtype.element_ty), mask=both)
+        x_grad = tl.where(both, dxd, 0.0)
+    else:
+        x_grad = tl.where(both, dx.to(tl.float32), 0.0)
+    return x_hat, x_grad
+
+
 @triton.autotune(
     configs=BACKWARD_CONFIGS,
     key=["BLOCK_N", "HAS_DSUMMED", "HAS_DROPOUT", "HAS_X_BIAS"],
@@ -208,6 +278,7 @@ def layer_norm_backward_kernel(
     stride_x, stride_dy, stride_ds, stride_dx, rows, width, dropout_threshold, dropout_scale,
     HAS_DSUMMED: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_X_BIAS: tl.constexpr, EMULATE_BF16: tl.constexpr,
     BLOCK_N: tl.constexpr, PROGRAMS_PER_SM: tl.constexpr, ROW_STAGES: tl.constexpr = 1,
+    ROWS_PER_STEP: tl.constexpr = 1,
 ):  # fmt: skip
     # The grid is min(rows, PROGRAMS_PER_SM x SMs) programs (see LayerNormFunction.backward), each a contiguous run
     # of rows. (Program p taking rows p, p + programs, ... instead ran 4K- and 8K-wide rows at ~60% of the speed
@@ -225,17 +296,39 @@ def layer_norm_backward_kernel(
     # int64 bounds make the row index (and row * stride) 64-bit inside the loop.
     first_row = program.to(tl.int64) * rows_per_program
     last_row = tl.minimum(first_row + rows_per_program, rows)
-    for row in tl.range(first_row, last_row, num_stages=ROW_STAGES):
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        x_hat, x_grad = _store_dx_row(
-            x, dy, w, Mean, Rstd, DSummed, DX, DXD, Seed, row, cols, mask, stride_ds, stride_dx, width,
-            dropout_threshold, dropout_scale, HAS_DSUMMED, HAS_DROPOUT, EMULATE_BF16, BLOCK_N,
-        )  # fmt: skip
-        dw += dy * x_hat
-        db += dy
-        if HAS_X_BIAS:
-            dxb += x_grad
+    if ROWS_PER_STEP == 1:
+        for row in tl.range(first_row, last_row, num_stages=ROW_STAGES):
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            x_hat, x_grad = _store_dx_row(
+                x, dy, w, Mean, Rstd, DSummed, DX, DXD, Seed, row, cols, mask, stride_ds, stride_dx, width,
+                dropout_threshold, dropout_scale, HAS_DSUMMED, HAS_DROPOUT, EMULATE_BF16, BLOCK_N,
+            )  # fmt: skip
+            dw += dy * x_hat
+            db += dy
+            if HAS_X_BIAS:
+                dxb += x_grad
+    else:
+        # Narrow rows, ROWS_PER_STEP at a time: more loads in flight per program, and each step's row sums (a
+        # reduction across the program's threads) done for all its rows at once.
+        offsets = tl.arange(0, ROWS_PER_STEP)
+        for start in range(first_row, last_row, ROWS_PER_STEP):
+            rows_now = start + offsets
+            row_mask = rows_now < last_row
+            both = row_mask[:, None] & mask[None, :]
+            x = tl.load(X + rows_now[:, None] * stride_x + cols[None, :], mask=both, other=0.0).to(tl.float32)
+            dy = tl.load(DY + rows_now[:, None] * stride_dy + cols[None, :], mask=both, other=0.0).to(
+                tl.float32
+            )
+            x_hat, x_grad = _store_dx_rows(
+                x, dy, w, Mean, Rstd, DSummed, DX, DXD, Seed, rows_now, cols, row_mask, mask, stride_ds,
+                stride_dx, width, dropout_threshold, dropout_scale, HAS_DSUMMED, HAS_DROPOUT, EMULATE_BF16,
+                ROWS_PER_STEP, BLOCK_N,
+            )  # fmt: skip
+            dw += tl.sum(dy * x_hat, axis=0)
+            db += tl.sum(dy, axis=0)
+            if HAS_X_BIAS:
+                dxb += tl.sum(x_grad, axis=0)
     tl.store(PartialDW + program * width + cols, dw, mask=mask)
     tl.store(PartialDB + program * width + cols, db, mask=mask)
     if HAS_X_BIAS:

@@ -138,11 +138,23 @@ def test_autotuner_times_the_width_heuristic_and_its_neighbours(monkeypatch, bac
         for p in programs
         for s in stages
     ]
+    if backward:  # the multi-row candidates, unpipelined
+        configs += [
+            triton.Config({"PROGRAMS_PER_SM": p, "ROWS_PER_STEP": r}, num_warps=w)
+            for w in ln.WARPS
+            for p in programs
+            for r in (2, 4)
+        ]
     prune = ln.warps_candidates(backward)["early_config_prune"]
 
     def tiles(width):
         return [
-            (c.num_warps, c.kwargs.get("PROGRAMS_PER_SM"), c.kwargs.get("ROW_STAGES"))
+            (
+                c.num_warps,
+                c.kwargs.get("PROGRAMS_PER_SM"),
+                c.kwargs.get("ROW_STAGES"),
+                c.kwargs.get("ROWS_PER_STEP"),
+            )
             for c in prune(configs, {}, BLOCK_N=width)
         ]
 
@@ -151,13 +163,17 @@ def test_autotuner_times_the_width_heuristic_and_its_neighbours(monkeypatch, bac
         per_sm = ((2, 4, 8) if width <= 2048 else (2, 4)) if backward else (None,)
         monkeypatch.setattr(ln, "AUTOTUNE", True)
         timed = tiles(width)
-        assert timed[0] == (preferred, per_sm[0], None)
+        assert timed[0] == (preferred, per_sm[0], None, None)
         warps = {w for w in (preferred // 2, preferred, preferred * 2) if w in ln.WARPS}
-        assert sorted(timed, key=str) == sorted(
-            ((w, p, s) for w in warps for p in per_sm for s in stages), key=str
-        )
+        expected = [(w, p, s, None) for w in warps for p in per_sm for s in stages]
+        if backward and width <= 2048:
+            # Several rows per step where each thread holds at most 16 values of each tile.
+            expected += [
+                (w, p, None, r) for w in warps for p in per_sm for r in (2, 4) if r * width <= 512 * w
+            ]
+        assert sorted(timed, key=str) == sorted(expected, key=str)
         monkeypatch.setattr(ln, "AUTOTUNE", False)
-        assert tiles(width) == [(preferred, per_sm[0], None)]
+        assert tiles(width) == [(preferred, per_sm[0], None, None)]
     # The interpreter's single config is left alone.
     assert prune(configs[:1], {}, BLOCK_N=4096) == configs[:1]
 
@@ -228,6 +244,48 @@ def test_pipelined_row_loops_give_what_the_loops_as_they_are_give(monkeypatch, s
     for pipelined in results[1:]:
         for unpipelined, same in zip(results[0], pipelined):
             assert torch.equal(unpipelined, same)
+
+
+@pytest.mark.parametrize("rows_per_step", [2, 4])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_several_rows_per_step_give_what_one_row_per_step_gives(monkeypatch, rows_per_step, dropout_p):
+    # The fused backward's multi-row candidates (ROWS_PER_STEP: narrow rows a few at a time) against its one-row
+    # loop, with the input bias, the residual and the dropout (its decisions drawn for several rows at once must
+    # be each row's own): 6 programs over 111 rows own runs of 19, the last one 16, so every step count leaves a
+    # partial step of masked rows, which must neither be read nor written nor counted in the sums. dx and the
+    # residual's gradient are each row's own computation; the sums over rows (dweight, dbias, the input bias's
+    # gradient) are added in another order.
+    import triton
+
+    from kernels import triton_layer_norm as ln
+
+    shape, dtype = (3, 37, 96), torch.float32
+    x, residual, weight, bias = _inputs(shape, dtype, True, seed=21)
+    x_bias = 0.5 * _randn(shape[-1], seed=22)
+    grads = [_randn(*shape, seed=23), _randn(*shape, seed=24)]
+
+    def ours(x, weight, bias, residual, x_bias):
+        return layer_norm(
+            x, weight, bias, EPS, residual, backend="triton", dropout_p=dropout_p, x_bias=x_bias
+        )
+
+    results = []
+    for tile in ({"PROGRAMS_PER_SM": 3}, {"PROGRAMS_PER_SM": 3, "ROWS_PER_STEP": rows_per_step}):
+        monkeypatch.setattr(ln.layer_norm_backward_kernel, "configs", [triton.Config(tile, num_warps=4)])
+        monkeypatch.setattr(ln.layer_norm_backward_kernel, "cache", {})
+        monkeypatch.setattr(ln._backward, "_variants", {})  # a new tile, not the first call's compiled kernel
+        torch.manual_seed(5)  # the kernels draw their dropout seed from torch's generator
+        results.append(_biased_forward_backward(ours, x, residual, weight, bias, x_bias, grads))
+    (one, several) = results
+    names = ["y", "summed", "dx", "dweight", "dbias", "dresidual", "dx_bias"]
+    for name, want, have in zip(names, one, several, strict=True):
+        if name in ("dweight", "dbias", "dx_bias"):
+            torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-5, msg=name)
+        else:
+            torch.testing.assert_close(have, want, rtol=1e-6, atol=1e-6, msg=name)
+    if dropout_p:  # the dropped positions get no gradient, and they are the same ones
+        assert torch.equal(several[2] == 0, one[2] == 0)
+        assert (one[2] == 0).float().mean() > 0.1
 
 
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
