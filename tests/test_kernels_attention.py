@@ -482,7 +482,13 @@ def test_the_warp_specialized_kernels_give_what_the_same_tiles_unspecialized_giv
 
     unspecialized, specialized = run(tiles(False)), run(tiles(True))
     for name, a, b in zip(["out", "dqkv"], specialized, unspecialized):
-        assert torch.equal(a, b), name
+        # How far apart, where they differ: rounding (a few ulps on a few elements) or a wrong result. The H200
+        # (2026-11-28) failed the forward here, with and without dropout; the message of the next GPU run says how.
+        differ = a != b
+        assert not differ.any(), (
+            f"{name}: {int(differ.sum())} of {a.numel()} elements differ, by up to "
+            f"{(a.float() - b.float()).abs().max():.3e} (largest |value| {b.float().abs().max():.3e})"
+        )
     assert specialized[1].abs().max() > 0
 
 
