@@ -10,6 +10,7 @@ from megatron_glm.config import (
     load_config,
     padded_vocab_size,
     parallel_layout,
+    uses_cuda_graphs,
     validate_config,
 )
 
@@ -106,6 +107,38 @@ def test_cuda_graphs_name_what_they_cannot_run_with(overrides, why):
         ["training.cuda_graphs=true", *overrides]
     )
     validate_config(load_config(CONFIGS / "glm-base.yaml", overrides))  # without graphs the setup is valid
+
+
+@pytest.mark.parametrize(
+    "overrides,on_a_gpu",
+    [
+        ([], True),
+        (["model.activation_checkpointing=full"], False),
+        (["parallel.pipeline_parallel_size=2", "parallel.zero_stage=1"], False),
+        (["parallel.zero_stage=3"], False),
+    ],
+)
+def test_cuda_graphs_auto_takes_them_where_they_can_run(overrides, on_a_gpu):
+    # auto: per-layer graphs on a CUDA device where nothing stands in their way, off elsewhere, never an error.
+    cfg = load_config(CONFIGS / "glm-base.yaml", ["training.cuda_graphs=auto", *overrides])
+    validate_config(cfg)
+    assert uses_cuda_graphs(cfg, "cuda") is on_a_gpu
+    assert uses_cuda_graphs(cfg, "cpu") is False
+    # true asks for them (refused above where they cannot run), false never runs them.
+    for setting, wanted in (("true", True), ("false", False)):
+        assert (
+            uses_cuda_graphs(
+                load_config(CONFIGS / "glm-base.yaml", [f"training.cuda_graphs={setting}"]), "cuda"
+            )
+            is wanted
+        )
+
+
+@pytest.mark.parametrize("value", ["maybe", "1"])
+def test_cuda_graphs_take_true_false_or_auto(value):
+    # 1 is no true here: the setting is one of three words, not a number.
+    with pytest.raises(ConfigError, match="training.cuda_graphs: must be one of False, True, 'auto', got "):
+        load_config(CONFIGS / "glm-base.yaml", [f"training.cuda_graphs={value}"])
 
 
 def test_global_batch_error_suggests_a_valid_value():

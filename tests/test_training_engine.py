@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,3 +192,16 @@ def test_host_scalars_give_the_values_as_floats():
     scalars = HostScalars([torch.tensor(1.25, dtype=torch.float64), None, 3, torch.tensor([2.0])])
     assert scalars.values() == [1.25, None, 3.0, 2.0]
     assert scalars.values() == [1.25, None, 3.0, 2.0]  # read again: the same
+
+
+def test_cuda_graphs_auto_is_no_error_on_a_cpu_where_true_is():
+    from megatron_glm.config import ConfigError, load_config
+    from megatron_glm.training.trainer import refuse_gpu_only_settings
+
+    config = Path(__file__).resolve().parent.parent / "run" / "configs" / "glm-tiny.yaml"
+    cpu = torch.device("cpu")
+    refuse_gpu_only_settings(load_config(config, ["training.cuda_graphs=auto"]), cpu)  # off, not refused
+    with pytest.raises(
+        ConfigError, match="training.cuda_graphs: CUDA graphs need CUDA GPUs; this run is on cpu"
+    ):
+        refuse_gpu_only_settings(load_config(config, ["training.cuda_graphs=true"]), cpu)

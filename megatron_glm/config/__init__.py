@@ -34,8 +34,10 @@ from megatron_glm.config.schema import (
 from megatron_glm.config.validation import (
     Layout,
     config_problems,
+    cuda_graph_blockers,
     padded_vocab_size,
     parallel_layout,
+    uses_cuda_graphs,
     validate_config,
 )
 from megatron_glm.errors import ConfigError
@@ -58,6 +60,7 @@ __all__ = [
     "config_problems",
     "config_to_dict",
     "count_parameters",
+    "cuda_graph_blockers",
     "describe_parameters",
     "dump_config",
     "load_config",
@@ -65,5 +68,6 @@ __all__ = [
     "padded_vocab_size",
     "parallel_layout",
     "parse_override",
+    "uses_cuda_graphs",
     "validate_config",
 ]

@@ -60,7 +60,8 @@ def _convert(value: Any, annotation: Any, key: str, where) -> Any:
         non_none = [a for a in args if a is not type(None)]
         return _convert(value, non_none[0], key, where)
     if origin is Literal:
-        if value not in args:
+        # Of the same type too: 1 is no True (and 0 no False) where a Literal lists booleans.
+        if not any(value == arg and type(value) is type(arg) for arg in args):
             raise ConfigError(f"{where(key)}: must be one of {', '.join(map(repr, args))}, got {value!r}")
         return value
     if origin is list:

@@ -220,11 +220,13 @@ class TrainingConfig:
     nonfinite_policy: Literal["stop", "skip"] = "stop"
     """On a non-finite loss outside fp16 loss scaling: stop (naming the last good checkpoint) or skip the
     update."""
-    cuda_graphs: bool = False
+    cuda_graphs: Literal[False, True, "auto"] = False
     """Replay each transformer layer's forward and backward from CUDA graphs, captured at the first training
-    step (two launches per layer instead of a few dozen: for a step bound by the host's launches); needs CUDA,
-    no activation checkpointing, no pipeline parallelism, ZeRO 0-2. On one H200 glm-large trained at twice the
-    eager run's tokens/s (docs/benchmarks.md). Off by default until a resume under it is checked on a GPU."""
+    step (two launches per layer instead of a few dozen: for a step bound by the host's launches). true: on,
+    refused where they cannot run (they need CUDA, no activation checkpointing, no pipeline parallelism, ZeRO
+    0-2); auto: on where they can run, off elsewhere (CPUs included); false: off. On one H200 glm-large trained
+    at twice the eager run's tokens/s (docs/benchmarks.md). Off by default until a resume under it is checked
+    on a GPU."""
 
     def problems(self) -> Problems:
         found = _positive(self, "training", "micro_batch_size", "global_batch_size", "train_steps")

@@ -113,18 +113,9 @@ def config_problems(cfg: GLMConfig, world_size: int | None = None) -> Problems:
                 f"{parallel.pipeline_parallel_size}; use a pipeline size that divides the layer count",
             )
         )
-    if cfg.training.cuda_graphs:
-        # A layer's graphs hold one micro-batch's buffers and run the layer's own kernels, nothing around them.
-        for broken, why in (
-            (model.activation_checkpointing != "none", "model.activation_checkpointing none (recomputation "
-             "runs outside the graph)"),
-            (parallel.pipeline_parallel_size > 1, "parallel.pipeline_parallel_size 1 (a pipeline keeps "
-             "several micro-batches in flight)"),
-            (parallel.zero_stage > 2, "parallel.zero_stage 0-2 (ZeRO-3 gathers each layer's parameters "
-             "around it)"),
-        ):  # fmt: skip
-            if broken:
-                found.append(("training.cuda_graphs", f"per-layer CUDA graphs need {why}"))
+    if cfg.training.cuda_graphs is True:
+        for why in cuda_graph_blockers(cfg):
+            found.append(("training.cuda_graphs", f"per-layer CUDA graphs need {why}"))
     if parallel.zero_stage == 0 and cfg.training.precision != "fp32":
         why = {
             "bf16": "DeepSpeed has no fp32 gradient accumulation for bf16 weights without ZeRO (it stops with "
@@ -177,3 +168,36 @@ def parallel_layout(cfg: GLMConfig, world_size: int) -> Layout:
     dp = world_size // (tp * pp)
     accumulation = cfg.training.global_batch_size // (cfg.training.micro_batch_size * dp)
     return Layout(world_size, tp, pp, dp, accumulation)
+
+
+def cuda_graph_blockers(cfg: GLMConfig) -> list[str]:
+    """What per-layer CUDA graphs need that ``cfg`` does not give them (empty where they can run). A layer's
+    graphs hold one micro-batch's buffers and run the layer's own kernels, nothing around them."""
+    model, parallel = cfg.model, cfg.parallel
+    return [
+        why
+        for broken, why in (
+            (
+                model.activation_checkpointing != "none",
+                "model.activation_checkpointing none (recomputation runs outside the graph)",
+            ),
+            (
+                parallel.pipeline_parallel_size > 1,
+                "parallel.pipeline_parallel_size 1 (a pipeline keeps several micro-batches in flight)",
+            ),
+            (
+                parallel.zero_stage > 2,
+                "parallel.zero_stage 0-2 (ZeRO-3 gathers each layer's parameters around it)",
+            ),
+        )  # fmt: skip
+        if broken
+    ]
+
+
+def uses_cuda_graphs(cfg: GLMConfig, device_type: str) -> bool:
+    """Whether training runs its layers through per-layer CUDA graphs on a device of ``device_type``:
+    ``training.cuda_graphs`` true (validated, and refused off CUDA at start), or ``auto`` where they can run."""
+    setting = cfg.training.cuda_graphs
+    if setting == "auto":
+        return device_type == "cuda" and not cuda_graph_blockers(cfg)
+    return setting is True

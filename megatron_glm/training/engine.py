@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.profiler import record_function
 
 from megatron_glm.checkpoint import load_thudm_checkpoint, pipeline_key_to_thudm, write_training_weights
-from megatron_glm.config import GLMConfig, Layout, ModelConfig
+from megatron_glm.config import GLMConfig, Layout, ModelConfig, uses_cuda_graphs
 from megatron_glm.log import get_logger
 from megatron_glm.model import GLMLoss, GLMModel, loss_rows
 from megatron_glm.model.cuda_graphs import enable_layer_graphs
@@ -289,7 +289,7 @@ class TrainingEngine:
             )
             if cfg.checkpoint.init_from:
                 load_thudm_checkpoint(module, cfg.checkpoint.init_from)
-            if cfg.training.cuda_graphs:
+            if uses_cuda_graphs(cfg, device.type):
                 enable_layer_graphs(module.transformer)
         optimizer = build_optimizer(module, cfg.optimizer, check_gradients=self.pipeline)
         scheduler = AnnealingLR(optimizer, cfg.optimizer.lr, cfg.lr_schedule, cfg.training.train_steps)

@@ -19,10 +19,12 @@ from data_tools.tokenizer import load_tokenizer
 from megatron_glm.config import (
     ConfigError,
     GLMConfig,
+    cuda_graph_blockers,
     dump_config,
     model_flops_per_token,
     padded_vocab_size,
     parallel_layout,
+    uses_cuda_graphs,
 )
 from megatron_glm.data import build_glm_data_loader, prepare_sample_directory
 from megatron_glm.errors import USER_ERRORS, TrainingError
@@ -117,7 +119,7 @@ class TrainingRun:
 
 def refuse_gpu_only_settings(cfg: GLMConfig, device: torch.device) -> None:
     """A ``ConfigError`` for a setting that needs CUDA GPUs on a run on another device."""
-    if cfg.training.cuda_graphs and device.type != "cuda":
+    if cfg.training.cuda_graphs is True and device.type != "cuda":
         raise ConfigError(f"training.cuda_graphs: CUDA graphs need CUDA GPUs; this run is on {device.type}")
     if cfg.training.precision == "fp16" and device.type != "cuda":
         raise ConfigError(
@@ -155,6 +157,12 @@ def _setup(cfg: GLMConfig, info: LaunchInfo, device: torch.device) -> TrainingRu
 
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     refuse_gpu_only_settings(cfg, device)
+    if cfg.training.cuda_graphs == "auto":
+        blockers = cuda_graph_blockers(cfg) if device.type == "cuda" else ["a CUDA device"]
+        logger.info(
+            "training.cuda_graphs auto: %s",
+            "per-layer CUDA graphs on" if not blockers else f"off (they need {'; '.join(blockers)})",
+        )
     if cfg.training.precision == "bf16" and (warning := emulated_bf16_warning(device)):
         logger.warning(warning)
     if cfg.training.precision == "fp32" and (warning := fp32_matmul_warning(device)):
@@ -272,7 +280,11 @@ def _train(run: TrainingRun) -> TrainingResult:
         f"{state.consumed_samples:,}",
     )
     profiler = StepProfiler(
-        cfg.logging.profile_steps, cfg.logging.log_dir, dist.get_rank(), run.device, cfg.training.cuda_graphs
+        cfg.logging.profile_steps,
+        cfg.logging.log_dir,
+        dist.get_rank(),
+        run.device,
+        uses_cuda_graphs(cfg, run.device.type),
     )
     pending: _PendingReport | None = None
     with PreemptionHandler(run.device) as preemption:
