@@ -189,7 +189,7 @@ def cuda_graph_blockers(cfg: GLMConfig) -> list[str]:
                 parallel.zero_stage > 2,
                 "parallel.zero_stage 0-2 (ZeRO-3 gathers each layer's parameters around it)",
             ),
-        )  # fmt: skip
+        )
         if broken
     ]
 

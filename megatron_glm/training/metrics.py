@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -225,8 +226,6 @@ def stop_profiler(profile, cuda_graphs: bool = False) -> None:
     on the H200 every model step timed after a profile ran 13-40% slower than before it). The variable is set
     around the stop only, and left as it was: a value the user set wins.
     """
-    import os
-
     if "TEARDOWN_CUPTI" in os.environ or not _cupti_teardown_is_safe(cuda_graphs):
         profile.__exit__(None, None, None)
         return
