@@ -15,8 +15,8 @@ from its first step on what the uninterrupted run replayed, and its steps are th
 whether or not a replay gives the bits of the eager layer. It captures the forward at that first call and the
 backward when autograd first reaches it, on static input and output buffers: the forward copies its input into
 the static buffer and replays; the backward copies the output gradient in, replays, and hands autograd copies of
-the gradients (autograd may keep a returned gradient as a parameter's ``.grad``, which the next replay would
-overwrite). All layers capture into one memory pool, in the order training runs them (forwards in layer order,
+the gradients (what autograd is handed may outlive the call, in a hook on a parameter that keeps it, and the
+next replay would overwrite the static ones). All layers capture into one memory pool, in the order training runs them (forwards in layer order,
 backwards in reverse), which is the order they replay in.
 
 Random numbers: hidden dropout draws from the default CUDA generator, attention dropout from the tensor-parallel
