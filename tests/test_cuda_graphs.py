@@ -18,6 +18,7 @@ from megatron_glm.model.cuda_graphs import LayerGraphs, enable_layer_graphs
 from tests.glm_corpora import austen_corpus
 from tests.graph_stand_ins import install
 from tests.graph_training import train
+from tests.multiproc import HIDE_GPUS
 from tests.training_runs import ROOT, pretrain_arguments, pretrain_env, step_losses, tiny_overrides
 
 CPU = torch.device("cpu")
@@ -78,7 +79,10 @@ def _graphed_pretrain(world_size: int, overrides: list[str]) -> str:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(world_size)]
     process = subprocess.run(
         [*launcher, "-m", "tests.graphed_pretrain", *pretrain_arguments(overrides)],
-        env=pretrain_env(),
+        env={
+            **pretrain_env(),
+            **HIDE_GPUS,
+        },  # the stand-ins replace CUDA's graphs: the run must be on the CPU
         cwd=ROOT,
         capture_output=True,
         text=True,
