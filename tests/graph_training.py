@@ -24,6 +24,10 @@ class Run:
     evaluated: torch.Tensor  # an evaluation after the last step (eager, around the graphs)
     captured: int  # shapes captured, over all layers
     state: dict  # model, optimizer and random generators: what a checkpoint holds
+    # Per graphed layer: whether its inputs are the previous layer's static outputs; per pair of neighbours,
+    # whether the first one's output gradients are the second one's static input gradients (chained graphs).
+    chained_inputs: list[bool]
+    chained_output_grads: list[bool]
 
 
 def batches(device: torch.device, count: int = STEPS * ACCUMULATION, seed: int = 0) -> list[dict]:
@@ -63,9 +67,11 @@ def train(
     kernels: str = "torch",
     steps: range = range(STEPS),
     resume_from: dict | None = None,
+    defer: bool = True,
 ) -> Run:
     """Train ``steps`` of the batch sequence (``ACCUMULATION`` micro-batches each) with AdamW; ``resume_from`` a
-    ``Run.state``, loaded into a new model as a resumed run loads its checkpoint."""
+    ``Run.state``, loaded into a new model as a resumed run loads its checkpoint; ``defer``: each layer's last
+    add in the next LayerNorm (the default), else the layers one by one."""
     parallel.seed_parallel_rng(1234)
     config = ModelConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, max_position_embeddings=LENGTH, vocab_size=VOCAB,
@@ -74,8 +80,7 @@ def train(
     model = GLMModel(config, VOCAB, device=device).train()
     if graphs:
         enable_layer_graphs(model.transformer)
-    # Layer by layer, as graphed layers run: the default path's deferred residual adds round otherwise.
-    model.transformer.defer_residual_adds = False
+    model.transformer.defer_residual_adds = defer
     # Hold every parameter's AccumulateGrad node, made here on the default stream, as DeepSpeed's gradient hooks
     # do: a captured backward must not sync with the stream such a node was made on.
     accumulators = [p.view_as(p).grad_fn.next_functions[0][0] for p in model.parameters()]
@@ -105,8 +110,23 @@ def train(
         batch = data[0]
         evaluated = glm_loss(model, model(batch["tokens"], batch["position_ids"], batch["sep"]),
                              batch["targets"], batch["loss_mask"], batch["loss_index"])  # fmt: skip
-    captured = sum(len(g._captures) for g in model.transformer.layer_graphs or [])
+    layer_graphs = model.transformer.layer_graphs or []
+    captured = sum(len(g._captures) for g in layer_graphs)
+    captures = [next(iter(g._captures.values())) for g in layer_graphs if g._captures]
+    chained_output_grads = [
+        all(
+            any(grad.data_ptr() == static.data_ptr() for static in after.grads if static is not None)
+            for grad in before.output_grads
+        )
+        for before, after in zip(captures, captures[1:])
+    ]
     del accumulators
     return Run(
-        torch.stack(losses), [p.detach().clone() for p in model.parameters()], evaluated, captured, state
+        torch.stack(losses),
+        [p.detach().clone() for p in model.parameters()],
+        evaluated,
+        captured,
+        state,
+        [c.chained for c in captures],
+        chained_output_grads,
     )

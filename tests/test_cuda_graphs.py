@@ -33,16 +33,22 @@ def graph_stand_ins(monkeypatch):
     parallel.destroy_parallel()
 
 
+@pytest.mark.parametrize("defer", [True, False], ids=["adds-deferred", "layer-by-layer"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
-def test_graphed_training_is_the_eager_models(graph_stand_ins, dropout):
+def test_graphed_training_is_the_eager_models(graph_stand_ins, dropout, defer):
     # Five steps of two micro-batches: every training call replays, the first included (its capture follows
     # warm-ups that change nothing: with dropout the losses differ from the first step on if the warm-ups do not
     # put the generators back), each backward replays on the output gradient of its own micro-batch, the
     # evaluation runs eagerly around the graphs. On CPUs the stand-ins' replays compute what eager execution
     # computes, so the runs agree bit for bit.
-    eager = train(CPU, False, dropout)
-    graphed = train(CPU, True, dropout)
+    # Each layer's last add in the next LayerNorm (the default) hands on the MLP's output and bias across the
+    # graphs: the second layer's graph adds the first's, and the gradient of the first layer's bias comes back
+    # from it.
+    eager = train(CPU, False, dropout, defer=defer)
+    graphed = train(CPU, True, dropout, defer=defer)
     assert graphed.captured == 2  # one input shape, two layers, captured once each
+    # The second layer reads the first one's static outputs, and hands its input gradients back in place.
+    assert graphed.chained_inputs == [False, True] and graphed.chained_output_grads == [True]
     assert torch.equal(graphed.losses, eager.losses)
     for ours, theirs in zip(graphed.params, eager.params, strict=True):
         assert torch.equal(ours, theirs)

@@ -26,9 +26,12 @@ def test_layer_graphs_train_as_the_eager_model(single_rank, kernels, dropout):
     # Every training call replays (the capture at the first call follows warm-ups that draw nothing for good);
     # two micro-batches per step, so every graph is replayed with accumulation. Dropout draws the numbers eager
     # execution draws from the same states.
+    # The default path: each layer's last add in the next LayerNorm, graphed as it is run eagerly.
     eager = train(DEVICE, False, dropout, kernels)
     graphed = train(DEVICE, True, dropout, kernels)
     assert graphed.captured == 2  # one input shape, two layers
+    # The second layer reads the first one's static outputs, and hands its input gradients back in place.
+    assert graphed.chained_inputs == [False, True] and graphed.chained_output_grads == [True]
     torch.testing.assert_close(graphed.losses, eager.losses, rtol=1e-5, atol=1e-6)
     for ours, theirs in zip(graphed.params, eager.params, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

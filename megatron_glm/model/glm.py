@@ -118,8 +118,8 @@ class GLMTransformer(PositionEmbeddings):
         )
         # Per-layer CUDA graphs in training (model.cuda_graphs.enable_layer_graphs), else None.
         self.layer_graphs: list | None = None
-        # Each layer's last add in the next LayerNorm (GLMTransformerLayer.forward's ``defer``); False runs the
-        # layers one by one, as recomputation and CUDA graphs do.
+        # Each layer's last add in the next LayerNorm (GLMTransformerLayer.forward's ``defer``), graphed or not;
+        # False runs the layers one by one, as recomputation does.
         self.defer_residual_adds = True
 
     def reset_parameters(self, seed: int) -> None:
@@ -146,9 +146,11 @@ class GLMTransformer(PositionEmbeddings):
         # The kernels take sep as int32 on the device: convert it once here, not in each layer.
         sep = sep.to(device=hidden.device, dtype=torch.int32)
         recomputed = self.recompute_layers and torch.is_grad_enabled()
-        if self.layer_graphs or recomputed or not self.defer_residual_adds:
-            # Layer by layer: a recomputed or graphed layer takes and returns one stream.
-            for layer in self.layer_graphs or self.layers:
+        # Per-layer CUDA graphs (training only) take the layers' places; they take the same arguments.
+        layers = self.layer_graphs or self.layers
+        if recomputed or not self.defer_residual_adds:
+            # Layer by layer: a recomputed layer takes and returns one stream.
+            for layer in layers:
                 if recomputed:
                     hidden = recompute(layer, hidden, sep)
                 else:
@@ -157,7 +159,7 @@ class GLMTransformer(PositionEmbeddings):
         # Each layer's last add (its MLP output's bias, dropout and residual add) happens in the next LayerNorm,
         # the final one's for the last layer: see GLMTransformerLayer.forward.
         incoming = None
-        for layer in self.layers:
+        for layer in layers:
             hidden, *incoming = layer(hidden, sep, incoming=incoming, defer=True)
         if incoming is None:
             return self.final_layernorm(hidden)
