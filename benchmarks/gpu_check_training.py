@@ -108,17 +108,18 @@ def unprofiled_steps(train: dict[int, dict], after: int, profiled: tuple[int, in
     ]
 
 
+# What ``profile_aftermath`` measures, as the report names it.
+AFTERMATH = "tokens/s before / after the profiled steps (median)"
+
+
 def profile_aftermath(timed: list[dict], profiled: tuple[int, int]) -> str:
-    """Tokens/s before the profiled steps against after them (Kineto left CUPTI attached after a
-    profile, slowing every later launch, until ``stop_profiler`` tore it down)."""
+    """Tokens/s before the profiled steps against after them (Kineto left CUPTI attached after a profile,
+    slowing every later launch, until ``stop_profiler`` tore it down)."""
     before = [r for r in timed if r["step"] < profiled[0]]
     after = [r for r in timed if r["step"] > profiled[1]]
     if not before or not after:
-        return "tokens/s before / after the profiled steps: not enough steps"
-    return (
-        f"tokens/s before / after the profiled steps (median): {median(before, 'tokens_per_second'):,.0f} / "
-        f"{median(after, 'tokens_per_second'):,.0f}"
-    )
+        return "not enough steps"
+    return f"{median(before, 'tokens_per_second'):,.0f} / {median(after, 'tokens_per_second'):,.0f}"
 
 
 def report_profile(report: Report, run_dir: Path) -> None:
@@ -187,8 +188,7 @@ def stage_pretrain(
     )
     report.add(f"| reported MFU (median) | {median(timed, 'mfu'):.1%} |")
     if profile:
-        what, _, value = profile_aftermath(timed, profiled).partition(": ")
-        report.add(f"| {what} | {value} |")
+        report.add(f"| {AFTERMATH} | {profile_aftermath(timed, profiled)} |")
     report.add(
         f"| step 1 (Triton compiles and times its tiles unless its cache has them) | {train[1]['step_time']:.1f} s |"
     )
@@ -317,7 +317,7 @@ def stage_throughput(
             for line in profile.read_text().splitlines():
                 if line.startswith(("GPU kernels:", "steps ")) and ("ms per step" in line or "idle" in line):
                     summaries.append(f"- {label}: {line.strip().split('; top ')[0]}")
-            summaries.append(f"- {label}: {profile_aftermath(timed, profiled)}")
+            summaries.append(f"- {label}: {AFTERMATH}: {profile_aftermath(timed, profiled)}")
     report.add("")
     report.add(
         "| configuration | steps timed | tokens/s median (min - max) | reported MFU (median) | peak memory |"
