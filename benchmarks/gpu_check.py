@@ -236,6 +236,11 @@ def stage_optimizer_step(report: Report, env: dict[str, str], work: Path, smoke:
 
 def stage_kernel_bench(report: Report, env: dict[str, str], work: Path, smoke: bool, extra: str) -> None:
     report.add("\n## Kernels: GLM attention vs SDPA and FlexAttention, LayerNorm vs torch\n")
+    # The warp-specialized attention candidates (opt-in in training until checked on a GPU) are timed here too:
+    # the tile table below says whether the autotuner chose one (WS: True), and the rel diff column whether its
+    # results hold.
+    report.add("(with `GLM_KERNELS_WARP_SPECIALIZE=1`: the warp-specialized tiles among the candidates)\n")
+    env = {**env, "GLM_KERNELS_WARP_SPECIALIZE": "1"}
     budget = max(20.0, min(240.0, report.left(400) - 50))
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_kernels_gpu.py"), "--budget", f"{budget:.0f}"]
     command += (["--smoke"] if smoke else []) + extra.split()

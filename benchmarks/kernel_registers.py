@@ -39,7 +39,7 @@ os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="glm-kernel-registers-"
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernels.aot import compile_kernel, registers  # noqa: E402
+from kernels.aot import compile_kernel, matmul_work, registers  # noqa: E402
 
 # (name, kernel attribute, the block a program owns, the inner block, shape list attribute)
 KERNELS = [
@@ -112,7 +112,23 @@ def _compile(module, kernel: str, owned: str, inner: str, shape, dtype, flags, a
         getattr(module, kernel), dtype, {**flags, owned: first, inner: second}, warps, stages, arch
     )
     seconds = time.perf_counter() - started
-    return registers(compiled, arch), seconds
+    pointer_loads = not flags.get("USE_TMA") and not flags.get("WS")  # what ``matmul_work`` reads
+    work = matmul_work(compiled, warps) if pointer_loads and arch >= 90 else 0
+    return registers(compiled, arch), seconds, work
+
+
+# The matmuls per iteration of each kernel's loop (dK/dV one more with atomic dQ).
+MATMULS = {"fwd": 2, "dQ": 3, "dK/dV": 4}
+
+
+def _work_ratio(name: str, shape, flags: dict, work: int) -> str:
+    """Tensor-core work executed per loop iteration over the work the tile needs ("-" without HGMMA, or not read:
+    TMA tiles, whose matmuls are laid out as their pointer-load twins', and warp-specialized ones, whose
+    partitions ``tests/test_kernels_compile.py`` checks)."""
+    if not work:
+        return "-"
+    matmuls = MATMULS[name] + (name == "dK/dV" and bool(flags.get("ATOMIC_DQ")))
+    return f"{work / (2 * shape[0] * shape[1] * flags['BLOCK_D'] * matmuls):.2f}"
 
 
 def tile_table(args) -> None:
@@ -120,9 +136,11 @@ def tile_table(args) -> None:
     print(
         f"# Attention kernels on sm_{args.arch}: registers per thread, spills, shared memory, compile time\n"
     )
+    print("Matmul work: the tensor-core FLOPs a program executes per iteration of its loop (sm_90's HGMMA) over "
+          "those its tile needs; above 1, several warpgroups compute the same rows (pointer-load tiles).\n")  # fmt: skip
     print("| kernel | tile (first x second, warps, stages) | dtype | head dim | dropout | registers | spill bytes "
-          "| shared KB | compile s |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| shared KB | compile s | matmul work |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for dtype in args.dtypes:
         for head_dim in args.head_dims:
             # Without dropout; with it, the backward reading the forward's keep bits or drawing them again; dK/dV
@@ -143,8 +161,7 @@ def tile_table(args) -> None:
                         name
                     ]
                     ws_shapes = getattr(module, ws_list, [])
-                    ws_shapes = [s for s in ws_shapes if not dropout or (name == "fwd" and s[0] <= 64)]
-                    if atomic:
+                    if dropout or atomic:  # Triton's pass fails there (``_fitting_configs``)
                         ws_shapes = []
                     if dtype == "fp32" or args.arch < 90:
                         tma_shapes = ws_shapes = []
@@ -161,17 +178,17 @@ def tile_table(args) -> None:
                             " (default)" if index == 0 else " TMA, WS" if ws else " TMA" if tma else ""
                         )
                         try:
-                            report, seconds = _compile(
+                            report, seconds, work = _compile(
                                 module, kernel, owned, inner, shape, dtype, flags, args.arch
                             )
                         except Exception as error:  # noqa: BLE001 (a tile that does not compile is a row)
                             print(f"| {name} | {tile} | {dtype} | {head_dim} | {mode} | failed: "
-                                  f"{type(error).__name__} | | | |")  # fmt: skip
+                                  f"{type(error).__name__} | | | | |")  # fmt: skip
                             continue
                         print(
                             f"| {name} | {tile} | {dtype} | {head_dim} | {mode} | "
                             f"{report.per_thread} | {report.spilled_bytes} | {report.shared_bytes / 1024:.0f} | "
-                            f"{seconds:.1f} |",
+                            f"{seconds:.1f} | {_work_ratio(name, shape, flags, work)} |",
                             flush=True,
                         )
 
@@ -210,7 +227,7 @@ def test_selection(args) -> None:
             if atomic and name != "dK/dV" or store_bits and name != "dQ":
                 continue
             shape = getattr(module, shapes)[0]
-            report, seconds = _compile(
+            report, seconds, _ = _compile(
                 module,
                 kernel,
                 owned,

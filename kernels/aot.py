@@ -122,6 +122,15 @@ def registers(compiled, capability: int) -> Registers:
     return Registers(int(used[-1]), max(int(n) for n in spills), compiled.metadata.shared)
 
 
+def partition_rows(compiled) -> list[int]:
+    """The rows each computing partition of a warp-specialized kernel (from ``compile_kernel``) works on, from its
+    TTGIR: the rows of the first matmul in each ``partitionN`` region. Empty for a kernel that is not specialized.
+    Partitions that share a program's block split its rows, so these add up to the block."""
+    regions = re.split(r"\n\s*partition\d+\(", compiled.asm["ttgir"])[1:]
+    matmuls = (re.search(r"warp_group_dot [^\n]*-> tensor<(\d+)x", region) for region in regions)
+    return [int(match.group(1)) for match in matmuls if match]
+
+
 def sass(compiled) -> list[str]:
     """The SASS of ``compiled`` (from ``compile_kernel``), one entry per line of ``nvdisasm`` (the one Triton ships):
     labels (``.L_x_12:``) and instructions (``FFMA R1, R2, R3, R4``, predicate included, without the ``;``)."""
@@ -158,3 +167,18 @@ def loop_bodies(lines: list[str]) -> list[list[str]]:
         if target and labels.get(target.group(1), len(instructions)) < len(instructions) - 1:
             loops.append(instructions[labels[target.group(1)] :])
     return loops
+
+
+def matmul_work(compiled, num_warps: int) -> int:
+    """The tensor-core FLOPs a program of ``compiled`` (from ``compile_kernel``, sm_90, tiles loaded by pointers)
+    executes per iteration of its loop over blocks, from the HGMMA instructions of its SASS (0 where it has none:
+    sm_80, or tiles too small for Hopper's warpgroup matmuls). Every warpgroup (4 warps) issues each HGMMA of its
+    loop, and the kernel's two loops (over fully visible and over masked blocks) do the same work. Against the
+    FLOPs the tile needs, this shows matmuls that several warpgroups compute whole. (TMA and warp-specialized
+    kernels wait on barriers in loops of their own, which this reading of the SASS does not tell apart.)"""
+    shapes = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)")
+    loops = [
+        sum(2 * int(m) * int(n) * int(k) for line in body for m, n, k in shapes.findall(line))
+        for body in loop_bodies(sass(compiled))
+    ]
+    return max(loops, default=0) * max(num_warps // 4, 1)

@@ -150,8 +150,7 @@ def attention_backward_dq_kernel(
     query_length_bucket, key_length_bucket,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_LENGTHS: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     EMULATE_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA_POSSIBLE: tl.constexpr, KEEP_BITS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, WS: tl.constexpr = False,
-    STORE_BITS: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, STORE_BITS: tl.constexpr = False,
 ):  # fmt: skip
     """dQ of one query block, visiting the same key blocks as the forward: no atomics, deterministic. With
     ``STORE_BITS`` (dropout, the forward kept no bits) it also stores the keep decisions it draws in ``KeepBits``,
@@ -172,12 +171,12 @@ def attention_backward_dq_kernel(
     DOut += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     DTYPE: tl.constexpr = Q.dtype.element_ty  # q's, k's, v's and dO's
     TMA: tl.constexpr = USE_TMA and TMA_POSSIBLE
-    SPECIALIZED: tl.constexpr = WS and TMA
+    # No warp-specialized candidate (DQ_WS_SHAPES): q and dO by pointers.
     q = load_own_block(
-        Q, start_m, offs_m, stride_qt, query_length, HEAD_DIM, BLOCK_M, BLOCK_D, EMULATE_BF16, SPECIALIZED
+        Q, start_m, offs_m, stride_qt, query_length, HEAD_DIM, BLOCK_M, BLOCK_D, EMULATE_BF16, False
     )
     do = load_own_block(
-        DOut, start_m, offs_m, stride_dot, query_length, HEAD_DIM, BLOCK_M, BLOCK_D, EMULATE_BF16, SPECIALIZED
+        DOut, start_m, offs_m, stride_dot, query_length, HEAD_DIM, BLOCK_M, BLOCK_D, EMULATE_BF16, False
     )
     K = tile_source(K, key_length, stride_kt, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
     V = tile_source(V, key_length, stride_vt, HEAD_DIM, BLOCK_N, BLOCK_D, TMA)
@@ -197,30 +196,21 @@ def attention_backward_dq_kernel(
     full_end = tl.where(rows_end > start_m, full_end, 0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if SPECIALIZED:  # one loop, every block masked (see FORWARD_WS_SHAPES)
-        for start_n in tl.range(0, hi, BLOCK_N, warp_specialize=True):
-            dq = _dq_block(
-                dq, q, do, lse, delta, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
-                sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-                HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
-                STORE_BITS,
-            )  # fmt: skip
-    else:
-        for start_n in range(0, full_end, BLOCK_N):
-            dq = _dq_block(
-                dq, q, do, lse, delta, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
-                sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-                HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
-                STORE_BITS,
-            )  # fmt: skip
-        for start_n in range(full_end, hi, BLOCK_N):
-            start_n = tl.multiple_of(start_n, BLOCK_N)
-            dq = _dq_block(
-                dq, q, do, lse, delta, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
-                sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
-                HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
-                STORE_BITS,
-            )  # fmt: skip
+    for start_n in range(0, full_end, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse, delta, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
+            sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, False, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
+            STORE_BITS,
+        )  # fmt: skip
+    for start_n in range(full_end, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        dq = _dq_block(
+            dq, q, do, lse, delta, offs_m, query_position, K, V, KeepBits, start_n, stride_kt, stride_vt,
+            sep, key_limit, query_length, key_length, qk_scale, seed, bh, dropout_threshold, dropout_scale,
+            HEAD_DIM, BLOCK_D, BLOCK_N, True, HAS_DROPOUT, EMULATE_BF16, DOT_PRECISION, TMA, DTYPE, KEEP_BITS,
+            STORE_BITS,
+        )  # fmt: skip
     DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
     dq_mask = row_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
     tl.store(

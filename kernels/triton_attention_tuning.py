@@ -60,20 +60,25 @@ DQ_TMA_SHAPES = [(128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 8, 3)]
 DKDV_TMA_SHAPES = [(128, 32, 4, 3), (128, 32, 4, 5), (64, 64, 4, 3)]
 # Hopper's warp specialization (``tl.range(warp_specialize=True)``): a kernel's loop split by Triton into
 # partitions, one issuing the TMA copies and the others computing, with registers moved between them
-# (``setmaxnreg``). Triton 3.6-3.7 specialize a loop only with 4 warps, with every tile (the forward's q too)
+# (``setmaxnreg``). Triton 3.6-3.8 specialize a loop only with 4 warps, with every tile (the forward's q too)
 # read through descriptors, and with no second loop in the kernel: a warp-specialized kernel runs one loop over
 # all its blocks, each masked (the mask of a fully visible block is all true, so the results are bitwise the
-# two-loop kernel's). Autotuning candidates on the TMA conditions, as above, where the pass compiles them
-# (``_fitting_configs``).
-FORWARD_WS_SHAPES = [(128, 64, 4, 3), (128, 128, 4, 3), (64, 64, 4, 3)]
-# dQ the same way (q and dO by descriptors): only its 64 x 64 tile without dropout specializes (the tile the
-# H200's autotuner chose for dQ without dropout from T 1024).
-DQ_WS_SHAPES = [(64, 64, 4, 3)]
-# dK/dV (k and v by descriptors): without dropout and without atomic dQ only; the H200 chose its 64 x 64 on 4 warps.
-DKDV_WS_SHAPES = [(128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 3)]
+# two-loop kernel's). Triton makes two computing partitions of one warpgroup each and gives each half of the
+# block a program owns, 64 rows of a 128-row block. A 64-row block it does not split: both partitions compute
+# all of it, twice the work, and write the same outputs (seen in the TTGIR for sm_90 with Triton 3.6, 3.7 and
+# 3.8; ``tests/test_kernels_compile.py`` checks that each candidate's partitions share its block). So only
+# blocks of 128 rows are candidates. Autotuning candidates on the TMA conditions, as above, where the pass
+# compiles them (``_fitting_configs``): the forward's without dropout (with dropout its pass fails on 128-row
+# blocks), dK/dV's without dropout and without atomic dQ. dQ has none: its pass fails on 128-row blocks.
+FORWARD_WS_SHAPES = [(128, 64, 4, 3), (128, 128, 4, 3)]
+DQ_WS_SHAPES: list[tuple[int, int, int, int]] = []
+# dK/dV (k and v by descriptors), its own block of keys first.
+DKDV_WS_SHAPES = [(128, 64, 4, 3), (128, 32, 4, 3)]
+# Each computing partition's rows: a warp-specialized candidate's own block holds two of them.
+WS_PARTITION_ROWS = 64
 # The warp-specialized candidates are timed only with GLM_KERNELS_WARP_SPECIALIZE=1. On the H200 (2026-11-28) the
-# forward's 64 x 64 one gave outputs that differ from the same tile unspecialized, with and without dropout
-# (tests/test_kernels_attention.py), so the autotuner must not pick them until that is understood.
+# forward's 64 x 64 one (then a candidate: the block both partitions computed whole) gave outputs that differ from
+# the same tile unspecialized (tests/test_kernels_attention.py); the 128-row ones have not run on a GPU yet.
 WARP_SPECIALIZE: bool = switched_on("GLM_KERNELS_WARP_SPECIALIZE", default=False)
 # fp32 tiles take twice the registers of 16-bit ones, and the "ieee" dot holds its operands in registers: for
 # fp32 inputs only tiles of at most this many elements per warp are timed.
@@ -82,24 +87,20 @@ FP32_TILE_ELEMENTS_PER_WARP = 256
 
 def _fitting_configs(configs: list, named_args: dict, **kwargs) -> list:
     """The autotuner's early pruning: the TMA candidates (warp-specialized ones too) only where the inputs allow
-    them (``TMA_POSSIBLE``) and are 16-bit, with dropout only the warp-specialized tiles that compile; every other
-    config for 16-bit inputs; for fp32 inputs the small tiles, which compile in seconds
-    (the 128-row ones spill tens of kilobytes and take up to a minute each)."""
+    them (``TMA_POSSIBLE``) and are 16-bit, the warp-specialized ones only where Triton's pass compiles them;
+    every other config for 16-bit inputs; for fp32 inputs the small tiles, which compile in seconds (the 128-row
+    ones spill tens of kilobytes and take up to a minute each)."""
     q = named_args.get("Q")
     if not kwargs.get("TMA_POSSIBLE", False) or (q is not None and q.element_size() >= 4):
         configs = [c for c in configs if not c.kwargs.get("USE_TMA", False)] or configs[:1]
     dropout, atomic = kwargs.get("HAS_DROPOUT", False), kwargs.get("ATOMIC_DQ", False)
 
     def specializes(config) -> bool:
-        """Whether Triton 3.6-3.7 can warp-specialize this candidate: its pass fails ("Unexpected op") on dQ and
-        dK/dV with dropout, on dK/dV's atomics and on the 128-row forward with dropout."""
+        """Whether Triton 3.6-3.8 can warp-specialize this candidate: its pass fails on every kernel's 128-row
+        blocks with dropout and on dK/dV's atomics."""
         if not config.kwargs.get("WS"):
             return True
-        if "DK" in named_args:
-            return not dropout and not atomic
-        if "DQ" in named_args:
-            return not dropout
-        return not dropout or config.kwargs.get("BLOCK_M", 0) <= 64
+        return not dropout and not ("DK" in named_args and atomic)
 
     configs = [c for c in configs if specializes(c)] or configs[:1]
     if q is None or q.element_size() < 4:

@@ -78,7 +78,7 @@ def compile_kernels() -> None:
     from kernels import triton_attention_tuning as tuning
     from kernels import triton_layer_norm as layer_norm
     from kernels import triton_layer_norm_kernels as ln_kernels
-    from kernels.aot import registers
+    from kernels.aot import partition_rows, registers
 
     features = {
         "HAS_LENGTHS": True,
@@ -121,30 +121,25 @@ def compile_kernels() -> None:
             compiled = _compile(kernel, "bf16", constexprs, warps, stages, 90)
             assert "tensormap" in compiled.asm["ptx"], f"{kernel.fn.__name__}: no TMA descriptor in the PTX"
     # The warp-specialized candidates really are: Triton splits the loop into partitions and moves registers
-    # between them (setmaxnreg); the forward's with dropout on the tile the pruning keeps for it, dQ's and
-    # dK/dV's without dropout (and dK/dV's without atomic dQ). Shapes as (BLOCK_M, BLOCK_N).
+    # between them (setmaxnreg), and its computing partitions share the block a program owns instead of each
+    # computing all of it (Triton 3.6-3.8 do that to a 64-row block: twice the work). The forward's and dK/dV's
+    # (dQ has none), without dropout and atomic dQ, the only way they specialize. Shapes as (BLOCK_M, BLOCK_N).
     specialized = [
-        (attention.attention_forward_kernel, shape, (False, True) if shape[0] == 64 else (False,))
-        for shape in tuning.FORWARD_WS_SHAPES
+        (attention.attention_forward_kernel, shape, shape[0]) for shape in tuning.FORWARD_WS_SHAPES
     ]
-    specialized += [(backward.attention_backward_dq_kernel, shape, (False,)) for shape in tuning.DQ_WS_SHAPES]
     specialized += [  # dK/dV's shapes list its own (key) block first
-        (backward.attention_backward_dkdv_kernel, (inner, owned, warps, stages), (False,))
+        (backward.attention_backward_dkdv_kernel, (inner, owned, warps, stages), owned)
         for owned, inner, warps, stages in tuning.DKDV_WS_SHAPES
     ]
-    for kernel, (first, second, warps, stages), dropouts in specialized:
-        for dropout in dropouts:
-            switches = {
-                "WS": True,
-                "HAS_DROPOUT": dropout,
-                "ATOMIC_DQ": False,
-                "BLOCK_M": first,
-                "BLOCK_N": second,
-            }
-            ptx = _compile(kernel, "bf16", {**head_64, **tma, **switches}, warps, stages, 90).asm["ptx"]
-            assert "setmaxnreg" in ptx, (
-                f"{kernel.fn.__name__} {first}x{second}, dropout {dropout}: not specialized"
-            )
+    for kernel, (first, second, warps, stages), owned in specialized:
+        switches = {"WS": True, "HAS_DROPOUT": False, "ATOMIC_DQ": False, "BLOCK_M": first, "BLOCK_N": second}
+        compiled = _compile(kernel, "bf16", {**head_64, **tma, **switches}, warps, stages, 90)
+        name = f"{kernel.fn.__name__} {first}x{second}"
+        assert "setmaxnreg" in compiled.asm["ptx"], f"{name}: not specialized"
+        rows = partition_rows(compiled)
+        assert len(rows) > 1 and sum(rows) == owned, (
+            f"{name}: computing partitions of {rows} rows for a block of {owned}"
+        )
     _check_dropout_loops(
         attention.attention_forward_kernel,
         backward.attention_backward_dq_kernel,
