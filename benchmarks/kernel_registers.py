@@ -7,7 +7,9 @@
     python benchmarks/kernel_registers.py --loops --head-dims 64   # SASS instructions per loop iteration
 
 Each kernel is compiled ahead of time (``kernels/aot.py``: Triton's compiler and the ptxas it ships) and
-``ptxas -v`` reports registers per thread and bytes of spill stores; shared memory is Triton's figure. A tile that
+``ptxas -v`` reports registers per thread and bytes of spill stores; shared memory is Triton's figure. On sm_90
+the "matmul work" column divides the tensor-core FLOPs a program executes per loop iteration (``aot.matmul_work``)
+by those its tile needs: above 1, several warpgroups compute the same rows. A tile that
 spills keeps part of its working set in local memory, and one past 255 registers at a large tile compiles slowly
 (up to a minute per kernel for fp32 "ieee" dots). Compile times are this machine's, from an empty Triton cache
 (a fresh ``TRITON_CACHE_DIR`` per run), single-threaded as Triton compiles.

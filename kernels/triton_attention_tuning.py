@@ -74,8 +74,6 @@ FORWARD_WS_SHAPES = [(128, 64, 4, 3), (128, 128, 4, 3)]
 DQ_WS_SHAPES: list[tuple[int, int, int, int]] = []
 # dK/dV (k and v by descriptors), its own block of keys first.
 DKDV_WS_SHAPES = [(128, 64, 4, 3), (128, 32, 4, 3)]
-# Each computing partition's rows: a warp-specialized candidate's own block holds two of them.
-WS_PARTITION_ROWS = 64
 # The warp-specialized candidates are timed only with GLM_KERNELS_WARP_SPECIALIZE=1. On the H200 (2026-11-28) the
 # forward's 64 x 64 one (then a candidate: the block both partitions computed whole) gave outputs that differ from
 # the same tile unspecialized (tests/test_kernels_attention.py); the 128-row ones have not run on a GPU yet.
