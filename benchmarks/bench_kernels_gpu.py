@@ -510,24 +510,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(summary_rows(speeds)))
-    print(f"\n## LayerNorm: {args.elements} elements per tensor\n")
-    print(
-        "GB/s over the minimum traffic: plain 2 tensors fwd, 5 fwd+bwd; with residual 4 fwd, 8 fwd+bwd; "
-        "with residual and dropout 4 fwd, 9 fwd+bwd."
-    )
-    print("rel diff: largest max|triton - torch| / max|torch| over outputs and gradients (both bf16).\n")
-    print("| width | rows | implementation | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | rel diff |")
-    print("|---|---|---|---|---|---|---|---|")
-    print("\n".join(norms))
-    print(
-        f"\nDevice-to-device copy of one such tensor (`copy_`, read + written bytes): {copy_gbps:.0f} GB/s.\n"
-    )
-    print(
-        "| width | triton speed / torch, fwd+bwd | +residual | +bias +residual +dropout | triton fwd+bwd GB/s, % of copy "
-        "| +residual | +bias +residual +dropout |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    print("\n".join(layer_norm_summary(norm_speeds, copy_gbps)))
+    if args.widths:  # --widths none: no LayerNorm tables
+        print(f"\n## LayerNorm: {args.elements} elements per tensor\n")
+        print(
+            "GB/s over the minimum traffic: plain 2 tensors fwd, 5 fwd+bwd; with residual 4 fwd, 8 fwd+bwd; "
+            "with residual and dropout 4 fwd, 9 fwd+bwd."
+        )
+        print("rel diff: largest max|triton - torch| / max|torch| over outputs and gradients (both bf16).\n")
+        print("| width | rows | implementation | fwd ms | fwd GB/s | fwd+bwd ms | fwd+bwd GB/s | rel diff |")
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(norms))
+        print(
+            f"\nDevice-to-device copy of one such tensor (`copy_`, read + written bytes): {copy_gbps:.0f} GB/s.\n"
+        )
+        print(
+            "| width | triton speed / torch, fwd+bwd | +residual | +bias +residual +dropout | triton fwd+bwd GB/s, % of copy "
+            "| +residual | +bias +residual +dropout |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        print("\n".join(layer_norm_summary(norm_speeds, copy_gbps)))
     print(
         "\n## Tiles and warps the autotuner chose (attention key: length buckets, head dim, flags, dtypes; "
         "LayerNorm key: width, residual, dtypes)\n"

@@ -23,6 +23,7 @@ within about 8 minutes:
    atomic-dQ backward, with per-layer CUDA graphs and with torch's kernels, side by side), ``graphs``
    (the model step also captured in one CUDA graph: its speed without the host's launch overhead), ``kbench``
    (``benchmarks/bench_kernels_gpu.py``: attention against SDPA and FlexAttention, LayerNorm against torch),
+   ``kbench-ws`` (its attention without dropout with the warp-specialized tiles among the candidates),
    ``glm2b`` (glm-2b on one GPU with ZeRO-1 at T 1024: tokens/s, MFU and peak memory), ``compile``
    (``benchmarks/bench_compile.py``: the attention kernels' autotuning candidates compiled one by one, as
    Triton's autotuner does, against ``kernels/precompile.py``'s worker processes) and ``optstep``
@@ -93,7 +94,8 @@ def parse_args() -> argparse.Namespace:
         "shapes in Triton's cache for the training runs), launch (bench_launch_overhead.py: host time per "
         "kernel call, direct launches vs Triton's dispatch vs torch), pretrain (100 steps, evaluation, checkpoint, kill -9, "
         "exact resume), resume-graphs (the same with training.cuda_graphs, unprofiled), throughput (glm-pretrain ZeRO-1 vs atomic-dQ attention vs CUDA graphs vs torch kernels, profiled), graphs (bench_model.py with each "
-        "step also captured in a CUDA graph), kbench (bench_kernels_gpu.py), "
+        "step also captured in a CUDA graph), kbench (bench_kernels_gpu.py), kbench-ws (its attention rows "
+        "without dropout with the warp-specialized tiles among the candidates), "
         "glm2b (glm-2b on one GPU, ZeRO-1, T 1024, 12 steps: tokens/s, MFU, peak "
         "memory), compile (bench_compile.py: the autotuning candidates compiled one by one vs in worker "
         "processes), optstep (bench_optimizer_step.py: DeepSpeed's bf16 ZeRO-2 step vs ours); the default set "
@@ -234,18 +236,44 @@ def stage_optimizer_step(report: Report, env: dict[str, str], work: Path, smoke:
     run_tables(report, "bench_optimizer_step", command, env, report.left(120), work / "optimizer-step.log")
 
 
+# The lines of bench_kernels_gpu.py's output that go into the report: its tables, headings and notes.
+BENCH_LINES = ("|", "#", "torch ", "TFLOP", "GB/s", "rel diff", "- ", "ABORTED", "Device-to-device")
+
+
 def stage_kernel_bench(report: Report, env: dict[str, str], work: Path, smoke: bool, extra: str) -> None:
     report.add("\n## Kernels: GLM attention vs SDPA and FlexAttention, LayerNorm vs torch\n")
-    # The warp-specialized attention candidates (opt-in in training until checked on a GPU) are timed here too:
-    # the tile table below says whether the autotuner chose one (WS: True), and the rel diff column whether its
-    # results hold.
-    report.add("(with `GLM_KERNELS_WARP_SPECIALIZE=1`: the warp-specialized tiles among the candidates)\n")
-    env = {**env, "GLM_KERNELS_WARP_SPECIALIZE": "1"}
     budget = max(20.0, min(240.0, report.left(400) - 50))
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_kernels_gpu.py"), "--budget", f"{budget:.0f}"]
     command += (["--smoke"] if smoke else []) + extra.split()
-    prefixes = ("|", "#", "torch ", "TFLOP", "GB/s", "rel diff", "- ", "ABORTED", "Device-to-device")
-    run_tables(report, "bench_kernels_gpu", command, env, budget + 60, work / "bench-kernels.log", prefixes)
+    run_tables(
+        report, "bench_kernels_gpu", command, env, budget + 60, work / "bench-kernels.log", BENCH_LINES
+    )
+
+
+def stage_kernel_bench_ws(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:
+    """The attention without dropout with the warp-specialized candidates among the autotuner's
+    (``GLM_KERNELS_WARP_SPECIALIZE=1``, opt-in until checked on a GPU), next to SDPA's causal flash path: in a
+    process of its own, so that a kernel that faults costs this table only. Its tile table says whether the
+    autotuner chose one (``WS: True``), its rel diff column whether the results hold; the ``kbench`` stage's
+    "ours sep=T/2" rows are the same kernels without them."""
+    report.add("\n## Warp-specialized attention tiles (`GLM_KERNELS_WARP_SPECIALIZE=1`), without dropout\n")
+    if report.left(150) < 60:
+        report.add(f"not run: {report.left(150):.0f} s of the budget left")
+        return
+    budget = max(20.0, min(90.0, report.left(150) - 40))
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_kernels_gpu.py"), "--budget", f"{budget:.0f}"]
+    command += ["--variants", "ours sep=T/2,sdpa-causal", "--widths", "none"]
+    command += ["--smoke"] if smoke else ["--lengths", "1024,2048,4096"]
+    env = {**env, "GLM_KERNELS_WARP_SPECIALIZE": "1"}
+    run_tables(
+        report,
+        "bench_kernels_gpu (warp-specialized)",
+        command,
+        env,
+        budget + 60,
+        work / "bench-kernels-ws.log",
+        BENCH_LINES,
+    )
 
 
 def stage_compile(report: Report, env: dict[str, str], work: Path, smoke: bool) -> None:
@@ -318,6 +346,7 @@ STAGES = (
     "throughput",
     "graphs",
     "kbench",
+    "kbench-ws",
     "glm2b",
     "compile",
     "optstep",
@@ -368,6 +397,7 @@ def main() -> int:
         "graphs": lambda: stage_graphs(report, env, work, args.smoke),
         "launch": lambda: stage_launch(report, env, work, args.smoke),
         "kbench": lambda: stage_kernel_bench(report, env, work, args.smoke, args.kernel_bench_args),
+        "kbench-ws": lambda: stage_kernel_bench_ws(report, env, work, args.smoke),
         "glm2b": lambda: stage_glm2b(report, env, work, args.smoke, args.overrides),
         "compile": lambda: stage_compile(report, env, work, args.smoke),
         "optstep": lambda: stage_optimizer_step(report, env, work, args.smoke),

@@ -81,6 +81,33 @@ def test_a_stage_without_budget_left_says_so_instead_of_failing(tmp_path):
     assert report.failures == []
 
 
+def test_the_warp_specialized_kernel_bench_runs_apart_and_only_with_time_left(tmp_path, monkeypatch):
+    """The warp-specialized tiles are timed in a process of their own, with GLM_KERNELS_WARP_SPECIALIZE=1 set
+    there only (a faulting kernel costs that table alone, and the kbench stage times the default candidates);
+    last in its call, it is reported as not run when the budget is spent."""
+    import gpu_check
+
+    calls = []
+    monkeypatch.setattr(
+        gpu_check, "run_tables", lambda report, name, command, env, *rest: calls.append((command, env))
+    )
+    report = Report(tmp_path / "gpu-check.md", 600, tmp_path / "work")
+    env = {"GLM_KERNELS_WARP_SPECIALIZE": "0"}
+    gpu_check.stage_kernel_bench(report, env, tmp_path / "work", smoke=True, extra="")
+    gpu_check.stage_kernel_bench_ws(report, env, tmp_path / "work", smoke=True)
+    (plain, plain_env), (specialized, specialized_env) = calls
+    assert (
+        plain_env["GLM_KERNELS_WARP_SPECIALIZE"] == "0"
+        and specialized_env["GLM_KERNELS_WARP_SPECIALIZE"] == "1"
+    )
+    assert env == {"GLM_KERNELS_WARP_SPECIALIZE": "0"}
+    assert specialized[specialized.index("--variants") + 1] == "ours sep=T/2,sdpa-causal"
+
+    spent = Report(tmp_path / "spent.md", 0, tmp_path / "work")
+    gpu_check.stage_kernel_bench_ws(spent, env, tmp_path / "work", smoke=True)
+    assert len(calls) == 2 and "not run:" in (tmp_path / "spent.md").read_text()
+
+
 def test_the_graphs_resume_stage_on_a_cpu_says_it_needs_a_gpu(tmp_path):
     """The kill -9 and resume under training.cuda_graphs is a GPU check: a CPU smoke run reports it as not run
     (glm-pretrain would refuse the setting there), not as a failure."""
